@@ -1,0 +1,172 @@
+"""Trace-time validation of user input, shared by every public function.
+
+Every error names the function, the argument, the offending shape or value and
+the fix. Checks run on static shapes, so they fire at trace time under jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax._types import BatchStats
+
+_ONE_VALUE_MSG = (
+    '{fn}: training mode needs more than one value per channel, but x of shape '
+    '{shape} with axis={axis} reduces over {count} value(s) per channel, so the '
+    'batch variance is 0 and the output would be just the bias. Pass '
+    'use_running_average=True for inference, use a larger batch, or pass '
+    'axis_name to take statistics over the global batch.')
+_STATS_TYPE_MSG = (
+    '{fn}: batch_stats must be a bnjax.BatchStats(mean, var), got {got}. '
+    'Create one with bnjax.init_batch_stats(feature_shape) or convert a Flax '
+    "collection with bnjax.BatchStats(**variables['batch_stats'][name]).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where the features are in x, and what the statistics reduce over."""
+
+  ndim: int
+  feature_axes: tuple[int, ...]
+  reduction_axes: tuple[int, ...]
+  feature_shape: tuple[int, ...]
+  count: int  # values per channel in the (local) reduction
+
+  def broadcast(self, v: jax.Array) -> jax.Array:
+    """Reshapes a per-channel array of shape feature_shape to broadcast with x."""
+    return jnp.expand_dims(v, self.reduction_axes)
+
+
+def check_floating(fn: str, x: Any, name: str = 'x') -> jax.Array:
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None:
+    x = jnp.asarray(x)
+    dtype = x.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f'{fn}: {name} must be a floating-point array, got dtype {dtype}; '
+        f'cast it first, e.g. {name}.astype(jnp.float32)')
+  return x
+
+
+def layout(fn: str, x: jax.Array, axis: Any) -> Layout:
+  """Canonicalizes the feature axis (int or tuple) against x's rank."""
+  ndim = x.ndim
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
+  try:
+    axes = tuple(int(a) for a in axes)
+  except TypeError:
+    raise TypeError(
+        f'{fn}: axis must be an int or a tuple of ints, got {axis!r}') from None
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f'{fn}: axis {a} is out of range for x of shape {x.shape} '
+          f'(ndim {ndim}); pass an axis in [{-ndim}, {ndim - 1}]')
+  canon = tuple(sorted(a % ndim for a in axes))
+  if len(set(canon)) != len(canon):
+    raise ValueError(
+        f'{fn}: axis={axis!r} names the same axis twice for x of shape '
+        f'{x.shape}; pass each feature axis once')
+  red = tuple(i for i in range(ndim) if i not in canon)
+  count = math.prod(x.shape[i] for i in red)
+  if count == 0:
+    raise ValueError(
+        f'{fn}: the reduction is empty: x has shape {x.shape} and axis={axis!r}, '
+        f'so statistics reduce over axes {red} holding 0 values; pass a '
+        'non-empty batch')
+  return Layout(ndim, canon, red, tuple(x.shape[i] for i in canon), count)
+
+
+def check_per_channel(fn: str, name: str, v: Any, lay: Layout):
+  """Checks that scale, bias, mean or var has the feature shape."""
+  if v is None:
+    return None
+  v = check_floating(fn, v, name)
+  if tuple(v.shape) != lay.feature_shape:
+    raise ValueError(
+        f'{fn}: {name} has shape {tuple(v.shape)} but x has features of shape '
+        f'{lay.feature_shape} on axis {_axis_str(lay)}; pass {name} of shape '
+        f'{lay.feature_shape}')
+  return v
+
+
+def check_stats(fn: str, stats: Any, lay: Layout, cls=BatchStats):
+  if not isinstance(stats, cls):
+    raise TypeError(_STATS_TYPE_MSG.format(fn=fn, got=_describe(stats)))
+  for field, v in zip(stats._fields, stats):
+    check_per_channel(fn, f'batch_stats.{field}', v, lay)
+  return stats
+
+
+def check_mask(fn: str, mask: Any, x: jax.Array):
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(
+        f'{fn}: mask must be a boolean array, got dtype {mask.dtype}; '
+        'pass mask.astype(bool)')
+  try:
+    shape = jnp.broadcast_shapes(mask.shape, x.shape)
+  except ValueError:
+    shape = None
+  if shape != tuple(x.shape):
+    raise ValueError(
+        f'{fn}: mask of shape {mask.shape} does not broadcast to x of shape '
+        f'{x.shape}; pass a mask whose shape broadcasts to x, e.g. '
+        f'{x.shape[:1] + (1,) * (x.ndim - 1)} for per-example masking')
+  return mask
+
+
+def check_hyper(fn: str, momentum: Any, epsilon: Any):
+  m = _concrete(momentum)
+  if m is not None and not 0.0 <= m <= 1.0:
+    raise ValueError(
+        f'{fn}: momentum={m} is outside [0, 1]. bnjax follows Flax: momentum is '
+        'the decay of the running average, new = momentum * old + '
+        '(1 - momentum) * batch. PyTorch momentum p is bnjax momentum 1 - p '
+        '(torch 0.1 is bnjax 0.9).')
+  e = _concrete(epsilon)
+  if e is not None and not e > 0.0:
+    raise ValueError(
+        f'{fn}: epsilon={e} must be > 0 to keep rsqrt(var + epsilon) finite; '
+        'pass e.g. epsilon=1e-5')
+
+
+def check_training_count(fn: str, x, lay: Layout, axis, global_count: int):
+  if global_count <= 1:
+    raise ValueError(_ONE_VALUE_MSG.format(
+        fn=fn, shape=tuple(x.shape), axis=axis, count=global_count))
+
+
+def check_use_running_average(fn: str, value: Any):
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(
+        f'{fn}: use_running_average must be a Python bool (True for '
+        f'inference, False for training), got {value!r}')
+
+
+def _concrete(v: Any):
+  try:
+    return float(v)
+  except (TypeError, jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    return None
+
+
+def _axis_str(lay: Layout) -> str:
+  a = lay.feature_axes
+  return str(a[0]) if len(a) == 1 else str(a)
+
+
+def _describe(v: Any) -> str:
+  if isinstance(v, dict):
+    return f'a dict with keys {sorted(v)}'
+  return type(v).__name__
