@@ -31,6 +31,8 @@ class BatchStats(NamedTuple):
 def _feature_shape(feature_shape: int | Sequence[int]) -> tuple[int, ...]:
   if isinstance(feature_shape, int):
     feature_shape = (feature_shape,)
+  if isinstance(feature_shape, str):
+    feature_shape = None
   try:
     shape = tuple(int(d) for d in feature_shape)
   except TypeError:

@@ -1,0 +1,79 @@
+"""Bad input: clear errors at trace time that name the argument and the fix."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnjax
+
+S3 = bnjax.init_batch_stats(3)
+X = jnp.ones((4, 3))
+
+
+def bn(x=X, stats=S3, scale=None, bias=None, **kw):
+  kw.setdefault('use_running_average', False)
+  return bnjax.batch_norm(x, stats, scale, bias, **kw)
+
+
+@pytest.mark.parametrize('call, exc, pieces', [
+    (lambda: bn(jnp.ones((4, 3), jnp.int32)), TypeError,
+     ['x must be a floating-point', 'int32', 'astype']),
+    (lambda: bn(axis=2), ValueError, ['axis 2 is out of range', '(4, 3)']),
+    (lambda: bn(jnp.ones((2, 3, 3)), axis=(2, -1)), ValueError,
+     ['names the same axis twice']),
+    (lambda: bn(scale=jnp.ones(4)), ValueError,
+     ['scale has shape (4,)', 'features of shape (3,)', 'pass scale of shape (3,)']),
+    (lambda: bn(bias=jnp.ones((3, 1))), ValueError, ['bias has shape (3, 1)']),
+    (lambda: bn(stats=bnjax.BatchStats(jnp.zeros(3), jnp.ones(2))), ValueError,
+     ['batch_stats.var has shape (2,)']),
+    (lambda: bn(stats=bnjax.BatchStats(jnp.zeros(5), jnp.ones(3))), ValueError,
+     ['batch_stats.mean has shape (5,)']),
+    (lambda: bn(stats={'mean': jnp.zeros(3), 'var': jnp.ones(3)}), TypeError,
+     ['batch_stats must be a bnjax.BatchStats', "dict with keys ['mean', 'var']",
+      'BatchStats(**']),
+    (lambda: bn(momentum=1.5), ValueError, ['momentum=1.5', 'PyTorch', '1 - p']),
+    (lambda: bn(momentum=-0.1), ValueError, ['outside [0, 1]']),
+    (lambda: bn(epsilon=0.0), ValueError, ['epsilon=0.0 must be > 0']),
+    (lambda: bn(jnp.ones((0, 3))), ValueError, ['reduction is empty', '(0, 3)']),
+    (lambda: bn(mask=jnp.ones((3, 3), bool)), ValueError,
+     ['mask of shape (3, 3) does not broadcast to x of shape (4, 3)']),
+    (lambda: bn(mask=jnp.ones((4, 3))), TypeError, ['mask must be a boolean']),
+    (lambda: bn(jnp.ones((1, 3))), ValueError,
+     ['one value per channel', 'use_running_average=True', 'axis_name']),
+    (lambda: bn(jnp.ones((3,)), axis=0), ValueError, ['1 value(s) per channel']),
+    (lambda: bn(use_running_average=None), TypeError,
+     ['use_running_average must be a Python bool']),
+    (lambda: bnjax.normalize(X, jnp.zeros(2), jnp.ones(3)), ValueError,
+     ['normalize: mean has shape (2,)']),
+    (lambda: bnjax.moments(X, axis=5), ValueError, ['moments: axis 5']),
+    (lambda: bnjax.init_batch_stats('3'), TypeError, ['feature_shape']),
+])
+def test_bad_input_raises_clear_error(call, exc, pieces):
+  with pytest.raises(exc) as info:
+    call()
+  for p in pieces:
+    assert p in str(info.value), (p, str(info.value))
+
+
+def test_errors_fire_at_trace_time_under_jit():
+  f = jax.jit(lambda x, s: bnjax.batch_norm(x, s, use_running_average=False))
+  with pytest.raises(ValueError, match='one value per channel'):
+    f.trace(jnp.ones((1, 3)), S3)
+  with pytest.raises(ValueError, match='batch_stats.mean has shape'):
+    f.trace(jnp.ones((4, 5)), S3)
+
+
+def test_use_running_average_is_required_keyword():
+  with pytest.raises(TypeError, match='use_running_average'):
+    bnjax.batch_norm(X, S3)  # pytype: disable=missing-parameter
+
+
+def test_one_value_per_channel_allowed_in_inference():
+  y, _ = bn(jnp.ones((1, 3)), use_running_average=True)
+  assert np.all(np.isfinite(y))
+
+
+def test_traced_momentum_and_epsilon_are_accepted():
+  f = jax.jit(lambda m, e: bn(momentum=m, epsilon=e)[1].mean)
+  np.testing.assert_allclose(f(0.5, 1e-3), 0.5 * X[0])
