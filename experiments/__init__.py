@@ -1,0 +1,1 @@
+"""Experiments reproducing published findings about batch normalization."""
