@@ -1,0 +1,67 @@
+"""Shared timing helpers: interleaved medians, compile time, environment."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+MALLOC = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+          'glibc.malloc.trim_threshold=17179869184')
+
+
+def ensure_malloc_env():
+  """Re-executes the script with the allocator setting that steadies timings."""
+  if os.environ.get('GLIBC_TUNABLES') != MALLOC:
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC)
+    os.execvpe(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def interleaved(fns: dict, args: dict, rounds: int, inner: int) -> dict:
+  """Median seconds per call of each fn, timed A B A B ... after warm-up."""
+  import jax
+  for k, f in fns.items():
+    for _ in range(2):
+      jax.block_until_ready(f(*args[k]))
+  times = {k: [] for k in fns}
+  for _ in range(rounds):
+    for k, f in fns.items():
+      t = time.perf_counter()
+      for _ in range(inner):
+        out = f(*args[k])
+      jax.block_until_ready(out)
+      times[k].append((time.perf_counter() - t) / inner)
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def compile_seconds(make_fn, args, repeats: int) -> float:
+  """Median wall time of trace + lower + compile of a fresh function."""
+  ts = []
+  for _ in range(repeats):
+    f = make_fn()
+    t = time.perf_counter()
+    f.lower(*args).compile()
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts))
+
+
+def environment() -> dict:
+  import flax
+  import jax
+  try:
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
+                            capture_output=True, text=True,
+                            check=False).stdout.strip()
+  except OSError:
+    commit = ''
+  return dict(date=datetime.date.today().isoformat(), jax=jax.__version__,
+              flax=flax.__version__, python=platform.python_version(),
+              machine=f'{platform.machine()}, {os.cpu_count()} cores',
+              backend=jax.default_backend(),
+              devices=str(jax.devices()[0].device_kind), commit=commit,
+              malloc=os.environ.get('GLIBC_TUNABLES', ''))

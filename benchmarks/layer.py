@@ -1,0 +1,141 @@
+"""Layer benchmark: bnjax.batch_norm vs flax.linen.BatchNorm, one process.
+
+Question: how fast is one BN layer, forward, fwd+bwd and full train step, and
+how long does it compile, relative to flax.linen.BatchNorm on the same
+machine? Timings are interleaved (A B A B) after warm-up, medians of rounds,
+with the allocator setting from DEVELOPERS.md (the script re-executes itself
+with it). Modes:
+
+- ``fwd``: training-mode forward, returns y and the new running stats;
+- ``grad``: gradients of <y, ct> for x, scale and bias;
+- ``step``: forward and backward together: y, new stats and the gradients.
+
+Run: ``python benchmarks/layer.py`` (about 3 minutes on 2 cores) or
+``--smoke`` (seconds; CI keeps the script working). Writes
+``benchmarks/results/layer.json`` (not in smoke mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import _timing  # noqa: E402
+
+SHAPES = [(64, 32, 32, 64), (128, 16, 16, 128), (32, 56, 56, 64), (1024, 512),
+          (256, 32)]
+MODES = ('fwd', 'grad', 'step')
+
+
+def build(shape, mode, impl):
+  """Returns (jittable fn, args) for one shape, mode and implementation."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  import bnjax
+  c = shape[-1]
+  x = jax.random.normal(jax.random.key(0), shape)
+  ct = jax.random.normal(jax.random.key(1), shape)
+  g, b = jnp.ones(c), jnp.zeros(c)
+  if impl == 'flax':
+    mod = nn.BatchNorm(use_running_average=False)
+    stats = mod.init(jax.random.key(0), x)['batch_stats']
+
+    def layer(g, b, x, stats):
+      return mod.apply({'params': {'scale': g, 'bias': b},
+                        'batch_stats': stats}, x, mutable=['batch_stats'])
+  else:
+    stats = bnjax.init_batch_stats(c)
+
+    def layer(g, b, x, stats):
+      return bnjax.batch_norm(x, stats, g, b, use_running_average=False)
+
+  if mode == 'fwd':
+    fn = lambda g, b, x, stats, ct: layer(g, b, x, stats)
+  elif mode == 'grad':
+    fn = lambda g, b, x, stats, ct: jax.grad(
+        lambda g, b, x: jnp.vdot(layer(g, b, x, stats)[0], ct), (0, 1, 2))(
+            g, b, x)
+  else:
+    def fn(g, b, x, stats, ct):
+      (y, new), vjp = jax.vjp(lambda g, b, x: layer(g, b, x, stats), g, b, x)
+      return y, new, vjp((ct, jax.tree.map(jnp.zeros_like, new)))
+  return fn, (g, b, x, stats, ct)
+
+
+def residuals(shape, impl):
+  """Full-size arrays saved between forward and backward."""
+  import jax.numpy as jnp
+  from jax._src.ad_checkpoint import saved_residuals
+  fn, (g, b, x, stats, _) = build(shape, 'fwd', impl)
+  res = saved_residuals(lambda g, b, x: fn(g, b, x, stats, None)[0], g, b, x)
+  return sum(1 for aval, _ in res if tuple(aval.shape) == tuple(shape))
+
+
+def run(shapes, rounds, inner, compile_repeats):
+  import jax
+  rows = []
+  for shape in shapes:
+    for mode in MODES:
+      fns, args = {}, {}
+      for impl in ('flax', 'bnjax'):
+        fn, a = build(shape, mode, impl)
+        fns[impl], args[impl] = jax.jit(fn), a
+      t = _timing.interleaved(fns, args, rounds, inner)
+      comp = {impl: _timing.compile_seconds(
+          lambda impl=impl: jax.jit(build(shape, mode, impl)[0]), args[impl],
+          compile_repeats) for impl in ('flax', 'bnjax')}
+      row = dict(shape=list(shape), mode=mode,
+                 flax_ms=t['flax'] * 1e3, bnjax_ms=t['bnjax'] * 1e3,
+                 ratio=t['bnjax'] / t['flax'],
+                 flax_compile_s=comp['flax'], bnjax_compile_s=comp['bnjax'],
+                 compile_ratio=comp['bnjax'] / comp['flax'])
+      if mode == 'step':
+        row['flax_residuals'] = residuals(shape, 'flax')
+        row['bnjax_residuals'] = residuals(shape, 'bnjax')
+      rows.append(row)
+      print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                        for k, v in row.items()}), flush=True)
+  return rows
+
+
+def table(rows) -> str:
+  lines = ['| shape | mode | flax ms | bnjax ms | ratio | compile ratio | '
+           'full-size residuals (flax / bnjax) |', '|---|---|---|---|---|---|---|']
+  for r in rows:
+    res = (f"{r['flax_residuals']} / {r['bnjax_residuals']}"
+           if 'bnjax_residuals' in r else '')
+    lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['mode']} | "
+                 f"{r['flax_ms']:.3f} | {r['bnjax_ms']:.3f} | "
+                 f"**{r['ratio']:.2f}** | {r['compile_ratio']:.2f} | {res} |")
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--smoke', action='store_true', help='seconds-long check')
+  p.add_argument('--rounds', type=int, default=25)
+  p.add_argument('--inner', type=int, default=5)
+  args = p.parse_args(argv)
+  if not args.smoke:
+    _timing.ensure_malloc_env()
+  if args.smoke:
+    rows = run([(8, 4, 4, 8)], rounds=2, inner=1, compile_repeats=1)
+    assert all(r['bnjax_ms'] > 0 for r in rows)
+    return rows
+  rows = run(SHAPES, args.rounds, args.inner, compile_repeats=3)
+  out = dict(env=_timing.environment(), rounds=args.rounds, inner=args.inner,
+             rows=rows)
+  path = pathlib.Path(__file__).parent / 'results' / 'layer.json'
+  path.write_text(json.dumps(out, indent=1))
+  print(table(rows))
+  return rows
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,227 @@
+"""bnjax.linen / bnjax.nnx BatchNorm are drop-ins for flax's."""
+
+import dataclasses
+import inspect
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import bnjax.linen
+import bnjax.nnx
+from tests._helpers import randn
+
+GRID = list(itertools.product(
+    [-1, 1, (1, 3)],                       # axis
+    [jnp.float32, jnp.bfloat16],           # x dtype
+    [jnp.float32, jnp.bfloat16],           # param_dtype
+    [(True, True), (False, True), (True, False)],  # use_bias, use_scale
+    [None, 'rows'],                        # mask
+))
+
+
+def _tols(*dtypes):
+  return (2e-2, 2e-2) if jnp.bfloat16 in dtypes else (1e-5, 1e-5)
+
+
+def _x_mask(dtype, mask):
+  x = jnp.asarray(randn((6, 3, 2, 4), loc=2.0, scale=3.0, seed=0), dtype)
+  m = None
+  if mask == 'rows':
+    m = np.random.default_rng(1).random((6, 1, 1, 1)) < 0.6
+    m[0] = True
+  return x, m
+
+
+def test_linen_has_flax_fields():
+  ours = {f.name for f in dataclasses.fields(bnjax.linen.BatchNorm)}
+  theirs = {f.name for f in dataclasses.fields(nn.BatchNorm)}
+  assert theirs <= ours
+
+
+@pytest.mark.parametrize('axis, dtype, pdtype, bias_scale, mask', GRID)
+def test_linen_matches_flax(axis, dtype, pdtype, bias_scale, mask):
+  x, m = _x_mask(dtype, mask)
+  kw = dict(axis=axis, param_dtype=pdtype, use_bias=bias_scale[0],
+            use_scale=bias_scale[1], momentum=0.8,
+            bias_init=nn.initializers.normal(1.0),
+            scale_init=nn.initializers.normal(1.0))
+  ref, ours = nn.BatchNorm(**kw), bnjax.linen.BatchNorm(**kw)
+  v = ref.init(jax.random.key(0), x, use_running_average=False)
+  v2 = ours.init(jax.random.key(0), x, use_running_average=False)
+  jax.tree.map(np.testing.assert_array_equal, v, v2)  # same names, values
+  rtol, atol = _tols(dtype, pdtype)
+  for train in (True, False):
+    y1, u1 = ref.apply(v, x, use_running_average=not train, mask=m,
+                       mutable=['batch_stats'])
+    y2, u2 = ours.apply(v, x, use_running_average=not train, mask=m,
+                        mutable=['batch_stats'])
+    assert y1.dtype == y2.dtype and y1.shape == y2.shape
+    np.testing.assert_allclose(np.float32(y2), np.float32(y1), rtol=rtol,
+                               atol=atol * 10)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=rtol, atol=atol), u1, u2)
+    jax.tree.map(lambda a, b: (a.dtype == b.dtype) or pytest.fail(), u1, u2)
+
+
+def test_linen_exact_where_flax_is_not():
+  x = randn((512, 4), loc=3e4, scale=3.0, seed=2)
+  kw = dict(use_running_average=False, momentum=0.0)
+  v = nn.BatchNorm(**kw).init(jax.random.key(0), x)
+  _, u_flax = nn.BatchNorm(**kw).apply(v, x, mutable=['batch_stats'])
+  _, u_ours = bnjax.linen.BatchNorm(**kw).apply(v, x, mutable=['batch_stats'])
+  true = x.astype(np.float64).var(0)
+  err = lambda u: np.max(np.abs(u['batch_stats']['var'] / true - 1))
+  assert err(u_ours) <= 1e-5 < 1e-2 < err(u_flax)
+
+
+def test_linen_use_running_average_merge_rule():
+  x = jnp.ones((4, 3))
+  with pytest.raises(ValueError, match='use_running_average'):
+    bnjax.linen.BatchNorm().init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='use_running_average'):
+    bnjax.linen.BatchNorm(use_running_average=True).init(
+        jax.random.key(0), x, use_running_average=False)
+
+
+def test_linen_init_does_not_update_stats_and_ignores_axis_name():
+  x = randn((1, 3), loc=5.0)  # flax accepts a one-example init batch
+  v = bnjax.linen.BatchNorm(use_running_average=False, axis_name='batch').init(
+      jax.random.key(0), x)
+  np.testing.assert_array_equal(v['batch_stats']['mean'], np.zeros(3))
+  np.testing.assert_array_equal(v['batch_stats']['var'], np.ones(3))
+
+
+class CNN(nn.Module):
+  bn: type
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.Conv(8, (3, 3))(x)
+    x = self.bn(use_running_average=not train, momentum=0.9)(x)
+    x = nn.relu(x)
+    x = nn.Conv(8, (3, 3), strides=2)(x)
+    x = self.bn(use_running_average=not train, momentum=0.9)(x)
+    x = nn.relu(x).mean((1, 2))
+    return nn.Dense(10)(x)
+
+
+def _train_curve(model, variables, x, y, steps=5):
+  opt = optax.sgd(0.1, momentum=0.9)
+  params, stats = variables['params'], variables['batch_stats']
+  state = opt.init(params)
+  losses = []
+
+  @jax.jit
+  def step(params, stats, state):
+    def loss_fn(p):
+      logits, upd = model.apply({'params': p, 'batch_stats': stats}, x,
+                                train=True, mutable=['batch_stats'])
+      l = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return l, upd['batch_stats']
+    (l, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    upd, state = opt.update(g, state, params)
+    return optax.apply_updates(params, upd), stats, state, l
+  for _ in range(steps):
+    params, stats, state, l = step(params, stats, state)
+    losses.append(float(l))
+  return np.array(losses), {'params': params, 'batch_stats': stats}
+
+
+def test_small_cnn_checkpoints_swap_both_ways_and_train_the_same():
+  x = randn((16, 8, 8, 3), seed=3)
+  y = np.arange(16) % 10
+  flax_cnn, ours_cnn = CNN(nn.BatchNorm), CNN(bnjax.linen.BatchNorm)
+  v_flax = flax_cnn.init(jax.random.key(0), x, train=False)
+  v_ours = ours_cnn.init(jax.random.key(0), x, train=False)
+  jax.tree.map(np.testing.assert_array_equal, v_flax, v_ours)
+  for train in (False, True):
+    kw = dict(train=train, mutable=['batch_stats'])
+    a = flax_cnn.apply(v_ours, x, **kw)   # ours -> flax
+    b = ours_cnn.apply(v_flax, x, **kw)   # flax -> ours
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4,
+                                                         atol=1e-5), a, b)
+  l_flax, end_flax = _train_curve(flax_cnn, v_flax, x, y)
+  l_ours, end_ours = _train_curve(ours_cnn, v_ours, x, y)
+  np.testing.assert_allclose(l_ours, l_flax, rtol=1e-4)
+  jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-3,
+                                                       atol=1e-4),
+               end_flax, end_ours)
+
+
+def test_nnx_has_flax_constructor():
+  ours = inspect.signature(bnjax.nnx.BatchNorm.__init__).parameters
+  theirs = inspect.signature(nnx.BatchNorm.__init__).parameters
+  assert list(ours) == list(theirs)
+  for name in theirs:
+    assert ours[name].kind == theirs[name].kind, name
+
+
+@pytest.mark.parametrize('dtype, pdtype, bias_scale, mask',
+                         [g[1:] for g in GRID if g[0] == -1])
+def test_nnx_matches_flax(dtype, pdtype, bias_scale, mask):
+  x, m = _x_mask(dtype, mask)
+  kw = dict(param_dtype=pdtype, use_bias=bias_scale[0],
+            use_scale=bias_scale[1], momentum=0.8,
+            bias_init=nnx.initializers.normal(1.0),
+            scale_init=nnx.initializers.normal(1.0))
+  ref = nnx.BatchNorm(4, **kw, rngs=nnx.Rngs(0))
+  ours = bnjax.nnx.BatchNorm(4, **kw, rngs=nnx.Rngs(0))
+  _, s1 = nnx.split(ref)
+  _, s2 = nnx.split(ours)
+  jax.tree.map(np.testing.assert_array_equal, s1, s2)
+  rtol, atol = _tols(dtype, pdtype)
+  for train in (True, False):
+    y1 = ref(x, use_running_average=not train, mask=m)
+    y2 = ours(x, use_running_average=not train, mask=m)
+    assert y1.dtype == y2.dtype
+    np.testing.assert_allclose(np.float32(y2), np.float32(y1), rtol=rtol,
+                               atol=atol * 10)
+    np.testing.assert_allclose(ours.mean[...], ref.mean[...], rtol=rtol,
+                               atol=atol)
+    np.testing.assert_allclose(ours.var[...], ref.var[...], rtol=rtol,
+                               atol=atol)
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, bn, rngs):
+    self.lin = nnx.Linear(3, 4, rngs=rngs)
+    self.bn = bn(4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.lin(x))
+
+
+def test_nnx_train_eval_split_merge_jit_and_grad():
+  x = randn((8, 3), seed=4)
+  models = [NnxNet(nnx.BatchNorm, nnx.Rngs(0)),
+            NnxNet(bnjax.nnx.BatchNorm, nnx.Rngs(0))]
+  outs = []
+  for model in models:
+    model.train()
+    assert model.bn.use_running_average is False
+
+    @nnx.jit
+    def step(model, x):
+      def loss(model):
+        return jnp.mean(model(x) ** 2)
+      l, grads = nnx.value_and_grad(loss)(model)
+      return l, grads
+    l, grads = step(model, x)
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    assert model.bn.use_running_average is True
+    outs.append((l, grads, model(x), model.bn.mean[...]))
+  (l1, g1, y1, m1), (l2, g2, y2, m2) = outs
+  np.testing.assert_allclose(l2, l1, rtol=1e-5)
+  np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(m2, m1, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(g2['lin']['kernel'][...], g1['lin']['kernel'][...],
+                             rtol=1e-4, atol=1e-6)
+  assert isinstance(models[1].bn.mean, nnx.BatchStat)
