@@ -125,6 +125,8 @@ def _tangent(cfg: _Cfg, x, mean, rstd, count, scale, mask, dx, dscale, dbias,
   v2 = -gr_n * s1
   if dbias is not None:
     v2 = v2 + dbias.astype(f)
+  if cfg.axis_name is not None:
+    v1, v2 = _sync.as_varying(jnp.stack([v1, v2]), cfg.axis_name)
   dy = b(gr) * dxf + xhat * b(v1) + b(v2)
   return dy.astype(cfg.out_dtype)
 
