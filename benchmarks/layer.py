@@ -116,6 +116,20 @@ def table(rows) -> str:
   return '\n'.join(lines)
 
 
+def _write_readme(out):
+  """Replaces the layer table in benchmarks/README.md between its markers."""
+  path = pathlib.Path(__file__).parent / 'README.md'
+  text = path.read_text()
+  start, end = '<!-- layer:start -->', '<!-- layer:end -->'
+  e = out['env']
+  body = (f"{start}\nMachine: {e['machine']} ({e['backend']}), jax "
+          f"{e['jax']}, flax {e['flax']}, Python {e['python']}, {e['date']}, "
+          f"commit {e['commit']}; medians of {out['rounds']} interleaved "
+          f"rounds of {out['inner']} calls.\n\n{table(out['rows'])}\n{end}")
+  i, j = text.index(start), text.index(end) + len(end)
+  path.write_text(text[:i] + body + text[j:])
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--smoke', action='store_true', help='seconds-long check')
@@ -134,6 +148,7 @@ def main(argv=None):
   path = pathlib.Path(__file__).parent / 'results' / 'layer.json'
   path.write_text(json.dumps(out, indent=1))
   print(table(rows))
+  _write_readme(out)
   return rows
 
 

@@ -96,7 +96,7 @@ def test_pmap_equals_global_batch():
     # x's gradient is per device; the parameters' gradients are summed.
     return y, new, (grads[0], jax.lax.psum(grads[1], 'd'),
                     jax.lax.psum(grads[2], 'd'))
-  y, new, grads = jax.pmap(per_device, axis_name='d')(
+  y, new, grads = jax.pmap(per_device, axis_name='d', devices=jax.devices()[:D])(
       x.reshape(D, B, C), w.reshape(D, B, C))
   y0, new0, grads0 = _global(x, g, b, w, stats)
   _assert_same(y.reshape(-1, C), y0)
@@ -248,7 +248,8 @@ def test_axis_index_groups_under_pmap():
   groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
   y, new = jax.pmap(lambda x: bnjax.batch_norm(
       x, stats, g, b, use_running_average=False, axis_name='d',
-      axis_index_groups=groups, momentum=0.9), axis_name='d')(
+      axis_index_groups=groups, momentum=0.9), axis_name='d',
+      devices=jax.devices()[:D])(
           x.reshape(D, B, C))
   for k, grp in enumerate(groups):
     rows = x.reshape(D, B, C)[grp].reshape(-1, C)

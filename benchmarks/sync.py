@@ -1,0 +1,93 @@
+"""Sync benchmark: cost of synchronized BN on 8 host CPU devices.
+
+Question: what does syncing cost per layer, and how does the shipped
+psum-gather (each shard's partial in its own row of a (D, K) buffer, one
+psum) compare with an all_gather of the partials? Times a shard_map'd
+training step (forward + backward w.r.t. x) with ``axis_name`` against the
+same step with local statistics, and the two bare gather collectives for
+K = 2C + 1 floats, interleaved, medians. Run: ``python benchmarks/sync.py``
+(about 1 minute) or ``--smoke``. Writes ``results/sync.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import _timing  # noqa: E402
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--smoke', action='store_true')
+  args = p.parse_args(argv)
+  if not args.smoke:
+    _timing.ensure_malloc_env()
+  import jax
+  if jax.device_count() < 8:
+    jax.config.update('jax_num_cpu_devices', 8)
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import lax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  import bnjax
+  mesh = Mesh(np.array(jax.devices()[:8]), ('d',))
+  shapes = [(8 * 2, 4, 4, 8)] if args.smoke else [
+      (8 * 16, 16, 16, 64), (8 * 2, 16, 16, 64), (8 * 64, 512)]
+  rows = []
+  for shape in shapes:
+    c = shape[-1]
+    x = jax.device_put(jax.random.normal(jax.random.key(0), shape),
+                       NamedSharding(mesh, P('d')))
+    stats = bnjax.init_batch_stats(c)
+
+    def step(axis_name):
+      def f(x):
+        def loss(x):
+          return jnp.sum(bnjax.batch_norm(x, stats, use_running_average=False,
+                                          axis_name=axis_name)[0] ** 2)
+        return jax.grad(loss)(x)
+      return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P('d'),
+                                   out_specs=P('d')))
+    k = 2 * c + 1
+    part = jax.device_put(jnp.ones((8, k)), NamedSharding(mesh, P('d')))
+
+    def psum_gather(v):
+      rows_ = lax.dynamic_update_slice(jnp.zeros((8, k)), v,
+                                       (lax.axis_index('d'), 0))
+      return lax.psum(rows_, 'd')[None]
+
+    def all_gather(v):
+      return lax.all_gather(v[0], 'd')[None]
+    coll = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P('d'),
+                                           out_specs=P('d')))
+    fns = {'local': step(None), 'sync': step('d'),
+           'psum_gather': coll(psum_gather), 'all_gather': coll(all_gather)}
+    fargs = {'local': (x,), 'sync': (x,), 'psum_gather': (part,),
+             'all_gather': (part,)}
+    t = _timing.interleaved(fns, fargs, rounds=2 if args.smoke else 30,
+                            inner=1 if args.smoke else 5)
+    row = dict(shape=list(shape), channels=c, devices=8,
+               step_local_ms=t['local'] * 1e3, step_sync_ms=t['sync'] * 1e3,
+               sync_overhead=t['sync'] / t['local'],
+               psum_gather_us=t['psum_gather'] * 1e6,
+               all_gather_us=t['all_gather'] * 1e6,
+               forward_bytes=8 * k * 4, backward_bytes=2 * c * 4)
+    rows.append(row)
+    print(json.dumps({a: (round(b, 3) if isinstance(b, float) else b)
+                      for a, b in row.items()}), flush=True)
+  if not args.smoke:
+    out = dict(env=_timing.environment(), rows=rows)
+    path = pathlib.Path(__file__).parent / 'results' / 'sync.json'
+    path.write_text(json.dumps(out, indent=1))
+  return rows
+
+
+if __name__ == '__main__':
+  main()

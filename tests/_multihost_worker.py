@@ -1,0 +1,50 @@
+"""One process of the 2-process test: 2 CPU devices each, gloo collectives.
+
+Run by tests/test_multihost.py as ``python -m tests._multihost_worker PORT ID
+OUT``. Builds the 4-device global mesh, runs synced BN forward and backward
+under shard_map, and writes its addressable results to OUT (.npz).
+"""
+
+import sys
+
+import jax
+
+jax.config.update('jax_num_cpu_devices', 2)
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+
+
+def main(port: int, pid: int, out: str):
+  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
+                             num_processes=2, process_id=pid,
+                             initialization_timeout=60)
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  import bnjax
+  from tests.test_multihost import problem
+  x, w, stats = problem()
+  mesh = Mesh(np.array(jax.devices()), ('d',))
+  sharding = NamedSharding(mesh, P('d'))
+  rows = x.shape[0] // jax.process_count()
+  local = slice(pid * rows, (pid + 1) * rows)
+  xg = jax.make_array_from_process_local_data(sharding, x[local], x.shape)
+  wg = jax.make_array_from_process_local_data(sharding, w[local], w.shape)
+  bn = jax.shard_map(lambda x: bnjax.batch_norm(
+      x, stats, use_running_average=False, axis_name='d', momentum=0.9),
+                     mesh=mesh, in_specs=P('d'), out_specs=(P('d'), P()))
+
+  def loss(x, w):
+    y, new = bn(x)
+    return jnp.mean(w * y), (y, new)
+  dx, (y, new) = jax.jit(jax.grad(loss, has_aux=True))(xg, wg)
+  y = multihost_utils.process_allgather(y, tiled=True)
+  dx = multihost_utils.process_allgather(dx, tiled=True)
+  np.savez(out, y=y, dx=dx, mean=np.asarray(new.mean), var=np.asarray(new.var),
+           devices=jax.device_count())
+  jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
