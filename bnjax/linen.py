@@ -79,7 +79,8 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
         'use_running_average', self.use_running_average, use_running_average)
     x = _checks.check_floating(_NAME, x)
-    shape = _checks.layout(_NAME, x, self.axis).feature_shape
+    lay = _checks.layout(_NAME, x, self.axis)
+    shape = lay.feature_shape
     sdt = jnp.float32 if self.force_float32_reductions else self.param_dtype
     ra_mean = self.variable('batch_stats', 'mean',
                             lambda s: jnp.zeros(s, sdt), shape)
@@ -93,7 +94,7 @@ class BatchNorm(nn.Module):
     stats = BatchStats(ra_mean.value, ra_var.value)
     initializing = self.is_initializing()
     train = not use_running_average
-    if initializing and train and _checks.layout(_NAME, x, self.axis).count < 2:
+    if initializing and train and lay.count < 2:
       train = False  # flax accepts a 1-example init batch; nothing is stored.
     y, new = batch_norm(
         x, stats, scale, bias, use_running_average=not train, axis=self.axis,
