@@ -23,7 +23,8 @@ _ONE_VALUE_MSG = (
     'use_running_average=True for inference, use a larger batch, or pass '
     'axis_name to take statistics over the global batch.')
 _STATS_TYPE_MSG = (
-    '{fn}: batch_stats must be a bnjax.BatchStats(mean, var), got {got}. '
+    '{fn}: batch_stats must be a bnjax.BatchStats(mean, var) (or '
+    'CumulativeStats / DebiasedStats), got {got}. '
     'Create one with bnjax.init_batch_stats(feature_shape) or convert a Flax '
     "collection with bnjax.BatchStats(**variables['batch_stats'][name]).")
 
@@ -84,11 +85,12 @@ def layout(fn: str, x: jax.Array, axis: Any) -> Layout:
   return Layout(ndim, canon, red, tuple(x.shape[i] for i in canon), count)
 
 
-def check_per_channel(fn: str, name: str, v: Any, lay: Layout):
+def check_per_channel(fn: str, name: str, v: Any, lay: Layout,
+                      floating: bool = True):
   """Checks that scale, bias, mean or var has the feature shape."""
   if v is None:
     return None
-  v = check_floating(fn, v, name)
+  v = check_floating(fn, v, name) if floating else jnp.asarray(v)
   if tuple(v.shape) != lay.feature_shape:
     raise ValueError(
         f'{fn}: {name} has shape {tuple(v.shape)} but x has features of shape '
@@ -97,11 +99,12 @@ def check_per_channel(fn: str, name: str, v: Any, lay: Layout):
   return v
 
 
-def check_stats(fn: str, stats: Any, lay: Layout, cls=BatchStats):
+def check_stats(fn: str, stats: Any, lay: Layout, cls: Any = BatchStats):
   if not isinstance(stats, cls):
     raise TypeError(_STATS_TYPE_MSG.format(fn=fn, got=_describe(stats)))
   for field, v in zip(stats._fields, stats):
-    check_per_channel(fn, f'batch_stats.{field}', v, lay)
+    check_per_channel(fn, f'batch_stats.{field}', v, lay,
+                      floating=field != 'count')
   return stats
 
 

@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax import _checks, _stats, _sync
+from bnjax import _checks, _ghost, _stats, _sync
 from bnjax._checks import Layout
-from bnjax._running import ema
-from bnjax._types import BatchStats
+from bnjax import _running
 
 Array = jax.Array
 
@@ -70,24 +69,53 @@ def _batch_stats(x, mask, cfg: _Cfg):
   return p.count, mean, var
 
 
-def _forward(x, scale, bias, epsilon, mask, cfg: _Cfg):
+def _forward(x, scale, bias, epsilon, mask, renorm, cfg: _Cfg):
   count, mean, var = _batch_stats(x, mask, cfg)
   rstd = lax.rsqrt(var + epsilon)
+  rd = None
+  if renorm is not None:
+    rd = _renorm_correction(mean, var + epsilon, *renorm)
+    scale, bias = _fold(scale, bias, rd, mean.dtype)
   y = _affine(x, mean, rstd, scale, bias, cfg.lay, cfg.out_dtype)
-  return y, mean, var, count, rstd
+  return y, mean, var, count, rstd, rd
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-def _bn_train(x, scale, bias, epsilon, mask, cfg):
-  y, mean, var, count, _ = _forward(x, scale, bias, epsilon, mask, cfg)
+def _renorm_correction(mean, var_eps, run_mean, run_std, r_max, d_max):
+  r"""Batch renorm's r and d (Ioffe 2017, Alg. 1), constants for autodiff."""
+  run_std = run_std.astype(mean.dtype)
+  r = jnp.clip(jnp.sqrt(var_eps) / run_std, 1 / r_max, r_max)
+  d = jnp.clip((mean - run_mean.astype(mean.dtype)) / run_std, -d_max, d_max)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def _fold(scale, bias, rd, f):
+  """gamma (xhat r + d) + beta as an affine of xhat: (gamma r, gamma d + beta)."""
+  r, d = rd
+  g = jnp.ones_like(r) if scale is None else scale.astype(f)
+  b = jnp.zeros_like(d) if bias is None else bias.astype(f)
+  return g * r, g * d + b
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _bn_train(x, scale, bias, epsilon, mask, renorm, cfg):
+  y, mean, var, count, _, _ = _forward(x, scale, bias, epsilon, mask, renorm,
+                                       cfg)
   return y, mean, var, count
 
 
 @_bn_train.defjvp
 def _bn_train_jvp(cfg, primals, tangents):
-  x, scale, bias, epsilon, mask = primals
-  dx, dscale, dbias, deps, _ = tangents
-  y, mean, var, count, rstd = _forward(x, scale, bias, epsilon, mask, cfg)
+  x, scale, bias, epsilon, mask, renorm = primals
+  dx, dscale, dbias, deps, _, _ = tangents
+  y, mean, var, count, rstd, rd = _forward(x, scale, bias, epsilon, mask,
+                                           renorm, cfg)
+  if rd is not None:
+    # r and d are constants: the tangent is BN's with the folded affine.
+    f = mean.dtype
+    if dscale is not None:
+      dbias = dscale * rd[1] if dbias is None else dbias + dscale * rd[1]
+      dscale = dscale * rd[0]
+    scale, _ = _fold(scale, bias, rd, f)
   tangent = jax.checkpoint(functools.partial(_tangent, cfg))
   dy = tangent(x, mean, rstd, count, scale, mask, dx, dscale, dbias, deps)
   zeros = (jnp.zeros_like(mean), jnp.zeros_like(var), jnp.zeros_like(count))
@@ -201,8 +229,8 @@ def batch_norm(x: Array, batch_stats: BatchStats, scale: Array | None = None,
                bias: Array | None = None, *, use_running_average: bool,
                axis=-1, momentum=0.99, epsilon=1e-5, axis_name=None,
                axis_index_groups=None, mask: Array | None = None,
-               use_fast_variance: bool = True,
-               dtype=None) -> tuple[Array, BatchStats]:
+               use_fast_variance: bool = True, dtype=None,
+               virtual_batch_size: int | None = None) -> tuple[Array, Any]:
   r"""Batch normalization as a pure function: returns ``(y, new_batch_stats)``.
 
   Training (``use_running_average=False``) normalizes with the batch mean and
@@ -223,7 +251,12 @@ def batch_norm(x: Array, batch_stats: BatchStats, scale: Array | None = None,
 
   Args:
     x: floating input; statistics reduce over every axis except ``axis``.
-    batch_stats: a :class:`BatchStats` of the feature shape.
+    batch_stats: running statistics of the feature shape. The type picks
+      the update rule: :class:`BatchStats` (Flax's EMA),
+      :class:`CumulativeStats` (PyTorch's ``momentum=None``: the plain
+      average of all batches, ``momentum`` unused) or
+      :class:`DebiasedStats` (zero-debiased EMA). Inference normalizes with
+      :func:`population_stats` of it.
     scale, bias: optional per-channel affine parameters (None: off).
     use_running_average: keyword-only and required; True for inference.
     axis: the feature axis, or a tuple of feature axes.
@@ -240,6 +273,11 @@ def batch_norm(x: Array, batch_stats: BatchStats, scale: Array | None = None,
       masked-in entries only. A channel with none keeps its running stats.
     use_fast_variance: accepted for Flax compatibility; both settings exact.
     dtype: output dtype (default: x's dtype).
+    virtual_batch_size: ghost batch norm (Hoffer et al. 2017): normalize
+      each chunk of this many rows of axis 0 with its own statistics; the
+      running statistics get the mean over chunks. Must divide the batch.
+      With ``axis_name`` chunks are per shard, and only the running-stat
+      average is synced (see ``bnjax._ghost``).
 
   Returns:
     ``(y, new_batch_stats)``.
@@ -265,22 +303,62 @@ def batch_norm(x: Array, batch_stats: BatchStats, scale: Array | None = None,
   _checks.check_use_running_average(fn, use_running_average)
   x = _checks.check_floating(fn, x)
   lay = _checks.layout(fn, x, axis)
-  _checks.check_stats(fn, batch_stats, lay)
+  _checks.check_stats(fn, batch_stats, lay, _running.STATE_TYPES)
   scale = _checks.check_per_channel(fn, 'scale', scale, lay)
   bias = _checks.check_per_channel(fn, 'bias', bias, lay)
   mask = _checks.check_mask(fn, mask, x)
   _checks.check_hyper(fn, momentum, epsilon)
   out_dtype = _out_dtype(fn, x, dtype)
   if use_running_average:
-    y = normalize(x, batch_stats.mean, batch_stats.var, scale, bias,
-                  axis=axis, epsilon=epsilon, dtype=out_dtype)
+    pop = _running.population_stats(batch_stats)
+    y = normalize(x, pop.mean, pop.var, scale, bias, axis=axis,
+                  epsilon=epsilon, dtype=out_dtype)
     return y, batch_stats
   groups = _sync.canonical_groups(axis_index_groups)
-  shards = 1 if axis_name is None else _sync.num_shards(axis_name, groups)
-  _checks.check_training_count(fn, x, lay, axis, lay.count * shards)
   cfg = _Cfg(lay, axis_name, groups, bool(use_fast_variance), out_dtype)
-  f = _stats.stats_dtype(x.dtype)
-  y, mean, var, count = _bn_train(x, scale, bias, jnp.asarray(epsilon, f),
-                                  mask, cfg)
+  if virtual_batch_size is not None:
+    y, mean, var, count = _ghost.train(train, fn, x, scale, bias, epsilon, mask,
+                                       cfg, virtual_batch_size)
+  else:
+    y, mean, var, count = train(fn, x, scale, bias, epsilon, mask, cfg)
   valid = None if mask is None else count > 0
-  return y, ema(batch_stats, mean, var, momentum, valid)
+  return y, _running.update(batch_stats, mean, var, momentum, valid)
+
+
+def train(fn, x, scale, bias, epsilon, mask, cfg: _Cfg, renorm=None):
+  """Checked training-mode BN: (y, batch mean, batch var, count)."""
+  shards = 1 if cfg.axis_name is None else _sync.num_shards(cfg.axis_name,
+                                                            cfg.groups)
+  _checks.check_training_count(fn, x, cfg.lay, cfg.lay.feature_axes,
+                               cfg.lay.count * shards)
+  f = _stats.stats_dtype(x.dtype)
+  return _bn_train(x, scale, bias, jnp.asarray(epsilon, f), mask, renorm, cfg)
+
+
+def frozen_batch_norm(x: Array, batch_stats, scale: Array | None = None,
+                      bias: Array | None = None, *, axis=-1, epsilon=1e-5,
+                      dtype=None) -> tuple[Array, Any]:
+  """Frozen BN for fine-tuning: stored statistics, trainable affine.
+
+  Normalizes with the stored (population) statistics whatever the mode, lets
+  gradients reach ``scale`` and ``bias`` (and x) but never the statistics,
+  and returns the statistics unchanged. This is the usual recipe for
+  fine-tuning a pretrained network on small batches (detectron2's
+  ``FrozenBatchNorm2d``): batch statistics of a small batch are noisy, and
+  updating the running statistics would drift them away from pretraining.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bnjax
+    >>> s = bnjax.BatchStats(jnp.array([1.0]), jnp.array([4.0]))
+    >>> f = lambda g: bnjax.frozen_batch_norm(jnp.array([[3.0]]), s, g,
+    ...                                       epsilon=1e-12)[0].sum()
+    >>> jax.grad(f)(jnp.array([1.0]))
+    Array([1.], dtype=float32)
+  """
+  fn = 'frozen_batch_norm'
+  x = _checks.check_floating(fn, x)
+  lay = _checks.layout(fn, x, axis)
+  _checks.check_stats(fn, batch_stats, lay, _running.STATE_TYPES)
+  pop = jax.tree.map(lax.stop_gradient, _running.population_stats(batch_stats))
+  return normalize(x, pop.mean, pop.var, scale, bias, axis=axis,
+                   epsilon=epsilon, dtype=dtype), batch_stats

@@ -1,4 +1,16 @@
-"""Running-statistic updates."""
+r"""Running-statistic rules: EMA, cumulative average and zero-debiased EMA.
+
+The state type picks the rule (see :mod:`bnjax._types`):
+
+* :class:`BatchStats`: Flax's EMA, :math:`s_t = m s_{t-1} + (1 - m) b_t`.
+* :class:`CumulativeStats`: :math:`s_t = (1 - 1/t) s_{t-1} + b_t / t`.
+* :class:`DebiasedStats`: hidden EMAs from 0 and their weight
+  :math:`w_t = m w_{t-1} + (1 - m)`; inference uses :math:`s_t / w_t`.
+
+``b_t`` is the batch mean or biased batch variance. Channels where ``valid``
+is False (no unmasked values) keep their state. Results carry no gradient and
+keep the dtypes of the state passed in, so a jitted step never recompiles.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +18,65 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._types import BatchStats
+from bnjax._types import BatchStats, CumulativeStats, DebiasedStats
+
+STATE_TYPES = (BatchStats, CumulativeStats, DebiasedStats)
 
 
-def ema(old: BatchStats, mean: jax.Array, var: jax.Array, momentum,
-        valid: jax.Array | None = None) -> BatchStats:
-  r"""Flax's exponential moving average of the batch statistics.
+def _mix(old, batch, keep, valid):
+  """keep * old + (1 - keep) * batch, in batch's (>= float32) precision."""
+  batch = lax.stop_gradient(batch)
+  new = keep * old.astype(batch.dtype) + (1 - keep) * batch
+  if valid is not None:
+    new = jnp.where(valid, new, old.astype(batch.dtype))
+  return new.astype(old.dtype)
 
-  .. math:: s_{t} = m \, s_{t-1} + (1 - m) \, b_t
 
-  with ``m = momentum`` and ``b_t`` the batch mean or biased batch variance.
-  PyTorch's momentum ``p`` is ``m = 1 - p``. Channels where ``valid`` is False
-  (no unmasked values) keep their old statistics. The result carries no
-  gradient and has the dtypes of ``old``.
+def ema(old, mean: jax.Array, var: jax.Array, momentum,
+        valid: jax.Array | None = None):
+  """EMA of both fields of a two-field state (BatchStats, RenormStats)."""
+  return type(old)(_mix(old[0], mean, momentum, valid),
+                   _mix(old[1], var, momentum, valid))
+
+
+def update(old, mean: jax.Array, var: jax.Array, momentum,
+           valid: jax.Array | None = None):
+  """New running state after one batch, by the rule of ``type(old)``."""
+  if isinstance(old, BatchStats):
+    return ema(old, mean, var, momentum, valid)
+  if isinstance(old, CumulativeStats):
+    inc = 1 if valid is None else valid.astype(old.count.dtype)
+    count = old.count + inc
+    # (1 - 1/t) old + b/t: exactly b at t = 1.
+    keep = 1 - 1 / jnp.maximum(count, 1).astype(mean.dtype)
+    return CumulativeStats(_mix(old.mean, mean, keep, valid),
+                           _mix(old.var, var, keep, valid), count)
+  if isinstance(old, DebiasedStats):
+    one = jnp.ones_like(mean)
+    return DebiasedStats(_mix(old.mean, mean, momentum, valid),
+                         _mix(old.var, var, momentum, valid),
+                         _mix(old.weight, one, momentum, valid))
+  raise TypeError(f'unknown running-statistics type {type(old).__name__}')
+
+
+def population_stats(state) -> BatchStats:
+  """The (mean, var) that inference normalizes with, for any state type.
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> s = bnjax.init_debiased_stats(2)
+    >>> x = jnp.array([[1.0, 4.0], [3.0, 8.0]])
+    >>> _, s = bnjax.batch_norm(x, s, use_running_average=False)
+    >>> bnjax.population_stats(s)  # exactly the first batch's statistics
+    BatchStats(mean=Array([2., 6.], dtype=float32), var=Array([1., 4.], dtype=float32))
   """
-  def upd(o, b):
-    b = lax.stop_gradient(b)
-    new = momentum * o.astype(b.dtype) + (1 - momentum) * b
-    if valid is not None:
-      new = jnp.where(valid, new, o.astype(b.dtype))
-    return new.astype(o.dtype)
-  return BatchStats(upd(old.mean, mean), upd(old.var, var))
+  if isinstance(state, (BatchStats, CumulativeStats)):
+    return BatchStats(state.mean, state.var)
+  if isinstance(state, DebiasedStats):
+    seen = state.weight > 0
+    w = jnp.where(seen, state.weight, 1)
+    return BatchStats(jnp.where(seen, state.mean / w, 0).astype(state.mean.dtype),
+                      jnp.where(seen, state.var / w, 1).astype(state.var.dtype))
+  raise TypeError(
+      f'population_stats: expected BatchStats, CumulativeStats or '
+      f'DebiasedStats, got {type(state).__name__}')

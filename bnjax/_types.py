@@ -71,3 +71,74 @@ def init_batch_stats(feature_shape: int | Sequence[int],
         f'init_batch_stats: dtype must be floating, got {jnp.dtype(dtype)}; '
         'pass dtype=jnp.float32')
   return BatchStats(jnp.zeros(shape, dtype), jnp.ones(shape, dtype))
+
+
+class CumulativeStats(NamedTuple):
+  r"""Running statistics as a cumulative (equal-weight) average of batches.
+
+  PyTorch's ``momentum=None``. After ``count`` updates, ``mean`` and ``var``
+  are the plain averages of the batch means and biased batch variances:
+
+  .. math:: s_t = (1 - 1/t)\, s_{t-1} + (1/t)\, b_t
+
+  so the first update stores the batch statistics exactly. ``count`` is
+  per channel (a channel with no unmasked values is not counted).
+  """
+
+  mean: Array
+  var: Array
+  count: Array
+
+
+class DebiasedStats(NamedTuple):
+  r"""Zero-debiased EMA of the batch statistics (haiku's ExponentialMovingAverage).
+
+  ``mean`` and ``var`` are EMAs that start at 0 (both of them) and
+  ``weight`` is the same EMA applied to the constant 1, i.e.
+  :math:`1 - m^t` after t updates with a fixed momentum m. The statistics
+  used for inference are ``mean / weight`` and ``var / weight``
+  (:func:`bnjax.population_stats`): the first update gives the batch
+  statistics exactly, instead of Flax's 99% pull towards the initial 0 and 1.
+  Because both hidden EMAs start at 0, the debiasing is exact for the
+  variance too (equinox starts it at 1 and debiases as if it started at 0,
+  which inflates the variance by about ``1/(1 - m)`` after one step).
+  Before any update (weight 0) inference uses mean 0 and var 1.
+  """
+
+  mean: Array
+  var: Array
+  weight: Array
+
+
+class RenormStats(NamedTuple):
+  r"""Running statistics of batch renormalization (Ioffe 2017).
+
+  The paper tracks the standard deviation, not the variance:
+  ``std`` is the running :math:`\sigma = \sqrt{\sigma_B^2 + \epsilon}`
+  (epsilon included), and inference computes ``(x - mean) / std``.
+  """
+
+  mean: Array
+  std: Array
+
+
+def init_cumulative_stats(feature_shape: int | Sequence[int],
+                          dtype: DType = jnp.float32) -> CumulativeStats:
+  """Fresh :class:`CumulativeStats`: mean 0, var 1, count 0."""
+  s = init_batch_stats(feature_shape, dtype)
+  return CumulativeStats(s.mean, s.var, jnp.zeros(s.mean.shape, jnp.int32))
+
+
+def init_debiased_stats(feature_shape: int | Sequence[int],
+                        dtype: DType = jnp.float32) -> DebiasedStats:
+  """Fresh :class:`DebiasedStats`: hidden mean, var and weight all 0."""
+  s = init_batch_stats(feature_shape, dtype)
+  z = jnp.zeros_like(s.mean)
+  return DebiasedStats(z, z, z)
+
+
+def init_renorm_stats(feature_shape: int | Sequence[int],
+                      dtype: DType = jnp.float32) -> RenormStats:
+  """Fresh :class:`RenormStats`: mean 0, std 1."""
+  s = init_batch_stats(feature_shape, dtype)
+  return RenormStats(s.mean, s.var)

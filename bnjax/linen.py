@@ -16,9 +16,12 @@ from flax.linen import dtypes, initializers
 
 from bnjax import _checks
 from bnjax._core import batch_norm
-from bnjax._types import BatchStats
+from bnjax._renorm import batch_renorm
+from bnjax._types import BatchStats, RenormStats
 
 _NAME = 'bnjax.linen.BatchNorm'
+# Collection in which BatchNorm records its batch statistics for precise BN.
+MOMENTS = 'batch_moments'
 
 
 def _out_dtype(dtype, *arrays):
@@ -71,6 +74,7 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  virtual_batch_size: int | None = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,
@@ -86,23 +90,98 @@ class BatchNorm(nn.Module):
                             lambda s: jnp.zeros(s, sdt), shape)
     ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, sdt),
                            shape)
-    scale = bias = None
-    if self.use_scale:
-      scale = self.param('scale', self.scale_init, shape, self.param_dtype)
-    if self.use_bias:
-      bias = self.param('bias', self.bias_init, shape, self.param_dtype)
+    scale, bias = _affine_params(self, shape)
     stats = BatchStats(ra_mean.value, ra_var.value)
     initializing = self.is_initializing()
     train = not use_running_average
     if initializing and train and lay.count < 2:
       train = False  # flax accepts a 1-example init batch; nothing is stored.
+    # Recording for precise BN (bnjax.precise): momentum 0 makes the new
+    # statistics exactly this batch's.
+    recording = (train and not initializing
+                 and self.is_mutable_collection(MOMENTS))
     y, new = batch_norm(
         x, stats, scale, bias, use_running_average=not train, axis=self.axis,
-        momentum=self.momentum, epsilon=self.epsilon,
+        momentum=0.0 if recording else self.momentum, epsilon=self.epsilon,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
         mask=mask, use_fast_variance=self.use_fast_variance,
-        dtype=_out_dtype(self.dtype, x, scale, bias))
-    if train and not initializing:
+        dtype=_out_dtype(self.dtype, x, scale, bias),
+        virtual_batch_size=self.virtual_batch_size)
+    if recording:
+      self.put_variable(MOMENTS, 'mean', new.mean)
+      self.put_variable(MOMENTS, 'var', new.var)
+    elif train and not initializing:
       ra_mean.value, ra_var.value = new.mean, new.var
+    return y
+
+
+def _affine_params(module, shape):
+  scale = bias = None
+  if module.use_scale:
+    scale = module.param('scale', module.scale_init, shape, module.param_dtype)
+  if module.use_bias:
+    bias = module.param('bias', module.bias_init, shape, module.param_dtype)
+  return scale, bias
+
+
+class BatchRenorm(nn.Module):
+  """Batch renormalization (Ioffe 2017) as a linen module.
+
+  Fields as :class:`BatchNorm`, plus ``r_max`` and ``d_max`` (which the call
+  may override with traced values, for the paper's warm-up schedule). The
+  running statistics are ``batch_stats/{mean, std}``; see
+  :func:`bnjax.batch_renorm`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bnjax.linen
+    >>> m = bnjax.linen.BatchRenorm(use_running_average=False)
+    >>> x = jnp.arange(8.0).reshape(4, 2)
+    >>> v = m.init(jax.random.key(0), x)
+    >>> y, upd = m.apply(v, x, r_max=1.0, d_max=0.0, mutable=['batch_stats'])
+    >>> sorted(upd['batch_stats'])
+    ['mean', 'std']
+  """
+
+  use_running_average: bool | None = None
+  axis: Any = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  r_max: Any = 3.0
+  d_max: Any = 5.0
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None, r_max=None, d_max=None):
+    use_running_average = nn.merge_param(
+        'use_running_average', self.use_running_average, use_running_average)
+    name = 'bnjax.linen.BatchRenorm'
+    x = _checks.check_floating(name, x)
+    shape = _checks.layout(name, x, self.axis).feature_shape
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, shape,
+                            jnp.float32)
+    ra_std = self.variable('batch_stats', 'std', jnp.ones, shape, jnp.float32)
+    scale, bias = _affine_params(self, shape)
+    initializing = self.is_initializing()
+    train = not use_running_average and not initializing
+    y, new = batch_renorm(
+        x, RenormStats(ra_mean.value, ra_std.value), scale, bias,
+        use_running_average=not train,
+        r_max=self.r_max if r_max is None else r_max,
+        d_max=self.d_max if d_max is None else d_max, axis=self.axis,
+        momentum=self.momentum, epsilon=self.epsilon,
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        mask=mask, use_fast_variance=self.use_fast_variance,
+        dtype=_out_dtype(self.dtype, x, scale, bias))
+    if train:
+      ra_mean.value, ra_std.value = new.mean, new.std
     return y

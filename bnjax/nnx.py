@@ -17,7 +17,8 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
 from bnjax._core import batch_norm
-from bnjax._types import BatchStats
+from bnjax._renorm import batch_renorm
+from bnjax._types import BatchStats, RenormStats
 
 
 class BatchNorm(nnx.Module):
@@ -52,18 +53,14 @@ class BatchNorm(nnx.Module):
                use_fast_variance: bool = True,
                promote_dtype: Any = dtypes.promote_dtype, rngs: nnx.Rngs,
                bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-               scale_metadata: Mapping[str, Any] = MappingProxyType({})):
+               scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+               virtual_batch_size: int | None = None):
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    self.scale = nnx.data(None)
-    self.bias = nnx.data(None)
-    if use_scale:
-      self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype),
-                             **scale_metadata)
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype),
-                            **bias_metadata)
+    _affine_params(self, shape, use_scale, use_bias, scale_init, bias_init,
+                   param_dtype, rngs, scale_metadata, bias_metadata)
+    self.virtual_batch_size = virtual_batch_size
     self.num_features = num_features
     self.use_running_average = use_running_average
     self.axis = axis
@@ -96,7 +93,8 @@ class BatchNorm(nnx.Module):
         x, stats, scale, bias, use_running_average=bool(use_running_average),
         axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        mask=mask, use_fast_variance=self.use_fast_variance, dtype=x.dtype)
+        mask=mask, use_fast_variance=self.use_fast_variance, dtype=x.dtype,
+        virtual_batch_size=self.virtual_batch_size)
     if not use_running_average:
       self.mean[...] = new.mean
       self.var[...] = new.var
@@ -104,5 +102,82 @@ class BatchNorm(nnx.Module):
 
   def set_view(self, use_running_average: bool | None = None):
     """Used by ``nnx.view``, as flax's."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+def _affine_params(module, shape, use_scale, use_bias, scale_init, bias_init,
+                   param_dtype, rngs, scale_metadata, bias_metadata):
+  module.scale = nnx.data(None)
+  module.bias = nnx.data(None)
+  if use_scale:
+    module.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype),
+                             **scale_metadata)
+  if use_bias:
+    module.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype),
+                            **bias_metadata)
+
+
+class BatchRenorm(nnx.Module):
+  """Batch renormalization (Ioffe 2017) as an nnx module.
+
+  Arguments as :class:`BatchNorm`, plus ``r_max`` and ``d_max`` (the call may
+  override them with traced values for a schedule). Statistics are
+  ``nnx.BatchStat`` ``mean`` and ``std``; see :func:`bnjax.batch_renorm`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import bnjax.nnx
+    >>> m = bnjax.nnx.BatchRenorm(2, rngs=nnx.Rngs(0))
+    >>> y = m(jnp.arange(8.0).reshape(4, 2), r_max=1.0, d_max=0.0)
+    >>> m.std[...].round(3)
+    Array([1.012, 1.012], dtype=float32)
+  """
+
+  def __init__(self, num_features: int, *,
+               use_running_average: bool | None = False, axis: Any = -1,
+               momentum: float = 0.99, epsilon: float = 1e-5,
+               r_max: Any = 3.0, d_max: Any = 5.0, dtype: Any = None,
+               param_dtype: Any = jnp.float32, use_bias: bool = True,
+               use_scale: bool = True,
+               bias_init: Any = initializers.zeros_init(),
+               scale_init: Any = initializers.ones_init(),
+               axis_name: Any = None, axis_index_groups: Any = None,
+               use_fast_variance: bool = True, rngs: nnx.Rngs):
+    shape = (num_features,)
+    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+    self.std = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+    _affine_params(self, shape, use_scale, use_bias, scale_init, bias_init,
+                   param_dtype, rngs, {}, {})
+    self.use_running_average = use_running_average
+    self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
+    self.r_max, self.d_max = r_max, d_max
+    self.dtype, self.param_dtype = dtype, param_dtype
+    self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
+    self.use_fast_variance = use_fast_variance
+
+  def __call__(self, x, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None, r_max=None, d_max=None):
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    x, scale, bias = dtypes.promote_dtype((x, scale, bias), dtype=self.dtype)
+    y, new = batch_renorm(
+        x, RenormStats(self.mean[...], self.std[...]), scale, bias,
+        use_running_average=bool(use_running_average),
+        r_max=self.r_max if r_max is None else r_max,
+        d_max=self.d_max if d_max is None else d_max, axis=self.axis,
+        momentum=self.momentum, epsilon=self.epsilon,
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        mask=mask, use_fast_variance=self.use_fast_variance, dtype=x.dtype)
+    if not use_running_average:
+      self.mean[...] = new.mean
+      self.std[...] = new.std
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by ``nnx.view``, as BatchNorm's."""
     if use_running_average is not None:
       self.use_running_average = use_running_average

@@ -54,3 +54,54 @@ def batch_norm(x, mean, var, scale=None, bias=None, *, use_running_average,
   new_v = momentum * old_v + (1 - momentum) * bv
   valid = n > 0
   return y, np.where(valid, new_m, old_m), np.where(valid, new_v, old_v)
+
+
+def batch_renorm(x, mean, std, scale=None, bias=None, *, use_running_average,
+                 r_max, d_max, axis=-1, momentum=0.99, epsilon=1e-5):
+  """Ioffe 2017, Algorithm 1, in float64: (y, new_mean, new_std)."""
+  x = np.asarray(x, np.float64)
+  _, red = canonical_axes(x.ndim, axis)
+  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+  if use_running_average:
+    y = (x - expand(mean, red)) / expand(std, red)
+  else:
+    bm, bv, _ = moments(x, axis)
+    sb = np.sqrt(bv + epsilon)
+    r = np.clip(sb / std, 1 / r_max, r_max)
+    d = np.clip((bm - mean) / std, -d_max, d_max)
+    y = (x - expand(bm, red)) / expand(sb, red) * expand(r, red) + expand(d, red)
+    mean = momentum * mean + (1 - momentum) * bm
+    std = momentum * std + (1 - momentum) * sb
+  if scale is not None:
+    y = y * expand(scale, red)
+  if bias is not None:
+    y = y + expand(bias, red)
+  return y, mean, std
+
+
+def ghost_batch_norm(x, mean, var, scale=None, bias=None, *, virtual_batch_size,
+                     axis=-1, momentum=0.99, epsilon=1e-5):
+  """Chunks of axis 0 normalized separately; running stats get their mean."""
+  x = np.asarray(x, np.float64)
+  chunks = np.split(x, x.shape[0] // virtual_batch_size)
+  ys, ms, vs = [], [], []
+  for c in chunks:
+    bm, bv, _ = moments(c, axis)
+    ys.append(normalize(c, bm, bv, scale, bias, axis, epsilon))
+    ms.append(bm)
+    vs.append(bv)
+  new_m = momentum * np.asarray(mean, np.float64) + (1 - momentum) * np.mean(ms, 0)
+  new_v = momentum * np.asarray(var, np.float64) + (1 - momentum) * np.mean(vs, 0)
+  return np.concatenate(ys), new_m, new_v
+
+
+def cumulative_update(mean, var, count, bm, bv):
+  """PyTorch's momentum=None: the plain average of all batch statistics."""
+  t = count + 1
+  return mean + (bm - mean) / t, var + (bv - var) / t, t
+
+
+def debiased_update(hm, hv, w, bm, bv, momentum):
+  """Haiku's EMA from zero, and its weight 1 - momentum**t."""
+  k = momentum
+  return k * hm + (1 - k) * bm, k * hv + (1 - k) * bv, k * w + (1 - k)

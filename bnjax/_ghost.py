@@ -1,0 +1,62 @@
+"""Ghost (virtual) batch normalization (Hoffer, Hubara & Soudry 2017).
+
+The batch axis (axis 0) is cut into chunks of ``virtual_batch_size`` rows and
+each chunk is normalized with its own statistics. It is the core on a
+reshaped x: ``(B, ...)`` becomes ``(B // v, v, ...)`` and the chunk axis joins
+the feature axes, so each chunk is a "channel" of the reduction; ``scale`` and
+``bias`` broadcast over chunks and receive the sum of their gradients.
+
+The running statistics are updated once per call with the mean over chunks of
+the chunk means and biased chunk variances (chunks with no unmasked values are
+left out). With ``axis_name``, chunks are per shard: normalization stays
+local to each chunk, and only that running-statistics average is taken over
+all chunks of all shards (one psum), so every shard stores the same
+statistics and sync over k shards equals one call on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from bnjax import _checks, _sync
+
+_NOT_DIVISIBLE = (
+    '{fn}: x has batch size {b} on axis 0, which virtual_batch_size={v} does '
+    'not divide; pass a virtual_batch_size that divides {b} (for example '
+    '{hint}), or pad the batch and mask the padding')
+
+
+def train(core_train, fn, x, scale, bias, epsilon, mask, cfg, v):
+  """Ghost-batch training: (y, chunk-mean batch mean, var, count)."""
+  lay = cfg.lay
+  if 0 in lay.feature_axes:
+    raise ValueError(
+        f'{fn}: virtual_batch_size chunks axis 0, but axis 0 is a feature '
+        f'axis (axis={lay.feature_axes}); put the batch first')
+  if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    raise ValueError(f'{fn}: virtual_batch_size must be a positive int, got '
+                     f'{v!r}')
+  b = x.shape[0]
+  if b % v:
+    divisors = [d for d in range(1, b + 1) if b % d == 0 and d > 1]
+    hint = ' or '.join(map(str, divisors[-3:-1] or divisors)) or '1'
+    raise ValueError(_NOT_DIVISIBLE.format(fn=fn, b=b, v=v, hint=hint))
+  k = b // v
+  xr = x.reshape((k, v) + x.shape[1:])
+  glay = _checks.layout(fn, xr, (0,) + tuple(a + 1 for a in lay.feature_axes))
+  per_chunk = lambda p: None if p is None else jnp.broadcast_to(
+      p, (k,) + lay.feature_shape)
+  mr = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(
+      xr.shape)
+  gcfg = dataclasses.replace(cfg, lay=glay, axis_name=None, groups=None)
+  y, mean_k, var_k, count_k = core_train(fn, xr, per_chunk(scale),
+                                         per_chunk(bias), epsilon, mr, gcfg)
+  w = jnp.broadcast_to((count_k > 0).astype(mean_k.dtype), mean_k.shape)
+  sums = [jnp.sum(w * mean_k, 0), jnp.sum(w * var_k, 0), jnp.sum(w, 0)]
+  if cfg.axis_name is not None:
+    sums = list(_sync.psum_stacked(sums, cfg.axis_name, cfg.groups))
+  n = jnp.maximum(sums[2], 1.0)
+  count = jnp.sum(jnp.broadcast_to(count_k, mean_k.shape), 0)
+  return y.reshape(x.shape), sums[0] / n, sums[1] / n, count

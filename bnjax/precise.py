@@ -1,0 +1,157 @@
+r"""Precise BN: recompute population statistics (Wu & Johnson 2021).
+
+EMA running statistics lag behind the weights and mix statistics of many
+past models. Precise BN runs the *fixed* model in training mode over N
+batches and replaces every bnjax BatchNorm layer's statistics with the
+population moments of that layer's input over all N batches (fvcore's
+``update_bn_stats``).
+
+Estimator: each batch b gives the layer's batch mean :math:`\mu_b` and biased
+variance :math:`\sigma_b^2` (over equal-sized batches). The population mean is
+the mean of the :math:`\mu_b`; the population variance is, by the law of total
+variance,
+
+.. math:: \sigma^2 = \tfrac1N \sum_b \sigma_b^2 + \tfrac1N \sum_b (\mu_b - \mu)^2,
+
+accumulated with Chan's exact merge, so it equals the biased variance of all
+N batches' inputs pooled together. (fvcore instead averages the batch
+variances, which leaves out the second term, the spread of the batch means:
+it underestimates the population variance, most at small batches.)
+Each layer sees the input produced by the layers before it with *their
+training-mode* (batch-statistics) normalization, exactly as during training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx as _nnx
+
+from bnjax import _stats
+from bnjax import linen as _linen
+from bnjax import nnx as _bnnx
+
+
+def _check_batches(fn, batches):
+  leaves = jax.tree.leaves(batches)
+  if not leaves or any(jnp.ndim(l) < 1 for l in leaves):
+    raise ValueError(f'{fn}: batches must be stacked along a leading axis of '
+                     'N batches, e.g. x.reshape(N, batch, ...)')
+
+
+def _accumulate(step_moments, batches):
+  """Scans step_moments over batches; returns {leaf: exact pooled stats}."""
+  def step(acc, batch):
+    moments = step_moments(batch)
+    new = jax.tree.map(
+        lambda a, m: _merge_one(a, m), acc, moments,
+        is_leaf=lambda t: isinstance(t, _stats.Partial))
+    return new, None
+  first = jax.tree.map(lambda l: l[0], batches)
+  init = jax.tree.map(lambda m: _stats.Partial(jnp.zeros((), m[0].dtype),
+                                               jnp.zeros_like(m[0]),
+                                               jnp.zeros_like(m[1])),
+                      jax.eval_shape(step_moments, first),
+                      is_leaf=lambda t: isinstance(t, tuple))
+  acc, _ = jax.lax.scan(step, init, batches)
+  return jax.tree.map(lambda p: _stats.finalize(p), acc,
+                      is_leaf=lambda t: isinstance(t, _stats.Partial))
+
+
+def _merge_one(acc: _stats.Partial, mv):
+  """Chan's merge of the running pool with one batch (weight 1, m2 = var)."""
+  mean, var = mv
+  n = acc.count + 1
+  delta = mean - acc.mean
+  return _stats.Partial(n, acc.mean + delta / n,
+                        acc.m2 + var + delta * delta * (acc.count / n))
+
+
+def linen_batch_stats(model, variables: dict, batches: Any, *args,
+                      **kwargs) -> dict:
+  """Precise batch statistics for every bnjax.linen.BatchNorm of a model.
+
+  Args:
+    model: a linen module using :class:`bnjax.linen.BatchNorm`.
+    variables: its variables (``params``, ``batch_stats``, ...).
+    batches: the inputs, stacked along a leading axis of N equal-sized
+      batches (a pytree is fine: each leaf is ``(N, batch, ...)``).
+    *args, **kwargs: passed to ``model.apply`` after the batch; they must put
+      the BN layers in training mode (e.g. ``train=True``).
+
+  Returns:
+    A copy of ``variables`` whose ``batch_stats`` hold the pooled population
+    mean and biased variance of each BN layer's input. Layers that are not
+    bnjax BatchNorm keep their statistics.
+  """
+  _check_batches('linen_batch_stats', batches)
+
+  def moments(batch):
+    _, upd = model.apply(variables, batch, *args,
+                         mutable=['batch_stats', _linen.MOMENTS], **kwargs)
+    got = upd.get(_linen.MOMENTS, {})
+    if not got:
+      raise ValueError(
+          'linen_batch_stats: no bnjax.linen.BatchNorm ran in training mode; '
+          'pass the arguments that select training mode (e.g. train=True)')
+    return _pairs(got)
+
+  pooled = jax.jit(lambda b: _accumulate(moments, b))(batches)
+  stats = jax.tree.map(lambda x: x, dict(variables['batch_stats']))
+  for path, (mean, var) in pooled.items():
+    node = stats
+    for p in path[:-1]:
+      node[p] = dict(node[p])
+      node = node[p]
+    node[path[-1]] = dict(node[path[-1]], mean=mean, var=var)
+  return {**variables, 'batch_stats': stats}
+
+
+def _pairs(tree, path=()):
+  """{module path: (mean, var)} from a nested batch_moments collection."""
+  if 'mean' in tree and 'var' in tree and not isinstance(tree['mean'], dict):
+    return {path: (tree['mean'], tree['var'])}
+  out = {}
+  for k, v in tree.items():
+    out.update(_pairs(v, path + (k,)))
+  return out
+
+
+def update_nnx_batch_stats(model: _nnx.Module, batches: Any, *args,
+                           **kwargs) -> None:
+  """Precise BN for an nnx model: sets every bnjax.nnx.BatchNorm's stats.
+
+  Runs ``model(batch, *args, **kwargs)`` in training mode (each layer's
+  ``use_running_average`` is set to False and its momentum to 0 for the
+  duration, and restored after) over N stacked batches under one
+  ``jax.jit`` and ``lax.scan``, then writes the pooled population mean and
+  biased variance into each layer. See the module docstring.
+  """
+  _check_batches('update_nnx_batch_stats', batches)
+  layers = [m for _, m in _nnx.iter_modules(model)
+            if isinstance(m, _bnnx.BatchNorm)]
+  if not layers:
+    raise ValueError('update_nnx_batch_stats: the model has no '
+                     'bnjax.nnx.BatchNorm layer')
+  saved = [(m.momentum, m.use_running_average) for m in layers]
+  for m in layers:
+    m.momentum, m.use_running_average = 0.0, False
+  try:
+    graphdef, state = _nnx.split(model)
+
+    def moments(batch):
+      # Fresh Variables at this trace level (nnx forbids mutating
+      # Variables created outside the current trace).
+      m = _nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+      m(batch, *args, **kwargs)
+      bns = [l for _, l in _nnx.iter_modules(m) if isinstance(l, _bnnx.BatchNorm)]
+      return {i: (l.mean[...], l.var[...]) for i, l in enumerate(bns)}
+
+    pooled = jax.jit(lambda b: _accumulate(moments, b))(batches)
+  finally:
+    for m, (mom, ura) in zip(layers, saved):
+      m.momentum, m.use_running_average = mom, ura
+  for i, m in enumerate(layers):
+    m.mean[...], m.var[...] = pooled[i]

@@ -1,0 +1,216 @@
+"""bnjax.interop: PyTorch <-> Flax BatchNorm state, files, and orbax."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnjax
+import bnjax.linen
+from bnjax import interop
+from tests._helpers import randn
+
+
+def _torch_like_state(prefix, c, seed):
+  r = np.random.default_rng(seed)
+  return {f'{prefix}.weight': r.normal(size=c).astype(np.float32),
+          f'{prefix}.bias': r.normal(size=c).astype(np.float32),
+          f'{prefix}.running_mean': r.normal(size=c).astype(np.float32),
+          f'{prefix}.running_var': r.uniform(0.5, 2, c).astype(np.float32),
+          f'{prefix}.num_batches_tracked': np.array(3, np.int64)}
+
+
+def _model_state():
+  sd = {'conv.weight': np.zeros((4, 3, 3, 3), np.float32)}
+  sd.update(_torch_like_state('bn1', 4, 0))
+  sd.update(_torch_like_state('layer1.0.bn', 5, 1))
+  return sd
+
+
+LAYERS = {'bn1': 'BatchNorm_0', 'layer1.0.bn': ('block', 'BatchNorm_0')}
+
+
+def test_round_trip_is_bitwise():
+  sd = _model_state()
+  v = interop.from_torch(sd, LAYERS)
+  assert set(v['batch_stats']) == {'BatchNorm_0', 'block'}
+  back = interop.to_torch(v, LAYERS, num_batches_tracked=3)
+  for k, val in back.items():
+    np.testing.assert_array_equal(val, sd[k])
+    assert val.dtype == sd[k].dtype
+
+
+def test_default_layers_come_from_prefixes():
+  sd = _model_state()
+  assert interop.bn_prefixes(sd) == ['bn1', 'layer1.0.bn']
+  v = interop.from_torch(sd)
+  np.testing.assert_array_equal(v['batch_stats']['layer1']['0']['bn']['mean'],
+                                sd['layer1.0.bn.running_mean'])
+
+
+def test_affine_free_layer_has_no_params():
+  sd = _torch_like_state('bn', 3, 0)
+  del sd['bn.weight'], sd['bn.bias']
+  v = interop.from_torch(sd, {'bn': 'bn'})
+  assert v['params'] == {} and set(v['batch_stats']['bn']) == {'mean', 'var'}
+
+
+@pytest.mark.parametrize('suffix', ['.npz', '.safetensors'])
+def test_files(tmp_path, suffix):
+  sd = _model_state()
+  path = tmp_path / f'model{suffix}'
+  if suffix == '.npz':
+    np.savez(path, **sd)
+  else:
+    from safetensors.numpy import save_file
+    save_file(sd, str(path))
+  v = interop.from_torch(path, LAYERS)
+  np.testing.assert_array_equal(v['params']['block']['BatchNorm_0']['scale'],
+                                sd['layer1.0.bn.weight'])
+
+
+def test_errors():
+  with pytest.raises(ValueError, match='cumulative average'):
+    interop.momentum_from_torch(None)
+  with pytest.raises(ValueError, match=r'in \[0, 1\], got 1.5'):
+    interop.momentum_from_torch(1.5)
+  with pytest.raises(KeyError, match=r"prefixes found: \['bn1', 'layer1.0.bn'\]"):
+    interop.from_torch(_model_state(), {'bn2': 'x'})
+  with pytest.raises(ValueError, match='found no BatchNorm layer'):
+    interop.from_torch({'conv.weight': np.zeros(3)})
+  with pytest.raises(ValueError, match="unknown file type '.txt'"):
+    interop.load_state_dict('weights.txt')
+
+
+def test_momentum_convention():
+  assert interop.momentum_from_torch(0.1) == 0.9
+  assert interop.momentum_to_torch(0.99) == 0.01
+
+
+def test_orbax_round_trip_is_bitwise(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  import optax
+  model = nn.Sequential([nn.Dense(8), bnjax.linen.BatchNorm(
+      use_running_average=False), nn.relu, nn.Dense(2)])
+  x = jnp.asarray(randn((16, 5), seed=0))
+  v = model.init(jax.random.key(0), x)
+  _, upd = model.apply(v, x, mutable=['batch_stats'])
+  opt = optax.adam(1e-3)
+  state = {'params': v['params'], 'batch_stats': upd['batch_stats'],
+           'opt_state': opt.init(v['params']), 'step': jnp.asarray(5)}
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / 'ckpt', state)
+  ckpt.wait_until_finished()
+  restored = ckpt.restore(tmp_path / 'ckpt', jax.tree.map(
+      ocp.utils.to_shape_dtype_struct, state))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- against PyTorch itself (optional extra: pip install -e ".[torch]") ----
+
+def _torch():
+  return pytest.importorskip('torch')
+
+
+def _bn_vars(torch_bn):
+  return interop.from_torch(torch_bn.state_dict(), {'': 'bn'})
+
+
+def test_torch_bn_eval_and_train():
+  torch = _torch()
+  torch.manual_seed(0)
+  tbn = torch.nn.BatchNorm2d(6, momentum=0.1)
+  with torch.no_grad():
+    tbn.weight.normal_(), tbn.bias.normal_()
+    tbn.running_mean.normal_(), tbn.running_var.uniform_(0.5, 2)
+  v = _bn_vars(tbn)
+  v = {'params': v['params']['bn'], 'batch_stats': v['batch_stats']['bn']}
+  x_nchw = torch.randn(8, 6, 5, 5) * 3 + 2
+  x = interop.nchw_to_nhwc(x_nchw)
+  m = interop.momentum_from_torch(tbn.momentum)
+  bn = bnjax.linen.BatchNorm(momentum=m, epsilon=tbn.eps)
+
+  tbn.eval()
+  y_t = tbn(x_nchw).detach().numpy()
+  y = bn.apply(v, x, use_running_average=True)
+  np.testing.assert_allclose(interop.nhwc_to_nchw(y), y_t, atol=1e-5, rtol=1e-5)
+
+  tbn.train()
+  old_var = v['batch_stats']['var']
+  before = np.array(v['batch_stats']['mean'])
+  y_t = tbn(x_nchw).detach().numpy()
+  y, upd = bn.apply(v, x, use_running_average=False, mutable=['batch_stats'])
+  np.testing.assert_allclose(interop.nhwc_to_nchw(y), y_t, atol=1e-5, rtol=1e-5)
+  # Regression: converted arrays once aliased the tensors' memory, so torch's
+  # in-place update changed them.
+  np.testing.assert_array_equal(v['batch_stats']['mean'], before)
+  new = upd['batch_stats']
+  np.testing.assert_allclose(new['mean'], tbn.running_mean.numpy(),
+                             atol=1e-5, rtol=1e-5)
+  # torch averages the unbiased batch variance: its batch term is n/(n-1)
+  # times ours (documented in bnjax.interop).
+  n = 8 * 5 * 5
+  torch_rule = m * old_var + (new['var'] - m * old_var) * n / (n - 1)
+  np.testing.assert_allclose(torch_rule, tbn.running_var.numpy(), atol=1e-5,
+                             rtol=1e-5)
+  assert int(tbn.num_batches_tracked) == 1
+
+
+class _FlaxNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(8, (3, 3), padding=1, use_bias=False, name='conv1')(x)
+    x = bnjax.linen.BatchNorm(use_running_average=not train, momentum=0.9,
+                              name='bn1')(x)
+    x = nn.relu(x)
+    x = nn.Conv(8, (3, 3), padding=1, use_bias=False, name='conv2')(x)
+    x = bnjax.linen.BatchNorm(use_running_average=not train, momentum=0.9,
+                              name='bn2')(x)
+    x = nn.relu(x).mean((1, 2))
+    return nn.Dense(3, name='fc')(x)
+
+
+def _torch_net(torch):
+  return torch.nn.Sequential(
+      torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+      torch.nn.ReLU(),
+      torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+      torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+      torch.nn.Linear(8, 3))
+
+
+def test_torch_conv_net_with_bn(tmp_path):
+  torch = _torch()
+  torch.manual_seed(0)
+  net = _torch_net(torch)
+  x_nchw = torch.randn(4, 3, 6, 6)
+  net.train()
+  net(x_nchw)  # move the running stats off their initial values
+  path = tmp_path / 'net.pt'
+  torch.save(net.state_dict(), path)
+
+  sd = interop.load_state_dict(path)  # weights_only=True
+  v = interop.from_torch(sd, {'1': 'bn1', '4': 'bn2'})
+  v['params'].update(
+      conv1={'kernel': interop.conv_kernel_from_torch(sd['0.weight'])},
+      conv2={'kernel': interop.conv_kernel_from_torch(sd['3.weight'])},
+      fc={'kernel': interop.dense_kernel_from_torch(sd['8.weight']),
+          'bias': jnp.asarray(sd['8.bias'])})
+  x = interop.nchw_to_nhwc(x_nchw)
+  net.eval()
+  np.testing.assert_allclose(_FlaxNet().apply(v, x, False),
+                             net(x_nchw).detach().numpy(), atol=1e-5,
+                             rtol=1e-5)
+  net.train()
+  y_t = net(x_nchw).detach().numpy()
+  y, upd = _FlaxNet().apply(v, x, True, mutable=['batch_stats'])
+  np.testing.assert_allclose(y, y_t, atol=1e-5, rtol=1e-5)
+  back = interop.to_torch({'params': v['params'], 'batch_stats':
+                           upd['batch_stats']}, {'1': 'bn1', '4': 'bn2'})
+  for k in ('1.running_mean', '4.running_mean'):
+    np.testing.assert_allclose(back[k], net.state_dict()[k].numpy(),
+                               atol=1e-5, rtol=1e-5)
