@@ -157,9 +157,16 @@ def test_small_cnn_checkpoints_swap_both_ways_and_train_the_same():
 def test_nnx_has_flax_constructor():
   ours = inspect.signature(bnjax.nnx.BatchNorm.__init__).parameters
   theirs = inspect.signature(nnx.BatchNorm.__init__).parameters
-  assert list(ours) == list(theirs)
+  # flax's parameters, in flax's order; bnjax's extensions come after them,
+  # keyword-only with defaults, so every flax call works unchanged.
+  assert list(ours)[:len(theirs)] == list(theirs)
   for name in theirs:
     assert ours[name].kind == theirs[name].kind, name
+  extra = list(ours)[len(theirs):]
+  assert extra == ['virtual_batch_size']
+  for name in extra:
+    assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY
+    assert ours[name].default is None
 
 
 @pytest.mark.parametrize('dtype, pdtype, bias_scale, mask',
