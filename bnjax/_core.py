@@ -207,7 +207,7 @@ def moments(x: Array, *, axis=-1, mask: Array | None = None, axis_name=None,
   Reduces over every axis except ``axis``. With ``mask``, only masked-in
   entries count; a channel with none gets mean 0 and var 0. With
   ``axis_name``, the statistics are those of the global batch over that
-  mapped axis (one all_gather); an unbound name raises JAX's ``NameError``.
+  mapped axis (one collective); an unbound name raises JAX's ``NameError``.
   Results are at least float32.
 
   Example:

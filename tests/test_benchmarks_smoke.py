@@ -8,3 +8,15 @@ def test_layer_benchmark_smoke():
   assert {r['mode'] for r in rows} == {'fwd', 'grad', 'step'}
   step = [r for r in rows if r['mode'] == 'step'][0]
   assert step['bnjax_residuals'] == 1 < step['flax_residuals']
+
+
+def test_sync_benchmark_smoke():
+  from benchmarks import sync
+  rows = sync.main(['--smoke'])
+  assert rows and all(r['step_sync_ms'] > 0 for r in rows)
+
+
+def test_sync_model_matches_the_hlo():
+  from benchmarks import sync_model
+  out = sync_model.main(['--smoke'])
+  assert out['hlo_check']['agrees'], out['hlo_check']

@@ -1,0 +1,146 @@
+"""Sync cost model: bytes and latency per BN layer from 8 to 1024 devices.
+
+Question: where do the ways of combining exact per-shard partials stop
+scaling? Each shard has an exact (count, mean, M2) partial, K = 2C + 1
+floats. bnjax ships two ways to combine them:
+
+- under shard_map, an all-gather of the K floats per shard (JAX's
+  ``all_gather_invariant``, whose output is replicated), merged with Chan's
+  formula: PyTorch SyncBatchNorm's design;
+- with ``axis_index_groups``, under pmap and vmap: a psum of a (D, K) buffer
+  in which each shard fills its own row ("psum-gather").
+
+The alternative is a psum of K shifted sums around a shift every shard
+agrees on (constant in D, but exact from step 0 only if the shift is agreed
+first). An alpha-beta model: a collective costs ``steps * alpha +
+bytes_per_device * beta``, with
+
+- ring all-reduce of n bytes: ``2 (D-1)`` steps, ``2 (D-1)/D n`` bytes;
+- tree (recursive halving/doubling) all-reduce: ``2 log2 D`` steps, same bytes;
+- ring all-gather to n output bytes: ``D-1`` steps, ``(D-1)/D n`` bytes;
+- tree all-gather: ``log2 D`` steps, same bytes.
+
+The all-gather's per-shard input (4K bytes) is checked against the lowered
+HLO at 8 devices. Run: ``python benchmarks/sync_model.py`` (seconds) or
+``--smoke``. Writes ``results/sync_model.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import re
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import _timing  # noqa: E402
+
+# Two interconnects, (alpha seconds per step, beta seconds per byte).
+LINKS = {'nvlink-like': (5e-6, 1 / 150e9), 'ethernet-like': (20e-6, 1 / 12.5e9)}
+DEVICES = [8, 16, 32, 64, 128, 256, 512, 1024]
+CHANNELS = [64, 512, 2048]
+
+
+def cost(kind: str, algo: str, d: int, n_bytes: float, link) -> float:
+  """Seconds for one collective under the alpha-beta model."""
+  alpha, beta = link
+  if kind == 'all_reduce':
+    steps = 2 * (d - 1) if algo == 'ring' else 2 * math.log2(d)
+    return steps * alpha + 2 * (d - 1) / d * n_bytes * beta
+  steps = d - 1 if algo == 'ring' else math.log2(d)
+  return steps * alpha + (d - 1) / d * n_bytes * beta
+
+
+def designs(d: int, c: int):
+  k = 2 * c + 1
+  return {'psum_gather': ('all_reduce', 4 * d * k),
+          'all_gather': ('all_gather', 4 * d * k),
+          'shifted_psum': ('all_reduce', 4 * k)}
+
+
+def hlo_check(d: int = 8, c: int = 64) -> dict:
+  """Bytes of each collective in the lowered sync forward at d devices."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh, PartitionSpec as P
+
+  import bnjax
+  mesh = Mesh(np.array(jax.devices()[:d]), ('d',))
+  f = jax.shard_map(lambda x: bnjax.batch_norm(
+      x, bnjax.init_batch_stats(c), use_running_average=False,
+      axis_name='d')[0], mesh=mesh, in_specs=P('d'), out_specs=P('d'))
+  text = jax.jit(f).lower(jax.ShapeDtypeStruct((4 * d, c), 'float32')).as_text()
+  ops = re.findall(r'"stablehlo\.(all_reduce|all_gather)"\(%\S+\).*?'
+                   r'\(tensor<([0-9x]+)xf32>\)', text, re.S)
+  sizes = [(op, 4 * math.prod(int(s) for s in shape.split('x')))
+           for op, shape in ops]
+  per_shard = 4 * (2 * c + 1)
+  return dict(devices=d, channels=c, hlo=sizes, model_input_bytes=per_shard,
+              model_output_bytes=designs(d, c)['all_gather'][1],
+              agrees=sizes == [('all_gather', per_shard)])
+
+
+def table(rows, link):
+  lines = [f'| C | D | psum-gather (ring / tree) µs | all-gather (ring / tree) µs '
+           f'| shifted psum (ring / tree) µs |', '|---|---|---|---|---|']
+  for r in rows:
+    if r['link'] != link or r['devices'] not in (8, 64, 256, 1024):
+      continue
+    cells = [f"{r[f'{k}_ring_us']:.0f} / {r[f'{k}_tree_us']:.0f}"
+             for k in ('psum_gather', 'all_gather', 'shifted_psum')]
+    lines.append(f"| {r['channels']} | {r['devices']} | " + ' | '.join(cells)
+                 + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--smoke', action='store_true')
+  args = p.parse_args(argv)
+  import jax
+  try:
+    jax.config.update('jax_num_cpu_devices', 8)
+  except RuntimeError:
+    pass
+  check = hlo_check()
+  assert check['agrees'], check
+  rows = []
+  for link_name, link in LINKS.items():
+    for c in CHANNELS:
+      for d in DEVICES:
+        row = dict(link=link_name, channels=c, devices=d)
+        for name, (kind, n) in designs(d, c).items():
+          row[f'{name}_bytes'] = n
+          for algo in ('ring', 'tree'):
+            row[f'{name}_{algo}_us'] = cost(kind, algo, d, n, link) * 1e6
+        rows.append(row)
+  # Switch point: the smallest D where the psum-gather (best algorithm)
+  # costs more than twice the shifted psum (best algorithm); same for the
+  # all-gather.
+  switch = {}
+  for link_name in LINKS:
+    for c in CHANNELS:
+      best = lambda r, k: min(r[f'{k}_ring_us'], r[f'{k}_tree_us'])
+      for k in ('psum_gather', 'all_gather'):
+        over = [r['devices'] for r in rows if r['link'] == link_name and
+                r['channels'] == c and best(r, k) >
+                2 * best(r, 'shifted_psum')]
+        switch[f'{k}/{link_name}/C={c}'] = min(over) if over else None
+  out = dict(env=_timing.environment(), links={k: dict(alpha_s=a, beta_s_per_byte=b)
+                                               for k, (a, b) in LINKS.items()},
+             hlo_check=check, switch_devices=switch, rows=rows)
+  if not args.smoke:
+    path = pathlib.Path(__file__).parent / 'results' / 'sync_model.json'
+    path.write_text(json.dumps(out, indent=1))
+    for link_name in LINKS:
+      print(f'\n{link_name}\n' + table(rows, link_name))
+    print('\nswitch points (D where it costs > 2x the shifted psum):', switch)
+    print('HLO check at 8 devices:', check)
+  return out
+
+
+if __name__ == '__main__':
+  main()
