@@ -9,11 +9,13 @@ import sys
 
 import jax
 
-jax.config.update('jax_num_cpu_devices', 2)
-jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-
 
 def main(port: int, pid: int, out: str):
+  # Configured here, not at import: pytest's --doctest-modules imports every
+  # module under tests/, and an import-time update once cut the whole test
+  # process to 2 CPU devices (the pmap tests then failed "late in the suite").
+  jax.config.update('jax_num_cpu_devices', 2)
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
                              num_processes=2, process_id=pid,
                              initialization_timeout=60)
