@@ -1,0 +1,58 @@
+"""``python -m experiments list | run NAME|all [--quick] [--seeds N]``.
+
+Sets 8 host CPU devices before JAX starts (experiment 5 needs them; the
+others run on one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+
+import jax
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+EXPERIMENTS = {
+    'with_without': 'e1_with_without',
+    'lr_tolerance': 'e2_lr_tolerance',
+    'init': 'e3_init',
+    'batch_size': 'e4_batch_size',
+    'sync': 'e5_sync',
+    'running_stats': 'e6_running_stats',
+    'landscape': 'e7_landscape',
+    'non_iid': 'e8_non_iid',
+}
+
+
+def load(name):
+  return importlib.import_module(f'experiments.{EXPERIMENTS[name]}')
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog='python -m experiments')
+  sub = p.add_subparsers(dest='cmd', required=True)
+  sub.add_parser('list')
+  r = sub.add_parser('run')
+  r.add_argument('name', choices=list(EXPERIMENTS) + ['all'])
+  r.add_argument('--quick', action='store_true')
+  r.add_argument('--seeds', type=int, default=3)
+  a = p.parse_args(argv)
+  if a.cmd == 'list':
+    for name in EXPERIMENTS:
+      doc = (load(name).__doc__ or '').strip().splitlines()[0]
+      print(f'{name:15s} {doc}')
+    return
+  names = list(EXPERIMENTS) if a.name == 'all' else [a.name]
+  seeds = list(range(a.seeds))  # fixed in advance: 0, 1, 2, ...
+  for name in names:
+    t = time.time()
+    path, summary = load(name).run(a.quick, seeds)
+    print(f'== {name} ({time.time() - t:.0f} s) -> {path}')
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == '__main__':
+  main()

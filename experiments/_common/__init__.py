@@ -1,0 +1,1 @@
+"""Shared pieces of the experiments: data, models, the vmapped train loop, results."""

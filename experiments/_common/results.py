@@ -1,0 +1,58 @@
+"""Result JSON (config, seeds, every run, versions, commit) and figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+
+import numpy as np
+
+# BNJAX_RESULTS redirects the output (the CI smoke test writes to a tmp dir).
+RESULTS = pathlib.Path(os.environ.get(
+    'BNJAX_RESULTS', pathlib.Path(__file__).resolve().parents[1] / 'results'))
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
+                          capture_output=True, text=True,
+                          cwd=pathlib.Path(__file__).parent,
+                          timeout=10).stdout.strip() or 'unknown'
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
+def _plain(v):
+  if isinstance(v, dict):
+    return {str(k): _plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  if isinstance(v, (np.ndarray, np.generic)) or hasattr(v, '__array__'):
+    a = np.asarray(v)
+    return a.item() if a.ndim == 0 else a.tolist()
+  return v
+
+
+def save(name: str, quick: bool, config: dict, seeds, runs: dict,
+         summary: dict, fig=None) -> pathlib.Path:
+  """Writes results/<name>[_quick].json (and .png); returns the JSON path."""
+  import jax
+  RESULTS.mkdir(exist_ok=True)
+  stem = name + ('_quick' if quick else '')
+  out = dict(experiment=name, quick=quick, config=config, seeds=list(seeds),
+             summary=summary, runs=runs, jax=jax.__version__,
+             commit=_commit())
+  path = RESULTS / f'{stem}.json'
+  path.write_text(json.dumps(_plain(out), indent=1))
+  if fig is not None:
+    fig.savefig(RESULTS / f'{stem}.png', dpi=110, bbox_inches='tight')
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+  return path
+
+
+def mean_std(a) -> str:
+  a = np.asarray(a, np.float64)
+  return f'{a.mean():.4f} ± {a.std():.4f} (n={a.size})'
