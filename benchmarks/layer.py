@@ -104,15 +104,59 @@ def run(shapes, rounds, inner, compile_repeats):
   return rows
 
 
+# Minimum bytes moved, in units of x's size: fwd reads x and writes y; grad
+# reads x and ct and writes dx; step reads x and ct and writes y and dx.
+MIN_PASSES = {'fwd': 2, 'grad': 3, 'step': 4}
+
+
+def streaming_gbs(rounds: int = 10) -> float:
+  """This machine's streaming bandwidth: a jitted out-of-place x*2+1, 256 MB."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((64 * 2**20,), jnp.float32)
+  f = jax.jit(lambda x: x * 2 + 1)
+  t = _timing.interleaved({'s': f}, {'s': (x,)}, rounds, 3)['s']
+  return 2 * x.nbytes / t / 1e9
+
+
+def add_bandwidth(rows, stream_gbs):
+  import math
+  for r in rows:
+    nbytes = 4 * math.prod(r['shape']) * MIN_PASSES[r['mode']]
+    r['bnjax_gbs'] = nbytes / (r['bnjax_ms'] * 1e-3) / 1e9
+    r['bandwidth_fraction'] = r['bnjax_gbs'] / stream_gbs
+
+
+def add_torch(rows):
+  """bnjax / PyTorch's best layout, from results/torch_layer.json if present."""
+  path = pathlib.Path(__file__).parent / 'results' / 'torch_layer.json'
+  if not path.exists():
+    return
+  best = {(tuple(r['shape']), r['mode']): r['best_ms']
+          for r in json.loads(path.read_text())['rows']}
+  for r in rows:
+    t = best.get((tuple(r['shape']), r['mode']))
+    if t:
+      r['torch_best_ms'] = t
+      r['torch_ratio'] = r['bnjax_ms'] / t
+
+
 def table(rows) -> str:
-  lines = ['| shape | mode | flax ms | bnjax ms | ratio | compile ratio | '
-           'full-size residuals (flax / bnjax) |', '|---|---|---|---|---|---|---|']
+  lines = ['| shape | mode | flax ms | bnjax ms | vs flax | compile ratio | '
+           'torch best ms | vs torch | GB/s (of streaming) | '
+           'full-size residuals (flax / bnjax) |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     res = (f"{r['flax_residuals']} / {r['bnjax_residuals']}"
            if 'bnjax_residuals' in r else '')
+    torch = (f"{r['torch_best_ms']:.3f} | {r['torch_ratio']:.2f}"
+             if 'torch_ratio' in r else ' | ')
+    bw = (f"{r['bnjax_gbs']:.1f} ({r['bandwidth_fraction']:.2f})"
+          if 'bnjax_gbs' in r else '')
     lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['mode']} | "
                  f"{r['flax_ms']:.3f} | {r['bnjax_ms']:.3f} | "
-                 f"**{r['ratio']:.2f}** | {r['compile_ratio']:.2f} | {res} |")
+                 f"**{r['ratio']:.2f}** | {r['compile_ratio']:.2f} | {torch} | "
+                 f"{bw} | {res} |")
   return '\n'.join(lines)
 
 
@@ -125,7 +169,10 @@ def _write_readme(out):
   body = (f"{start}\nMachine: {e['machine']} ({e['backend']}), jax "
           f"{e['jax']}, flax {e['flax']}, Python {e['python']}, {e['date']}, "
           f"commit {e['commit']}; medians of {out['rounds']} interleaved "
-          f"rounds of {out['inner']} calls.\n\n{table(out['rows'])}\n{end}")
+          f"rounds of {out['inner']} calls. Streaming bandwidth (jitted "
+          f"x*2+1 on 256 MB, same run): {out['streaming_gbs']:.1f} GB/s. "
+          f"PyTorch: benchmarks/torch_layer.py, its own process, 2 threads, "
+          f"best of NCHW and channels_last.\n\n{table(out['rows'])}\n{end}")
   i, j = text.index(start), text.index(end) + len(end)
   path.write_text(text[:i] + body + text[j:])
 
@@ -140,11 +187,16 @@ def main(argv=None):
     _timing.ensure_malloc_env()
   if args.smoke:
     rows = run([(8, 4, 4, 8)], rounds=2, inner=1, compile_repeats=1)
-    assert all(r['bnjax_ms'] > 0 for r in rows)
+    add_bandwidth(rows, streaming_gbs(rounds=1))
+    assert all(r['bnjax_ms'] > 0 and r['bnjax_gbs'] > 0 for r in rows)
+    table(rows)
     return rows
+  stream = streaming_gbs()
   rows = run(SHAPES, args.rounds, args.inner, compile_repeats=3)
+  add_bandwidth(rows, stream)
+  add_torch(rows)
   out = dict(env=_timing.environment(), rounds=args.rounds, inner=args.inner,
-             rows=rows)
+             streaming_gbs=stream, rows=rows)
   path = pathlib.Path(__file__).parent / 'results' / 'layer.json'
   path.write_text(json.dumps(out, indent=1))
   print(table(rows))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments._common import data, results, train
+from experiments._common import data, plots, results, train
 from experiments._common.models import MLP
 
 NAME = 'lr_tolerance'
@@ -63,14 +63,7 @@ def run(quick: bool, seeds):
 
 
 def _figure(out, lrs):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, r in out.items():
-    f = np.nan_to_num(r['test_acc'][:, :, -1])
-    ax.errorbar(lrs, f.mean(1), f.std(1), marker='o', label=name, capsize=3)
-  ax.set(xscale='log', xlabel='learning rate', ylabel='final test accuracy',
-         title='Learning-rate tolerance')
-  ax.legend()
-  return fig
+  series = {n: np.nan_to_num(r['test_acc'][:, :, -1]) for n, r in out.items()}
+  return plots.errorbars(lrs, series, xlabel='learning rate',
+                         ylabel='final test accuracy',
+                         title='Learning-rate tolerance')[0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments._common import data, results, train
+from experiments._common import data, plots, results, train
 from experiments._common.models import MLP
 
 NAME = 'init'
@@ -46,15 +46,8 @@ def run(quick: bool, seeds):
 
 
 def _figure(out, scales):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, r in out.items():
-    f = r['final_test_acc']
-    ax.errorbar(scales, f.mean(1), f.std(1), marker='o', label=name,
-                capsize=3)
-  ax.set(xscale='log', xlabel='initial weight scale (x He/LeCun)',
-         ylabel='final test accuracy', title='Initialization sensitivity')
-  ax.legend()
-  return fig
+  series = {n: r['final_test_acc'] for n, r in out.items()}
+  return plots.errorbars(scales, series,
+                         xlabel='initial weight scale (x LeCun normal)',
+                         ylabel='final test accuracy',
+                         title='Initialization sensitivity')[0]

@@ -21,7 +21,7 @@ import functools
 import numpy as np
 import optax
 
-from experiments._common import data, results, train
+from experiments._common import data, plots, results, train
 from experiments._common.models import CNN1D
 
 NAME = 'batch_size'
@@ -75,16 +75,10 @@ def run(quick: bool, seeds):
 
 
 def _figure(out, batches):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, e in out.items():
-    ax.errorbar(batches, 100 * e.mean(1), 100 * e.std(1), marker='o',
-                label=name, capsize=3)
-  ax.set(xscale='log', xlabel='batch per device', ylabel='test error (%)',
-         title='Batch-size dependence (MNIST-1D)')
+  fig, ax = plots.errorbars(batches, out, xlabel='batch per device',
+                            ylabel='test error (%)', scale=100,
+                            title='Batch-size dependence (MNIST-1D)')
+  ax.minorticks_off()
   ax.set_xticks(batches, [str(b) for b in batches])
   ax.invert_xaxis()
-  ax.legend()
   return fig

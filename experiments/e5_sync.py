@@ -27,23 +27,30 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from experiments._common import data, results, train
+from experiments._common import data, plots, results, train
 from experiments._common.models import CNN1D
 
 NAME = 'sync'
 BASE_LR = 0.05
 
 
+CHUNK = 250  # steps per jitted call (a lax.scan inside shard_map)
+
+
 @functools.cache
 def _builder(mode: str, per_device: int):
-  """Model, optimizer, mesh and the jitted data-parallel step (compiled once)."""
+  """Model, optimizer, mesh and the jitted data-parallel chunk (compiled once)."""
   n_dev = 1 if mode == 'global' else 8
   mesh = Mesh(np.array(jax.devices()[:n_dev]), ('d',))
   gb = 8 * per_device
   model = CNN1D(axis_name='d' if mode == 'synced' else None)
   tx = optax.sgd(BASE_LR * gb / 32, momentum=0.9)
+  (xtr, ytr), _ = data.mnist1d()
 
-  def step(params, stats, opt, xb, yb):
+  def step(carry, ib):
+    params, stats, opt = carry
+    xb, yb = jnp.asarray(xtr)[ib], jnp.asarray(ytr)[ib]
+
     def loss(p):
       out, new = model.apply({'params': p, 'batch_stats': stats}, xb,
                              train=True, mutable=['batch_stats'])
@@ -52,10 +59,13 @@ def _builder(mode: str, per_device: int):
     g = jax.lax.pmean(g, 'd')
     new = jax.lax.pmean(new, 'd')
     upd, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, upd), new, opt
+    return (optax.apply_updates(params, upd), new, opt), None
+
+  def chunk(params, stats, opt, idx):  # idx: (steps, local batch) per device
+    return jax.lax.scan(step, (params, stats, opt), idx)[0]
 
   sharded = jax.jit(jax.shard_map(
-      step, mesh=mesh, in_specs=(P(), P(), P(), P('d'), P('d')),
+      chunk, mesh=mesh, in_specs=(P(), P(), P(), P(None, 'd')),
       out_specs=(P(), P(), P())))
   return model, tx, mesh, gb, sharded
 
@@ -69,11 +79,10 @@ def train_dp(mode: str, per_device: int, epochs: float, seed: int) -> float:
   opt = tx.init(params)
   idx = train.epoch_sampler(np.random.default_rng(1000 + seed),
                             int(epochs * len(ytr)) // gb, gb, ytr)
-  put = lambda a: jax.device_put(a, NamedSharding(mesh, P('d')))
-  for ib in tqdm(idx, desc=f'{mode} b={per_device} s={seed}', leave=False,
-                 disable=None):
-    params, stats, opt = sharded(params, stats, opt, put(xtr[ib]),
-                                 put(ytr[ib]))
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P(None, 'd')))
+  for i in tqdm(range(0, len(idx), CHUNK), desc=f'{mode} b={per_device}',
+                leave=False, disable=None):
+    params, stats, opt = sharded(params, stats, opt, put(idx[i:i + CHUNK]))
   logits = model.apply({'params': params, 'batch_stats': stats},
                        jnp.asarray(xte), train=False)
   return float(1 - jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(yte)))
@@ -102,18 +111,10 @@ def run(quick: bool, seeds):
 
 
 def _figure(out, per_devices):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  w = 0.27
-  for i, mode in enumerate(('local', 'synced', 'global')):
-    v = [out[f'{mode} | {b}/device'] for b in per_devices]
-    ax.bar(np.arange(len(v)) + i * w, [100 * a.mean() for a in v], w,
-           yerr=[100 * a.std() for a in v], capsize=3,
-           label={'global': '1 device, global batch'}.get(mode, mode + ' BN'))
-  ax.set_xticks(np.arange(len(per_devices)) + w,
-                [f'{b} per device (x8)' for b in per_devices])
-  ax.set(ylabel='test error (%)', title='Synchronized BN on 8 CPU devices')
-  ax.legend()
-  return fig
+  groups = [f'{b} per device (x8)' for b in per_devices]
+  names = {'local': 'local BN', 'synced': 'synced BN',
+           'global': '1 device, global batch'}
+  series = {names[m]: [out[f'{m} | {b}/device'] for b in per_devices]
+            for m in names}
+  return plots.bars(groups, series, ylabel='test error (%)', scale=100,
+                    title='Synchronized BN on 8 CPU devices')[0]

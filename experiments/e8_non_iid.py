@@ -22,7 +22,7 @@ import functools
 import numpy as np
 import optax
 
-from experiments._common import data, results, train
+from experiments._common import data, plots, results, train
 from experiments._common.models import CNN1D
 
 NAME = 'non_iid'
@@ -74,17 +74,8 @@ def run(quick: bool, seeds):
 
 
 def _figure(acc, settings):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4))
-  w = 0.38
-  for i, name in enumerate(('BN', 'renorm')):
-    v = [acc[f'{name} | {s}'] for s in settings]
-    ax.bar(np.arange(len(v)) + i * w, [a.mean() for a in v], w,
-           yerr=[a.std() for a in v], label=name, capsize=3)
-  ax.set_xticks(np.arange(len(settings)) + w / 2, list(settings))
-  ax.set(ylabel='test accuracy', title='Non-i.i.d. and micro batches')
+  series = {n: [acc[f'{n} | {s}'] for s in settings] for n in ('BN', 'renorm')}
+  fig, ax = plots.bars(list(settings), series, ylabel='test accuracy',
+                       title='Non-i.i.d. and micro batches')
   ax.set_ylim(0.3, 1.0)
-  ax.legend()
   return fig

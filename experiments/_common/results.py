@@ -15,11 +15,13 @@ RESULTS = pathlib.Path(os.environ.get(
 
 
 def _commit() -> str:
+  """The short commit, with "+dirty" when the working tree has changes."""
+  here = pathlib.Path(__file__).parent
   try:
-    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
-                          capture_output=True, text=True,
-                          cwd=pathlib.Path(__file__).parent,
-                          timeout=10).stdout.strip() or 'unknown'
+    git = lambda *a: subprocess.run(['git', *a], capture_output=True,
+                                    text=True, cwd=here, timeout=10).stdout
+    head = git('rev-parse', '--short', 'HEAD').strip() or 'unknown'
+    return head + ('+dirty' if git('status', '--porcelain').strip() else '')
   except (OSError, subprocess.SubprocessError):
     return 'unknown'
 

@@ -1,0 +1,131 @@
+"""Model benchmark: ResNet-20 train step with flax's BatchNorm vs bnjax's.
+
+Question: what does swapping ``flax.linen.BatchNorm`` for
+``bnjax.linen.BatchNorm`` buy in a whole model? A CIFAR-style ResNet-20
+(3 stages x 3 basic blocks, 16/32/64 channels, 19 BN layers) on 32x32x3
+inputs, batch 128, one SGD-momentum train step with ``mutable=['batch_stats']``.
+Reports the step time (interleaved medians, allocator setting applied), XLA's
+memory analysis of the compiled step (temporaries, and the peak estimate
+arguments + outputs + temporaries), and the residuals saved between forward
+and backward (count and bytes). Run: ``python benchmarks/model.py`` (about 2
+minutes on 2 cores) or ``--smoke``. Writes ``results/model.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import _timing  # noqa: E402
+
+
+def resnet20(norm_cls, widths=(16, 32, 64), blocks=3):
+  import flax.linen as nn
+
+  class Block(nn.Module):
+    width: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x, train):
+      bn = lambda: norm_cls(use_running_average=not train, momentum=0.9)
+      y = nn.Conv(self.width, (3, 3), self.stride, use_bias=False)(x)
+      y = nn.relu(bn()(y))
+      y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
+      y = bn()(y)
+      if x.shape != y.shape:
+        x = nn.Conv(self.width, (1, 1), self.stride, use_bias=False)(x)
+        x = bn()(x)
+      return nn.relu(x + y)
+
+  class ResNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Conv(widths[0], (3, 3), use_bias=False)(x)
+      x = nn.relu(norm_cls(use_running_average=not train, momentum=0.9)(x))
+      for i, w in enumerate(widths):
+        for j in range(blocks):
+          x = Block(w, 2 if (i > 0 and j == 0) else 1)(x, train)
+      return nn.Dense(10)(x.mean((1, 2)))
+
+  return ResNet()
+
+
+def build(impl: str, batch: int, size: int):
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import bnjax.linen
+  model = resnet20(nn.BatchNorm if impl == 'flax' else bnjax.linen.BatchNorm)
+  x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+  y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
+  v = model.init(jax.random.key(2), x, train=False)
+  tx = optax.sgd(0.1, momentum=0.9)
+  opt = tx.init(v['params'])
+
+  def loss(params, stats, x, y):
+    out, new = model.apply({'params': params, 'batch_stats': stats}, x,
+                           train=True, mutable=['batch_stats'])
+    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), new
+
+  def step(params, stats, opt, x, y):
+    (l, new), g = jax.value_and_grad(loss, has_aux=True)(params, stats, x, y)
+    upd, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, upd), new['batch_stats'], opt, l
+
+  args = (v['params'], v['batch_stats'], opt, x, y)
+  return step, loss, args
+
+
+def memory(step, loss, args) -> dict:
+  import jax
+  from jax._src.ad_checkpoint import saved_residuals
+  m = jax.jit(step).lower(*args).compile().memory_analysis()
+  res = saved_residuals(lambda p: loss(p, *args[1:2], *args[3:])[0], args[0])
+  nbytes = sum(a.size * a.dtype.itemsize for a, _ in res)
+  return dict(temp_mb=m.temp_size_in_bytes / 2**20,
+              peak_mb=(m.argument_size_in_bytes + m.output_size_in_bytes +
+                       m.temp_size_in_bytes) / 2**20,
+              residuals=len(res), residual_mb=nbytes / 2**20)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--smoke', action='store_true')
+  args = p.parse_args(argv)
+  if not args.smoke:
+    _timing.ensure_malloc_env()
+  import jax
+  batch, size = (8, 8) if args.smoke else (128, 32)
+  fns, fargs, mem = {}, {}, {}
+  for impl in ('flax', 'bnjax'):
+    step, loss, a = build(impl, batch, size)
+    fns[impl], fargs[impl] = jax.jit(step), a
+    mem[impl] = memory(step, loss, a)
+  t = _timing.interleaved(fns, fargs, rounds=2 if args.smoke else 15,
+                          inner=1 if args.smoke else 3)
+  comp = {impl: 0.0 if args.smoke else _timing.compile_seconds(
+      lambda impl=impl: jax.jit(build(impl, batch, size)[0]), fargs[impl], 3)
+      for impl in ('flax', 'bnjax')}
+  row = dict(batch=batch, size=size, flax_ms=t['flax'] * 1e3,
+             bnjax_ms=t['bnjax'] * 1e3, step_ratio=t['bnjax'] / t['flax'],
+             flax_mem=mem['flax'], bnjax_mem=mem['bnjax'],
+             peak_ratio=mem['bnjax']['peak_mb'] / mem['flax']['peak_mb'],
+             temp_ratio=mem['bnjax']['temp_mb'] / mem['flax']['temp_mb'],
+             flax_compile_s=comp['flax'], bnjax_compile_s=comp['bnjax'])
+  print(json.dumps(row, indent=1))
+  if not args.smoke:
+    out = dict(env=_timing.environment(), row=row)
+    path = pathlib.Path(__file__).parent / 'results' / 'model.json'
+    path.write_text(json.dumps(out, indent=1))
+  return row
+
+
+if __name__ == '__main__':
+  main()
