@@ -107,8 +107,14 @@ def _bn_train(x, scale, bias, epsilon, mask, renorm, cfg):
 def _bn_train_jvp(cfg, primals, tangents):
   x, scale, bias, epsilon, mask, renorm = primals
   dx, dscale, dbias, deps, _, _ = tangents
-  y, mean, var, count, rstd, rd = _forward(x, scale, bias, epsilon, mask,
-                                           renorm, cfg)
+  # Under differentiation the statistics take the exact two-pass, not the
+  # plain-sum pass with its lax.cond fallback: in a train step the backward
+  # dominates, the step time is the same (0.72 to 0.79x flax either way) and
+  # XLA compiles one computation instead of two (0.77 to 0.88x flax's
+  # compile time, against 1.12 to 1.31x with the cond).
+  y, mean, var, count, rstd, rd = _forward(
+      x, scale, bias, epsilon, mask, renorm,
+      dataclasses.replace(cfg, fast=False))
   if rd is not None:
     # r and d are constants: the tangent is BN's with the folded affine.
     f = mean.dtype

@@ -52,7 +52,8 @@ def local_partial(x: jax.Array, lay: Layout, mask: jax.Array | None,
   precision at |mean|/std of 1e3 to 1e4) is not trusted: a ``lax.cond`` runs
   the exact centred pass instead. Plain sums are what XLA:CPU reduces fastest
   (a fused per-channel subtraction halves its reduction speed), so typical
-  activations pay nothing for exactness. ``fast=False`` and masks always use
+  activations pay nothing for exactness. (Under differentiation the core
+  passes ``fast=False``: see ``_bn_train_jvp``.) ``fast=False`` and masks use
   the two-pass (mean, then centred sum of squares).
   """
   f = stats_dtype(x.dtype)
