@@ -20,7 +20,7 @@ Criterion: (a) after 1000 steps the mean error of EMA 0.99 is below EMA
 cumulative average are within sampling error (< 0.15) from step 1;
 (b) precise BN's mean accuracy is higher than the EMA's.
 Command: ``python -m experiments run running_stats [--quick]``.
-Time on 2 CPU cores: quick about 15 s, full about 1 minute.
+Time on 2 CPU cores (measured): quick about 15 s, full about 20 s.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ reading of their Sec. 2.1). Criterion: BN's mean variation, predictiveness
 and beta are all below no-BN's; noisy BN's final test accuracy is within 3
 points of BN's; noise without BN ends at least 10 points below no BN.
 Command: ``python -m experiments run landscape [--quick]``.
-Time on 2 CPU cores: quick about 15 s, full about 2 minutes.
+Time on 2 CPU cores (measured): quick about 10 s, full about 2 minutes.
 """
 
 from __future__ import annotations
