@@ -65,3 +65,25 @@ def environment() -> dict:
               backend=jax.default_backend(),
               devices=str(jax.devices()[0].device_kind), commit=commit,
               malloc=os.environ.get('GLIBC_TUNABLES', ''))
+
+
+def parse_args(doc: str, argv=None, extra=None):
+  """The scripts' shared CLI: --smoke, plus the allocator setting otherwise."""
+  import argparse
+  p = argparse.ArgumentParser(description=doc.splitlines()[0])
+  p.add_argument('--smoke', action='store_true', help='seconds-long check')
+  if extra is not None:
+    extra(p)
+  args = p.parse_args(argv)
+  if not args.smoke:
+    ensure_malloc_env()
+  return args
+
+
+def write_result(name: str, out: dict):
+  """Writes benchmarks/results/<name>.json."""
+  import json
+  import pathlib
+  path = pathlib.Path(__file__).parent / 'results' / f'{name}.json'
+  path.write_text(json.dumps(out, indent=1))
+  return path

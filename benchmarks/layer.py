@@ -17,7 +17,6 @@ Run: ``python benchmarks/layer.py`` (about 3 minutes on 2 cores) or
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -178,13 +177,10 @@ def _write_readme(out):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--smoke', action='store_true', help='seconds-long check')
-  p.add_argument('--rounds', type=int, default=25)
-  p.add_argument('--inner', type=int, default=5)
-  args = p.parse_args(argv)
-  if not args.smoke:
-    _timing.ensure_malloc_env()
+  def extra(p):
+    p.add_argument('--rounds', type=int, default=25)
+    p.add_argument('--inner', type=int, default=5)
+  args = _timing.parse_args(__doc__, argv, extra)
   if args.smoke:
     rows = run([(8, 4, 4, 8)], rounds=2, inner=1, compile_repeats=1)
     add_bandwidth(rows, streaming_gbs(rounds=1))
@@ -197,8 +193,7 @@ def main(argv=None):
   add_torch(rows)
   out = dict(env=_timing.environment(), rounds=args.rounds, inner=args.inner,
              streaming_gbs=stream, rows=rows)
-  path = pathlib.Path(__file__).parent / 'results' / 'layer.json'
-  path.write_text(json.dumps(out, indent=1))
+  _timing.write_result('layer', out)
   print(table(rows))
   _write_readme(out)
   return rows

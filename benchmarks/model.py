@@ -13,7 +13,6 @@ minutes on 2 cores) or ``--smoke``. Writes ``results/model.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -58,7 +57,6 @@ def resnet20(norm_cls, widths=(16, 32, 64), blocks=3):
 def build(impl: str, batch: int, size: int):
   import flax.linen as nn
   import jax
-  import jax.numpy as jnp
   import optax
 
   import bnjax.linen
@@ -96,11 +94,7 @@ def memory(step, loss, args) -> dict:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--smoke', action='store_true')
-  args = p.parse_args(argv)
-  if not args.smoke:
-    _timing.ensure_malloc_env()
+  args = _timing.parse_args(__doc__, argv)
   import jax
   batch, size = (8, 8) if args.smoke else (128, 32)
   fns, fargs, mem = {}, {}, {}
@@ -121,9 +115,7 @@ def main(argv=None):
              flax_compile_s=comp['flax'], bnjax_compile_s=comp['bnjax'])
   print(json.dumps(row, indent=1))
   if not args.smoke:
-    out = dict(env=_timing.environment(), row=row)
-    path = pathlib.Path(__file__).parent / 'results' / 'model.json'
-    path.write_text(json.dumps(out, indent=1))
+    _timing.write_result('model', dict(env=_timing.environment(), row=row))
   return row
 
 

@@ -11,9 +11,7 @@ K = 2C + 1 floats, interleaved, medians. Run: ``python benchmarks/sync.py``
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -23,11 +21,7 @@ from benchmarks import _timing  # noqa: E402
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--smoke', action='store_true')
-  args = p.parse_args(argv)
-  if not args.smoke:
-    _timing.ensure_malloc_env()
+  args = _timing.parse_args(__doc__, argv)
   import jax
   try:  # must precede the first JAX operation
     jax.config.update('jax_num_cpu_devices', 8)
@@ -91,9 +85,7 @@ def main(argv=None):
     print(json.dumps({a: (round(b, 3) if isinstance(b, float) else b)
                       for a, b in row.items()}), flush=True)
   if not args.smoke:
-    out = dict(env=_timing.environment(), rows=rows)
-    path = pathlib.Path(__file__).parent / 'results' / 'sync.json'
-    path.write_text(json.dumps(out, indent=1))
+    _timing.write_result('sync', dict(env=_timing.environment(), rows=rows))
   return rows
 
 

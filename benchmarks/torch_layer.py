@@ -12,7 +12,6 @@ forward), ``grad`` (gradients of <y, ct> for x, weight, bias) and ``step``
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -62,11 +61,7 @@ def time_case(run, rounds, inner):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--smoke', action='store_true')
-  args = p.parse_args(argv)
-  if not args.smoke:
-    _timing.ensure_malloc_env()
+  args = _timing.parse_args(__doc__, argv)
   import torch
   torch.set_num_threads(2)
   shapes = [(8, 4, 4, 8)] if args.smoke else SHAPES
@@ -90,8 +85,7 @@ def main(argv=None):
   if not args.smoke:
     out = dict(env=dict(torch=torch.__version__, threads=2,
                         **_timing.environment()), rows=rows)
-    path = pathlib.Path(__file__).parent / 'results' / 'torch_layer.json'
-    path.write_text(json.dumps(out, indent=1))
+    _timing.write_result('torch_layer', out)
   return rows
 
 

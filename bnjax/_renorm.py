@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from bnjax import _checks, _core, _running, _stats, _sync
 from bnjax._types import BatchStats, RenormStats

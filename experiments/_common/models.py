@@ -6,7 +6,6 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 import bnjax.linen
 
