@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax import _checks, _ghost, _stats, _sync
+from bnjax import _checks, _ghost, _running, _stats, _sync
 from bnjax._checks import Layout
-from bnjax import _running
 
 Array = jax.Array
 

@@ -46,7 +46,7 @@ def local_partial(x: jax.Array, lay: Layout, mask: jax.Array | None,
                   fast: bool) -> Partial:
   """Exact per-channel partial moments of x over ``lay.reduction_axes``.
 
-  With ``fast=True`` and no mask, one read of x gives ``sum(x)`` and
+  With ``fast=True`` and no mask, two plain reductions give ``sum(x)`` and
   ``sum(x**2)``. Where some channel has ``mean**2 > 8 var``, the textbook
   ``E[x^2] - E[x]^2`` (flax's fast variance, which loses all float32
   precision at |mean|/std of 1e3 to 1e4) is not trusted: a ``lax.cond`` runs

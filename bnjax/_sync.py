@@ -80,6 +80,23 @@ def _gather_merge_one(p: Partial, name, groups) -> Partial:
   count = jnp.broadcast_to(p.count, shape) if p.count.ndim else p.count
   flat = jnp.concatenate(
       [jnp.ravel(count), jnp.ravel(p.mean), jnp.ravel(p.m2)])
+  if groups is None and _all_gather_invariant is not None and _is_mesh_axis(
+      flat, name):
+    g = _all_gather_invariant(as_varying(flat, name), name)
+  else:
+    g = _psum_gather(flat, name, groups)
+  d = g.shape[0]
+  k, c = count.size, math.prod(shape)
+  n_i = g[:, :k].reshape((d,) + count.shape)
+  if count.ndim == 0:
+    n_i = n_i.reshape((d,) + (1,) * len(shape))
+  mean_i = g[:, k:k + c].reshape((d,) + shape)
+  m2_i = g[:, k + c:].reshape((d,) + shape)
+  return merge(Partial(n_i, mean_i, m2_i))
+
+
+def _psum_gather(flat: jax.Array, name, groups) -> jax.Array:
+  """(D, K) rows of every shard's flat partial: each fills its row, one psum."""
   idx = lax.axis_index(name)
   if groups is None:
     d = lax.axis_size(name)
@@ -89,20 +106,9 @@ def _gather_merge_one(p: Partial, name, groups) -> Partial:
     for g in groups:
       pos[list(g)] = np.arange(len(g))
     idx = jnp.asarray(pos)[idx]
-  if groups is None and _all_gather_invariant is not None and _is_mesh_axis(
-      flat, name):
-    g = _all_gather_invariant(as_varying(flat, name), name)
-  else:
-    rows = jnp.zeros((d, flat.shape[0]), flat.dtype)
-    rows = lax.dynamic_update_slice(rows, flat[None], (idx, 0))
-    g = lax.psum(rows, name, axis_index_groups=_groups_arg(groups))
-  k, c = count.size, math.prod(shape)
-  n_i = g[:, :k].reshape((d,) + count.shape)
-  if count.ndim == 0:
-    n_i = n_i.reshape((d,) + (1,) * len(shape))
-  mean_i = g[:, k:k + c].reshape((d,) + shape)
-  m2_i = g[:, k + c:].reshape((d,) + shape)
-  return merge(Partial(n_i, mean_i, m2_i))
+  rows = jnp.zeros((d, flat.shape[0]), flat.dtype)
+  rows = lax.dynamic_update_slice(rows, flat[None], (idx, 0))
+  return lax.psum(rows, name, axis_index_groups=_groups_arg(groups))
 
 
 def psum_stacked(vs: Sequence[jax.Array], axis_name: AxisName, groups):

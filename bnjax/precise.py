@@ -99,7 +99,7 @@ def linen_batch_stats(model, variables: dict, batches: Any, *args,
     return _pairs(got)
 
   pooled = jax.jit(lambda b: _accumulate(moments, b))(batches)
-  stats = jax.tree.map(lambda x: x, dict(variables['batch_stats']))
+  stats = dict(variables['batch_stats'])  # copied along each path below
   for path, (mean, var) in pooled.items():
     node = stats
     for p in path[:-1]:
