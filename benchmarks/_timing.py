@@ -22,8 +22,11 @@ def ensure_malloc_env():
     os.execvpe(sys.executable, [sys.executable] + sys.argv, env)
 
 
-def interleaved(fns: dict, args: dict, rounds: int, inner: int) -> dict:
-  """Median seconds per call of each fn, timed A B A B ... after warm-up."""
+def interleaved_samples(fns: dict, args: dict, rounds: int,
+                        inner: int) -> dict:
+  """Seconds per call of each fn in every round, timed A B A B ... after
+  warm-up. Round i of each fn ran back to back, so per-round ratios pair up
+  samples taken under the same machine load."""
   import jax
   for k, f in fns.items():
     for _ in range(2):
@@ -36,7 +39,20 @@ def interleaved(fns: dict, args: dict, rounds: int, inner: int) -> dict:
         out = f(*args[k])
       jax.block_until_ready(out)
       times[k].append((time.perf_counter() - t) / inner)
-  return {k: float(np.median(v)) for k, v in times.items()}
+  return times
+
+
+def interleaved(fns: dict, args: dict, rounds: int, inner: int) -> dict:
+  """Median seconds per call of each fn, timed A B A B ... after warm-up."""
+  return {k: float(np.median(v))
+          for k, v in interleaved_samples(fns, args, rounds, inner).items()}
+
+
+def ratio_quartiles(num, den) -> tuple[float, float]:
+  """25th and 75th percentiles of the paired per-round ratios num_i / den_i:
+  the spread of a ratio on a noisy machine."""
+  r = np.asarray(num) / np.asarray(den)
+  return float(np.percentile(r, 25)), float(np.percentile(r, 75))
 
 
 def compile_seconds(make_fn, args, repeats: int) -> float:

@@ -78,6 +78,7 @@ def residuals(shape, impl):
 
 def run(shapes, rounds, inner, compile_repeats):
   import jax
+  import numpy as np
   rows = []
   for shape in shapes:
     for mode in MODES:
@@ -85,13 +86,15 @@ def run(shapes, rounds, inner, compile_repeats):
       for impl in ('flax', 'bnjax'):
         fn, a = build(shape, mode, impl)
         fns[impl], args[impl] = jax.jit(fn), a
-      t = _timing.interleaved(fns, args, rounds, inner)
+      samples = _timing.interleaved_samples(fns, args, rounds, inner)
+      t = {k: float(np.median(v)) for k, v in samples.items()}
+      q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
       comp = {impl: _timing.compile_seconds(
           lambda impl=impl: jax.jit(build(shape, mode, impl)[0]), args[impl],
           compile_repeats) for impl in ('flax', 'bnjax')}
       row = dict(shape=list(shape), mode=mode,
                  flax_ms=t['flax'] * 1e3, bnjax_ms=t['bnjax'] * 1e3,
-                 ratio=t['bnjax'] / t['flax'],
+                 ratio=t['bnjax'] / t['flax'], ratio_q25=q25, ratio_q75=q75,
                  flax_compile_s=comp['flax'], bnjax_compile_s=comp['bnjax'],
                  compile_ratio=comp['bnjax'] / comp['flax'])
       if mode == 'step':
@@ -154,7 +157,8 @@ def table(rows) -> str:
           if 'bnjax_gbs' in r else '')
     lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['mode']} | "
                  f"{r['flax_ms']:.3f} | {r['bnjax_ms']:.3f} | "
-                 f"**{r['ratio']:.2f}** | {r['compile_ratio']:.2f} | {torch} | "
+                 f"**{r['ratio']:.2f}** ({r['ratio_q25']:.2f}-"
+                 f"{r['ratio_q75']:.2f}) | {r['compile_ratio']:.2f} | {torch} | "
                  f"{bw} | {res} |")
   return '\n'.join(lines)
 

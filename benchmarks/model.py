@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks import _timing  # noqa: E402
+from benchmarks import _profile, _timing  # noqa: E402
 
 
 def resnet20(norm_cls, widths=(16, 32, 64), blocks=3):
@@ -96,19 +96,30 @@ def memory(step, loss, args) -> dict:
 def main(argv=None):
   args = _timing.parse_args(__doc__, argv)
   import jax
+  import numpy as np
   batch, size = (8, 8) if args.smoke else (128, 32)
   fns, fargs, mem = {}, {}, {}
   for impl in ('flax', 'bnjax'):
     step, loss, a = build(impl, batch, size)
     fns[impl], fargs[impl] = jax.jit(step), a
     mem[impl] = memory(step, loss, a)
-  t = _timing.interleaved(fns, fargs, rounds=2 if args.smoke else 15,
-                          inner=1 if args.smoke else 3)
+  samples = _timing.interleaved_samples(
+      fns, fargs, rounds=2 if args.smoke else 15, inner=1 if args.smoke else 3)
+  t = {k: float(np.median(v)) for k, v in samples.items()}
+  q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
+  # After the timing: the profiler's own overhead must not touch it.
+  prof = {impl: _profile.op_time_breakdown(fns[impl], fargs[impl],
+                                           calls=1 if args.smoke else 3)
+          for impl in ('flax', 'bnjax')}
   comp = {impl: 0.0 if args.smoke else _timing.compile_seconds(
       lambda impl=impl: jax.jit(build(impl, batch, size)[0]), fargs[impl], 3)
       for impl in ('flax', 'bnjax')}
   row = dict(batch=batch, size=size, flax_ms=t['flax'] * 1e3,
              bnjax_ms=t['bnjax'] * 1e3, step_ratio=t['bnjax'] / t['flax'],
+             step_ratio_q25=q25, step_ratio_q75=q75,
+             flax_profile=prof['flax'], bnjax_profile=prof['bnjax'],
+             bn_op_ratio=(prof['bnjax']['op_ms']['bn'] /
+                          prof['flax']['op_ms']['bn']),
              flax_mem=mem['flax'], bnjax_mem=mem['bnjax'],
              peak_ratio=mem['bnjax']['peak_mb'] / mem['flax']['peak_mb'],
              temp_ratio=mem['bnjax']['temp_mb'] / mem['flax']['temp_mb'],

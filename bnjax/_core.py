@@ -249,10 +249,12 @@ def batch_norm(x: Array, batch_stats: BatchStats, scale: Array | None = None,
   Inference (``use_running_average=True``) normalizes with the stored
   statistics and returns ``batch_stats`` unchanged.
 
-  Statistics are exact to float32 precision even at |mean|/std = 1e4: a
-  per-channel shifted one-pass (``use_fast_variance=True``, the default) or
-  an exact two-pass (``False``); never ``E[x^2] - E[x]^2``. Half-precision
-  input is reduced in float32.
+  Statistics are exact to float32 precision even at |mean|/std = 1e4. With
+  ``use_fast_variance=True`` (the default) the forward reads x for two plain
+  sums and trusts ``E[x^2] - E[x]^2`` only where every channel has
+  ``mean**2 <= 8 var``; otherwise a ``lax.cond`` runs the exact centred pass.
+  ``False``, and every differentiated call, take the exact two-pass. Half-
+  precision input is reduced in float32.
 
   Args:
     x: floating input; statistics reduce over every axis except ``axis``.

@@ -26,6 +26,31 @@ def test_model_benchmark_smoke():
   from benchmarks import model
   row = model.main(['--smoke'])
   assert row['bnjax_ms'] > 0 and row['bnjax_mem']['peak_mb'] > 0
+  # The profiler breakdown found both kinds of op in both models.
+  for impl in ('flax', 'bnjax'):
+    ms = row[f'{impl}_profile']['op_ms']
+    assert ms['conv'] > 0 and ms['bn'] > 0, (impl, ms)
+  q25, q75 = row['step_ratio_q25'], row['step_ratio_q75']
+  assert 0 < q25 <= q75
+
+
+def test_profile_labels_instructions_by_what_they_fuse():
+  from benchmarks import _profile
+  hlo = '''
+%fused_conv (p: f32[4]) -> f32[4] {
+  %c = f32[4] convolution(%p, %p), window={}
+}
+%fused_bn (p: f32[4]) -> f32[4] {
+  %m = f32[4] multiply(%p, %p), metadata={op_name="jit(f)/BatchNorm_0/mul"}
+}
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %a = f32[4] fusion(%x), kind=kCustom, calls=%fused_conv
+  %b = f32[4] fusion(%a), kind=kLoop, calls=%fused_bn
+  ROOT %r = f32[4] add(%a, %b)
+}
+'''
+  kinds = _profile.instruction_kinds(hlo)
+  assert (kinds['a'], kinds['b'], kinds['r']) == ('conv', 'bn', 'other')
 
 
 def test_torch_layer_benchmark_smoke():
