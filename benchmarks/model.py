@@ -7,8 +7,10 @@ inputs, batch 128, one SGD-momentum train step with ``mutable=['batch_stats']``.
 Reports the step time (interleaved medians, allocator setting applied), XLA's
 memory analysis of the compiled step (temporaries, and the peak estimate
 arguments + outputs + temporaries), and the residuals saved between forward
-and backward (count and bytes). Run: ``python benchmarks/model.py`` (about 2
-minutes on 2 cores) or ``--smoke``. Writes ``results/model.json``.
+and backward (count and bytes), and, after the timing, XLA op time by kind
+(convolution, BN, other) from a profiler trace (``benchmarks/_profile.py``).
+Run: ``python benchmarks/model.py`` (about 4 minutes on 2 cores) or
+``--smoke``. Writes ``results/model.json``.
 """
 
 from __future__ import annotations
