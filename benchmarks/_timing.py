@@ -42,10 +42,13 @@ def interleaved_samples(fns: dict, args: dict, rounds: int,
   return times
 
 
+def medians(samples: dict) -> dict:
+  return {k: float(np.median(v)) for k, v in samples.items()}
+
+
 def interleaved(fns: dict, args: dict, rounds: int, inner: int) -> dict:
   """Median seconds per call of each fn, timed A B A B ... after warm-up."""
-  return {k: float(np.median(v))
-          for k, v in interleaved_samples(fns, args, rounds, inner).items()}
+  return medians(interleaved_samples(fns, args, rounds, inner))
 
 
 def ratio_quartiles(num, den) -> tuple[float, float]:

@@ -78,7 +78,6 @@ def residuals(shape, impl):
 
 def run(shapes, rounds, inner, compile_repeats):
   import jax
-  import numpy as np
   rows = []
   for shape in shapes:
     for mode in MODES:
@@ -87,7 +86,7 @@ def run(shapes, rounds, inner, compile_repeats):
         fn, a = build(shape, mode, impl)
         fns[impl], args[impl] = jax.jit(fn), a
       samples = _timing.interleaved_samples(fns, args, rounds, inner)
-      t = {k: float(np.median(v)) for k, v in samples.items()}
+      t = _timing.medians(samples)
       q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
       comp = {impl: _timing.compile_seconds(
           lambda impl=impl: jax.jit(build(shape, mode, impl)[0]), args[impl],

@@ -98,7 +98,6 @@ def memory(step, loss, args) -> dict:
 def main(argv=None):
   args = _timing.parse_args(__doc__, argv)
   import jax
-  import numpy as np
   batch, size = (8, 8) if args.smoke else (128, 32)
   fns, fargs, mem = {}, {}, {}
   for impl in ('flax', 'bnjax'):
@@ -107,7 +106,7 @@ def main(argv=None):
     mem[impl] = memory(step, loss, a)
   samples = _timing.interleaved_samples(
       fns, fargs, rounds=2 if args.smoke else 15, inner=1 if args.smoke else 3)
-  t = {k: float(np.median(v)) for k, v in samples.items()}
+  t = _timing.medians(samples)
   q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
   # After the timing: the profiler's own overhead must not touch it.
   prof = {impl: _profile.op_time_breakdown(fns[impl], fargs[impl],
