@@ -76,9 +76,13 @@ def environment() -> dict:
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
                             capture_output=True, text=True,
                             check=False).stdout.strip()
+    dirty = bool(subprocess.run(['git', 'status', '--porcelain',
+                                 '--untracked-files=no'], capture_output=True,
+                                text=True, check=False).stdout.strip())
   except OSError:
-    commit = ''
+    commit, dirty = '', None
   return dict(date=datetime.date.today().isoformat(), jax=jax.__version__,
+              dirty=dirty,
               flax=flax.__version__, python=platform.python_version(),
               machine=f'{platform.machine()}, {os.cpu_count()} cores',
               backend=jax.default_backend(),
@@ -99,10 +103,10 @@ def parse_args(doc: str, argv=None, extra=None):
   return args
 
 
-def write_result(name: str, out: dict):
+def write_result(name: str, out: dict, allow_nan: bool = True):
   """Writes benchmarks/results/<name>.json."""
   import json
   import pathlib
   path = pathlib.Path(__file__).parent / 'results' / f'{name}.json'
-  path.write_text(json.dumps(out, indent=1))
+  path.write_text(json.dumps(out, indent=1, allow_nan=allow_nan))
   return path

@@ -28,7 +28,8 @@ _NOT_DIVISIBLE = (
     '{hint}), or pad the batch and mask the padding')
 
 
-def train(core_train, fn, x, scale, bias, epsilon, mask, cfg, v):
+def train(core_train, fn, x, scale, bias, epsilon, mask, cfg, v,
+          fallback=None):
   """Ghost-batch training: (y, chunk-mean batch mean, var, count)."""
   lay = cfg.lay
   if 0 in lay.feature_axes:
@@ -51,12 +52,16 @@ def train(core_train, fn, x, scale, bias, epsilon, mask, cfg, v):
   mr = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(
       xr.shape)
   gcfg = dataclasses.replace(cfg, lay=glay, axis_name=None, groups=None)
+  fb = None if fallback is None else tuple(per_chunk(s) for s in fallback)
   y, mean_k, var_k, count_k = core_train(fn, xr, per_chunk(scale),
-                                         per_chunk(bias), epsilon, mr, gcfg)
+                                         per_chunk(bias), epsilon, mr, gcfg,
+                                         fallback=fb)
   w = jnp.broadcast_to((count_k > 0).astype(mean_k.dtype), mean_k.shape)
-  sums = [jnp.sum(w * mean_k, 0), jnp.sum(w * var_k, 0), jnp.sum(w, 0)]
+  count = jnp.sum(jnp.broadcast_to(count_k, mean_k.shape), 0)
+  sums = [jnp.sum(w * mean_k, 0), jnp.sum(w * var_k, 0), jnp.sum(w, 0), count]
   if cfg.axis_name is not None:
+    # The count is global too, so that a shard whose values are all masked
+    # out still updates its running statistics like every other shard.
     sums = list(_sync.psum_stacked(sums, cfg.axis_name, cfg.groups))
   n = jnp.maximum(sums[2], 1.0)
-  count = jnp.sum(jnp.broadcast_to(count_k, mean_k.shape), 0)
-  return y.reshape(x.shape), sums[0] / n, sums[1] / n, count
+  return y.reshape(x.shape), sums[0] / n, sums[1] / n, sums[3]

@@ -98,12 +98,16 @@ def batch_renorm(x: jax.Array, renorm_stats: RenormStats,
     std = renorm_stats.std.astype(f)
     return _core._affine(x, renorm_stats.mean.astype(f), 1 / std, scale, bias,
                          lay, out_dtype), renorm_stats
-  cfg = _core._Cfg(lay, axis_name, _sync.canonical_groups(axis_index_groups),
+  cfg = _core._Cfg(lay, axis_name,
+                   _sync.canonical_groups(fn, axis_name, axis_index_groups),
                    bool(use_fast_variance), out_dtype)
   limits = (renorm_stats.mean, renorm_stats.std, jnp.asarray(r_max, f),
             jnp.asarray(d_max, f))
+  # An empty masked channel is normalized as inference would: (x - mean)/std.
+  fallback = None if mask is None else (
+      renorm_stats.mean, jnp.square(renorm_stats.std.astype(f)) - epsilon)
   y, mean, var, count = _core.train(fn, x, scale, bias, epsilon, mask, cfg,
-                                    renorm=limits)
+                                    renorm=limits, fallback=fallback)
   valid = None if mask is None else count > 0
   sigma = jnp.sqrt(var + jnp.asarray(epsilon, f))
   return y, _running.ema(renorm_stats, mean, sigma, momentum, valid)

@@ -1,10 +1,13 @@
 """The only module that calls collectives.
 
 Forward statistics take ONE collective per axis name. Every shard has its
-exact partial ``(count, mean, m2)``, K = 2C + 1 floats, and every shard
-gathers all D partials and merges them with Chan's formula. That is exact
-from the first step whatever the shard means, and count-weighted, so masked
-or uneven shards give the global-batch result. The gather is
+exact partial ``(count, shift, s1, m2)`` (see ``bnjax._stats``), K = 3C + 1
+floats, and every shard gathers all D partials and merges them with the
+corrected two-pass over the shards' means. Carrying ``s1`` keeps each shard
+mean's low-order bits, which a float32 mean would round away, so the merge is
+as exact as one call on the concatenated batch from the first step, whatever
+the shard means, and count-weighted, so masked, uneven or empty shards give
+the global-batch result. The gather is
 
 - under ``shard_map``: an all-gather whose output is replicated in
   shard_map's type system (JAX's ``all_gather_invariant``), so new statistics
@@ -12,7 +15,8 @@ or uneven shards give the global-batch result. The gather is
   varying, which forbids that;
 - under ``pmap`` and ``vmap``, and with ``axis_index_groups`` (which the
   all-gather does not take): a ``psum`` of a zero ``(D, K)`` buffer in which
-  each shard fills its own row.
+  each shard fills its own row. Groups may be unequal: the buffer has the
+  largest group's rows, and a smaller group's unused rows weigh 0.
 
 Measured at 8 CPU devices the all-gather takes 0.39 to 0.51 ms against 0.45
 to 0.56 ms for the psum-gather, and the alpha-beta model gives it half the
@@ -20,7 +24,7 @@ latency steps (``benchmarks/sync_model.py``). The backward needs two
 per-channel sums, concatenated into ONE ``psum``.
 
 Bytes per layer, for C channels over D devices: the forward gathers
-``D * (2C + 1)`` floats (``3DC`` when a mask makes counts per-channel); the
+``D * (3C + 1)`` floats (``4DC`` when a mask makes counts per-channel); the
 backward all-reduces ``2C`` floats. A tuple of axis names costs one
 collective per name (merged hierarchically, still exact): JAX cannot reduce
 over a mix of vmap and shard_map axes in one op.
@@ -51,20 +55,48 @@ def names(axis_name: AxisName) -> tuple:
       axis_name,)
 
 
-def canonical_groups(groups: Any):
+def canonical_groups(fn: str, axis_name: AxisName, groups: Any):
+  """Validated groups as a tuple of tuples (None stays None).
+
+  Groups must partition the indices of ``axis_name`` (each index exactly
+  once); they may have unequal sizes. Checked at trace time.
+  """
   if groups is None:
     return None
-  return tuple(tuple(int(i) for i in g) for g in groups)
+  if axis_name is None:
+    raise ValueError(
+        f'{fn}: axis_index_groups={groups!r} was passed without axis_name, so '
+        'there is no mapped axis for the groups to index; pass the axis_name '
+        'of the pmap/shard_map axis, or drop axis_index_groups')
+  if len(names(axis_name)) != 1:
+    raise ValueError(
+        f'{fn}: axis_index_groups needs a single axis_name, got '
+        f'{axis_name!r}; use one name, or a mesh axis per group level instead '
+        'of groups')
+  try:
+    canon = tuple(tuple(int(i) for i in g) for g in groups)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f'{fn}: axis_index_groups must be a list of lists of ints, got '
+        f'{groups!r}') from None
+  size = lax.axis_size(names(axis_name)[0])
+  flat = [i for g in canon for i in g]
+  missing = sorted(set(range(size)) - set(flat))
+  extra = sorted({i for i in flat if flat.count(i) > 1 or not 0 <= i < size})
+  if missing or extra or not all(canon):
+    raise ValueError(
+        f'{fn}: axis_index_groups={[list(g) for g in canon]} must partition '
+        f'the {size} indices 0..{size - 1} of axis {axis_name!r} into '
+        f'non-empty groups, each index exactly once (missing: {missing}, '
+        f'repeated or out of range: {extra}); add the missing indices as '
+        'their own group')
+  return canon
 
 
 def num_shards(axis_name: AxisName, groups) -> int:
-  """Number of shards whose statistics combine (raises NameError if unbound)."""
-  if groups is not None and len(names(axis_name)) != 1:
-    raise ValueError(
-        f'axis_index_groups needs a single axis_name, got {axis_name!r}; '
-        'use one name, or a mesh axis per group level instead of groups')
+  """Fewest shards whose statistics combine (raises NameError if unbound)."""
   if groups is not None:
-    return len(groups[0])
+    return min(len(g) for g in groups)
   return math.prod(lax.axis_size(n) for n in names(axis_name))
 
 
@@ -76,10 +108,9 @@ def gather_merge(p: Partial, axis_name: AxisName, groups) -> Partial:
 
 
 def _gather_merge_one(p: Partial, name, groups) -> Partial:
-  shape = p.mean.shape
+  shape = p.shift.shape
   count = jnp.broadcast_to(p.count, shape) if p.count.ndim else p.count
-  flat = jnp.concatenate(
-      [jnp.ravel(count), jnp.ravel(p.mean), jnp.ravel(p.m2)])
+  flat = jnp.concatenate([jnp.ravel(v) for v in (count, p.shift, p.s1, p.m2)])
   if groups is None and _all_gather_invariant is not None and _is_mesh_axis(
       flat, name):
     g = _all_gather_invariant(as_varying(flat, name), name)
@@ -88,20 +119,23 @@ def _gather_merge_one(p: Partial, name, groups) -> Partial:
   d = g.shape[0]
   k, c = count.size, math.prod(shape)
   n_i = g[:, :k].reshape((d,) + count.shape)
-  if count.ndim == 0:
-    n_i = n_i.reshape((d,) + (1,) * len(shape))
-  mean_i = g[:, k:k + c].reshape((d,) + shape)
-  m2_i = g[:, k + c:].reshape((d,) + shape)
-  return merge(Partial(n_i, mean_i, m2_i))
+  shift_i, s1_i, m2_i = (g[:, k + j * c:k + (j + 1) * c].reshape((d,) + shape)
+                         for j in range(3))
+  return merge(Partial(n_i, shift_i, s1_i, m2_i))
 
 
 def _psum_gather(flat: jax.Array, name, groups) -> jax.Array:
-  """(D, K) rows of every shard's flat partial: each fills its row, one psum."""
+  """(D, K) rows of every shard's flat partial: each fills its row, one psum.
+
+  With groups, D is the largest group's size and each shard fills the row of
+  its position within its group; rows that a smaller group leaves empty hold
+  zero counts, which the merge weighs 0.
+  """
   idx = lax.axis_index(name)
   if groups is None:
     d = lax.axis_size(name)
   else:
-    d = len(groups[0])
+    d = max(len(g) for g in groups)
     pos = np.zeros(sum(len(g) for g in groups), np.int32)
     for g in groups:
       pos[list(g)] = np.arange(len(g))

@@ -52,6 +52,7 @@ def _accumulate(step_moments, batches):
   first = jax.tree.map(lambda l: l[0], batches)
   init = jax.tree.map(lambda m: _stats.Partial(jnp.zeros((), m[0].dtype),
                                                jnp.zeros_like(m[0]),
+                                               jnp.zeros_like(m[0]),
                                                jnp.zeros_like(m[1])),
                       jax.eval_shape(step_moments, first),
                       is_leaf=lambda t: isinstance(t, tuple))
@@ -61,12 +62,11 @@ def _accumulate(step_moments, batches):
 
 
 def _merge_one(acc: _stats.Partial, mv):
-  """Chan's merge of the running pool with one batch (weight 1, m2 = var)."""
+  """The exact merge of the running pool with one batch (weight 1, m2 = var)."""
   mean, var = mv
-  n = acc.count + 1
-  delta = mean - acc.mean
-  return _stats.Partial(n, acc.mean + delta / n,
-                        acc.m2 + var + delta * delta * (acc.count / n))
+  one = _stats.Partial(jnp.ones_like(acc.count), mean, jnp.zeros_like(mean),
+                       var)
+  return _stats.merge(jax.tree.map(lambda a, b: jnp.stack([a, b]), acc, one))
 
 
 def linen_batch_stats(model, variables: dict, batches: Any, *args,

@@ -47,12 +47,14 @@ def batch_norm(x, mean, var, scale=None, bias=None, *, use_running_average,
   if use_running_average:
     return normalize(x, mean, var, scale, bias, axis, epsilon), mean, var
   bm, bv, n = moments(x, axis, mask)
-  y = normalize(x, bm, bv, scale, bias, axis, epsilon)
   old_m = np.asarray(mean, np.float64)
   old_v = np.asarray(var, np.float64)
+  valid = n > 0
+  # A channel with no masked-in value is normalized with the running stats.
+  y = normalize(x, np.where(valid, bm, old_m), np.where(valid, bv, old_v),
+                scale, bias, axis, epsilon)
   new_m = momentum * old_m + (1 - momentum) * bm
   new_v = momentum * old_v + (1 - momentum) * bv
-  valid = n > 0
   return y, np.where(valid, new_m, old_m), np.where(valid, new_v, old_v)
 
 

@@ -1,0 +1,264 @@
+"""Numerics benchmark: variance error against float64 at |mean|/std 1e2 to 1e6.
+
+Question: how far from the float64 variance of the same float32 input are
+the statistics of bnjax, flax.linen.BatchNorm and PyTorch, on one device and
+synced over 8 CPU devices, when the data sit far from zero? Data: 4096 x 16
+float32 values ``x = loc + N(0, 1)`` (so |mean|/std = loc), split over 8
+shards of 512 rows, in five layouts:
+
+- ``identical``: every shard draws from the same distribution;
+- ``means 0.1% apart``: shard d has ``loc * (1 + 0.001 d)``;
+- ``uneven masks``: per-entry masks keeping a fraction (d + 1) / 8 on shard d;
+- ``empty shard``: shard 0 fully masked out, the others fully in.
+
+Each layout runs on one device (one call on all 4096 rows) and synced
+(``jax.shard_map`` over 8 devices with ``axis_name``). Reported: the largest
+relative error over channels, shards and seeds (0, 1, 2) of the variance each
+function returns: ``moments``; the new running variance of ``batch_norm``
+(momentum 0) in the forward and in a differentiated train step; the running
+std of ``batch_renorm`` (as ``std**2 - eps``); the running variance of ghost
+BN (``virtual_batch_size=128``, the mean of chunk variances). Peers: flax's
+BatchNorm with ``use_fast_variance`` True and False (masks and ``axis_name``
+as flax takes them: per-shard means averaged with ``pmean``), and PyTorch's
+``F.batch_norm`` (one device, no mask; skipped without torch).
+
+Run: ``python benchmarks/numerics.py`` (about 2 minutes) or ``--smoke``.
+Writes ``results/numerics.json``; ``--table`` prints the README table and
+``--readme`` writes it into README.md from the JSON.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import _timing  # noqa: E402
+
+RATIOS = (1e2, 1e3, 1e4, 1e5, 1e6)
+LAYOUTS = ('identical', 'means 0.1% apart', 'uneven masks', 'empty shard')
+ROWS, C, D, VBS, EPS = 4096, 16, 8, 128, 1e-5
+BNJAX_FNS = ('moments', 'batch_norm', 'batch_norm (grad)', 'batch_renorm',
+             'ghost')
+
+
+def make_data(ratio: float, layout: str, seed: int):
+  """(x float32 (ROWS, C), mask bool or None) for one layout."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  shard = np.repeat(np.arange(D), ROWS // D)[:, None]
+  loc = ratio * (1 + 0.001 * shard) if layout == 'means 0.1% apart' else ratio
+  x = (loc + rng.standard_normal((ROWS, C))).astype(np.float32)
+  mask = None
+  if layout == 'uneven masks':
+    mask = rng.random((ROWS, C)) < (shard + 1) / D
+  elif layout == 'empty shard':
+    mask = shard > 0
+  return x, mask
+
+
+def oracle_var(x, mask, fn: str):
+  """float64 variance of what ``fn`` reports, over all shards."""
+  import numpy as np
+  from tests import reference as ref
+  x64 = np.asarray(x, np.float64)
+  if fn != 'ghost':
+    return ref.moments(x64, -1, mask)[1]
+  m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask,
+                                                                  x.shape)
+  vs, ws = [], []
+  for c in range(0, ROWS, VBS):  # chunks lie within shards: 512 = 4 * 128
+    _, v, n = ref.moments(x64[c:c + VBS], -1, m[c:c + VBS])
+    vs.append(v)
+    ws.append(n > 0)
+  vs, ws = np.array(vs), np.array(ws)
+  return (vs * ws).sum(0) / np.maximum(ws.sum(0), 1)
+
+
+def bnjax_var(fn: str, x, mask, axis_name):
+  """The variance that one bnjax function reports (traceable)."""
+  import jax
+  import jax.numpy as jnp
+
+  import bnjax
+  kw = dict(mask=mask, axis_name=axis_name)
+  if fn == 'moments':
+    return bnjax.moments(x, **kw)[1]
+  if fn == 'batch_renorm':
+    s = bnjax.batch_renorm(x, bnjax.init_renorm_stats(C),
+                           use_running_average=False, r_max=3.0, d_max=5.0,
+                           momentum=0.0, epsilon=EPS, **kw)[1]
+    return s.std
+  stats = bnjax.init_batch_stats(C)
+  bn = lambda x: bnjax.batch_norm(
+      x, stats, use_running_average=False, momentum=0.0, epsilon=EPS,
+      virtual_batch_size=VBS if fn == 'ghost' else None, **kw)
+  if fn == 'batch_norm (grad)':
+    w = jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape)
+    (_, new), _ = jax.value_and_grad(
+        lambda x: (jnp.sum(bn(x)[0] * w), bn(x)[1]), has_aux=True)(x)
+    return new.var
+  return bn(x)[1].var
+
+
+def flax_var(fast: bool, x, mask, axis_name):
+  import flax.linen as nn
+  import jax.numpy as jnp
+  m = nn.BatchNorm(use_running_average=False, momentum=0.0, epsilon=EPS,
+                   use_scale=False, use_bias=False,
+                   axis_name=axis_name, use_fast_variance=fast)
+  variables = {'batch_stats': {'mean': jnp.zeros(C), 'var': jnp.ones(C)}}
+  _, new = m.apply(variables, x, mask=mask, mutable=['batch_stats'])
+  return new['batch_stats']['var']
+
+
+def torch_var(x):
+  import numpy as np
+  import torch
+  t = torch.from_numpy(np.array(x))
+  rm, rv = torch.zeros(C), torch.ones(C)
+  torch.nn.functional.batch_norm(t, rm, rv, training=True, momentum=1.0,
+                                 eps=EPS)
+  return rv.numpy() * (ROWS - 1) / ROWS  # torch stores the unbiased variance
+
+
+def run(fn_var, x, mask, synced: bool, mesh):
+  """fn_var on one device, or over the mesh's 8 shards with axis_name."""
+  import jax
+  from jax.sharding import PartitionSpec as P
+  if not synced:
+    return jax.jit(lambda x, m: fn_var(x, m, None))(x, mask)
+  # Every shard's result comes back (D, C): they must all be right.
+  specs = (P('d'), None if mask is None else P('d'))
+  f = jax.shard_map(lambda x, m: fn_var(x, m, 'd')[None], mesh=mesh,
+                    in_specs=specs, out_specs=P('d'), check_vma=False)
+  return jax.jit(f)(x, mask)
+
+
+def rel_err(got, want, fn: str):
+  import numpy as np
+  got = np.asarray(got, np.float64)
+  if fn == 'batch_renorm':  # running std of sqrt(var + eps)
+    got = got * got - EPS
+  return float(np.max(np.abs(got - want) / want))
+
+
+def measure(ratios=RATIOS, layouts=LAYOUTS, seeds=(0, 1, 2), peers=True):
+  """Rows of {impl, fn, layout, synced, ratio, rel_err (worst over seeds)}."""
+  import functools
+
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+  mesh = Mesh(np.array(jax.devices()[:D]), ('d',))
+  impls = [('bnjax', fn, functools.partial(bnjax_var, fn)) for fn in BNJAX_FNS]
+  if peers:
+    impls += [('flax', f'fast_variance={fast}',
+               functools.partial(flax_var, fast)) for fast in (True, False)]
+  rows = []
+  for layout in layouts:
+    for synced in (False, True):
+      for impl, fn, fv in impls:
+        for ratio in ratios:
+          errs = []
+          for seed in seeds:
+            x, mask = make_data(ratio, layout, seed)
+            want = oracle_var(x, mask, fn)
+            errs.append(rel_err(run(fv, x, mask, synced, mesh), want, fn))
+          rows.append(dict(impl=impl, fn=fn, layout=layout, synced=synced,
+                           ratio=ratio, rel_err=_worst(errs)))
+  if peers:
+    rows += _torch_rows(ratios, seeds)
+  return rows
+
+
+def _worst(errs):
+  """The largest error, or None (strict JSON's null) if any is NaN or inf."""
+  import math
+  return max(errs) if all(math.isfinite(e) for e in errs) else None
+
+
+def _torch_rows(ratios, seeds):
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return []
+  rows = []
+  for ratio in ratios:
+    errs = []
+    for seed in seeds:
+      x, _ = make_data(ratio, 'identical', seed)
+      errs.append(rel_err(torch_var(x), oracle_var(x, None, 'torch'), 'torch'))
+    rows.append(dict(impl='torch', fn='F.batch_norm', layout='identical',
+                     synced=False, ratio=ratio, rel_err=_worst(errs)))
+  return rows
+
+
+def table(rows) -> str:
+  """Markdown: worst error per (impl, layout, synced) over functions."""
+  keys = []
+  for r in rows:
+    k = (r['impl'], r['fn'] if r['impl'] != 'bnjax' else 'all 5 functions',
+         r['layout'], r['synced'])
+    if k not in keys:
+      keys.append(k)
+  ratios = sorted({r['ratio'] for r in rows})
+  head = ('| implementation | layout | devices | '
+          + ' | '.join(f'{q:.0e}' for q in ratios) + ' |')
+  lines = [head, '|' + '---|' * (3 + len(ratios))]
+  for impl, fn, layout, synced in keys:
+    cells = []
+    for q in ratios:
+      errs = [r['rel_err'] for r in rows if r['ratio'] == q
+              and r['impl'] == impl and r['layout'] == layout
+              and r['synced'] == synced and (impl == 'bnjax' or r['fn'] == fn)]
+      cells.append('NaN' if None in errs else f'{max(errs):.1e}')
+    lines.append(f'| {impl} {fn} | {layout} | {"8 synced" if synced else "1"} | '
+                 + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def fill_readme(rows) -> pathlib.Path:
+  """Writes table(rows) between README.md's numerics markers."""
+  import re
+  path = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+  text = re.sub(r'(<!-- numerics:start -->\n).*?(<!-- numerics:end -->)',
+                lambda m: m.group(1) + table(rows) + '\n' + m.group(2),
+                path.read_text(), flags=re.S)
+  path.write_text(text)
+  return path
+
+
+def _cli(p):
+  p.add_argument('--table', action='store_true', help='print the README table')
+  p.add_argument('--readme', action='store_true',
+                 help="fill README.md's table from results/numerics.json "
+                      '(measures nothing)')
+
+
+def main(argv=None):
+  args = _timing.parse_args(__doc__, argv, extra=_cli)
+  if args.readme:
+    import json
+    path = pathlib.Path(__file__).parent / 'results' / 'numerics.json'
+    return fill_readme(json.loads(path.read_text())['rows'])
+  import jax
+  try:  # must precede the first JAX operation
+    jax.config.update('jax_num_cpu_devices', D)
+  except RuntimeError:  # already initialized (e.g. inside the test suite)
+    if jax.device_count() < D:
+      raise
+  if args.smoke:
+    rows = measure(ratios=(1e4,), layouts=('uneven masks',), seeds=(0,))
+  else:
+    rows = measure()
+    _timing.write_result('numerics', dict(env=_timing.environment(),
+                                          rows=rows), allow_nan=False)
+  if args.table or not args.smoke:
+    print(table(rows))
+  return rows
+
+
+if __name__ == '__main__':
+  main()
