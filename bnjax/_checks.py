@@ -28,6 +28,13 @@ _STATS_TYPE_MSG = (
     'Create one with bnjax.init_batch_stats(feature_shape) or convert a Flax '
     "collection with bnjax.BatchStats(**variables['batch_stats'][name]).")
 
+_HALF_STATS_MSG = (
+    '{fn}: batch_stats.{field} has dtype {dtype}, which overflows past 65504: '
+    'a variance of 1e5 would be stored as inf and inference would then output '
+    'the bias. Keep running statistics in float32, e.g. jax.tree.map(lambda '
+    'v: v.astype(jnp.float32), batch_stats) (bfloat16 also works, with 3 '
+    'significant digits); the input x may stay float16.')
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -60,11 +67,13 @@ def layout(fn: str, x: jax.Array, axis: Any) -> Layout:
   """Canonicalizes the feature axis (int or tuple) against x's rank."""
   ndim = x.ndim
   axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
-  try:
-    axes = tuple(int(a) for a in axes)
-  except TypeError:
+  if isinstance(axes, (str, bytes)) or not all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+      for a in _iter(axes)):
     raise TypeError(
-        f'{fn}: axis must be an int or a tuple of ints, got {axis!r}') from None
+        f'{fn}: axis must be an int or a tuple of ints, got {axis!r} '
+        f'(a {type(axis).__name__}); pass e.g. axis=-1 or axis=(1, 2)')
+  axes = tuple(int(a) for a in axes)
   for a in axes:
     if not -ndim <= a < ndim:
       raise ValueError(
@@ -103,8 +112,11 @@ def check_stats(fn: str, stats: Any, lay: Layout, cls: Any = BatchStats):
   if not isinstance(stats, cls):
     raise TypeError(_STATS_TYPE_MSG.format(fn=fn, got=_describe(stats)))
   for field, v in zip(stats._fields, stats):
-    check_per_channel(fn, f'batch_stats.{field}', v, lay,
-                      floating=field != 'count')
+    v = check_per_channel(fn, f'batch_stats.{field}', v, lay,
+                          floating=field != 'count')
+    if field != 'count' and v.dtype == jnp.float16:
+      raise TypeError(_HALF_STATS_MSG.format(fn=fn, field=field,
+                                             dtype=v.dtype))
   return stats
 
 
@@ -129,6 +141,8 @@ def check_mask(fn: str, mask: Any, x: jax.Array):
 
 
 def check_hyper(fn: str, momentum: Any, epsilon: Any):
+  check_scalar(fn, 'momentum', momentum)
+  check_scalar(fn, 'epsilon', epsilon)
   m = _concrete(momentum)
   if m is not None and not 0.0 <= m <= 1.0:
     raise ValueError(
@@ -137,10 +151,23 @@ def check_hyper(fn: str, momentum: Any, epsilon: Any):
         '(1 - momentum) * batch. PyTorch momentum p is bnjax momentum 1 - p '
         '(torch 0.1 is bnjax 0.9).')
   e = _concrete(epsilon)
-  if e is not None and not e > 0.0:
+  if e is not None and not 0.0 < e < float('inf'):
     raise ValueError(
-        f'{fn}: epsilon={e} must be > 0 to keep rsqrt(var + epsilon) finite; '
-        'pass e.g. epsilon=1e-5')
+        f'{fn}: epsilon={e} must be finite and > 0 to keep rsqrt(var + '
+        'epsilon) finite and non-zero; pass e.g. epsilon=1e-5')
+
+
+def check_scalar(fn: str, name: str, v: Any):
+  """A real scalar: a Python number or a 0-d (possibly traced) array."""
+  ok = not isinstance(v, (str, bytes, bool, np.bool_)) and (
+      isinstance(v, (int, float, np.integer, np.floating))
+      or (hasattr(v, 'dtype') and jnp.ndim(v) == 0
+          and jnp.issubdtype(v.dtype, jnp.number)))
+  if not ok:
+    raise TypeError(
+        f'{fn}: {name} must be a real scalar (a float or a 0-d array), got '
+        f'{v!r} of type {type(v).__name__}; pass e.g. {name}='
+        f'{"0.99" if name == "momentum" else "1e-5"}')
 
 
 def check_training_count(fn: str, x, lay: Layout, axis, global_count: int):
@@ -162,6 +189,13 @@ def _concrete(v: Any):
   except (TypeError, jax.errors.ConcretizationTypeError,
           jax.errors.TracerArrayConversionError):
     return None
+
+
+def _iter(v: Any):
+  try:
+    return list(v)
+  except TypeError:
+    return [v]
 
 
 def _axis_str(lay: Layout) -> str:

@@ -55,7 +55,8 @@ def init_batch_stats(feature_shape: int | Sequence[int],
   Args:
     feature_shape: the size of the feature axis, or the shape of the feature
       axes when ``axis`` is a tuple.
-    dtype: dtype of the statistics (default float32; keep at least float32).
+    dtype: dtype of the statistics (default float32; float16 is refused:
+      it overflows past 65504).
 
   Returns:
     A :class:`BatchStats`.
@@ -66,10 +67,11 @@ def init_batch_stats(feature_shape: int | Sequence[int],
     BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
   """
   shape = _feature_shape(feature_shape)
-  if not jnp.issubdtype(dtype, jnp.floating):
+  if not jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.float16:
     raise TypeError(
-        f'init_batch_stats: dtype must be floating, got {jnp.dtype(dtype)}; '
-        'pass dtype=jnp.float32')
+        f'init_batch_stats: dtype must be float32, float64 or bfloat16, got '
+        f'{jnp.dtype(dtype)} (float16 overflows past 65504); pass '
+        'dtype=jnp.float32')
   return BatchStats(jnp.zeros(shape, dtype), jnp.ones(shape, dtype))
 
 

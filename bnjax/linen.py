@@ -91,7 +91,10 @@ class BatchNorm(nn.Module):
     ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, sdt),
                            shape)
     scale, bias = _affine_params(self, shape)
-    stats = BatchStats(ra_mean.value, ra_var.value)
+    # With force_float32_reductions=False the stored statistics may be half
+    # precision (as flax's): update them in float32, store them back as kept.
+    stats = BatchStats(*(v.astype(jnp.promote_types(v.dtype, jnp.float32))
+                         for v in (ra_mean.value, ra_var.value)))
     initializing = self.is_initializing()
     train = not use_running_average
     if initializing and train and lay.count < 2:
@@ -112,7 +115,8 @@ class BatchNorm(nn.Module):
       self.put_variable(MOMENTS, 'mean', new.mean)
       self.put_variable(MOMENTS, 'var', new.var)
     elif train and not initializing:
-      ra_mean.value, ra_var.value = new.mean, new.var
+      ra_mean.value = new.mean.astype(ra_mean.value.dtype)
+      ra_var.value = new.var.astype(ra_var.value.dtype)
     return y
 
 

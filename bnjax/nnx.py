@@ -78,12 +78,7 @@ class BatchNorm(nnx.Module):
   def __call__(self, x, use_running_average: bool | None = None, *,
                mask: jax.Array | None = None):
     """Normalizes x; see ``flax.nnx.BatchNorm.__call__``."""
-    if use_running_average is None:
-      use_running_average = self.use_running_average
-    if use_running_average is None:
-      raise ValueError(
-          'bnjax.nnx.BatchNorm: no use_running_average was given; pass it to '
-          'the constructor or the call, or use model.train() / model.eval()')
+    use_running_average = _mode(self, use_running_average)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     stats = BatchStats(self.mean[...], self.var[...])
@@ -104,6 +99,18 @@ class BatchNorm(nnx.Module):
     """Used by ``nnx.view``, as flax's."""
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+def _mode(module, use_running_average) -> bool:
+  """The call's use_running_average, else the module's; one must be given."""
+  if use_running_average is None:
+    use_running_average = module.use_running_average
+  if use_running_average is None:
+    raise ValueError(
+        f'bnjax.nnx.{type(module).__name__}: no use_running_average was '
+        'given; pass it to the constructor or the call, or use model.train() '
+        '/ model.eval()')
+  return use_running_average
 
 
 def _affine_params(module, shape, use_scale, use_bias, scale_init, bias_init,
@@ -159,8 +166,7 @@ class BatchRenorm(nnx.Module):
 
   def __call__(self, x, use_running_average: bool | None = None, *,
                mask: jax.Array | None = None, r_max=None, d_max=None):
-    if use_running_average is None:
-      use_running_average = self.use_running_average
+    use_running_average = _mode(self, use_running_average)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     x, scale, bias = dtypes.promote_dtype((x, scale, bias), dtype=self.dtype)

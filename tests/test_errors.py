@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 import bnjax
+import bnjax.nnx
+
+F16 = jnp.float16
 
 S3 = bnjax.init_batch_stats(3)
 X = jnp.ones((4, 3))
@@ -34,7 +39,7 @@ def bn(x=X, stats=S3, scale=None, bias=None, **kw):
       'BatchStats(**']),
     (lambda: bn(momentum=1.5), ValueError, ['momentum=1.5', 'PyTorch', '1 - p']),
     (lambda: bn(momentum=-0.1), ValueError, ['outside [0, 1]']),
-    (lambda: bn(epsilon=0.0), ValueError, ['epsilon=0.0 must be > 0']),
+    (lambda: bn(epsilon=0.0), ValueError, ['epsilon=0.0 must be finite and > 0']),
     (lambda: bn(jnp.ones((0, 3))), ValueError, ['reduction is empty', '(0, 3)']),
     (lambda: bn(mask=jnp.ones((3, 3), bool)), ValueError,
      ['mask of shape (3, 3) does not broadcast to x of shape (4, 3)']),
@@ -48,6 +53,30 @@ def bn(x=X, stats=S3, scale=None, bias=None, **kw):
      ['normalize: mean has shape (2,)']),
     (lambda: bnjax.moments(X, axis=5), ValueError, ['moments: axis 5']),
     (lambda: bnjax.init_batch_stats('3'), TypeError, ['feature_shape']),
+    # Issue 12, point 5: inputs that passed silently or unclearly.
+    (lambda: bn(epsilon=float('inf')), ValueError,
+     ['epsilon=inf', 'finite and > 0']),
+    (lambda: bn(stats=bnjax.BatchStats(jnp.zeros(3, jnp.float16),
+                                       jnp.ones(3, jnp.float16))), TypeError,
+     ['batch_stats.mean has dtype float16', 'overflows past 65504',
+      'astype(jnp.float32)']),
+    (lambda: bn(stats=bnjax.BatchStats(jnp.zeros(3), jnp.ones(3, F16))),
+     TypeError, ['batch_stats.var has dtype float16']),
+    (lambda: bnjax.init_batch_stats(3, jnp.float16), TypeError,
+     ['init_batch_stats: dtype must be float32', 'got float16']),
+    (lambda: bn(axis_index_groups=[[0, 1]]), ValueError,
+     ['axis_index_groups=[[0, 1]] was passed without axis_name', 'pass the '
+      'axis_name']),
+    (lambda: bnjax.moments(X, axis_index_groups=[[0]]), ValueError,
+     ['moments: axis_index_groups']),
+    (lambda: bn(momentum='0.9'), TypeError,
+     ["momentum must be a real scalar", "'0.9'", 'momentum=0.99']),
+    (lambda: bn(epsilon=None), TypeError, ['epsilon must be a real scalar']),
+    (lambda: bn(axis='-1'), TypeError,
+     ["axis must be an int or a tuple of ints, got '-1'", 'axis=-1']),
+    (lambda: bnjax.nnx.BatchRenorm(3, use_running_average=None,
+                                   rngs=nnx.Rngs(0))(X), ValueError,
+     ['bnjax.nnx.BatchRenorm: no use_running_average was given']),
 ])
 def test_bad_input_raises_clear_error(call, exc, pieces):
   with pytest.raises(exc) as info:
@@ -77,3 +106,20 @@ def test_one_value_per_channel_allowed_in_inference():
 def test_traced_momentum_and_epsilon_are_accepted():
   f = jax.jit(lambda m, e: bn(momentum=m, epsilon=e)[1].mean)
   np.testing.assert_allclose(f(0.5, 1e-3), 0.5 * X[0])
+
+
+def test_public_api_type_hints_resolve():
+  """Regression: typing.get_type_hints(bnjax.batch_norm) raised NameError
+  (BatchStats was not imported where the annotation lives)."""
+  import typing
+
+  import bnjax.interop
+  import bnjax.linen
+  import bnjax.precise
+  for mod in (bnjax, bnjax.linen, bnjax.nnx, bnjax.interop, bnjax.precise):
+    names = getattr(mod, '__all__', None) or [
+        n for n in dir(mod) if not n.startswith('_')]
+    for name in names:
+      obj = getattr(mod, name)
+      if callable(obj) and getattr(obj, '__module__', '').startswith('bnjax'):
+        typing.get_type_hints(obj)
