@@ -5,7 +5,7 @@ psum-gather (each shard's partial in its own row of a (D, K) buffer, one
 psum) compare with an all_gather of the partials? Times a shard_map'd
 training step (forward + backward w.r.t. x) with ``axis_name`` against the
 same step with local statistics, and the two bare gather collectives for
-K = 2C + 1 floats, interleaved, medians. Run: ``python benchmarks/sync.py``
+K = 3C + 1 floats, interleaved, medians. Run: ``python benchmarks/sync.py``
 (about 1 minute) or ``--smoke``. Writes ``results/sync.json``.
 """
 
@@ -52,7 +52,7 @@ def main(argv=None):
         return jax.grad(loss)(x)
       return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P('d'),
                                    out_specs=P('d')))
-    k = 2 * c + 1
+    k = 3 * c + 1
     part = jax.device_put(jnp.ones((8, k)), NamedSharding(mesh, P('d')))
 
     def psum_gather(v):

@@ -1,8 +1,9 @@
 """Sync cost model: bytes and latency per BN layer from 8 to 1024 devices.
 
 Question: where do the ways of combining exact per-shard partials stop
-scaling? Each shard has an exact (count, mean, M2) partial, K = 2C + 1
-floats. bnjax ships two ways to combine them:
+scaling? Each shard has an exact (count, shift, s1, M2) partial, K = 3C + 1
+floats (``s1`` carries the low-order bits of the shard's mean, which the
+exact merge needs). bnjax ships two ways to combine them:
 
 - under shard_map, an all-gather of the K floats per shard (JAX's
   ``all_gather_invariant``, whose output is replicated), merged with Chan's
@@ -10,7 +11,7 @@ floats. bnjax ships two ways to combine them:
 - with ``axis_index_groups``, under pmap and vmap: a psum of a (D, K) buffer
   in which each shard fills its own row ("psum-gather").
 
-The alternative is a psum of K shifted sums around a shift every shard
+The alternative is a psum of 2C + 1 shifted sums around a shift every shard
 agrees on (constant in D, but exact from step 0 only if the shift is agreed
 first). An alpha-beta model: a collective costs ``steps * alpha +
 bytes_per_device * beta``, with
@@ -55,10 +56,10 @@ def cost(kind: str, algo: str, d: int, n_bytes: float, link) -> float:
 
 
 def designs(d: int, c: int):
-  k = 2 * c + 1
+  k = 3 * c + 1
   return {'psum_gather': ('all_reduce', 4 * d * k),
           'all_gather': ('all_gather', 4 * d * k),
-          'shifted_psum': ('all_reduce', 4 * k)}
+          'shifted_psum': ('all_reduce', 4 * (2 * c + 1))}
 
 
 def hlo_check(d: int = 8, c: int = 64) -> dict:
@@ -77,7 +78,7 @@ def hlo_check(d: int = 8, c: int = 64) -> dict:
                    r'\(tensor<([0-9x]+)xf32>\)', text, re.S)
   sizes = [(op, 4 * math.prod(int(s) for s in shape.split('x')))
            for op, shape in ops]
-  per_shard = 4 * (2 * c + 1)
+  per_shard = 4 * (3 * c + 1)
   return dict(devices=d, channels=c, hlo=sizes, model_input_bytes=per_shard,
               model_output_bytes=designs(d, c)['all_gather'][1],
               agrees=sizes == [('all_gather', per_shard)])
