@@ -17,23 +17,26 @@ import numpy as np
 from bnjax._types import BatchStats
 
 _ONE_VALUE_MSG = (
-    '{fn}: training mode needs more than one value per channel, but x of shape '
-    '{shape} with axis={axis} reduces over {count} value(s) per channel, so the '
-    'batch variance is 0 and the output would be just the bias. Pass '
-    'use_running_average=True for inference, use a larger batch, or pass '
-    'axis_name to take statistics over the global batch.')
+  '{fn}: training mode needs more than one value per channel, but x of shape '
+  '{shape} with axis={axis} reduces over {count} value(s) per channel, so the '
+  'batch variance is 0 and the output would be just the bias. Pass '
+  'use_running_average=True for inference, use a larger batch, or pass '
+  'axis_name to take statistics over the global batch.'
+)
 _STATS_TYPE_MSG = (
-    '{fn}: batch_stats must be a bnjax.BatchStats(mean, var) (or '
-    'CumulativeStats / DebiasedStats), got {got}. '
-    'Create one with bnjax.init_batch_stats(feature_shape) or convert a Flax '
-    "collection with bnjax.BatchStats(**variables['batch_stats'][name]).")
+  '{fn}: batch_stats must be a bnjax.BatchStats(mean, var) (or '
+  'CumulativeStats / DebiasedStats), got {got}. '
+  'Create one with bnjax.init_batch_stats(feature_shape) or convert a Flax '
+  "collection with bnjax.BatchStats(**variables['batch_stats'][name])."
+)
 
 _HALF_STATS_MSG = (
-    '{fn}: batch_stats.{field} has dtype {dtype}, which overflows past 65504: '
-    'a variance of 1e5 would be stored as inf and inference would then output '
-    'the bias. Keep running statistics in float32, e.g. jax.tree.map(lambda '
-    'v: v.astype(jnp.float32), batch_stats) (bfloat16 also works, with 3 '
-    'significant digits); the input x may stay float16.')
+  '{fn}: batch_stats.{field} has dtype {dtype}, which overflows past 65504: '
+  'a variance of 1e5 would be stored as inf and inference would then output '
+  'the bias. Keep running statistics in float32, e.g. jax.tree.map(lambda '
+  'v: v.astype(jnp.float32), batch_stats) (bfloat16 also works, with 3 '
+  'significant digits); the input x may stay float16.'
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +61,9 @@ def check_floating(fn: str, x: Any, name: str = 'x') -> jax.Array:
     dtype = x.dtype
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
-        f'{fn}: {name} must be a floating-point array, got dtype {dtype}; '
-        f'cast it first, e.g. {name}.astype(jnp.float32)')
+      f'{fn}: {name} must be a floating-point array, got dtype {dtype}; '
+      f'cast it first, e.g. {name}.astype(jnp.float32)'
+    )
   return x
 
 
@@ -68,55 +72,62 @@ def layout(fn: str, x: jax.Array, axis: Any) -> Layout:
   ndim = x.ndim
   axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
   if isinstance(axes, (str, bytes)) or not all(
-      isinstance(a, (int, np.integer)) and not isinstance(a, bool)
-      for a in _iter(axes)):
+    isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+    for a in _iter(axes)
+  ):
     raise TypeError(
-        f'{fn}: axis must be an int or a tuple of ints, got {axis!r} '
-        f'(a {type(axis).__name__}); pass e.g. axis=-1 or axis=(1, 2)')
+      f'{fn}: axis must be an int or a tuple of ints, got {axis!r} '
+      f'(a {type(axis).__name__}); pass e.g. axis=-1 or axis=(1, 2)'
+    )
   axes = tuple(int(a) for a in axes)
   for a in axes:
     if not -ndim <= a < ndim:
       raise ValueError(
-          f'{fn}: axis {a} is out of range for x of shape {x.shape} '
-          f'(ndim {ndim}); pass an axis in [{-ndim}, {ndim - 1}]')
+        f'{fn}: axis {a} is out of range for x of shape {x.shape} '
+        f'(ndim {ndim}); pass an axis in [{-ndim}, {ndim - 1}]'
+      )
   canon = tuple(sorted(a % ndim for a in axes))
   if len(set(canon)) != len(canon):
     raise ValueError(
-        f'{fn}: axis={axis!r} names the same axis twice for x of shape '
-        f'{x.shape}; pass each feature axis once')
+      f'{fn}: axis={axis!r} names the same axis twice for x of shape '
+      f'{x.shape}; pass each feature axis once'
+    )
   red = tuple(i for i in range(ndim) if i not in canon)
   count = math.prod(x.shape[i] for i in red)
   if count == 0:
     raise ValueError(
-        f'{fn}: the reduction is empty: x has shape {x.shape} and axis={axis!r}, '
-        f'so statistics reduce over axes {red} holding 0 values; pass a '
-        'non-empty batch')
+      f'{fn}: the reduction is empty: x has shape {x.shape} and axis={axis!r}, '
+      f'so statistics reduce over axes {red} holding 0 values; pass a '
+      'non-empty batch'
+    )
   return Layout(ndim, canon, red, tuple(x.shape[i] for i in canon), count)
 
 
-def check_per_channel(fn: str, name: str, v: Any, lay: Layout,
-                      floating: bool = True):
+def check_per_channel(
+  fn: str, name: str, v: Any, lay: Layout, floating: bool = True
+):
   """Checks that scale, bias, mean or var has the feature shape."""
   if v is None:
     return None
   v = check_floating(fn, v, name) if floating else jnp.asarray(v)
   if tuple(v.shape) != lay.feature_shape:
     raise ValueError(
-        f'{fn}: {name} has shape {tuple(v.shape)} but x has features of shape '
-        f'{lay.feature_shape} on axis {_axis_str(lay)}; pass {name} of shape '
-        f'{lay.feature_shape}')
+      f'{fn}: {name} has shape {tuple(v.shape)} but x has features of shape '
+      f'{lay.feature_shape} on axis {_axis_str(lay)}; pass {name} of shape '
+      f'{lay.feature_shape}'
+    )
   return v
 
 
 def check_stats(fn: str, stats: Any, lay: Layout, cls: Any = BatchStats):
   if not isinstance(stats, cls):
     raise TypeError(_STATS_TYPE_MSG.format(fn=fn, got=_describe(stats)))
-  for field, v in zip(stats._fields, stats):
-    v = check_per_channel(fn, f'batch_stats.{field}', v, lay,
-                          floating=field != 'count')
+  for field, v in zip(stats._fields, stats, strict=True):
+    v = check_per_channel(
+      fn, f'batch_stats.{field}', v, lay, floating=field != 'count'
+    )
     if field != 'count' and v.dtype == jnp.float16:
-      raise TypeError(_HALF_STATS_MSG.format(fn=fn, field=field,
-                                             dtype=v.dtype))
+      raise TypeError(_HALF_STATS_MSG.format(fn=fn, field=field, dtype=v.dtype))
   return stats
 
 
@@ -126,17 +137,19 @@ def check_mask(fn: str, mask: Any, x: jax.Array):
   mask = jnp.asarray(mask)
   if mask.dtype != jnp.bool_:
     raise TypeError(
-        f'{fn}: mask must be a boolean array, got dtype {mask.dtype}; '
-        'pass mask.astype(bool)')
+      f'{fn}: mask must be a boolean array, got dtype {mask.dtype}; '
+      'pass mask.astype(bool)'
+    )
   try:
     shape = jnp.broadcast_shapes(mask.shape, x.shape)
   except ValueError:
     shape = None
   if shape != tuple(x.shape):
     raise ValueError(
-        f'{fn}: mask of shape {mask.shape} does not broadcast to x of shape '
-        f'{x.shape}; pass a mask whose shape broadcasts to x, e.g. '
-        f'{x.shape[:1] + (1,) * (x.ndim - 1)} for per-example masking')
+      f'{fn}: mask of shape {mask.shape} does not broadcast to x of shape '
+      f'{x.shape}; pass a mask whose shape broadcasts to x, e.g. '
+      f'{x.shape[:1] + (1,) * (x.ndim - 1)} for per-example masking'
+    )
   return mask
 
 
@@ -146,48 +159,62 @@ def check_hyper(fn: str, momentum: Any, epsilon: Any):
   m = _concrete(momentum)
   if m is not None and not 0.0 <= m <= 1.0:
     raise ValueError(
-        f'{fn}: momentum={m} is outside [0, 1]. bnjax follows Flax: momentum is '
-        'the decay of the running average, new = momentum * old + '
-        '(1 - momentum) * batch. PyTorch momentum p is bnjax momentum 1 - p '
-        '(torch 0.1 is bnjax 0.9).')
+      f'{fn}: momentum={m} is outside [0, 1]. bnjax follows Flax: momentum is '
+      'the decay of the running average, new = momentum * old + '
+      '(1 - momentum) * batch. PyTorch momentum p is bnjax momentum 1 - p '
+      '(torch 0.1 is bnjax 0.9).'
+    )
   e = _concrete(epsilon)
   if e is not None and not 0.0 < e < float('inf'):
     raise ValueError(
-        f'{fn}: epsilon={e} must be finite and > 0 to keep rsqrt(var + '
-        'epsilon) finite and non-zero; pass e.g. epsilon=1e-5')
+      f'{fn}: epsilon={e} must be finite and > 0 to keep rsqrt(var + '
+      'epsilon) finite and non-zero; pass e.g. epsilon=1e-5'
+    )
 
 
 def check_scalar(fn: str, name: str, v: Any):
   """A real scalar: a Python number or a 0-d (possibly traced) array."""
   ok = not isinstance(v, (str, bytes, bool, np.bool_)) and (
-      isinstance(v, (int, float, np.integer, np.floating))
-      or (hasattr(v, 'dtype') and jnp.ndim(v) == 0
-          and jnp.issubdtype(v.dtype, jnp.number)))
+    isinstance(v, (int, float, np.integer, np.floating))
+    or (
+      hasattr(v, 'dtype')
+      and jnp.ndim(v) == 0
+      and jnp.issubdtype(v.dtype, jnp.number)
+    )
+  )
   if not ok:
     raise TypeError(
-        f'{fn}: {name} must be a real scalar (a float or a 0-d array), got '
-        f'{v!r} of type {type(v).__name__}; pass e.g. {name}='
-        f'{"0.99" if name == "momentum" else "1e-5"}')
+      f'{fn}: {name} must be a real scalar (a float or a 0-d array), got '
+      f'{v!r} of type {type(v).__name__}; pass e.g. {name}='
+      f'{"0.99" if name == "momentum" else "1e-5"}'
+    )
 
 
 def check_training_count(fn: str, x, lay: Layout, axis, global_count: int):
   if global_count <= 1:
-    raise ValueError(_ONE_VALUE_MSG.format(
-        fn=fn, shape=tuple(x.shape), axis=axis, count=global_count))
+    raise ValueError(
+      _ONE_VALUE_MSG.format(
+        fn=fn, shape=tuple(x.shape), axis=axis, count=global_count
+      )
+    )
 
 
 def check_use_running_average(fn: str, value: Any):
   if not isinstance(value, (bool, np.bool_)):
     raise TypeError(
-        f'{fn}: use_running_average must be a Python bool (True for '
-        f'inference, False for training), got {value!r}')
+      f'{fn}: use_running_average must be a Python bool (True for '
+      f'inference, False for training), got {value!r}'
+    )
 
 
 def _concrete(v: Any):
   try:
     return float(v)
-  except (TypeError, jax.errors.ConcretizationTypeError,
-          jax.errors.TracerArrayConversionError):
+  except (
+    TypeError,
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+  ):
     return None
 
 

@@ -28,7 +28,14 @@ from jax import lax
 
 from bnjax import _checks, _ghost, _running, _stats, _sync
 from bnjax._checks import Layout
-from bnjax._types import BatchStats
+from bnjax._types import (
+  Axis,
+  AxisIndexGroups,
+  AxisName,
+  DType,
+  RunningStats,
+  Scalar,
+)
 
 Array = jax.Array
 
@@ -76,8 +83,9 @@ def _forward(x, scale, bias, epsilon, mask, renorm, fallback, cfg: _Cfg):
     # A channel with no masked-in value has no batch statistics: normalize it
     # with the running ones, as inference would (flax gives NaN there).
     empty = count == 0
-    fb_mean, fb_var = (lax.stop_gradient(v.astype(mean.dtype))
-                       for v in fallback)
+    fb_mean, fb_var = (
+      lax.stop_gradient(v.astype(mean.dtype)) for v in fallback
+    )
     norm_mean = jnp.where(empty, fb_mean, mean)
     var_eps = jnp.where(empty, fb_var + epsilon, var_eps)
   rstd = lax.rsqrt(var_eps)
@@ -107,8 +115,9 @@ def _fold(scale, bias, rd, f):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
 def _bn_train(x, scale, bias, epsilon, mask, renorm, fallback, cfg):
-  y, mean, var, count, _, _, _ = _forward(x, scale, bias, epsilon, mask,
-                                          renorm, fallback, cfg)
+  y, mean, var, count, _, _, _ = _forward(
+    x, scale, bias, epsilon, mask, renorm, fallback, cfg
+  )
   return y, mean, var, count
 
 
@@ -123,7 +132,8 @@ def _bn_train_jvp(cfg, primals, tangents):
   # previous code's; with the plain-sum pass and the cond, 0.95 to 1.07x. The
   # price is compile time (1.2 to 1.6x flax's against 1.2 to 1.4x).
   y, mean, var, count, norm_mean, rstd, rd = _forward(
-      x, scale, bias, epsilon, mask, renorm, fallback, cfg)
+    x, scale, bias, epsilon, mask, renorm, fallback, cfg
+  )
   if rd is not None:
     # r and d are constants: the tangent is BN's with the folded affine.
     f = mean.dtype
@@ -132,14 +142,14 @@ def _bn_train_jvp(cfg, primals, tangents):
       dscale = dscale * rd[0]
     scale, _ = _fold(scale, bias, rd, f)
   tangent = jax.checkpoint(functools.partial(_tangent, cfg))
-  dy = tangent(x, norm_mean, rstd, count, scale, mask, dx, dscale, dbias,
-               deps)
+  dy = tangent(x, norm_mean, rstd, count, scale, mask, dx, dscale, dbias, deps)
   zeros = (jnp.zeros_like(mean), jnp.zeros_like(var), jnp.zeros_like(count))
   return (y, mean, var, count), (dy,) + zeros
 
 
-def _tangent(cfg: _Cfg, x, mean, rstd, count, scale, mask, dx, dscale, dbias,
-             deps):
+def _tangent(
+  cfg: _Cfg, x, mean, rstd, count, scale, mask, dx, dscale, dbias, deps
+):
   # Written as dy = (g r) dx + xhat v1 + v2 with per-channel v1, v2, so that
   # JAX's transpose needs only two reductions, sum(ct) and sum(ct * xhat),
   # and every full-size pass fuses (see the module docstring for the maths).
@@ -150,7 +160,8 @@ def _tangent(cfg: _Cfg, x, mean, rstd, count, scale, mask, dx, dscale, dbias,
   # reduction and the elementwise pass of the backward, which would write it
   # out as a full-size temporary.
   (mean_a, rstd_a), (mean_b, rstd_b) = lax.optimization_barrier(
-      ((mean, rstd), (mean, rstd)))
+    ((mean, rstd), (mean, rstd))
+  )
   xhat = (x.astype(f) - b(mean_a)) * b(rstd_a)
   xhat_b = (x.astype(f) - b(mean_b)) * b(rstd_b)
   dxf = dx.astype(f)
@@ -170,14 +181,22 @@ def _tangent(cfg: _Cfg, x, mean, rstd, count, scale, mask, dx, dscale, dbias,
   if dbias is not None:
     v2 = v2 + dbias.astype(f)
   if cfg.axis_name is not None:
-    v1, v2 = _sync.as_varying(jnp.stack([v1, v2]), cfg.axis_name)
+    v1, v2 = _sync.as_varying(jnp.stack([v1, v2]), cfg.axis_name, like=x)
   dy = b(gr) * dxf + xhat * b(v1) + b(v2)
   return dy.astype(cfg.out_dtype)
 
 
-def normalize(x: Array, mean: Array, var: Array, scale: Array | None = None,
-              bias: Array | None = None, *, axis=-1, epsilon: float = 1e-5,
-              dtype=None) -> Array:
+def normalize(
+  x: Array,
+  mean: Array,
+  var: Array,
+  scale: Array | None = None,
+  bias: Array | None = None,
+  *,
+  axis: Axis = -1,
+  epsilon: Scalar = 1e-5,
+  dtype: DType | None = None,
+) -> Array:
   r"""Normalizes x with given per-channel statistics.
 
   .. math:: y = (x - \mu)\,(\sigma^2 + \epsilon)^{-1/2}\,\gamma + \beta
@@ -212,12 +231,19 @@ def normalize(x: Array, mean: Array, var: Array, scale: Array | None = None,
   _checks.check_hyper(fn, 0.0, epsilon)
   f = _stats.stats_dtype(x.dtype)
   rstd = lax.rsqrt(var.astype(f) + epsilon)
-  return _affine(x, mean.astype(f), rstd, scale, bias, lay,
-                 _out_dtype(fn, x, dtype))
+  return _affine(
+    x, mean.astype(f), rstd, scale, bias, lay, _out_dtype(fn, x, dtype)
+  )
 
 
-def moments(x: Array, *, axis=-1, mask: Array | None = None, axis_name=None,
-            axis_index_groups=None) -> tuple[Array, Array]:
+def moments(
+  x: Array,
+  *,
+  axis: Axis = -1,
+  mask: Array | None = None,
+  axis_name: AxisName = None,
+  axis_index_groups: AxisIndexGroups | None = None,
+) -> tuple[Array, Array]:
   """Per-channel mean and biased variance of x, exact and count-weighted.
 
   Reduces over every axis except ``axis``. With ``mask``, only masked-in
@@ -235,19 +261,34 @@ def moments(x: Array, *, axis=-1, mask: Array | None = None, axis_name=None,
   x = _checks.check_floating(fn, x)
   lay = _checks.layout(fn, x, axis)
   mask = _checks.check_mask(fn, mask, x)
-  cfg = _Cfg(lay, axis_name,
-             _sync.canonical_groups(fn, axis_name, axis_index_groups), True,
-             x.dtype)
+  cfg = _Cfg(
+    lay,
+    axis_name,
+    _sync.canonical_groups(fn, axis_name, axis_index_groups),
+    True,
+    x.dtype,
+  )
   _, mean, var = _batch_stats(x, mask, cfg)
   return mean, var
 
 
-def batch_norm(x: Array, batch_stats: BatchStats, scale: Array | None = None,
-               bias: Array | None = None, *, use_running_average: bool,
-               axis=-1, momentum=0.99, epsilon=1e-5, axis_name=None,
-               axis_index_groups=None, mask: Array | None = None,
-               use_fast_variance: bool = True, dtype=None,
-               virtual_batch_size: int | None = None) -> tuple[Array, Any]:
+def batch_norm(
+  x: Array,
+  batch_stats: RunningStats,
+  scale: Array | None = None,
+  bias: Array | None = None,
+  *,
+  use_running_average: bool,
+  axis: Axis = -1,
+  momentum: Scalar = 0.99,
+  epsilon: Scalar = 1e-5,
+  axis_name: AxisName = None,
+  axis_index_groups: AxisIndexGroups | None = None,
+  mask: Array | None = None,
+  use_fast_variance: bool = True,
+  dtype: DType | None = None,
+  virtual_batch_size: int | None = None,
+) -> tuple[Array, RunningStats]:
   r"""Batch normalization as a pure function: returns ``(y, new_batch_stats)``.
 
   Training (``use_running_average=False``) normalizes with the batch mean and
@@ -332,41 +373,71 @@ def batch_norm(x: Array, batch_stats: BatchStats, scale: Array | None = None,
   out_dtype = _out_dtype(fn, x, dtype)
   if use_running_average:
     pop = _running.population_stats(batch_stats)
-    y = normalize(x, pop.mean, pop.var, scale, bias, axis=axis,
-                  epsilon=epsilon, dtype=out_dtype)
+    y = normalize(
+      x,
+      pop.mean,
+      pop.var,
+      scale,
+      bias,
+      axis=axis,
+      epsilon=epsilon,
+      dtype=out_dtype,
+    )
     return y, batch_stats
   groups = _sync.canonical_groups(fn, axis_name, axis_index_groups)
   cfg = _Cfg(lay, axis_name, groups, bool(use_fast_variance), out_dtype)
   fallback = None if mask is None else _running.population_stats(batch_stats)
   if virtual_batch_size is not None:
-    y, mean, var, count = _ghost.train(train, fn, x, scale, bias, epsilon, mask,
-                                       cfg, virtual_batch_size, fallback)
+    y, mean, var, count = _ghost.train(
+      train,
+      fn,
+      x,
+      scale,
+      bias,
+      epsilon,
+      mask,
+      cfg,
+      virtual_batch_size,
+      fallback,
+    )
   else:
-    y, mean, var, count = train(fn, x, scale, bias, epsilon, mask, cfg,
-                                fallback=fallback)
+    y, mean, var, count = train(
+      fn, x, scale, bias, epsilon, mask, cfg, fallback=fallback
+    )
   valid = None if mask is None else count > 0
   return y, _running.update(batch_stats, mean, var, momentum, valid)
 
 
-def train(fn, x, scale, bias, epsilon, mask, cfg: _Cfg, renorm=None,
-          fallback=None):
+def train(
+  fn, x, scale, bias, epsilon, mask, cfg: _Cfg, renorm=None, fallback=None
+):
   """Checked training-mode BN: (y, batch mean, batch var, count).
 
   ``fallback``: the (mean, var) that channels with no masked-in value are
   normalized with (the running statistics), or None.
   """
-  shards = 1 if cfg.axis_name is None else _sync.num_shards(cfg.axis_name,
-                                                            cfg.groups)
-  _checks.check_training_count(fn, x, cfg.lay, cfg.lay.feature_axes,
-                               cfg.lay.count * shards)
+  shards = (
+    1 if cfg.axis_name is None else _sync.num_shards(cfg.axis_name, cfg.groups)
+  )
+  _checks.check_training_count(
+    fn, x, cfg.lay, cfg.lay.feature_axes, cfg.lay.count * shards
+  )
   f = _stats.stats_dtype(x.dtype)
-  return _bn_train(x, scale, bias, jnp.asarray(epsilon, f), mask, renorm,
-                   fallback, cfg)
+  return _bn_train(
+    x, scale, bias, jnp.asarray(epsilon, f), mask, renorm, fallback, cfg
+  )
 
 
-def frozen_batch_norm(x: Array, batch_stats, scale: Array | None = None,
-                      bias: Array | None = None, *, axis=-1, epsilon=1e-5,
-                      dtype=None) -> tuple[Array, Any]:
+def frozen_batch_norm(
+  x: Array,
+  batch_stats: RunningStats,
+  scale: Array | None = None,
+  bias: Array | None = None,
+  *,
+  axis: Axis = -1,
+  epsilon: Scalar = 1e-5,
+  dtype: DType | None = None,
+) -> tuple[Array, RunningStats]:
   """Frozen BN for fine-tuning: stored statistics, trainable affine.
 
   Normalizes with the stored (population) statistics whatever the mode, lets
@@ -389,5 +460,6 @@ def frozen_batch_norm(x: Array, batch_stats, scale: Array | None = None,
   lay = _checks.layout(fn, x, axis)
   _checks.check_stats(fn, batch_stats, lay, _running.STATE_TYPES)
   pop = jax.tree.map(lax.stop_gradient, _running.population_stats(batch_stats))
-  return normalize(x, pop.mean, pop.var, scale, bias, axis=axis,
-                   epsilon=epsilon, dtype=dtype), batch_stats
+  return normalize(
+    x, pop.mean, pop.var, scale, bias, axis=axis, epsilon=epsilon, dtype=dtype
+  ), batch_stats

@@ -23,22 +23,24 @@ import jax.numpy as jnp
 from bnjax import _checks, _sync
 
 _NOT_DIVISIBLE = (
-    '{fn}: x has batch size {b} on axis 0, which virtual_batch_size={v} does '
-    'not divide; pass a virtual_batch_size that divides {b} (for example '
-    '{hint}), or pad the batch and mask the padding')
+  '{fn}: x has batch size {b} on axis 0, which virtual_batch_size={v} does '
+  'not divide; pass a virtual_batch_size that divides {b} (for example '
+  '{hint}), or pad the batch and mask the padding'
+)
 
 
-def train(core_train, fn, x, scale, bias, epsilon, mask, cfg, v,
-          fallback=None):
+def train(core_train, fn, x, scale, bias, epsilon, mask, cfg, v, fallback=None):
   """Ghost-batch training: (y, chunk-mean batch mean, var, count)."""
   lay = cfg.lay
   if 0 in lay.feature_axes:
     raise ValueError(
-        f'{fn}: virtual_batch_size chunks axis 0, but axis 0 is a feature '
-        f'axis (axis={lay.feature_axes}); put the batch first')
+      f'{fn}: virtual_batch_size chunks axis 0, but axis 0 is a feature '
+      f'axis (axis={lay.feature_axes}); put the batch first'
+    )
   if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-    raise ValueError(f'{fn}: virtual_batch_size must be a positive int, got '
-                     f'{v!r}')
+    raise ValueError(
+      f'{fn}: virtual_batch_size must be a positive int, got {v!r}'
+    )
   b = x.shape[0]
   if b % v:
     divisors = [d for d in range(1, b + 1) if b % d == 0 and d > 1]
@@ -47,15 +49,17 @@ def train(core_train, fn, x, scale, bias, epsilon, mask, cfg, v,
   k = b // v
   xr = x.reshape((k, v) + x.shape[1:])
   glay = _checks.layout(fn, xr, (0,) + tuple(a + 1 for a in lay.feature_axes))
-  per_chunk = lambda p: None if p is None else jnp.broadcast_to(
-      p, (k,) + lay.feature_shape)
-  mr = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(
-      xr.shape)
+  per_chunk = lambda p: (
+    None if p is None else jnp.broadcast_to(p, (k,) + lay.feature_shape)
+  )
+  mr = (
+    None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(xr.shape)
+  )
   gcfg = dataclasses.replace(cfg, lay=glay, axis_name=None, groups=None)
   fb = None if fallback is None else tuple(per_chunk(s) for s in fallback)
-  y, mean_k, var_k, count_k = core_train(fn, xr, per_chunk(scale),
-                                         per_chunk(bias), epsilon, mr, gcfg,
-                                         fallback=fb)
+  y, mean_k, var_k, count_k = core_train(
+    fn, xr, per_chunk(scale), per_chunk(bias), epsilon, mr, gcfg, fallback=fb
+  )
   w = jnp.broadcast_to((count_k > 0).astype(mean_k.dtype), mean_k.shape)
   count = jnp.sum(jnp.broadcast_to(count_k, mean_k.shape), 0)
   sums = [jnp.sum(w * mean_k, 0), jnp.sum(w * var_k, 0), jnp.sum(w, 0), count]

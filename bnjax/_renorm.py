@@ -24,32 +24,56 @@ import jax
 import jax.numpy as jnp
 
 from bnjax import _checks, _core, _running, _stats, _sync
-from bnjax._types import BatchStats, RenormStats
+from bnjax._types import (
+  Axis,
+  AxisIndexGroups,
+  AxisName,
+  BatchStats,
+  DType,
+  RenormStats,
+  Scalar,
+)
 
 _STATE_MSG = (
-    'batch_renorm: renorm_stats must be a bnjax.RenormStats(mean, std), got '
-    '{got}. Batch renorm tracks the running standard deviation, not the '
-    'variance: create one with bnjax.init_renorm_stats(feature_shape){conv}.')
+  'batch_renorm: renorm_stats must be a bnjax.RenormStats(mean, std), got '
+  '{got}. Batch renorm tracks the running standard deviation, not the '
+  'variance: create one with bnjax.init_renorm_stats(feature_shape){conv}.'
+)
 
 
 def _check_limits(r_max, d_max):
   r = _checks._concrete(r_max)
   if r is not None and not r >= 1.0:
-    raise ValueError(f'batch_renorm: r_max={r} must be >= 1 (r is clipped to '
-                     '[1/r_max, r_max]); pass r_max=1 for plain BN at start')
+    raise ValueError(
+      f'batch_renorm: r_max={r} must be >= 1 (r is clipped to '
+      '[1/r_max, r_max]); pass r_max=1 for plain BN at start'
+    )
   d = _checks._concrete(d_max)
   if d is not None and not d >= 0.0:
-    raise ValueError(f'batch_renorm: d_max={d} must be >= 0 (d is clipped to '
-                     '[-d_max, d_max]); pass d_max=0 for plain BN at start')
+    raise ValueError(
+      f'batch_renorm: d_max={d} must be >= 0 (d is clipped to '
+      '[-d_max, d_max]); pass d_max=0 for plain BN at start'
+    )
 
 
-def batch_renorm(x: jax.Array, renorm_stats: RenormStats,
-                 scale: jax.Array | None = None, bias: jax.Array | None = None,
-                 *, use_running_average: bool, r_max, d_max, axis=-1,
-                 momentum=0.99, epsilon=1e-5, axis_name=None,
-                 axis_index_groups=None, mask: jax.Array | None = None,
-                 use_fast_variance: bool = True,
-                 dtype=None) -> tuple[jax.Array, RenormStats]:
+def batch_renorm(
+  x: jax.Array,
+  renorm_stats: RenormStats,
+  scale: jax.Array | None = None,
+  bias: jax.Array | None = None,
+  *,
+  use_running_average: bool,
+  r_max: Scalar,
+  d_max: Scalar,
+  axis: Axis = -1,
+  momentum: Scalar = 0.99,
+  epsilon: Scalar = 1e-5,
+  axis_name: AxisName = None,
+  axis_index_groups: AxisIndexGroups | None = None,
+  mask: jax.Array | None = None,
+  use_fast_variance: bool = True,
+  dtype: DType | None = None,
+) -> tuple[jax.Array, RenormStats]:
   r"""Batch renormalization: returns ``(y, new_renorm_stats)``.
 
   See the module docstring for the formulas. ``r_max`` and ``d_max`` may be
@@ -81,11 +105,15 @@ def batch_renorm(x: jax.Array, renorm_stats: RenormStats,
   x = _checks.check_floating(fn, x)
   lay = _checks.layout(fn, x, axis)
   if not isinstance(renorm_stats, RenormStats):
-    conv = (', or carry over BatchStats as RenormStats(stats.mean, '
-            'jnp.sqrt(stats.var + epsilon))'
-            if isinstance(renorm_stats, BatchStats) else '')
-    raise TypeError(_STATE_MSG.format(got=type(renorm_stats).__name__,
-                                      conv=conv))
+    conv = (
+      ', or carry over BatchStats as RenormStats(stats.mean, '
+      'jnp.sqrt(stats.var + epsilon))'
+      if isinstance(renorm_stats, BatchStats)
+      else ''
+    )
+    raise TypeError(
+      _STATE_MSG.format(got=type(renorm_stats).__name__, conv=conv)
+    )
   _checks.check_stats(fn, renorm_stats, lay, RenormStats)
   scale = _checks.check_per_channel(fn, 'scale', scale, lay)
   bias = _checks.check_per_channel(fn, 'bias', bias, lay)
@@ -96,18 +124,31 @@ def batch_renorm(x: jax.Array, renorm_stats: RenormStats,
   f = _stats.stats_dtype(x.dtype)
   if use_running_average:
     std = renorm_stats.std.astype(f)
-    return _core._affine(x, renorm_stats.mean.astype(f), 1 / std, scale, bias,
-                         lay, out_dtype), renorm_stats
-  cfg = _core._Cfg(lay, axis_name,
-                   _sync.canonical_groups(fn, axis_name, axis_index_groups),
-                   bool(use_fast_variance), out_dtype)
-  limits = (renorm_stats.mean, renorm_stats.std, jnp.asarray(r_max, f),
-            jnp.asarray(d_max, f))
+    return _core._affine(
+      x, renorm_stats.mean.astype(f), 1 / std, scale, bias, lay, out_dtype
+    ), renorm_stats
+  cfg = _core._Cfg(
+    lay,
+    axis_name,
+    _sync.canonical_groups(fn, axis_name, axis_index_groups),
+    bool(use_fast_variance),
+    out_dtype,
+  )
+  limits = (
+    renorm_stats.mean,
+    renorm_stats.std,
+    jnp.asarray(r_max, f),
+    jnp.asarray(d_max, f),
+  )
   # An empty masked channel is normalized as inference would: (x - mean)/std.
-  fallback = None if mask is None else (
-      renorm_stats.mean, jnp.square(renorm_stats.std.astype(f)) - epsilon)
-  y, mean, var, count = _core.train(fn, x, scale, bias, epsilon, mask, cfg,
-                                    renorm=limits, fallback=fallback)
+  fallback = (
+    None
+    if mask is None
+    else (renorm_stats.mean, jnp.square(renorm_stats.std.astype(f)) - epsilon)
+  )
+  y, mean, var, count = _core.train(
+    fn, x, scale, bias, epsilon, mask, cfg, renorm=limits, fallback=fallback
+  )
   valid = None if mask is None else count > 0
   sigma = jnp.sqrt(var + jnp.asarray(epsilon, f))
   return y, _running.ema(renorm_stats, mean, sigma, momentum, valid)

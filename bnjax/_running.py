@@ -18,7 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._types import BatchStats, CumulativeStats, DebiasedStats
+from bnjax._types import (
+  BatchStats,
+  CumulativeStats,
+  DebiasedStats,
+  RunningStats,
+)
 
 STATE_TYPES = (BatchStats, CumulativeStats, DebiasedStats)
 
@@ -32,15 +37,18 @@ def _mix(old, batch, keep, valid):
   return new.astype(old.dtype)
 
 
-def ema(old, mean: jax.Array, var: jax.Array, momentum,
-        valid: jax.Array | None = None):
+def ema(
+  old, mean: jax.Array, var: jax.Array, momentum, valid: jax.Array | None = None
+):
   """EMA of both fields of a two-field state (BatchStats, RenormStats)."""
-  return type(old)(_mix(old[0], mean, momentum, valid),
-                   _mix(old[1], var, momentum, valid))
+  return type(old)(
+    _mix(old[0], mean, momentum, valid), _mix(old[1], var, momentum, valid)
+  )
 
 
-def update(old, mean: jax.Array, var: jax.Array, momentum,
-           valid: jax.Array | None = None):
+def update(
+  old, mean: jax.Array, var: jax.Array, momentum, valid: jax.Array | None = None
+):
   """New running state after one batch, by the rule of ``type(old)``."""
   if isinstance(old, BatchStats):
     return ema(old, mean, var, momentum, valid)
@@ -49,17 +57,20 @@ def update(old, mean: jax.Array, var: jax.Array, momentum,
     count = old.count + inc
     # (1 - 1/t) old + b/t: exactly b at t = 1.
     keep = 1 - 1 / jnp.maximum(count, 1).astype(mean.dtype)
-    return CumulativeStats(_mix(old.mean, mean, keep, valid),
-                           _mix(old.var, var, keep, valid), count)
+    return CumulativeStats(
+      _mix(old.mean, mean, keep, valid), _mix(old.var, var, keep, valid), count
+    )
   if isinstance(old, DebiasedStats):
     one = jnp.ones_like(mean)
-    return DebiasedStats(_mix(old.mean, mean, momentum, valid),
-                         _mix(old.var, var, momentum, valid),
-                         _mix(old.weight, one, momentum, valid))
+    return DebiasedStats(
+      _mix(old.mean, mean, momentum, valid),
+      _mix(old.var, var, momentum, valid),
+      _mix(old.weight, one, momentum, valid),
+    )
   raise TypeError(f'unknown running-statistics type {type(old).__name__}')
 
 
-def population_stats(state) -> BatchStats:
+def population_stats(state: RunningStats) -> BatchStats:
   """The (mean, var) that inference normalizes with, for any state type.
 
   Example:
@@ -75,8 +86,11 @@ def population_stats(state) -> BatchStats:
   if isinstance(state, DebiasedStats):
     seen = state.weight > 0
     w = jnp.where(seen, state.weight, 1)
-    return BatchStats(jnp.where(seen, state.mean / w, 0).astype(state.mean.dtype),
-                      jnp.where(seen, state.var / w, 1).astype(state.var.dtype))
+    return BatchStats(
+      jnp.where(seen, state.mean / w, 0).astype(state.mean.dtype),
+      jnp.where(seen, state.var / w, 1).astype(state.var.dtype),
+    )
   raise TypeError(
-      f'population_stats: expected BatchStats, CumulativeStats or '
-      f'DebiasedStats, got {type(state).__name__}')
+    f'population_stats: expected BatchStats, CumulativeStats or '
+    f'DebiasedStats, got {type(state).__name__}'
+  )

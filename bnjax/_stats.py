@@ -38,7 +38,7 @@ class Partial(NamedTuple):
   ``m2`` have the feature shape.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   shift: jax.Array
   s1: jax.Array
   m2: jax.Array
@@ -56,8 +56,9 @@ def stats_dtype(dtype) -> jnp.dtype:
 _ONE_PASS_MAX_RATIO = 8.0
 
 
-def local_partial(x: jax.Array, lay: Layout, mask: jax.Array | None,
-                  fast: bool) -> Partial:
+def local_partial(
+  x: jax.Array, lay: Layout, mask: jax.Array | None, fast: bool
+) -> Partial:
   """Exact per-channel partial moments of x over ``lay.reduction_axes``.
 
   With ``fast=True`` and no mask, two plain reductions give ``sum(x)`` and
@@ -81,8 +82,10 @@ def local_partial(x: jax.Array, lay: Layout, mask: jax.Array | None,
     m2_fast = jnp.maximum(jnp.sum(xf * xf, red) - n * shift * shift, 0.0)
     inexact = jnp.any(shift * shift * n > _ONE_PASS_MAX_RATIO * m2_fast)
     return lax.cond(
-        inexact, lambda: corrected(xf, n, shift, lay),
-        lambda: Partial(n, shift, jnp.zeros_like(shift), m2_fast))
+      inexact,
+      lambda: corrected(xf, n, shift, lay),
+      lambda: Partial(n, shift, jnp.zeros_like(shift), m2_fast),
+    )
   m = jnp.broadcast_to(mask, x.shape)
   n = jnp.sum(m, red, dtype=f)
   shift = jnp.sum(jnp.where(m, xf, 0.0), red) / jnp.maximum(n, 1.0)
@@ -106,8 +109,14 @@ def subset_shift(xf: jax.Array, lay: Layout) -> jax.Array:
   return jnp.sum(sub, lay.reduction_axes) / (lay.count // xf.shape[ax] * k)
 
 
-def corrected(xf: jax.Array, n: jax.Array, shift: jax.Array, lay: Layout, *,
-              mask: jax.Array | None = None) -> Partial:
+def corrected(
+  xf: jax.Array,
+  n: jax.Array,
+  shift: jax.Array,
+  lay: Layout,
+  *,
+  mask: jax.Array | None = None,
+) -> Partial:
   """The corrected two-pass around any ``shift`` (exact to first order in it).
 
   ``n`` is the number of (masked-in) values per channel. Taking the shift as

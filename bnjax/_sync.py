@@ -33,7 +33,8 @@ over a mix of vmap and shard_map axes in one op.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +45,23 @@ from bnjax._stats import Partial, merge
 
 AxisName = Any
 
-try:  # replicated output, unlike lax.all_gather (JAX-private in 0.10)
-  from jax._src.lax.parallel import all_gather_invariant as _all_gather_invariant
+# An all-gather whose output is replicated, unlike lax.all_gather's. It is
+# JAX-private (0.8 to 0.10); where a release lacks it, the psum-gather (public
+# API: the same statistics, also one collective) takes over.
+# tests/test_sync.py forces that fallback and compares.
+_all_gather_invariant: Callable[..., Any] | None
+try:
+  from jax._src.lax.parallel import (
+    all_gather_invariant as _all_gather_invariant,
+  )
 except ImportError:  # pragma: no cover
   _all_gather_invariant = None
 
 
 def names(axis_name: AxisName) -> tuple:
-  return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (
-      axis_name,)
+  return (
+    tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  )
 
 
 def canonical_groups(fn: str, axis_name: AxisName, groups: Any):
@@ -65,31 +74,34 @@ def canonical_groups(fn: str, axis_name: AxisName, groups: Any):
     return None
   if axis_name is None:
     raise ValueError(
-        f'{fn}: axis_index_groups={groups!r} was passed without axis_name, so '
-        'there is no mapped axis for the groups to index; pass the axis_name '
-        'of the pmap/shard_map axis, or drop axis_index_groups')
+      f'{fn}: axis_index_groups={groups!r} was passed without axis_name, so '
+      'there is no mapped axis for the groups to index; pass the axis_name '
+      'of the pmap/shard_map axis, or drop axis_index_groups'
+    )
   if len(names(axis_name)) != 1:
     raise ValueError(
-        f'{fn}: axis_index_groups needs a single axis_name, got '
-        f'{axis_name!r}; use one name, or a mesh axis per group level instead '
-        'of groups')
+      f'{fn}: axis_index_groups needs a single axis_name, got '
+      f'{axis_name!r}; use one name, or a mesh axis per group level instead '
+      'of groups'
+    )
   try:
     canon = tuple(tuple(int(i) for i in g) for g in groups)
   except (TypeError, ValueError):
     raise TypeError(
-        f'{fn}: axis_index_groups must be a list of lists of ints, got '
-        f'{groups!r}') from None
+      f'{fn}: axis_index_groups must be a list of lists of ints, got {groups!r}'
+    ) from None
   size = lax.axis_size(names(axis_name)[0])
   flat = [i for g in canon for i in g]
   missing = sorted(set(range(size)) - set(flat))
   extra = sorted({i for i in flat if flat.count(i) > 1 or not 0 <= i < size})
   if missing or extra or not all(canon):
     raise ValueError(
-        f'{fn}: axis_index_groups={[list(g) for g in canon]} must partition '
-        f'the {size} indices 0..{size - 1} of axis {axis_name!r} into '
-        f'non-empty groups, each index exactly once (missing: {missing}, '
-        f'repeated or out of range: {extra}); add the missing indices as '
-        'their own group')
+      f'{fn}: axis_index_groups={[list(g) for g in canon]} must partition '
+      f'the {size} indices 0..{size - 1} of axis {axis_name!r} into '
+      f'non-empty groups, each index exactly once (missing: {missing}, '
+      f'repeated or out of range: {extra}); add the missing indices as '
+      'their own group'
+    )
   return canon
 
 
@@ -111,16 +123,20 @@ def _gather_merge_one(p: Partial, name, groups) -> Partial:
   shape = p.shift.shape
   count = jnp.broadcast_to(p.count, shape) if p.count.ndim else p.count
   flat = jnp.concatenate([jnp.ravel(v) for v in (count, p.shift, p.s1, p.m2)])
-  if groups is None and _all_gather_invariant is not None and _is_mesh_axis(
-      flat, name):
+  if (
+    groups is None
+    and _all_gather_invariant is not None
+    and _is_mesh_axis(flat, name)
+  ):
     g = _all_gather_invariant(as_varying(flat, name), name)
   else:
     g = _psum_gather(flat, name, groups)
   d = g.shape[0]
   k, c = count.size, math.prod(shape)
   n_i = g[:, :k].reshape((d,) + count.shape)
-  shift_i, s1_i, m2_i = (g[:, k + j * c:k + (j + 1) * c].reshape((d,) + shape)
-                         for j in range(3))
+  shift_i, s1_i, m2_i = (
+    g[:, k + j * c : k + (j + 1) * c].reshape((d,) + shape) for j in range(3)
+  )
   return merge(Partial(n_i, shift_i, s1_i, m2_i))
 
 
@@ -153,23 +169,40 @@ def psum_stacked(vs: Sequence[jax.Array], axis_name: AxisName, groups):
   return tuple(out[i] for i in range(len(vs)))
 
 
-def as_varying(v: jax.Array, axis_name: AxisName) -> jax.Array:
+def as_varying(
+  v: jax.Array, axis_name: AxisName, like: jax.Array | None = None
+) -> jax.Array:
   """Marks a replicated per-channel value as varying over the mapped axes.
 
   Under shard_map, JAX inserts this cast implicitly wherever a replicated
   value meets a per-shard one, and transposes each cast into its own psum.
   Casting the stacked backward terms once makes the backward ONE psum.
-  Outside shard_map's type system (pmap, vmap) this is the identity.
+  Outside shard_map's type system (pmap, vmap) this is the identity. With
+  ``like`` (the per-shard input), only axes over which ``like`` varies are
+  cast: under ``check_vma=False`` nothing is typed varying, and JAX 0.8
+  would transpose the cast into an extra psum.
   """
-  aval = jax.typeof(v)
-  mat = getattr(aval, 'manual_axis_type', None)  # JAX >= 0.10
-  vma = mat.varying if mat is not None else getattr(aval, 'vma', None)
+  vma = _varying(v)
   if vma is None:
     return v
+  aval = jax.typeof(v)
   mesh = getattr(getattr(aval, 'sharding', None), 'mesh', None)
-  mesh_axes = set(getattr(mesh, 'axis_names', ()))
-  cast = tuple(n for n in names(axis_name) if n in mesh_axes and n not in vma)
-  return lax.pcast(v, cast, to='varying') if cast else v
+  axes = set(getattr(mesh, 'axis_names', ()))
+  if like is not None:
+    axes &= _varying(like) or set()
+  cast = tuple(n for n in names(axis_name) if n in axes and n not in vma)
+  if not cast:
+    return v
+  if hasattr(lax, 'pcast'):  # lax.pvary's successor (JAX 0.10)
+    return lax.pcast(v, cast, to='varying')
+  return lax.pvary(v, cast)  # type: ignore[attr-defined]  # JAX < 0.10
+
+
+def _varying(v: jax.Array):
+  """The mesh axes v varies over in shard_map's type system, or None."""
+  aval = jax.typeof(v)
+  mat = getattr(aval, 'manual_axis_type', None)  # JAX >= 0.10
+  return mat.varying if mat is not None else getattr(aval, 'vma', None)
 
 
 def _is_mesh_axis(v: jax.Array, name) -> bool:

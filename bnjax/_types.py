@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-Axis = Union[int, Sequence[int]]
+Axis = int | Sequence[int]
 DType = Any
+# A real scalar: a Python number or a 0-d (possibly traced) array.
+Scalar = float | Array
+# A mapped axis name (hashable) or a tuple of them.
+AxisName = Any
+AxisIndexGroups = Sequence[Sequence[int]]
 
 
 class BatchStats(NamedTuple):
@@ -37,16 +43,19 @@ def _feature_shape(feature_shape: int | Sequence[int]) -> tuple[int, ...]:
     shape = tuple(int(d) for d in feature_shape)
   except TypeError:
     raise TypeError(
-        f'init_batch_stats: feature_shape must be an int or a tuple of ints, '
-        f'got {feature_shape!r}') from None
+      f'init_batch_stats: feature_shape must be an int or a tuple of ints, '
+      f'got {feature_shape!r}'
+    ) from None
   if any(d < 0 for d in shape):
     raise ValueError(
-        f'init_batch_stats: feature_shape has a negative size: {shape}')
+      f'init_batch_stats: feature_shape has a negative size: {shape}'
+    )
   return shape
 
 
-def init_batch_stats(feature_shape: int | Sequence[int],
-                     dtype: DType = jnp.float32) -> BatchStats:
+def init_batch_stats(
+  feature_shape: int | Sequence[int], dtype: DType = jnp.float32
+) -> BatchStats:
   """Returns fresh running statistics: mean 0 and variance 1, as Flax does.
 
   Needs no mapped context, so it can be called at init time outside
@@ -69,9 +78,10 @@ def init_batch_stats(feature_shape: int | Sequence[int],
   shape = _feature_shape(feature_shape)
   if not jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.float16:
     raise TypeError(
-        f'init_batch_stats: dtype must be float32, float64 or bfloat16, got '
-        f'{jnp.dtype(dtype)} (float16 overflows past 65504); pass '
-        'dtype=jnp.float32')
+      f'init_batch_stats: dtype must be float32, float64 or bfloat16, got '
+      f'{jnp.dtype(dtype)} (float16 overflows past 65504); pass '
+      'dtype=jnp.float32'
+    )
   return BatchStats(jnp.zeros(shape, dtype), jnp.ones(shape, dtype))
 
 
@@ -89,7 +99,7 @@ class CumulativeStats(NamedTuple):
 
   mean: Array
   var: Array
-  count: Array
+  count: Array  # type: ignore[assignment]  # shadows tuple.count, as Flax names it
 
 
 class DebiasedStats(NamedTuple):
@@ -124,23 +134,30 @@ class RenormStats(NamedTuple):
   std: Array
 
 
-def init_cumulative_stats(feature_shape: int | Sequence[int],
-                          dtype: DType = jnp.float32) -> CumulativeStats:
+# The running-statistics types that batch_norm takes (each picks a rule).
+RunningStats = BatchStats | CumulativeStats | DebiasedStats
+
+
+def init_cumulative_stats(
+  feature_shape: int | Sequence[int], dtype: DType = jnp.float32
+) -> CumulativeStats:
   """Fresh :class:`CumulativeStats`: mean 0, var 1, count 0."""
   s = init_batch_stats(feature_shape, dtype)
   return CumulativeStats(s.mean, s.var, jnp.zeros(s.mean.shape, jnp.int32))
 
 
-def init_debiased_stats(feature_shape: int | Sequence[int],
-                        dtype: DType = jnp.float32) -> DebiasedStats:
+def init_debiased_stats(
+  feature_shape: int | Sequence[int], dtype: DType = jnp.float32
+) -> DebiasedStats:
   """Fresh :class:`DebiasedStats`: hidden mean, var and weight all 0."""
   s = init_batch_stats(feature_shape, dtype)
   z = jnp.zeros_like(s.mean)
   return DebiasedStats(z, z, z)
 
 
-def init_renorm_stats(feature_shape: int | Sequence[int],
-                      dtype: DType = jnp.float32) -> RenormStats:
+def init_renorm_stats(
+  feature_shape: int | Sequence[int], dtype: DType = jnp.float32
+) -> RenormStats:
   """Fresh :class:`RenormStats`: mean 0, std 1."""
   s = init_batch_stats(feature_shape, dtype)
   return RenormStats(s.mean, s.var)

@@ -45,19 +45,28 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-TORCH_KEYS = ('weight', 'bias', 'running_mean', 'running_var',
-              'num_batches_tracked')
+TORCH_KEYS = (
+  'weight',
+  'bias',
+  'running_mean',
+  'running_var',
+  'num_batches_tracked',
+)
 _PARAMS = {'weight': 'scale', 'bias': 'bias'}
 _STATS = {'running_mean': 'mean', 'running_var': 'var'}
 
-_NO_LAYERS = ('from_torch: found no BatchNorm layer (a "running_mean" key) '
-              'in the state dict; pass the state dict of a model with '
-              'BatchNorm layers, or name them in `layers`')
+_NO_LAYERS = (
+  'from_torch: found no BatchNorm layer (a "running_mean" key) '
+  'in the state dict; pass the state dict of a model with '
+  'BatchNorm layers, or name them in `layers`'
+)
 
 
 def momentum_from_torch(p: float) -> float:
@@ -69,10 +78,13 @@ def momentum_from_torch(p: float) -> float:
   """
   if p is None:
     raise ValueError(
-        'momentum_from_torch: torch momentum=None is a cumulative average, '
-        'not an EMA; no Flax momentum reproduces it')
+      'momentum_from_torch: torch momentum=None is a cumulative average, '
+      'not an EMA; no Flax momentum reproduces it'
+    )
   if not 0.0 <= p <= 1.0:
-    raise ValueError(f'momentum_from_torch: momentum must be in [0, 1], got {p}')
+    raise ValueError(
+      f'momentum_from_torch: momentum must be in [0, 1], got {p}'
+    )
   return round(1.0 - p, 12)
 
 
@@ -83,7 +95,7 @@ def momentum_to_torch(m: float) -> float:
   return round(1.0 - m, 12)
 
 
-def load_state_dict(source) -> dict[str, np.ndarray]:
+def load_state_dict(source: Any) -> dict[str, np.ndarray]:
   """Reads a flat state dict as NumPy arrays.
 
   Args:
@@ -97,8 +109,10 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
   if isinstance(source, Mapping):
     return {str(k): _to_numpy(v) for k, v in source.items()}
   if not isinstance(source, (str, os.PathLike)):
-    raise TypeError('load_state_dict: expected a mapping of arrays or a file '
-                    f'path, got {type(source).__name__}')
+    raise TypeError(
+      'load_state_dict: expected a mapping of arrays or a file '
+      f'path, got {type(source).__name__}'
+    )
   path = pathlib.Path(source)
   suffix = path.suffix.lower()
   if suffix == '.npz':
@@ -106,27 +120,40 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
       return {k: f[k] for k in f.files}
   if suffix == '.safetensors':
     from safetensors.numpy import load_file
+
     return load_file(str(path))
   if suffix in ('.pt', '.pth', '.bin'):
     import torch
+
     sd = torch.load(path, map_location='cpu', weights_only=True)
     if not isinstance(sd, Mapping):
-      raise TypeError(f'load_state_dict: {path} holds a {type(sd).__name__}, '
-                      'not a state dict; save model.state_dict()')
+      raise TypeError(
+        f'load_state_dict: {path} holds a {type(sd).__name__}, '
+        'not a state dict; save model.state_dict()'
+      )
     return load_state_dict(sd)
-  raise ValueError(f'load_state_dict: unknown file type {suffix!r} for {path}; '
-                   'use .npz, .safetensors, .pt or .pth')
+  raise ValueError(
+    f'load_state_dict: unknown file type {suffix!r} for {path}; '
+    'use .npz, .safetensors, .pt or .pth'
+  )
 
 
-def bn_prefixes(state_dict) -> list[str]:
+def bn_prefixes(state_dict: Any) -> list[str]:
   """Prefixes (``'layer1.0.bn1'``) of the BatchNorm layers in a state dict."""
   sd = load_state_dict(state_dict)
-  return sorted(k[:-len('.running_mean')] if k != 'running_mean' else ''
-                for k in sd if k.endswith('running_mean'))
+  return sorted(
+    k[: -len('.running_mean')] if k != 'running_mean' else ''
+    for k in sd
+    if k.endswith('running_mean')
+  )
 
 
-def from_torch(state_dict, layers: Mapping[str, Any] | None = None,
-               *, dtype=jnp.float32) -> dict[str, dict]:
+def from_torch(
+  state_dict: Any,
+  layers: Mapping[str, Any] | None = None,
+  *,
+  dtype: Any = jnp.float32,
+) -> dict[str, dict]:
   """Converts torch BatchNorm state to Flax variables.
 
   Args:
@@ -153,21 +180,34 @@ def from_torch(state_dict, layers: Mapping[str, Any] | None = None,
     keys = _layer_keys(prefix)
     if keys['running_mean'] not in sd or keys['running_var'] not in sd:
       raise KeyError(
-          f'from_torch: no {keys["running_mean"]!r} / {keys["running_var"]!r}'
-          f' in the state dict; BatchNorm prefixes found: {bn_prefixes(sd)}')
+        f'from_torch: no {keys["running_mean"]!r} / {keys["running_var"]!r}'
+        f' in the state dict; BatchNorm prefixes found: {bn_prefixes(sd)}'
+      )
     tree = _split(path)
     for torch_name, flax_name in _STATS.items():
-      _put(out['batch_stats'], tree, flax_name,
-           jnp.asarray(sd[keys[torch_name]], dtype))
+      _put(
+        out['batch_stats'],
+        tree,
+        flax_name,
+        jnp.asarray(sd[keys[torch_name]], dtype),
+      )
     for torch_name, flax_name in _PARAMS.items():
       if keys[torch_name] in sd:
-        _put(out['params'], tree, flax_name,
-             jnp.asarray(sd[keys[torch_name]], dtype))
+        _put(
+          out['params'],
+          tree,
+          flax_name,
+          jnp.asarray(sd[keys[torch_name]], dtype),
+        )
   return out
 
 
-def to_torch(variables: Mapping[str, Any], layers: Mapping[str, Any],
-             *, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+def to_torch(
+  variables: Mapping[str, Any],
+  layers: Mapping[str, Any],
+  *,
+  num_batches_tracked: int = 0,
+) -> dict[str, np.ndarray]:
   """Converts Flax variables of BatchNorm layers to torch state-dict entries.
 
   Args:
@@ -192,28 +232,27 @@ def to_torch(variables: Mapping[str, Any], layers: Mapping[str, Any],
     for torch_name, flax_name in _PARAMS.items():
       if flax_name in params:
         out[keys[torch_name]] = np.asarray(params[flax_name], np.float32)
-    out[keys['num_batches_tracked']] = np.asarray(num_batches_tracked,
-                                                  np.int64)
+    out[keys['num_batches_tracked']] = np.asarray(num_batches_tracked, np.int64)
   return out
 
 
-def nchw_to_nhwc(x):
+def nchw_to_nhwc(x: Any) -> Any:
   """Moves the channel axis of an N C ... array from 1 to last."""
   return jnp.moveaxis(jnp.asarray(_to_numpy(x)), 1, -1)
 
 
-def nhwc_to_nchw(x):
+def nhwc_to_nchw(x: Any) -> Any:
   """Moves the channel axis of an N ... C array from last to 1."""
   return jnp.moveaxis(jnp.asarray(x), -1, 1)
 
 
-def conv_kernel_from_torch(w):
+def conv_kernel_from_torch(w: Any) -> jax.Array:
   """torch conv weight (O, I, *spatial) to a Flax kernel (*spatial, I, O)."""
   w = _to_numpy(w)
   return jnp.asarray(np.moveaxis(w, (0, 1), (-1, -2)))
 
 
-def dense_kernel_from_torch(w):
+def dense_kernel_from_torch(w: Any) -> jax.Array:
   """torch Linear weight (out, in) to a Flax Dense kernel (in, out)."""
   return jnp.asarray(_to_numpy(w).T)
 
@@ -229,8 +268,10 @@ def _split(path) -> tuple[str, ...]:
   else:
     parts = tuple(str(p) for p in path)
   if not parts:
-    raise ValueError(f'bnjax.interop: empty Flax module path {path!r}; name '
-                     'the module, e.g. "BatchNorm_0"')
+    raise ValueError(
+      f'bnjax.interop: empty Flax module path {path!r}; name '
+      'the module, e.g. "BatchNorm_0"'
+    )
   return parts
 
 
@@ -247,8 +288,10 @@ def _get(root, tree: Sequence[str], collection: str | None):
     if p not in node:
       if collection is None:
         return None
-      raise KeyError(f'to_torch: no {"/".join(tree)!r} in the {collection} '
-                     f'collection; it has {sorted(node)}')
+      raise KeyError(
+        f'to_torch: no {"/".join(tree)!r} in the {collection} '
+        f'collection; it has {sorted(node)}'
+      )
     node = node[p]
   return node
 

@@ -26,8 +26,9 @@ MOMENTS = 'batch_moments'
 
 def _out_dtype(dtype, *arrays):
   """Flax's rule: the given dtype, else the promoted dtype of x and params."""
-  return dtypes.canonicalize_dtype(*[a for a in arrays if a is not None],
-                                   dtype=dtype)
+  return dtypes.canonicalize_dtype(
+    *[a for a in arrays if a is not None], dtype=dtype
+  )
 
 
 class BatchNorm(nn.Module):
@@ -77,40 +78,61 @@ class BatchNorm(nn.Module):
   virtual_batch_size: int | None = None
 
   @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *,
-               mask: jax.Array | None = None):
+  def __call__(
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
+  ):
     """Normalizes x; see ``flax.linen.BatchNorm.__call__``."""
     use_running_average = nn.merge_param(
-        'use_running_average', self.use_running_average, use_running_average)
+      'use_running_average', self.use_running_average, use_running_average
+    )
     x = _checks.check_floating(_NAME, x)
     lay = _checks.layout(_NAME, x, self.axis)
     shape = lay.feature_shape
     sdt = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    ra_mean = self.variable('batch_stats', 'mean',
-                            lambda s: jnp.zeros(s, sdt), shape)
-    ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, sdt),
-                           shape)
+    ra_mean = self.variable(
+      'batch_stats', 'mean', lambda s: jnp.zeros(s, sdt), shape
+    )
+    ra_var = self.variable(
+      'batch_stats', 'var', lambda s: jnp.ones(s, sdt), shape
+    )
     scale, bias = _affine_params(self, shape)
     # With force_float32_reductions=False the stored statistics may be half
     # precision (as flax's): update them in float32, store them back as kept.
-    stats = BatchStats(*(v.astype(jnp.promote_types(v.dtype, jnp.float32))
-                         for v in (ra_mean.value, ra_var.value)))
+    stats = BatchStats(
+      *(
+        v.astype(jnp.promote_types(v.dtype, jnp.float32))
+        for v in (ra_mean.value, ra_var.value)
+      )
+    )
     initializing = self.is_initializing()
     train = not use_running_average
     if initializing and train and lay.count < 2:
       train = False  # flax accepts a 1-example init batch; nothing is stored.
     # Recording for precise BN (bnjax.precise): momentum 0 makes the new
     # statistics exactly this batch's.
-    recording = (train and not initializing
-                 and self.is_mutable_collection(MOMENTS))
+    recording = (
+      train and not initializing and self.is_mutable_collection(MOMENTS)
+    )
     y, new = batch_norm(
-        x, stats, scale, bias, use_running_average=not train, axis=self.axis,
-        momentum=0.0 if recording else self.momentum, epsilon=self.epsilon,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask, use_fast_variance=self.use_fast_variance,
-        dtype=_out_dtype(self.dtype, x, scale, bias),
-        virtual_batch_size=self.virtual_batch_size)
+      x,
+      stats,
+      scale,
+      bias,
+      use_running_average=not train,
+      axis=self.axis,
+      momentum=0.0 if recording else self.momentum,
+      epsilon=self.epsilon,
+      axis_name=None if initializing else self.axis_name,
+      axis_index_groups=None if initializing else self.axis_index_groups,
+      mask=mask,
+      use_fast_variance=self.use_fast_variance,
+      dtype=_out_dtype(self.dtype, x, scale, bias),
+      virtual_batch_size=self.virtual_batch_size,
+    )
     if recording:
       self.put_variable(MOMENTS, 'mean', new.mean)
       self.put_variable(MOMENTS, 'var', new.var)
@@ -164,28 +186,45 @@ class BatchRenorm(nn.Module):
   use_fast_variance: bool = True
 
   @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *,
-               mask: jax.Array | None = None, r_max=None, d_max=None):
+  def __call__(
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
+    r_max=None,
+    d_max=None,
+  ):
     use_running_average = nn.merge_param(
-        'use_running_average', self.use_running_average, use_running_average)
+      'use_running_average', self.use_running_average, use_running_average
+    )
     name = 'bnjax.linen.BatchRenorm'
     x = _checks.check_floating(name, x)
     shape = _checks.layout(name, x, self.axis).feature_shape
-    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, shape,
-                            jnp.float32)
+    ra_mean = self.variable(
+      'batch_stats', 'mean', jnp.zeros, shape, jnp.float32
+    )
     ra_std = self.variable('batch_stats', 'std', jnp.ones, shape, jnp.float32)
     scale, bias = _affine_params(self, shape)
     initializing = self.is_initializing()
     train = not use_running_average and not initializing
     y, new = batch_renorm(
-        x, RenormStats(ra_mean.value, ra_std.value), scale, bias,
-        use_running_average=not train,
-        r_max=self.r_max if r_max is None else r_max,
-        d_max=self.d_max if d_max is None else d_max, axis=self.axis,
-        momentum=self.momentum, epsilon=self.epsilon,
-        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        mask=mask, use_fast_variance=self.use_fast_variance,
-        dtype=_out_dtype(self.dtype, x, scale, bias))
+      x,
+      RenormStats(ra_mean.value, ra_std.value),
+      scale,
+      bias,
+      use_running_average=not train,
+      r_max=self.r_max if r_max is None else r_max,
+      d_max=self.d_max if d_max is None else d_max,
+      axis=self.axis,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      mask=mask,
+      use_fast_variance=self.use_fast_variance,
+      dtype=_out_dtype(self.dtype, x, scale, bias),
+    )
     if train:
       ra_mean.value, ra_std.value = new.mean, new.std
     return y

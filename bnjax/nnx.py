@@ -8,8 +8,9 @@ plumbing lives here; the statistics are the functional core's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,24 +43,47 @@ class BatchNorm(nnx.Module):
     True
   """
 
-  def __init__(self, num_features: int, *,
-               use_running_average: bool | None = False, axis: Any = -1,
-               momentum: float = 0.99, epsilon: float = 1e-5,
-               dtype: Any = None, param_dtype: Any = jnp.float32,
-               use_bias: bool = True, use_scale: bool = True,
-               bias_init: Any = initializers.zeros_init(),
-               scale_init: Any = initializers.ones_init(),
-               axis_name: Any = None, axis_index_groups: Any = None,
-               use_fast_variance: bool = True,
-               promote_dtype: Any = dtypes.promote_dtype, rngs: nnx.Rngs,
-               bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-               scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-               virtual_batch_size: int | None = None):
+  scale: nnx.Param | None
+  bias: nnx.Param | None
+
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    use_running_average: bool | None = False,
+    axis: Any = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Any = initializers.zeros_init(),
+    scale_init: Any = initializers.ones_init(),
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: Any = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    virtual_batch_size: int | None = None,
+  ):
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    _affine_params(self, shape, use_scale, use_bias, scale_init, bias_init,
-                   param_dtype, rngs, scale_metadata, bias_metadata)
+    _affine_params(
+      self,
+      shape,
+      use_scale,
+      use_bias,
+      scale_init,
+      bias_init,
+      param_dtype,
+      rngs,
+      scale_metadata,
+      bias_metadata,
+    )
     self.virtual_batch_size = virtual_batch_size
     self.num_features = num_features
     self.use_running_average = use_running_average
@@ -75,21 +99,37 @@ class BatchNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
 
-  def __call__(self, x, use_running_average: bool | None = None, *,
-               mask: jax.Array | None = None):
+  def __call__(
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
+  ):
     """Normalizes x; see ``flax.nnx.BatchNorm.__call__``."""
     use_running_average = _mode(self, use_running_average)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     stats = BatchStats(self.mean[...], self.var[...])
     x, _, _, scale, bias = self.promote_dtype(
-        (x, stats.mean, stats.var, scale, bias), dtype=self.dtype)
+      (x, stats.mean, stats.var, scale, bias), dtype=self.dtype
+    )
     y, new = batch_norm(
-        x, stats, scale, bias, use_running_average=bool(use_running_average),
-        axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        mask=mask, use_fast_variance=self.use_fast_variance, dtype=x.dtype,
-        virtual_batch_size=self.virtual_batch_size)
+      x,
+      stats,
+      scale,
+      bias,
+      use_running_average=bool(use_running_average),
+      axis=self.axis,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      mask=mask,
+      use_fast_variance=self.use_fast_variance,
+      dtype=x.dtype,
+      virtual_batch_size=self.virtual_batch_size,
+    )
     if not use_running_average:
       self.mean[...] = new.mean
       self.var[...] = new.var
@@ -107,22 +147,35 @@ def _mode(module, use_running_average) -> bool:
     use_running_average = module.use_running_average
   if use_running_average is None:
     raise ValueError(
-        f'bnjax.nnx.{type(module).__name__}: no use_running_average was '
-        'given; pass it to the constructor or the call, or use model.train() '
-        '/ model.eval()')
+      f'bnjax.nnx.{type(module).__name__}: no use_running_average was '
+      'given; pass it to the constructor or the call, or use model.train() '
+      '/ model.eval()'
+    )
   return use_running_average
 
 
-def _affine_params(module, shape, use_scale, use_bias, scale_init, bias_init,
-                   param_dtype, rngs, scale_metadata, bias_metadata):
+def _affine_params(
+  module,
+  shape,
+  use_scale,
+  use_bias,
+  scale_init,
+  bias_init,
+  param_dtype,
+  rngs,
+  scale_metadata,
+  bias_metadata,
+):
   module.scale = nnx.data(None)
   module.bias = nnx.data(None)
   if use_scale:
-    module.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype),
-                             **scale_metadata)
+    module.scale = nnx.Param(
+      scale_init(rngs.params(), shape, param_dtype), **scale_metadata
+    )
   if use_bias:
-    module.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype),
-                            **bias_metadata)
+    module.bias = nnx.Param(
+      bias_init(rngs.params(), shape, param_dtype), **bias_metadata
+    )
 
 
 class BatchRenorm(nnx.Module):
@@ -142,21 +195,45 @@ class BatchRenorm(nnx.Module):
     Array([1.012, 1.012], dtype=float32)
   """
 
-  def __init__(self, num_features: int, *,
-               use_running_average: bool | None = False, axis: Any = -1,
-               momentum: float = 0.99, epsilon: float = 1e-5,
-               r_max: Any = 3.0, d_max: Any = 5.0, dtype: Any = None,
-               param_dtype: Any = jnp.float32, use_bias: bool = True,
-               use_scale: bool = True,
-               bias_init: Any = initializers.zeros_init(),
-               scale_init: Any = initializers.ones_init(),
-               axis_name: Any = None, axis_index_groups: Any = None,
-               use_fast_variance: bool = True, rngs: nnx.Rngs):
+  scale: nnx.Param | None
+  bias: nnx.Param | None
+
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    use_running_average: bool | None = False,
+    axis: Any = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    r_max: Any = 3.0,
+    d_max: Any = 5.0,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Any = initializers.zeros_init(),
+    scale_init: Any = initializers.ones_init(),
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    rngs: nnx.Rngs,
+  ):
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.std = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    _affine_params(self, shape, use_scale, use_bias, scale_init, bias_init,
-                   param_dtype, rngs, {}, {})
+    _affine_params(
+      self,
+      shape,
+      use_scale,
+      use_bias,
+      scale_init,
+      bias_init,
+      param_dtype,
+      rngs,
+      {},
+      {},
+    )
     self.use_running_average = use_running_average
     self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
     self.r_max, self.d_max = r_max, d_max
@@ -164,20 +241,36 @@ class BatchRenorm(nnx.Module):
     self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
     self.use_fast_variance = use_fast_variance
 
-  def __call__(self, x, use_running_average: bool | None = None, *,
-               mask: jax.Array | None = None, r_max=None, d_max=None):
+  def __call__(
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
+    r_max=None,
+    d_max=None,
+  ):
     use_running_average = _mode(self, use_running_average)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     x, scale, bias = dtypes.promote_dtype((x, scale, bias), dtype=self.dtype)
     y, new = batch_renorm(
-        x, RenormStats(self.mean[...], self.std[...]), scale, bias,
-        use_running_average=bool(use_running_average),
-        r_max=self.r_max if r_max is None else r_max,
-        d_max=self.d_max if d_max is None else d_max, axis=self.axis,
-        momentum=self.momentum, epsilon=self.epsilon,
-        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        mask=mask, use_fast_variance=self.use_fast_variance, dtype=x.dtype)
+      x,
+      RenormStats(self.mean[...], self.std[...]),
+      scale,
+      bias,
+      use_running_average=bool(use_running_average),
+      r_max=self.r_max if r_max is None else r_max,
+      d_max=self.d_max if d_max is None else d_max,
+      axis=self.axis,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      mask=mask,
+      use_fast_variance=self.use_fast_variance,
+      dtype=x.dtype,
+    )
     if not use_running_average:
       self.mean[...] = new.mean
       self.std[...] = new.std

@@ -36,41 +36,57 @@ from bnjax import nnx as _bnnx
 
 def _check_batches(fn, batches):
   leaves = jax.tree.leaves(batches)
-  if not leaves or any(jnp.ndim(l) < 1 for l in leaves):
-    raise ValueError(f'{fn}: batches must be stacked along a leading axis of '
-                     'N batches, e.g. x.reshape(N, batch, ...)')
+  if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
+    raise ValueError(
+      f'{fn}: batches must be stacked along a leading axis of '
+      'N batches, e.g. x.reshape(N, batch, ...)'
+    )
 
 
 def _accumulate(step_moments, batches):
   """Scans step_moments over batches; returns {leaf: exact pooled stats}."""
+
   def step(acc, batch):
     moments = step_moments(batch)
     new = jax.tree.map(
-        lambda a, m: _merge_one(a, m), acc, moments,
-        is_leaf=lambda t: isinstance(t, _stats.Partial))
+      lambda a, m: _merge_one(a, m),
+      acc,
+      moments,
+      is_leaf=lambda t: isinstance(t, _stats.Partial),
+    )
     return new, None
-  first = jax.tree.map(lambda l: l[0], batches)
-  init = jax.tree.map(lambda m: _stats.Partial(jnp.zeros((), m[0].dtype),
-                                               jnp.zeros_like(m[0]),
-                                               jnp.zeros_like(m[0]),
-                                               jnp.zeros_like(m[1])),
-                      jax.eval_shape(step_moments, first),
-                      is_leaf=lambda t: isinstance(t, tuple))
+
+  first = jax.tree.map(lambda leaf: leaf[0], batches)
+  init = jax.tree.map(
+    lambda m: _stats.Partial(
+      jnp.zeros((), m[0].dtype),
+      jnp.zeros_like(m[0]),
+      jnp.zeros_like(m[0]),
+      jnp.zeros_like(m[1]),
+    ),
+    jax.eval_shape(step_moments, first),
+    is_leaf=lambda t: isinstance(t, tuple),
+  )
   acc, _ = jax.lax.scan(step, init, batches)
-  return jax.tree.map(lambda p: _stats.finalize(p), acc,
-                      is_leaf=lambda t: isinstance(t, _stats.Partial))
+  return jax.tree.map(
+    lambda p: _stats.finalize(p),
+    acc,
+    is_leaf=lambda t: isinstance(t, _stats.Partial),
+  )
 
 
 def _merge_one(acc: _stats.Partial, mv):
   """The exact merge of the running pool with one batch (weight 1, m2 = var)."""
   mean, var = mv
-  one = _stats.Partial(jnp.ones_like(acc.count), mean, jnp.zeros_like(mean),
-                       var)
+  one = _stats.Partial(
+    jnp.ones_like(acc.count), mean, jnp.zeros_like(mean), var
+  )
   return _stats.merge(jax.tree.map(lambda a, b: jnp.stack([a, b]), acc, one))
 
 
-def linen_batch_stats(model, variables: dict, batches: Any, *args,
-                      **kwargs) -> dict:
+def linen_batch_stats(
+  model: Any, variables: dict, batches: Any, *args: Any, **kwargs: Any
+) -> dict:
   """Precise batch statistics for every bnjax.linen.BatchNorm of a model.
 
   Args:
@@ -89,13 +105,15 @@ def linen_batch_stats(model, variables: dict, batches: Any, *args,
   _check_batches('linen_batch_stats', batches)
 
   def moments(batch):
-    _, upd = model.apply(variables, batch, *args,
-                         mutable=['batch_stats', _linen.MOMENTS], **kwargs)
+    _, upd = model.apply(
+      variables, batch, *args, mutable=['batch_stats', _linen.MOMENTS], **kwargs
+    )
     got = upd.get(_linen.MOMENTS, {})
     if not got:
       raise ValueError(
-          'linen_batch_stats: no bnjax.linen.BatchNorm ran in training mode; '
-          'pass the arguments that select training mode (e.g. train=True)')
+        'linen_batch_stats: no bnjax.linen.BatchNorm ran in training mode; '
+        'pass the arguments that select training mode (e.g. train=True)'
+      )
     return _pairs(got)
 
   pooled = jax.jit(lambda b: _accumulate(moments, b))(batches)
@@ -119,8 +137,9 @@ def _pairs(tree, path=()):
   return out
 
 
-def update_nnx_batch_stats(model: _nnx.Module, batches: Any, *args,
-                           **kwargs) -> None:
+def update_nnx_batch_stats(
+  model: _nnx.Module, batches: Any, *args: Any, **kwargs: Any
+) -> None:
   """Precise BN for an nnx model: sets every bnjax.nnx.BatchNorm's stats.
 
   Runs ``model(batch, *args, **kwargs)`` in training mode (each layer's
@@ -130,11 +149,13 @@ def update_nnx_batch_stats(model: _nnx.Module, batches: Any, *args,
   biased variance into each layer. See the module docstring.
   """
   _check_batches('update_nnx_batch_stats', batches)
-  layers = [m for _, m in _nnx.iter_modules(model)
-            if isinstance(m, _bnnx.BatchNorm)]
+  layers = [
+    m for _, m in _nnx.iter_modules(model) if isinstance(m, _bnnx.BatchNorm)
+  ]
   if not layers:
-    raise ValueError('update_nnx_batch_stats: the model has no '
-                     'bnjax.nnx.BatchNorm layer')
+    raise ValueError(
+      'update_nnx_batch_stats: the model has no bnjax.nnx.BatchNorm layer'
+    )
   saved = [(m.momentum, m.use_running_average) for m in layers]
   for m in layers:
     m.momentum, m.use_running_average = 0.0, False
@@ -146,12 +167,16 @@ def update_nnx_batch_stats(model: _nnx.Module, batches: Any, *args,
       # Variables created outside the current trace).
       m = _nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
       m(batch, *args, **kwargs)
-      bns = [l for _, l in _nnx.iter_modules(m) if isinstance(l, _bnnx.BatchNorm)]
-      return {i: (l.mean[...], l.var[...]) for i, l in enumerate(bns)}
+      bns = [
+        mod
+        for _, mod in _nnx.iter_modules(m)
+        if isinstance(mod, _bnnx.BatchNorm)
+      ]
+      return {i: (bn.mean[...], bn.var[...]) for i, bn in enumerate(bns)}
 
     pooled = jax.jit(lambda b: _accumulate(moments, b))(batches)
   finally:
-    for m, (mom, ura) in zip(layers, saved):
+    for m, (mom, ura) in zip(layers, saved, strict=True):
       m.momentum, m.use_running_average = mom, ura
   for i, m in enumerate(layers):
     m.mean[...], m.var[...] = pooled[i]

@@ -278,3 +278,33 @@ def test_one_value_per_shard_is_fine_when_the_global_batch_has_more():
     jax.vmap(lambda xi: bnjax.batch_norm(
         xi, bnjax.init_batch_stats(C), use_running_average=False,
         axis_name='v'), axis_name='v')(x[:1])
+
+
+def test_public_api_fallback_gives_the_same_results_and_collective_count(
+    monkeypatch):
+  """bnjax imports JAX's private all_gather_invariant; where a release lacks
+  it, the psum-gather (public API) takes over. Force that fallback: the
+  outputs, statistics and gradients are the same and the forward still
+  holds one collective (an all_reduce instead of an all_gather)."""
+  from bnjax import _sync
+  x, g, b, w, stats = _problem(seed=13, loc=1e3)
+  mesh = _mesh()
+  xs = _shard(x, mesh)
+
+  def run():
+    bn = _shard_map_bn(mesh, stats)
+
+    def loss(x, g, b):
+      y, new = bn(x, g, b)
+      return jnp.mean(w * y), (y, new)
+    step = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))
+    fwd = jax.jit(lambda x: bn(x, g, b)[0]).lower(xs).as_text()
+    return step(xs, g, b), re.findall(
+        r'stablehlo\.(all_reduce|all_gather)\b', fwd)
+
+  assert _sync._all_gather_invariant is not None  # the private path exists
+  want, ops = run()
+  monkeypatch.setattr(_sync, '_all_gather_invariant', None)
+  got, ops_fallback = run()
+  assert ops == ['all_gather'] and ops_fallback == ['all_reduce']
+  _assert_same(got, want, rtol=1e-6, atol=1e-7)
