@@ -6,6 +6,7 @@ the fix. Checks run on static shapes, so they fire at trace time under jit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -48,6 +49,7 @@ class Layout:
   reduction_axes: tuple[int, ...]
   feature_shape: tuple[int, ...]
   count: int  # values per channel in the (local) reduction
+  shape: tuple[int, ...] = ()  # x's shape, for error messages
 
   def broadcast(self, v: jax.Array) -> jax.Array:
     """Reshapes a per-channel array of shape feature_shape to broadcast with x."""
@@ -100,7 +102,9 @@ def layout(fn: str, x: jax.Array, axis: Any) -> Layout:
       f'so statistics reduce over axes {red} holding 0 values; pass a '
       'non-empty batch'
     )
-  return Layout(ndim, canon, red, tuple(x.shape[i] for i in canon), count)
+  return Layout(
+    ndim, canon, red, tuple(x.shape[i] for i in canon), count, tuple(x.shape)
+  )
 
 
 def check_per_channel(
@@ -112,11 +116,30 @@ def check_per_channel(
   v = check_floating(fn, v, name) if floating else jnp.asarray(v)
   if tuple(v.shape) != lay.feature_shape:
     raise ValueError(
-      f'{fn}: {name} has shape {tuple(v.shape)} but x has features of shape '
-      f'{lay.feature_shape} on axis {_axis_str(lay)}; pass {name} of shape '
-      f'{lay.feature_shape}'
+      f'{fn}: {name} has shape {tuple(v.shape)} but x of shape {lay.shape} '
+      f'has features of shape {lay.feature_shape} on axis {_axis_str(lay)}; '
+      + _per_channel_fix(name, tuple(v.shape), lay)
     )
   return v
+
+
+def _per_channel_fix(name: str, shape: tuple[int, ...], lay: Layout) -> str:
+  """The likely fix: another axis of x has the size (NCHW data), or a shape."""
+  axes = [
+    i
+    for i in range(lay.ndim)
+    if len(shape) == 1
+    and lay.shape[i] == shape[0]
+    and i not in lay.feature_axes
+  ]
+  if axes:
+    nchw = ' (channels-first data such as NCHW)' if axes[0] == 1 else ''
+    return (
+      f'axis {axes[0]} of x has size {shape[0]}: if the features are there'
+      f'{nchw}, pass axis={axes[0]}; otherwise pass {name} of shape '
+      f'{lay.feature_shape}'
+    )
+  return f'pass {name} of shape {lay.feature_shape}'
 
 
 def check_stats(fn: str, stats: Any, lay: Layout, cls: Any = BatchStats):
@@ -205,6 +228,19 @@ def check_use_running_average(fn: str, value: Any):
       f'{fn}: use_running_average must be a Python bool (True for '
       f'inference, False for training), got {value!r}'
     )
+
+
+@contextlib.contextmanager
+def named(module: str):
+  """Re-raises the core's errors under the module's name (same type)."""
+  try:
+    yield
+  except (TypeError, ValueError, NameError) as e:
+    msg = str(e)
+    for fn in ('batch_norm: ', 'batch_renorm: '):
+      if msg.startswith(fn):
+        raise type(e)(f'{module}: {msg[len(fn) :]}') from None
+    raise
 
 
 def _concrete(v: Any):

@@ -68,8 +68,11 @@ def canonical_groups(fn: str, axis_name: AxisName, groups: Any):
   """Validated groups as a tuple of tuples (None stays None).
 
   Groups must partition the indices of ``axis_name`` (each index exactly
-  once); they may have unequal sizes. Checked at trace time.
+  once); they may have unequal sizes. Checked at trace time, after checking
+  that every name in ``axis_name`` is bound.
   """
+  if axis_name is not None:
+    check_bound(fn, axis_name)
   if groups is None:
     return None
   if axis_name is None:
@@ -103,6 +106,37 @@ def canonical_groups(fn: str, axis_name: AxisName, groups: Any):
       'their own group'
     )
   return canon
+
+
+def check_bound(fn: str, axis_name: AxisName) -> None:
+  """Raises JAX's NameError, with the argument and the fix, if unbound."""
+  for name in names(axis_name):
+    try:
+      lax.axis_size(name)
+    except NameError:
+      bound = _bound_names()
+      where = (
+        f'the names bound here are {bound}'
+        if bound
+        else 'no mapped axis is bound here'
+      )
+      raise NameError(
+        f'{fn}: axis_name={axis_name!r} names the axis {name!r}, which is not '
+        f'bound: {where}. Pass the axis name of the enclosing shard_map, '
+        'pmap or vmap (a typo?), call this inside that mapping, or pass '
+        'axis_name=None for local statistics (under a sharded jit they are '
+        'already global).'
+      ) from None
+
+
+def _bound_names() -> list | None:
+  """The axis names bound where this is traced, for messages only."""
+  try:  # JAX-private; the message simply omits the list without it
+    from jax._src import core
+
+    return sorted(map(str, core.get_axis_env().axis_sizes))
+  except Exception:  # pragma: no cover
+    return None
 
 
 def num_shards(axis_name: AxisName, groups) -> int:

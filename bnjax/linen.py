@@ -117,22 +117,23 @@ class BatchNorm(nn.Module):
     recording = (
       train and not initializing and self.is_mutable_collection(MOMENTS)
     )
-    y, new = batch_norm(
-      x,
-      stats,
-      scale,
-      bias,
-      use_running_average=not train,
-      axis=self.axis,
-      momentum=0.0 if recording else self.momentum,
-      epsilon=self.epsilon,
-      axis_name=None if initializing else self.axis_name,
-      axis_index_groups=None if initializing else self.axis_index_groups,
-      mask=mask,
-      use_fast_variance=self.use_fast_variance,
-      dtype=_out_dtype(self.dtype, x, scale, bias),
-      virtual_batch_size=self.virtual_batch_size,
-    )
+    with _checks.named('bnjax.linen.BatchNorm'):
+      y, new = batch_norm(
+        x,
+        stats,
+        scale,
+        bias,
+        use_running_average=not train,
+        axis=self.axis,
+        momentum=0.0 if recording else self.momentum,
+        epsilon=self.epsilon,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        mask=mask,
+        use_fast_variance=self.use_fast_variance,
+        dtype=_out_dtype(self.dtype, x, scale, bias),
+        virtual_batch_size=self.virtual_batch_size,
+      )
     if recording:
       self.put_variable(MOMENTS, 'mean', new.mean)
       self.put_variable(MOMENTS, 'var', new.var)
@@ -208,23 +209,24 @@ class BatchRenorm(nn.Module):
     scale, bias = _affine_params(self, shape)
     initializing = self.is_initializing()
     train = not use_running_average and not initializing
-    y, new = batch_renorm(
-      x,
-      RenormStats(ra_mean.value, ra_std.value),
-      scale,
-      bias,
-      use_running_average=not train,
-      r_max=self.r_max if r_max is None else r_max,
-      d_max=self.d_max if d_max is None else d_max,
-      axis=self.axis,
-      momentum=self.momentum,
-      epsilon=self.epsilon,
-      axis_name=self.axis_name,
-      axis_index_groups=self.axis_index_groups,
-      mask=mask,
-      use_fast_variance=self.use_fast_variance,
-      dtype=_out_dtype(self.dtype, x, scale, bias),
-    )
+    with _checks.named('bnjax.linen.BatchRenorm'):
+      y, new = batch_renorm(
+        x,
+        RenormStats(ra_mean.value, ra_std.value),
+        scale,
+        bias,
+        use_running_average=not train,
+        r_max=self.r_max if r_max is None else r_max,
+        d_max=self.d_max if d_max is None else d_max,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        mask=mask,
+        use_fast_variance=self.use_fast_variance,
+        dtype=_out_dtype(self.dtype, x, scale, bias),
+      )
     if train:
       ra_mean.value, ra_std.value = new.mean, new.std
     return y

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
+from bnjax import _checks
 from bnjax._core import batch_norm
 from bnjax._renorm import batch_renorm
 from bnjax._types import BatchStats, RenormStats
@@ -114,22 +115,23 @@ class BatchNorm(nnx.Module):
     x, _, _, scale, bias = self.promote_dtype(
       (x, stats.mean, stats.var, scale, bias), dtype=self.dtype
     )
-    y, new = batch_norm(
-      x,
-      stats,
-      scale,
-      bias,
-      use_running_average=bool(use_running_average),
-      axis=self.axis,
-      momentum=self.momentum,
-      epsilon=self.epsilon,
-      axis_name=self.axis_name,
-      axis_index_groups=self.axis_index_groups,
-      mask=mask,
-      use_fast_variance=self.use_fast_variance,
-      dtype=x.dtype,
-      virtual_batch_size=self.virtual_batch_size,
-    )
+    with _checks.named('bnjax.nnx.BatchNorm'):
+      y, new = batch_norm(
+        x,
+        stats,
+        scale,
+        bias,
+        use_running_average=bool(use_running_average),
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        mask=mask,
+        use_fast_variance=self.use_fast_variance,
+        dtype=x.dtype,
+        virtual_batch_size=self.virtual_batch_size,
+      )
     if not use_running_average:
       self.mean[...] = new.mean
       self.var[...] = new.var
@@ -254,23 +256,24 @@ class BatchRenorm(nnx.Module):
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     x, scale, bias = dtypes.promote_dtype((x, scale, bias), dtype=self.dtype)
-    y, new = batch_renorm(
-      x,
-      RenormStats(self.mean[...], self.std[...]),
-      scale,
-      bias,
-      use_running_average=bool(use_running_average),
-      r_max=self.r_max if r_max is None else r_max,
-      d_max=self.d_max if d_max is None else d_max,
-      axis=self.axis,
-      momentum=self.momentum,
-      epsilon=self.epsilon,
-      axis_name=self.axis_name,
-      axis_index_groups=self.axis_index_groups,
-      mask=mask,
-      use_fast_variance=self.use_fast_variance,
-      dtype=x.dtype,
-    )
+    with _checks.named('bnjax.nnx.BatchRenorm'):
+      y, new = batch_renorm(
+        x,
+        RenormStats(self.mean[...], self.std[...]),
+        scale,
+        bias,
+        use_running_average=bool(use_running_average),
+        r_max=self.r_max if r_max is None else r_max,
+        d_max=self.d_max if d_max is None else d_max,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        mask=mask,
+        use_fast_variance=self.use_fast_variance,
+        dtype=x.dtype,
+      )
     if not use_running_average:
       self.mean[...] = new.mean
       self.std[...] = new.std

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import pathlib
 import time
 
 import jax
@@ -50,8 +51,29 @@ def main(argv=None):
   for name in names:
     t = time.time()
     path, summary = load(name).run(a.quick, seeds)
-    print(f'== {name} ({time.time() - t:.0f} s) -> {path}')
-    print(json.dumps(summary, indent=1))
+    report(name, path, summary, time.time() - t, a.quick)
+
+
+def report(name, path, summary, seconds, quick):
+  """Prints the config, each arm's final accuracy, the time and the files."""
+  config = json.loads(pathlib.Path(path).read_text())['config']
+  kind = 'quick' if quick else 'full'
+  print(f'== {name} ({kind} run, {seconds:.0f} s)')
+  print('config: ' + ', '.join(f'{k}={v}' for k, v in config.items()))
+  final = {k[len('test_acc_final['):-1]: v for k, v in summary.items()
+           if k.startswith('test_acc_final[')}
+  if final:
+    width = max(map(len, final))
+    print(f'{"arm":{width}}  final test accuracy (mean ± std over seeds)')
+    for arm, v in final.items():
+      print(f'{arm:{width}}  {v}')
+  png = pathlib.Path(path).with_suffix('.png')
+  print(f'files: {path}' + (f', {png}' if png.exists() else ''))
+  if quick:
+    print('This quick run is a smoke check with fewer steps: its numbers and '
+          'holds_* verdicts differ from the full run, whose results are in '
+          'experiments/README.md.')
+  print('summary: ' + json.dumps(summary, indent=1, ensure_ascii=False))
 
 
 if __name__ == '__main__':

@@ -77,5 +77,5 @@ def _figure(acc, settings):
   series = {n: [acc[f'{n} | {s}'] for s in settings] for n in ('BN', 'renorm')}
   fig, ax = plots.bars(list(settings), series, ylabel='test accuracy',
                        title='Non-i.i.d. and micro batches')
-  ax.set_ylim(0.3, 1.0)
+  ax.set_ylim(0.0, 1.0)  # from 0: a fixed 0.3 once hid a 0.27 bar
   return fig

@@ -131,3 +131,42 @@ def test_public_api_type_hints_resolve():
                 if v.annotation is inspect.Parameter.empty]
         assert not bare, (mod.__name__, name, bare)  # fully annotated
         assert sig.return_annotation is not inspect.Signature.empty, name
+
+
+def test_channels_first_data_gets_the_axis_fix():
+  """A wrong feature size from NCHW data suggests axis=1, not a new shape."""
+  with pytest.raises(ValueError) as info:
+    bnjax.batch_norm(jnp.ones((4, 8, 5, 5)), bnjax.init_batch_stats(8),
+                     use_running_average=False)
+  msg = str(info.value)
+  for piece in ('batch_stats.mean has shape (8,)', 'x of shape (4, 8, 5, 5)',
+                'axis 1 of x has size 8', 'NCHW', 'pass axis=1'):
+    assert piece in msg, msg
+
+
+@pytest.mark.parametrize('where', ['unmapped', 'vmap'])
+def test_unbound_axis_name_says_which_name_and_what_is_bound(where):
+  """A typo in axis_name ended in JAX's bare "unbound axis name" under about
+  10 frames; the NameError now names the argument, the name and the fix."""
+  f = lambda x: bnjax.moments(x, axis_name='dta')
+  with pytest.raises(NameError) as info:
+    if where == 'vmap':
+      jax.vmap(f, axis_name='data')(jnp.ones((2, 4, 3)))
+    else:
+      f(jnp.ones((4, 3)))
+  msg = str(info.value)
+  for piece in ("moments: axis_name='dta'", "'dta', which is not bound",
+                'axis_name=None'):
+    assert piece in msg, msg
+  if where == 'vmap':
+    assert "['data']" in msg, msg
+
+
+def test_module_errors_carry_the_module_name():
+  import bnjax.linen
+  with pytest.raises(ValueError, match=r'^bnjax\.nnx\.BatchNorm: training'):
+    bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))(jnp.ones((1, 3)))
+  m = bnjax.linen.BatchNorm(use_running_average=False)
+  v = m.init(jax.random.key(0), jnp.ones((4, 3)))
+  with pytest.raises(ValueError, match=r'^bnjax\.linen\.BatchNorm: training'):
+    m.apply(v, jnp.ones((1, 3)), mutable=['batch_stats'])

@@ -31,3 +31,27 @@ def test_list():
   r = subprocess.run([sys.executable, '-m', 'experiments', 'list'], cwd=ROOT,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 0 and 'with_without' in r.stdout
+
+
+def test_figures_must_show_every_arm():
+  """Regression: experiment 1's panel (a) fixed ylim at 0.5 to 1.0 and hid
+  the whole no-BN curve (0.11 to 0.445). Every figure is checked on save
+  (so the quick run above checks all eight); a hidden curve or bar raises."""
+  pytest.importorskip('matplotlib')
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  from experiments._common import results
+  fig, ax = plt.subplots()
+  ax.plot([0, 1], [0.11, 0.445], label='no BN')
+  results.check_axes_hold_data(fig)  # autoscaled: fine
+  ax.set_ylim(0.5, 1.0)
+  with pytest.raises(ValueError, match="'no BN'.*outside its limits"):
+    results.check_axes_hold_data(fig)
+  fig2, ax2 = plt.subplots()
+  ax2.bar(['BN'], [0.25])
+  ax2.set_ylim(0.3, 1.0)
+  with pytest.raises(ValueError, match='outside its limits'):
+    results.check_axes_hold_data(fig2)
+  plt.close('all')

@@ -49,10 +49,41 @@ def save(name: str, quick: bool, config: dict, seeds, runs: dict,
   path = RESULTS / f'{stem}.json'
   path.write_text(json.dumps(_plain(out), indent=1))
   if fig is not None:
+    check_axes_hold_data(fig, name)
     fig.savefig(RESULTS / f'{stem}.png', dpi=110, bbox_inches='tight')
     import matplotlib.pyplot as plt
     plt.close(fig)
   return path
+
+
+def check_axes_hold_data(fig, name: str = '') -> None:
+  """Raises if any plotted line has finite points outside its axes' limits.
+
+  A fixed ylim once hid experiment 1's whole no-BN curve; every figure goes
+  through this before it is written.
+  """
+  from matplotlib.collections import PathCollection
+  from matplotlib.patches import Rectangle
+  for ax in fig.get_axes():
+    (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+    marks = [(line.get_label(), line.get_xdata(), line.get_ydata())
+             for line in ax.get_lines()]
+    marks += [(c.get_label(), *np.asarray(c.get_offsets(), float).T)
+              for c in ax.collections if isinstance(c, PathCollection)
+              and len(c.get_offsets())]
+    marks += [(p.get_label(), [p.get_x() + p.get_width() / 2],
+               [p.get_y() + p.get_height()])  # a bar's top
+              for p in ax.patches if isinstance(p, Rectangle)]
+    for label, x, y in marks:
+      x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+      ok = np.isfinite(x) & np.isfinite(y)
+      inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+      if np.any(ok & ~inside):
+        raise ValueError(
+            f'{name}: {label!r} in the axes {ax.get_title()!r} has points '
+            f'outside its limits x [{x0:g}, {x1:g}], y [{y0:g}, {y1:g}] '
+            f'(data y in [{np.nanmin(y):g}, {np.nanmax(y):g}]); choose the '
+            'limits from the data')
 
 
 def mean_std(a) -> str:
