@@ -107,3 +107,32 @@ def debiased_update(hm, hv, w, bm, bv, momentum):
   """Haiku's EMA from zero, and its weight 1 - momentum**t."""
   k = momentum
   return k * hm + (1 - k) * bm, k * hv + (1 - k) * bv, k * w + (1 - k)
+
+
+def jax_batch_norm_f64(x, mean, var, scale, bias, *, mask=None, momentum=0.99,
+                       epsilon=1e-5):
+  """The textbook formulas in float64 jax.numpy, for gradients: no bnjax.
+
+  Features on the last axis. Returns (y, (new_mean, new_var)); call it under
+  float64 (``jax.enable_x64``) and differentiate it with ``jax.grad``. A
+  channel with no masked-in value is normalized with the running stats.
+  """
+  import jax
+  import jax.numpy as jnp
+  f = jnp.float64
+  x, mean, var = (jnp.asarray(v, f) for v in (x, mean, var))
+  red = tuple(range(x.ndim - 1))
+  m = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(
+      jnp.asarray(mask, bool), x.shape)
+  n = jnp.sum(m, red)
+  safe = jnp.maximum(n, 1)
+  bm = jnp.sum(jnp.where(m, x, 0), red) / safe
+  bv = jnp.sum(jnp.where(m, (x - bm) ** 2, 0), red) / safe
+  valid = n > 0
+  use_m, use_v = jnp.where(valid, bm, mean), jnp.where(valid, bv, var)
+  y = (x - use_m) / jnp.sqrt(use_v + epsilon)
+  y = y * jnp.asarray(scale, f) + jnp.asarray(bias, f)
+  sg = jax.lax.stop_gradient
+  new_m = jnp.where(valid, momentum * mean + (1 - momentum) * sg(bm), mean)
+  new_v = jnp.where(valid, momentum * var + (1 - momentum) * sg(bv), var)
+  return y, (new_m, new_v)

@@ -41,3 +41,17 @@ def test_declared_floors_are_the_versions_the_floor_job_installs():
   for f in ('test_numerics', 'test_sync', 'test_modules', 'test_interop',
             'test_export'):
     assert f'tests/{f}.py' in floor_job
+
+
+def test_committed_results_are_strict_json():
+  """Regression: experiments/results/non_iid.json held NaN, which strict
+  JSON parsers reject; a diverged run's value is now null."""
+  import json
+
+  def reject(name):
+    raise ValueError(f'non-strict JSON constant {name}')
+  paths = sorted((ROOT / 'experiments' / 'results').glob('*.json')) + sorted(
+      (ROOT / 'benchmarks' / 'results').glob('*.json'))
+  assert paths
+  for path in paths:
+    json.loads(path.read_text(), parse_constant=reject)

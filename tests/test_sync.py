@@ -41,13 +41,19 @@ def _problem(seed=0, loc=2.0, rows=D * B):
 
 
 def _global(x, g, b, w, stats, mask=None):
-  """Single-call global-batch reference: outputs, stats, gradients."""
-  def loss(x, g, b):
-    y, new = bnjax.batch_norm(x, stats, g, b, use_running_average=False,
-                              mask=mask, momentum=0.9)
-    return jnp.mean(w * y), (y, new)
-  grads, (y, new) = jax.grad(loss, (0, 1, 2), has_aux=True)(x, g, b)
-  return y, new, grads
+  """Global-batch oracle: outputs, stats and gradients of float64 textbook
+  BN (tests/reference.py), independent of bnjax, so a bug shared with
+  bnjax's single-device path cannot hide here."""
+  with jax.enable_x64(True):
+    def loss(x, g, b):
+      y, new = ref.jax_batch_norm_f64(x, stats.mean, stats.var, g, b,
+                                      mask=mask, momentum=0.9)
+      return jnp.mean(jnp.asarray(w, jnp.float64) * y), (y, new)
+    grads, (y, new) = jax.grad(loss, (0, 1, 2), has_aux=True)(
+        *(np.asarray(v, np.float64) for v in (x, g, b)))
+    out = (np.asarray(y), bnjax.BatchStats(*map(np.asarray, new)),
+           tuple(map(np.asarray, grads)))
+  return out
 
 
 def _assert_same(got, want, rtol=2e-5, atol=2e-6):

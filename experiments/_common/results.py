@@ -33,7 +33,9 @@ def _plain(v):
     return [_plain(x) for x in v]
   if isinstance(v, (np.ndarray, np.generic)) or hasattr(v, '__array__'):
     a = np.asarray(v)
-    return a.item() if a.ndim == 0 else a.tolist()
+    return _plain(a.item() if a.ndim == 0 else a.tolist())
+  if isinstance(v, float) and not np.isfinite(v):
+    return None  # strict JSON has no NaN: a diverged run's value is null
   return v
 
 
@@ -47,7 +49,7 @@ def save(name: str, quick: bool, config: dict, seeds, runs: dict,
              summary=summary, runs=runs, jax=jax.__version__,
              commit=_commit())
   path = RESULTS / f'{stem}.json'
-  path.write_text(json.dumps(_plain(out), indent=1))
+  path.write_text(json.dumps(_plain(out), indent=1, allow_nan=False))
   if fig is not None:
     check_axes_hold_data(fig, name)
     fig.savefig(RESULTS / f'{stem}.png', dpi=110, bbox_inches='tight')
