@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bnjax import _checks, _core, _running, _stats, _sync
+from bnjax import _checks, _core, _running, _stats, _sync, _train
 from bnjax._types import (
   Axis,
   AxisIndexGroups,
@@ -124,10 +124,10 @@ def batch_renorm(
   f = _stats.stats_dtype(x.dtype)
   if use_running_average:
     std = renorm_stats.std.astype(f)
-    return _core._affine(
+    return _train._affine(
       x, renorm_stats.mean.astype(f), 1 / std, scale, bias, lay, out_dtype
     ), renorm_stats
-  cfg = _core._Cfg(
+  cfg = _train._Cfg(
     lay,
     axis_name,
     _sync.canonical_groups(fn, axis_name, axis_index_groups),
@@ -146,7 +146,7 @@ def batch_renorm(
     if mask is None
     else (renorm_stats.mean, jnp.square(renorm_stats.std.astype(f)) - epsilon)
   )
-  y, mean, var, count = _core.train(
+  y, mean, var, count = _train.train(
     fn, x, scale, bias, epsilon, mask, cfg, renorm=limits, fallback=fallback
   )
   valid = None if mask is None else count > 0

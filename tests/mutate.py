@@ -32,7 +32,7 @@ MUTANTS = {
         's1 = jnp.mean(delta, axis) * safe_n',
         ['tests/test_sync.py', 'tests/test_numerics.py']),
     'mask dropped in the backward': (
-        'bnjax/_core.py', 'dxm = dxf if m is None else jnp.where(m, dxf, 0.0)',
+        'bnjax/_train.py', 'dxm = dxf if m is None else jnp.where(m, dxf, 0.0)',
         'dxm = dxf', ['tests/test_grad.py', 'tests/test_sync.py']),
     'group row as idx % d': (
         'bnjax/_sync.py', 'idx = jnp.asarray(pos)[idx]', 'idx = idx % d',
@@ -45,7 +45,7 @@ MUTANTS = {
         'bnjax/_stats.py', '- s1 * s1 / jnp.maximum(n, 1.0)', '- 0 * s1',
         ['tests/test_numerics.py']),
     'empty channel normalized with x / sqrt(eps)': (
-        'bnjax/_core.py', 'norm_mean = jnp.where(empty, fb_mean, mean)',
+        'bnjax/_train.py', 'norm_mean = jnp.where(empty, fb_mean, mean)',
         'norm_mean = mean', ['tests/test_numerics.py']),
     'ghost sync count stays local': (
         'bnjax/_ghost.py', 'sums[1] / n, sums[3]', 'sums[1] / n, count',
