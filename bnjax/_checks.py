@@ -7,6 +7,7 @@ the fix. Checks run on static shapes, so they fire at trace time under jit.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any
@@ -56,14 +57,20 @@ class Layout:
     return jnp.expand_dims(v, self.reduction_axes)
 
 
-def check_floating(fn: str, x: Any, name: str = 'x') -> jax.Array:
+def check_floating(
+  fn: str, x: Any, name: str = 'x', complex_ok: bool = False
+) -> jax.Array:
+  """A real floating array (or complex, where ``complex_ok``)."""
   dtype = getattr(x, 'dtype', None)
   if dtype is None:
     x = jnp.asarray(x)
     dtype = x.dtype
+  if complex_ok and jnp.issubdtype(dtype, jnp.complexfloating):
+    return x
   if not jnp.issubdtype(dtype, jnp.floating):
+    kinds = 'a floating-point or complex' if complex_ok else 'a real floating'
     raise TypeError(
-      f'{fn}: {name} must be a floating-point array, got dtype {dtype}; '
+      f'{fn}: {name} must be {kinds} array, got dtype {dtype}; '
       f'cast it first, e.g. {name}.astype(jnp.float32)'
     )
   return x
@@ -110,10 +117,14 @@ def layout(fn: str, x: jax.Array, axis: Any) -> Layout:
 def check_per_channel(
   fn: str, name: str, v: Any, lay: Layout, floating: bool = True
 ):
-  """Checks that scale, bias, mean or var has the feature shape."""
+  """Checks that scale, bias, mean or var has the feature shape.
+
+  Any of them may be complex (for complex x) except a variance.
+  """
   if v is None:
     return None
-  v = check_floating(fn, v, name) if floating else jnp.asarray(v)
+  complex_ok = not name.endswith('var') and not name.endswith('std')
+  v = check_floating(fn, v, name, complex_ok) if floating else jnp.asarray(v)
   if tuple(v.shape) != lay.feature_shape:
     raise ValueError(
       f'{fn}: {name} has shape {tuple(v.shape)} but x of shape {lay.shape} '
@@ -213,8 +224,17 @@ def check_scalar(fn: str, name: str, v: Any):
     )
 
 
+# Set by the Flax modules (see ``named``): flax's modules train on one value
+# per channel (the output is the bias), and flax's own shape-only flows
+# (nn.tabulate, nnx.tabulate, init with a batch of one, scan and vmap over
+# single examples) rely on it. The functional API keeps its error.
+_single_value_ok: contextvars.ContextVar[bool] = contextvars.ContextVar(
+  'bnjax_single_value_ok', default=False
+)
+
+
 def check_training_count(fn: str, x, lay: Layout, axis, global_count: int):
-  if global_count <= 1:
+  if global_count <= 1 and not _single_value_ok.get():
     raise ValueError(
       _ONE_VALUE_MSG.format(
         fn=fn, shape=tuple(x.shape), axis=axis, count=global_count
@@ -232,7 +252,12 @@ def check_use_running_average(fn: str, value: Any):
 
 @contextlib.contextmanager
 def named(module: str):
-  """Re-raises the core's errors under the module's name (same type)."""
+  """A Flax module's call into the core.
+
+  Re-raises the core's errors under the module's name (same type), and
+  accepts training on one value per channel, as flax's modules do.
+  """
+  token = _single_value_ok.set(True)
   try:
     yield
   except (TypeError, ValueError, NameError) as e:
@@ -241,6 +266,8 @@ def named(module: str):
       if msg.startswith(fn):
         raise type(e)(f'{module}: {msg[len(fn) :]}') from None
     raise
+  finally:
+    _single_value_ok.reset(token)
 
 
 def _concrete(v: Any):

@@ -29,8 +29,13 @@ Array = jax.Array
 def _out_dtype(fn: str, x: Array, dtype: Any):
   if dtype is None:
     return x.dtype
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f'{fn}: dtype must be floating, got {jnp.dtype(dtype)}')
+  kind = jnp.complexfloating if jnp.iscomplexobj(x) else jnp.floating
+  if not jnp.issubdtype(dtype, kind):
+    what = 'complex, as x is' if kind is jnp.complexfloating else 'floating'
+    raise TypeError(
+      f'{fn}: dtype must be {what}, got {jnp.dtype(dtype)}; pass e.g. '
+      f'dtype={"jnp.complex64" if what != "floating" else "jnp.float32"}'
+    )
   return jnp.dtype(dtype)
 
 
@@ -70,7 +75,7 @@ def normalize(
            [ 1.]], dtype=float32)
   """
   fn = 'normalize'
-  x = _checks.check_floating(fn, x)
+  x = _checks.check_floating(fn, x, complex_ok=True)
   lay = _checks.layout(fn, x, axis)
   mean = _checks.check_per_channel(fn, 'mean', mean, lay)
   var = _checks.check_per_channel(fn, 'var', var, lay)
@@ -78,7 +83,7 @@ def normalize(
   bias = _checks.check_per_channel(fn, 'bias', bias, lay)
   _checks.check_hyper(fn, 0.0, epsilon)
   f = _stats.stats_dtype(x.dtype)
-  rstd = lax.rsqrt(var.astype(f) + epsilon)
+  rstd = lax.rsqrt(var.astype(_stats.real_dtype(f)) + epsilon)
   return _affine(
     x, mean.astype(f), rstd, scale, bias, lay, _out_dtype(fn, x, dtype)
   )
@@ -106,7 +111,7 @@ def moments(
     (Array([1., 3.], dtype=float32), Array([1., 4.], dtype=float32))
   """
   fn = 'moments'
-  x = _checks.check_floating(fn, x)
+  x = _checks.check_floating(fn, x, complex_ok=True)
   lay = _checks.layout(fn, x, axis)
   mask = _checks.check_mask(fn, mask, x)
   cfg = _Cfg(
@@ -211,7 +216,7 @@ def batch_norm(
   """
   fn = 'batch_norm'
   _checks.check_use_running_average(fn, use_running_average)
-  x = _checks.check_floating(fn, x)
+  x = _checks.check_floating(fn, x, complex_ok=True)
   lay = _checks.layout(fn, x, axis)
   _checks.check_stats(fn, batch_stats, lay, _running.STATE_TYPES)
   scale = _checks.check_per_channel(fn, 'scale', scale, lay)
@@ -284,7 +289,7 @@ def frozen_batch_norm(
     Array([1.], dtype=float32)
   """
   fn = 'frozen_batch_norm'
-  x = _checks.check_floating(fn, x)
+  x = _checks.check_floating(fn, x, complex_ok=True)
   lay = _checks.layout(fn, x, axis)
   _checks.check_stats(fn, batch_stats, lay, _running.STATE_TYPES)
   pop = jax.tree.map(lax.stop_gradient, _running.population_stats(batch_stats))

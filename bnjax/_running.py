@@ -28,13 +28,21 @@ from bnjax._types import (
 STATE_TYPES = (BatchStats, CumulativeStats, DebiasedStats)
 
 
+def stored_dtype(old, new) -> jnp.dtype:
+  """The dtype a running statistic keeps: its own, made complex by a complex
+  batch mean (as flax's), never dropping the imaginary part."""
+  if jnp.iscomplexobj(new) and not jnp.iscomplexobj(old):
+    return jnp.promote_types(old.dtype, new.dtype)
+  return old.dtype
+
+
 def _mix(old, batch, keep, valid):
   """keep * old + (1 - keep) * batch, in batch's (>= float32) precision."""
   batch = lax.stop_gradient(batch)
   new = keep * old.astype(batch.dtype) + (1 - keep) * batch
   if valid is not None:
     new = jnp.where(valid, new, old.astype(batch.dtype))
-  return new.astype(old.dtype)
+  return new.astype(stored_dtype(old, new))
 
 
 def ema(

@@ -49,6 +49,11 @@ def stats_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def real_dtype(dtype) -> jnp.dtype:
+  """The real dtype of a (possibly complex) floating dtype: a variance's."""
+  return jnp.finfo(dtype).dtype
+
+
 # The one-pass variance s2/n - mean**2 has a float32 relative error of about
 # (1 + mean**2/var) times that of a plain sum. Up to this ratio that is at
 # most 9x the rounding of the exact two-pass, far inside the 1e-5 bar; beyond
@@ -90,6 +95,42 @@ def local_partial(
   n = jnp.sum(m, red, dtype=f)
   shift = jnp.sum(jnp.where(m, xf, 0.0), red) / jnp.maximum(n, 1.0)
   return corrected(xf, n, shift, lay, mask=m)
+
+
+def local_moments(
+  x: jax.Array, lay: Layout, mask: jax.Array | None, fast: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Exact per-channel ``(count, mean, var)`` of x, unsynced.
+
+  Where every channel has ``mean**2 <= 8 var`` these are flax's statistics,
+  computed with the same jnp operations (``mean(x**2) - mean(x)**2`` with
+  ``fast``, else ``mean((x - mean(x))**2)``; ``where=mask``), so such input
+  gets flax's float32 results bit for bit. Elsewhere flax's lose precision
+  (all of it at |mean|/std of 1e3 to 1e4), and a ``lax.cond`` runs the
+  corrected two-pass instead (see :func:`local_partial`). A channel with no
+  masked-in value gets mean 0 and var 0, where flax's gives NaN.
+  """
+  f = stats_dtype(x.dtype)
+  red = lay.reduction_axes
+  xf = x.astype(f)
+  m = None if mask is None else jnp.broadcast_to(mask, x.shape)
+  n = jnp.asarray(lay.count, f) if m is None else jnp.sum(m, red, dtype=f)
+  mean = jnp.mean(xf, red, where=m)
+  if fast:
+    var = jnp.maximum(0.0, jnp.mean(xf * xf, red, where=m) - mean * mean)
+  else:
+    var = jnp.mean(jnp.square(xf - lay.broadcast(mean)), red, where=m)
+  if m is not None:  # 0/0 in an empty channel
+    mean, var = (jnp.where(n > 0, v, 0.0) for v in (mean, var))
+  inexact = jnp.any(mean * mean > _ONE_PASS_MAX_RATIO * var)
+  return (
+    n,
+    *lax.cond(
+      inexact,
+      lambda: finalize(corrected(xf, n, mean, lay, mask=m)),
+      lambda: (mean, var),
+    ),
+  )
 
 
 # The shift of the two-pass without a mask: the mean of the first 1/8 (or

@@ -196,11 +196,18 @@ def _psum_gather(flat: jax.Array, name, groups) -> jax.Array:
 
 
 def psum_stacked(vs: Sequence[jax.Array], axis_name: AxisName, groups):
-  """Sums same-shaped arrays over shards with a single psum."""
+  """Sums same-shaped arrays over shards with a single psum.
+
+  Mixed real and complex inputs travel as complex; each sum comes back in
+  its input's dtype (a real input's sum is real).
+  """
   out = jnp.stack(vs)
   for name in names(axis_name):
     out = lax.psum(out, name, axis_index_groups=_groups_arg(groups))
-  return tuple(out[i] for i in range(len(vs)))
+  return tuple(
+    (out[i] if jnp.iscomplexobj(v) else jnp.real(out[i])).astype(v.dtype)
+    for i, v in enumerate(vs)
+  )
 
 
 def as_varying(

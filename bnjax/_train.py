@@ -53,11 +53,34 @@ def _affine(x, mean, rstd, scale, bias, lay: Layout, out_dtype):
 
 
 def _batch_stats(x, mask, cfg: _Cfg):
+  if jnp.iscomplexobj(x):
+    return _complex_stats(x, mask, cfg)
+  if cfg.axis_name is None:
+    return _stats.local_moments(x, cfg.lay, mask, cfg.fast)
   p = _stats.local_partial(x, cfg.lay, mask, cfg.fast)
-  if cfg.axis_name is not None:
-    p = _sync.gather_merge(p, cfg.axis_name, cfg.groups)
+  p = _sync.gather_merge(p, cfg.axis_name, cfg.groups)
   mean, var = _stats.finalize(p)
   return p.count, mean, var
+
+
+def _complex_stats(x, mask, cfg: _Cfg):
+  """A complex channel as two real ones: its mean is mean(Re) + i mean(Im)
+  and its variance E|x - mean|^2 = var(Re) + var(Im) (flax's definition),
+  so complex input gets the same exact, synced statistics as real input."""
+  lay = cfg.lay
+  xr = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+  rlay = Layout(
+    lay.ndim + 1,
+    lay.feature_axes + (lay.ndim,),
+    lay.reduction_axes,
+    lay.feature_shape + (2,),
+    lay.count,
+    tuple(xr.shape),
+  )
+  m = None if mask is None else jnp.broadcast_to(mask, x.shape)[..., None]
+  count, mean, var = _batch_stats(xr, m, dataclasses.replace(cfg, lay=rlay))
+  count = count[..., 0] if count.ndim else count
+  return count, lax.complex(mean[..., 0], mean[..., 1]), jnp.sum(var, -1)
 
 
 def _forward(x, scale, bias, epsilon, mask, renorm, fallback, cfg: _Cfg):
@@ -152,7 +175,8 @@ def _tangent(
   m = None if mask is None else jnp.broadcast_to(mask, x.shape)
   dxm = dxf if m is None else jnp.where(m, dxf, 0.0)
   s1 = jnp.sum(dxm, lay.reduction_axes)
-  s2 = jnp.sum(dxm * xhat_b, lay.reduction_axes)
+  # d var / 2 = <Re(conj(x - mean) dx)>: for real x just <(x - mean) dx>.
+  s2 = jnp.sum(jnp.real(jnp.conj(xhat_b) * dxm), lay.reduction_axes)
   if cfg.axis_name is not None:
     s1, s2 = _sync.psum_stacked((s1, s2), cfg.axis_name, cfg.groups)
   g = jnp.ones_like(rstd) if scale is None else scale.astype(f)
@@ -166,6 +190,8 @@ def _tangent(
     v2 = v2 + dbias.astype(f)
   if cfg.axis_name is not None:
     v1, v2 = _sync.as_varying(jnp.stack([v1, v2]), cfg.axis_name, like=x)
+  elif jnp.iscomplexobj(v2):
+    v1 = v1.astype(v2.dtype)
   dy = b(gr) * dxf + xhat * b(v1) + b(v2)
   return dy.astype(cfg.out_dtype)
 
@@ -184,7 +210,7 @@ def train(
   _checks.check_training_count(
     fn, x, cfg.lay, cfg.lay.feature_axes, cfg.lay.count * shards
   )
-  f = _stats.stats_dtype(x.dtype)
+  f = _stats.real_dtype(_stats.stats_dtype(x.dtype))
   return _bn_train(
     x, scale, bias, jnp.asarray(epsilon, f), mask, renorm, fallback, cfg
   )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes, initializers
 
-from bnjax import _checks
+from bnjax import _checks, _running
 from bnjax._core import batch_norm
 from bnjax._renorm import batch_renorm
 from bnjax._types import BatchStats, RenormStats
@@ -42,11 +42,11 @@ class BatchNorm(nn.Module):
   default loses all precision at 1e3 to 1e4); with ``axis_name`` and a
   ``mask`` they are count-weighted over the global batch; reductions are
   always at least float32 (``force_float32_reductions=False`` only sets the
-  dtype of the stored statistics to ``param_dtype``); training on one value
-  per channel raises instead of returning the bias. During ``init`` the
-  statistics are not updated and ``axis_name`` is ignored, as in flax; an
-  init batch with one value per channel is normalized with the initial
-  running statistics.
+  dtype of the stored statistics to ``param_dtype``). As in flax, training
+  on one value per channel returns the bias (the functional
+  :func:`bnjax.batch_norm` raises instead), complex input has a complex mean
+  and a real variance ``E|x - mean|^2``, and during ``init`` the statistics
+  are not updated and ``axis_name`` is ignored.
 
   Example:
     >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -89,12 +89,15 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
       'use_running_average', self.use_running_average, use_running_average
     )
-    x = _checks.check_floating(_NAME, x)
+    x = _checks.check_floating(_NAME, x, complex_ok=True)
     lay = _checks.layout(_NAME, x, self.axis)
     shape = lay.feature_shape
     sdt = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    # Complex input has a complex mean (flax's variable turns complex at the
+    # first update; this one is complex from init, so its dtype is stable).
+    mdt = jnp.promote_types(sdt, x.dtype) if jnp.iscomplexobj(x) else sdt
     ra_mean = self.variable(
-      'batch_stats', 'mean', lambda s: jnp.zeros(s, sdt), shape
+      'batch_stats', 'mean', lambda s: jnp.zeros(s, mdt), shape
     )
     ra_var = self.variable(
       'batch_stats', 'var', lambda s: jnp.ones(s, sdt), shape
@@ -110,8 +113,6 @@ class BatchNorm(nn.Module):
     )
     initializing = self.is_initializing()
     train = not use_running_average
-    if initializing and train and lay.count < 2:
-      train = False  # flax accepts a 1-example init batch; nothing is stored.
     # Recording for precise BN (bnjax.precise): momentum 0 makes the new
     # statistics exactly this batch's.
     recording = (
@@ -138,8 +139,8 @@ class BatchNorm(nn.Module):
       self.put_variable(MOMENTS, 'mean', new.mean)
       self.put_variable(MOMENTS, 'var', new.var)
     elif train and not initializing:
-      ra_mean.value = new.mean.astype(ra_mean.value.dtype)
-      ra_var.value = new.var.astype(ra_var.value.dtype)
+      for v, new_v in ((ra_mean, new.mean), (ra_var, new.var)):
+        v.value = new_v.astype(_running.stored_dtype(v.value, new_v))
     return y
 
 

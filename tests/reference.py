@@ -12,13 +12,19 @@ def canonical_axes(ndim, axis):
   return feat, red
 
 
+def _f64(v):
+  """float64, or complex128 for complex input."""
+  return np.asarray(v, np.complex128 if np.iscomplexobj(v) else np.float64)
+
+
 def expand(v, red):
-  return np.expand_dims(np.asarray(v, np.float64), red)
+  return np.expand_dims(_f64(v), red)
 
 
 def moments(x, axis=-1, mask=None):
-  """Per-channel mean and biased variance over the non-feature axes."""
-  x = np.asarray(x, np.float64)
+  """Per-channel mean and biased variance E|x - mean|^2 (real) over the
+  non-feature axes."""
+  x = _f64(x)
   _, red = canonical_axes(x.ndim, axis)
   m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(
       np.asarray(mask, bool), x.shape)
@@ -26,12 +32,12 @@ def moments(x, axis=-1, mask=None):
   safe = np.maximum(n, 1)
   mean = np.where(m, x, 0).sum(red) / safe
   d = np.where(m, x - np.expand_dims(mean, red), 0)
-  var = (d * d).sum(red) / safe
+  var = (np.abs(d) ** 2).sum(red) / safe
   return mean, var, n
 
 
 def normalize(x, mean, var, scale=None, bias=None, axis=-1, epsilon=1e-5):
-  x = np.asarray(x, np.float64)
+  x = _f64(x)
   _, red = canonical_axes(x.ndim, axis)
   y = (x - expand(mean, red)) / np.sqrt(expand(var, red) + epsilon)
   if scale is not None:
@@ -47,8 +53,8 @@ def batch_norm(x, mean, var, scale=None, bias=None, *, use_running_average,
   if use_running_average:
     return normalize(x, mean, var, scale, bias, axis, epsilon), mean, var
   bm, bv, n = moments(x, axis, mask)
-  old_m = np.asarray(mean, np.float64)
-  old_v = np.asarray(var, np.float64)
+  old_m = _f64(mean)
+  old_v = _f64(var)
   valid = n > 0
   # A channel with no masked-in value is normalized with the running stats.
   y = normalize(x, np.where(valid, bm, old_m), np.where(valid, bv, old_v),

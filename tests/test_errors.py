@@ -164,9 +164,11 @@ def test_unbound_axis_name_says_which_name_and_what_is_bound(where):
 
 def test_module_errors_carry_the_module_name():
   import bnjax.linen
-  with pytest.raises(ValueError, match=r'^bnjax\.nnx\.BatchNorm: training'):
-    bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))(jnp.ones((1, 3)))
-  m = bnjax.linen.BatchNorm(use_running_average=False)
-  v = m.init(jax.random.key(0), jnp.ones((4, 3)))
-  with pytest.raises(ValueError, match=r'^bnjax\.linen\.BatchNorm: training'):
-    m.apply(v, jnp.ones((1, 3)), mutable=['batch_stats'])
+  with pytest.raises(ValueError, match=r'^bnjax\.nnx\.BatchNorm: momentum=1.5'):
+    bnjax.nnx.BatchNorm(3, momentum=1.5, rngs=nnx.Rngs(0))(jnp.ones((4, 3)))
+  m = bnjax.linen.BatchNorm(use_running_average=False, momentum=1.5)
+  with pytest.raises(ValueError, match=r'^bnjax\.linen\.BatchNorm: momentum'):
+    m.init(jax.random.key(0), jnp.ones((4, 3)))
+  m = bnjax.linen.BatchNorm(use_running_average=False, epsilon=0.0)
+  with pytest.raises(ValueError, match=r'^bnjax\.linen\.BatchNorm: epsilon'):
+    m.init(jax.random.key(0), jnp.ones((4, 3)))
