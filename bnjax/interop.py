@@ -156,9 +156,16 @@ def from_torch(
 ) -> dict[str, dict]:
   """Converts torch BatchNorm state to Flax variables.
 
+  Every layer is validated before anything is built, and all problems are
+  reported together, each naming the torch key: the four vectors must be
+  1-D with one length, ``weight`` and ``bias`` present together (or both
+  absent: ``affine=False``), values finite, ``running_var >= 0``, and no two
+  torch layers may map to one Flax path.
+
   Args:
     state_dict: a whole model's state dict (see :func:`load_state_dict` for
-      the accepted forms). Keys that are not BatchNorm state are ignored.
+      the accepted forms; float16 and bfloat16 tensors are read exactly).
+      Keys that are not BatchNorm state are ignored.
     layers: maps torch layer prefixes (``'layer1.0.bn1'``) to Flax module
       paths (``'layer1_0/bn1'`` or ``('layer1_0', 'bn1')``). None converts
       every BatchNorm layer found, with the path taken from the prefix
@@ -169,37 +176,93 @@ def from_torch(
     ``{'params': {...}, 'batch_stats': {...}}`` nested by module path, ready
     to merge into a Flax model's variables. An affine-free torch layer
     (``affine=False``) gives no params entry.
+
+  Raises:
+    TypeError: ``layers`` is not a mapping.
+    KeyError: a prefix in ``layers`` has no BatchNorm state.
+    ValueError: invalid state (see above), or no BatchNorm layer at all.
   """
   sd = load_state_dict(state_dict)
   if layers is None:
     layers = {p: p for p in bn_prefixes(sd)}
     if not layers:
       raise ValueError(_NO_LAYERS)
+  if not isinstance(layers, Mapping):
+    raise TypeError(
+      f'from_torch: layers must map torch prefixes to Flax paths, got '
+      f'{type(layers).__name__} {layers!r}; pass e.g. '
+      f'{{{next(iter(bn_prefixes(sd)), "bn1")!r}: "BatchNorm_0"}}, or None '
+      'for every BatchNorm layer'
+    )
+  missing = [p for p in layers if _layer_keys(p)['running_mean'] not in sd]
+  if missing:
+    raise KeyError(
+      f'from_torch: no BatchNorm state for the prefixes {missing} in '
+      f'layers (no <prefix>.running_mean key); BatchNorm prefixes found: '
+      f'{bn_prefixes(sd)}'
+    )
+  problems: list[str] = []
+  targets: dict[tuple[str, ...], str] = {}
+  for prefix, path in layers.items():
+    tree = _split(path)
+    if tree in targets:
+      problems.append(
+        f'{targets[tree]!r} and {prefix!r} both map to the Flax path '
+        f'{"/".join(tree)!r}; the second would overwrite the first'
+      )
+    targets[tree] = prefix
+    problems += _layer_problems(sd, prefix)
+  if problems:
+    raise ValueError(
+      'from_torch: invalid BatchNorm state; nothing was converted:\n  '
+      + '\n  '.join(problems)
+    )
   out: dict[str, dict] = {'params': {}, 'batch_stats': {}}
   for prefix, path in layers.items():
-    keys = _layer_keys(prefix)
-    if keys['running_mean'] not in sd or keys['running_var'] not in sd:
-      raise KeyError(
-        f'from_torch: no {keys["running_mean"]!r} / {keys["running_var"]!r}'
-        f' in the state dict; BatchNorm prefixes found: {bn_prefixes(sd)}'
-      )
-    tree = _split(path)
-    for torch_name, flax_name in _STATS.items():
-      _put(
-        out['batch_stats'],
-        tree,
-        flax_name,
-        jnp.asarray(sd[keys[torch_name]], dtype),
-      )
-    for torch_name, flax_name in _PARAMS.items():
-      if keys[torch_name] in sd:
-        _put(
-          out['params'],
-          tree,
-          flax_name,
-          jnp.asarray(sd[keys[torch_name]], dtype),
-        )
+    keys, tree = _layer_keys(prefix), _split(path)
+    for names, coll in ((_STATS, 'batch_stats'), (_PARAMS, 'params')):
+      for torch_name, flax_name in names.items():
+        if keys[torch_name] in sd:
+          value = jnp.asarray(sd[keys[torch_name]], dtype)
+          _put(out[coll], tree, flax_name, value)
   return out
+
+
+def _layer_problems(sd: Mapping[str, np.ndarray], prefix: str) -> list[str]:
+  """What is wrong with one torch BatchNorm layer's state (empty if valid)."""
+  keys = _layer_keys(prefix)
+  problems = []
+  present = [n for n in ('weight', 'bias') if keys[n] in sd]
+  if len(present) == 1:
+    absent = keys['bias' if present == ['weight'] else 'weight']
+    problems.append(
+      f'{keys[present[0]]!r} is present but {absent!r} is missing: an '
+      'affine torch BatchNorm has both, affine=False neither'
+    )
+  if keys['running_var'] not in sd:
+    return problems + [f'{keys["running_var"]!r} is missing']
+  vectors = {
+    keys[n]: sd[keys[n]]
+    for n in ('weight', 'bias', 'running_mean', 'running_var')
+    if keys[n] in sd
+  }
+  shapes = {k: tuple(np.shape(v)) for k, v in vectors.items()}
+  if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) > 1:
+    return problems + [
+      f'layer {prefix!r} needs 1-D vectors of one length (the channels), '
+      f'got shapes {shapes}'
+    ]
+  for k, v in vectors.items():
+    v = np.asarray(v, np.float64)
+    if not np.all(np.isfinite(v)):
+      bad = np.flatnonzero(~np.isfinite(v))[:5].tolist()
+      problems.append(f'{k!r} has non-finite values at channels {bad}')
+    elif k == keys['running_var'] and np.any(v < 0):
+      bad = np.flatnonzero(v < 0)[:5].tolist()
+      problems.append(
+        f'{k!r} is negative at channels {bad}; a variance must be >= 0'
+      )
+  return problems
 
 
 def to_torch(
@@ -219,21 +282,34 @@ def to_torch(
   Returns:
     ``{'<prefix>.weight': ..., ...}`` as float32 NumPy arrays, and
     ``num_batches_tracked`` as int64, ready for ``torch.from_numpy`` and
-    ``load_state_dict(..., strict=False)``.
+    ``load_state_dict(..., strict=False)``. Each array is a writable copy
+    that owns its memory: torch's in-place updates never reach the JAX
+    arrays it came from.
   """
+  if not isinstance(layers, Mapping):
+    raise TypeError(
+      f'to_torch: layers must map torch prefixes to Flax paths, got '
+      f'{type(layers).__name__} {layers!r}'
+    )
   out = {}
   for prefix, path in layers.items():
     keys = _layer_keys(prefix)
     tree = _split(path)
     stats = _get(variables.get('batch_stats', {}), tree, 'batch_stats')
     for torch_name, flax_name in _STATS.items():
-      out[keys[torch_name]] = np.asarray(stats[flax_name], np.float32)
+      out[keys[torch_name]] = _owned(stats[flax_name])
     params = _get(variables.get('params', {}), tree, None) or {}
     for torch_name, flax_name in _PARAMS.items():
       if flax_name in params:
-        out[keys[torch_name]] = np.asarray(params[flax_name], np.float32)
-    out[keys['num_batches_tracked']] = np.asarray(num_batches_tracked, np.int64)
+        out[keys[torch_name]] = _owned(params[flax_name])
+    out[keys['num_batches_tracked']] = np.array(num_batches_tracked, np.int64)
   return out
+
+
+def _owned(v) -> np.ndarray:
+  """A float32 copy that owns its memory (np.asarray of a JAX array can be a
+  read-only view of the JAX buffer)."""
+  return np.array(v, np.float32, copy=True)
 
 
 def nchw_to_nhwc(x: Any) -> Any:
@@ -298,8 +374,11 @@ def _get(root, tree: Sequence[str], collection: str | None):
 
 def _to_numpy(v) -> np.ndarray:
   if hasattr(v, 'detach'):  # a torch tensor; no torch import needed
+    v = v.detach().cpu()
+    if str(v.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16: widen,
+      v = v.float()  # which is exact
     # .numpy() shares the tensor's memory, and JAX may alias NumPy memory on
     # CPU: copy, or torch's in-place running-stat updates would leak into
     # the converted arrays.
-    return v.detach().cpu().numpy().copy()
+    return v.numpy().copy()
   return np.asarray(v)

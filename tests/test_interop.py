@@ -214,3 +214,97 @@ def test_torch_conv_net_with_bn(tmp_path):
   for k in ('1.running_mean', '4.running_mean'):
     np.testing.assert_allclose(back[k], net.state_dict()[k].numpy(),
                                atol=1e-5, rtol=1e-5)
+
+
+# Hardening (each of these once passed silently or crashed).
+
+
+def test_to_torch_returns_owned_writable_copies():
+  v = interop.from_torch(_model_state(), LAYERS)
+  before = np.array(v['batch_stats']['BatchNorm_0']['mean'])
+  out = interop.to_torch(v, LAYERS)
+  for arr in out.values():
+    assert arr.flags.writeable and arr.flags.owndata
+  out['bn1.running_mean'] += 1.0  # what torch's in-place update does
+  np.testing.assert_array_equal(v['batch_stats']['BatchNorm_0']['mean'], before)
+
+
+def test_to_torch_then_torch_training_leaves_jax_state_alone():
+  torch = _torch()
+  v = interop.from_torch(_model_state(), LAYERS)
+  before = np.array(v['batch_stats']['BatchNorm_0']['mean'])
+  tbn = torch.nn.BatchNorm1d(4)
+  sd = {k[len('bn1.'):]: torch.from_numpy(a)
+        for k, a in interop.to_torch(v, {'bn1': 'BatchNorm_0'}).items()}
+  tbn.load_state_dict(sd, assign=True)
+  tbn.train()
+  tbn(torch.randn(8, 4) + 5)  # in-place running-stat update
+  assert not np.allclose(tbn.running_mean.numpy(), before)
+  np.testing.assert_array_equal(v['batch_stats']['BatchNorm_0']['mean'], before)
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_half_precision_torch_tensors_and_files(tmp_path, dtype):
+  torch = _torch()
+  tbn = torch.nn.BatchNorm1d(3).to(getattr(torch, dtype))
+  with torch.no_grad():
+    tbn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    tbn.running_var.copy_(torch.tensor([1.5, 0.25, 3.0]))
+  expect = tbn.running_mean.float().numpy()
+  v = interop.from_torch(tbn.state_dict(), {'': 'bn'})
+  np.testing.assert_array_equal(v['batch_stats']['bn']['mean'], expect)
+  path = tmp_path / 'bn.pt'
+  torch.save(tbn.state_dict(), path)
+  v = interop.from_torch(path, {'': 'bn'})
+  np.testing.assert_array_equal(v['batch_stats']['bn']['var'],
+                                tbn.running_var.float().numpy())
+  assert v['batch_stats']['bn']['var'].dtype == jnp.float32
+
+
+def _bad(mutate):
+  sd = _model_state()
+  mutate(sd)
+  return sd
+
+
+@pytest.mark.parametrize('mutate, match', [
+    (lambda sd: sd.update({'bn1.bias': np.zeros(3, np.float32)}),
+     r"1-D vectors of one length.*'bn1.bias': \(3,\)"),
+    (lambda sd: sd.update({'bn1.running_var': np.ones((4, 1), np.float32)}),
+     r"'bn1.running_var': \(4, 1\)"),
+    (lambda sd: sd['bn1.running_var'].__setitem__(2, np.nan),
+     r"'bn1.running_var' has non-finite values at channels \[2\]"),
+    (lambda sd: sd['layer1.0.bn.running_mean'].__setitem__(0, np.inf),
+     r"'layer1.0.bn.running_mean' has non-finite values at channels \[0\]"),
+    (lambda sd: sd['bn1.running_var'].__setitem__(1, -0.5),
+     r"'bn1.running_var' is negative at channels \[1\]"),
+    (lambda sd: sd.pop('bn1.weight'),
+     r"'bn1.bias' is present but 'bn1.weight' is missing"),
+])
+def test_from_torch_rejects_invalid_state_naming_the_key(mutate, match):
+  with pytest.raises(ValueError, match=match) as e:
+    interop.from_torch(_bad(mutate), LAYERS)
+  assert 'nothing was converted' in str(e.value)
+
+
+def test_from_torch_reports_every_problem_at_once():
+  def both(sd):
+    sd['bn1.running_var'][0] = -1.0
+    sd['layer1.0.bn.weight'][1] = np.nan
+  with pytest.raises(ValueError) as e:
+    interop.from_torch(_bad(both), LAYERS)
+  assert 'bn1.running_var' in str(e.value)
+  assert 'layer1.0.bn.weight' in str(e.value)
+
+
+def test_from_torch_rejects_two_layers_on_one_target():
+  with pytest.raises(ValueError, match="'bn1' and 'layer1.0.bn' both map to "
+                     "the Flax path 'BatchNorm_0'"):
+    interop.from_torch(_model_state(),
+                       {'bn1': 'BatchNorm_0', 'layer1.0.bn': 'BatchNorm_0'})
+
+
+def test_from_torch_layers_must_be_a_mapping():
+  with pytest.raises(TypeError, match=r"layers must map torch prefixes to "
+                     r"Flax paths, got list \['bn1'\]; pass e.g. \{'bn1'"):
+    interop.from_torch(_model_state(), ['bn1'])
