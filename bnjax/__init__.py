@@ -1,6 +1,7 @@
 """bnjax: batch normalization for JAX as pure functions."""
 
 from bnjax._core import batch_norm, frozen_batch_norm, moments, normalize
+from bnjax._fold import fold
 from bnjax._renorm import batch_renorm
 from bnjax._running import population_stats
 from bnjax._types import (
@@ -23,6 +24,7 @@ __all__ = [
   'RenormStats',
   'batch_norm',
   'batch_renorm',
+  'fold',
   'frozen_batch_norm',
   'init_batch_stats',
   'init_cumulative_stats',

@@ -1,0 +1,130 @@
+"""A real model both ways: torchvision's ResNet-18 -> Flax (linen and nnx,
+with bnjax BatchNorm) -> torch, and bnjax.fold on it (examples/resnet18.py).
+
+Eval logits agree with torch's within 1e-4 relative; the converted-back state
+dict loads into torch with strict=True and reproduces torch's logits exactly.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bnjax import interop
+from examples import resnet18 as R
+
+torch = pytest.importorskip('torch', reason='the torch extra is not installed')
+
+CLASSES = 10
+
+
+def _rel_close(y, ref, rel=1e-4):
+  y, ref = np.asarray(y), np.asarray(ref)
+  err = np.abs(y - ref).max() / np.abs(ref).max()
+  assert err <= rel, f'max |diff| / max |ref| = {err:.2e} > {rel}'
+
+
+@pytest.fixture(scope='module')
+def torch_model():
+  torch.manual_seed(0)
+  net = R.torch_resnet18(CLASSES)
+  with torch.no_grad():  # non-trivial BN state everywhere
+    for m in net.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_(0, 0.2)
+        m.running_mean.normal_(0, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+        m.num_batches_tracked.fill_(7)
+  return net.eval()
+
+
+@pytest.fixture(scope='module')
+def x():
+  g = torch.Generator().manual_seed(1)
+  return torch.randn(4, 3, 64, 64, generator=g)
+
+
+def _logits(net, x):
+  with torch.no_grad():
+    return net(x).numpy()
+
+
+def test_plain_torch_model_has_torchvisions_state_dict():
+  try:
+    import torchvision
+    ref = torchvision.models.resnet18(weights=None, num_classes=CLASSES)
+  except Exception as e:  # noqa: BLE001  # torchvision absent or a CUDA build
+    pytest.skip(f'torchvision unusable here: {type(e).__name__}: {e}')
+  ours = R._plain_torch_resnet18(CLASSES)
+  assert {k: v.shape for k, v in ref.state_dict().items()} == {
+      k: v.shape for k, v in ours.state_dict().items()}
+
+
+def test_linen_eval_logits_match_torch(torch_model, x):
+  v = R.from_torch(torch_model.state_dict())
+  y = R.ResNet18(CLASSES).apply(v, interop.nchw_to_nhwc(x), train=False)
+  _rel_close(y, _logits(torch_model, x))
+
+
+def test_nnx_eval_logits_match_torch(torch_model, x):
+  model = R.nnx_from_variables(R.from_torch(torch_model.state_dict()), CLASSES)
+  model.eval()
+  y = nnx.jit(lambda m, x: m(x))(model, interop.nchw_to_nhwc(x))
+  _rel_close(y, _logits(torch_model, x))
+
+
+@pytest.mark.parametrize('frontend', ['linen', 'nnx'])
+def test_back_to_torch_strict_and_same_logits(torch_model, x, frontend):
+  v = R.from_torch(torch_model.state_dict())
+  if frontend == 'nnx':
+    v = R.nnx_variables(R.nnx_from_variables(v, CLASSES))
+  sd = R.to_torch(v)
+  fresh = R.torch_resnet18(CLASSES)
+  fresh.load_state_dict({k: torch.from_numpy(a) for k, a in sd.items()},
+                        strict=True)
+  fresh.eval()
+  np.testing.assert_array_equal(_logits(fresh, x), _logits(torch_model, x))
+  for k, t in torch_model.state_dict().items():
+    if not k.endswith('num_batches_tracked'):
+      np.testing.assert_array_equal(sd[k], t.numpy(), err_msg=k)
+
+
+def test_train_mode_matches_torch(torch_model, x):
+  # One training-mode forward: batch statistics in every BN layer.
+  v = R.from_torch(torch_model.state_dict())
+  y, upd = R.ResNet18(CLASSES).apply(v, interop.nchw_to_nhwc(x), train=True,
+                                     mutable=['batch_stats'])
+  net = R.torch_resnet18(CLASSES)
+  net.load_state_dict(torch_model.state_dict())
+  net.train()
+  with torch.no_grad():
+    y_t = net(x).numpy()
+  _rel_close(y, y_t)
+  back = R.to_torch({'params': v['params'], 'batch_stats': upd['batch_stats']})
+  for k, t in net.state_dict().items():
+    if k.endswith('running_mean'):
+      np.testing.assert_allclose(back[k], t.numpy(), rtol=1e-4, atol=1e-5,
+                                 err_msg=k)
+
+
+def test_fold_keeps_logits(torch_model, x):
+  v = R.from_torch(torch_model.state_dict())
+  xj = interop.nchw_to_nhwc(x)
+  y = R.ResNet18(CLASSES).apply(v, xj, train=False)
+  folded = R.fold_variables(v)
+  assert 'batch_stats' not in folded
+  y_f = R.ResNet18(CLASSES, fold=True).apply(folded, xj, train=False)
+  _rel_close(y_f, y)
+  _rel_close(y_f, _logits(torch_model, x))
+  # and it agrees with torch's own fusion
+  from torch.nn.utils.fusion import fuse_conv_bn_eval
+  fused = fuse_conv_bn_eval(torch_model.layer2[0].conv1,
+                            torch_model.layer2[0].bn1)
+  k = folded['params']['layer2_0']['conv1']
+  np.testing.assert_allclose(k['kernel'],
+                             interop.conv_kernel_from_torch(fused.weight),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(k['bias'], fused.bias.detach().numpy(),
+                             rtol=1e-5, atol=1e-6)
+  assert jnp.asarray(k['kernel']).dtype == jnp.float32
