@@ -51,6 +51,7 @@ class Layout:
   feature_shape: tuple[int, ...]
   count: int  # values per channel in the (local) reduction
   shape: tuple[int, ...] = ()  # x's shape, for error messages
+  name: str = 'x'  # x's argument name, for error messages
 
   def broadcast(self, v: jax.Array) -> jax.Array:
     """Reshapes a per-channel array of shape feature_shape to broadcast with x."""
@@ -76,7 +77,7 @@ def check_floating(
   return x
 
 
-def layout(fn: str, x: jax.Array, axis: Any) -> Layout:
+def layout(fn: str, x: jax.Array, axis: Any, name: str = 'x') -> Layout:
   """Canonicalizes the feature axis (int or tuple) against x's rank."""
   ndim = x.ndim
   axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
@@ -110,7 +111,13 @@ def layout(fn: str, x: jax.Array, axis: Any) -> Layout:
       'non-empty batch'
     )
   return Layout(
-    ndim, canon, red, tuple(x.shape[i] for i in canon), count, tuple(x.shape)
+    ndim,
+    canon,
+    red,
+    tuple(x.shape[i] for i in canon),
+    count,
+    tuple(x.shape),
+    name,
   )
 
 
@@ -127,7 +134,8 @@ def check_per_channel(
   v = check_floating(fn, v, name, complex_ok) if floating else jnp.asarray(v)
   if tuple(v.shape) != lay.feature_shape:
     raise ValueError(
-      f'{fn}: {name} has shape {tuple(v.shape)} but x of shape {lay.shape} '
+      f'{fn}: {name} has shape {tuple(v.shape)} but {lay.name} of shape '
+      f'{lay.shape} '
       f'has features of shape {lay.feature_shape} on axis {_axis_str(lay)}; '
       + _per_channel_fix(name, tuple(v.shape), lay)
     )

@@ -68,7 +68,7 @@ def fold(
     )
   if isinstance(batch_stats, dict) and set(batch_stats) == {'mean', 'var'}:
     batch_stats = BatchStats(**batch_stats)
-  lay = _checks.layout(fn, kernel, -1)
+  lay = _checks.layout(fn, kernel, -1, 'kernel')
   _checks.check_stats(fn, batch_stats, lay, _running.STATE_TYPES)
   bias = _checks.check_per_channel(fn, 'bias', bias, lay)
   scale = _checks.check_per_channel(fn, 'scale', scale, lay)

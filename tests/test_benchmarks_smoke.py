@@ -59,3 +59,10 @@ def test_torch_layer_benchmark_smoke():
   from benchmarks import torch_layer
   rows = torch_layer.main(['--smoke'])
   assert all(r['best_ms'] > 0 for r in rows)
+
+
+def test_fold_benchmark_smoke():
+  from benchmarks import fold
+  (row,) = fold.main(['--smoke'])['rows']
+  assert row['bn_ms'] > 0 and row['folded_ms'] > 0
+  assert row['max_rel_logit_diff'] < 1e-4
