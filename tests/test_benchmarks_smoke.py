@@ -55,7 +55,7 @@ ENTRY %main (x: f32[4]) -> f32[4] {
 
 def test_torch_layer_benchmark_smoke():
   import pytest
-  pytest.importorskip('torch')
+  pytest.importorskip('torch', reason='the torch extra is not installed: pip install -e ".[torch]"')
   from benchmarks import torch_layer
   rows = torch_layer.main(['--smoke'])
   assert all(r['best_ms'] > 0 for r in rows)

@@ -113,7 +113,7 @@ def test_orbax_round_trip_is_bitwise(tmp_path):
 # ---- against PyTorch itself (optional extra: pip install -e ".[torch]") ----
 
 def _torch():
-  return pytest.importorskip('torch')
+  return pytest.importorskip('torch', reason='the torch extra is not installed: pip install -e ".[torch]"')
 
 
 def _bn_vars(torch_bn):

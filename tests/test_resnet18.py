@@ -13,7 +13,7 @@ from flax import nnx
 from bnjax import interop
 from examples import resnet18 as R
 
-torch = pytest.importorskip('torch', reason='the torch extra is not installed')
+torch = pytest.importorskip('torch', reason='the torch extra is not installed: pip install -e ".[torch]"')
 
 CLASSES = 10
 

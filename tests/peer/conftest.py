@@ -9,17 +9,19 @@ import re
 
 import pytest
 
-# test id pattern -> reason. Keep this short: each entry is a behaviour a
-# Flax user meets, and must be defensible to one.
+# test id pattern -> (title, reason). Keep this short: each entry is a
+# behaviour a Flax user meets, and must be defensible to one. The README's
+# "Differences from Flax and PyTorch" list has one bullet per title.
 DIFFERENCES = {
   # The mask cases (odd parameterizations) of nnx/linen equivalence: the
   # mask [T, F, T, F, T] empties channels 1 and 3.
   r'test_flax_nnx_nn_normalization\.py::TestLinenConsistency::'
   r'test_nnx_linen_batchnorm_equivalence(1|3|5|7|9|11|13|15)$': (
-    'empty masked channel: flax outputs NaN there and stores NaN running '
-    'statistics for good; bnjax normalizes that channel with the running '
-    'statistics (what inference gives) and leaves them unchanged. Every '
-    'other channel is bit-identical to flax (tests/test_flax_bitwise.py)'
+    'Empty masked channel',
+    'flax outputs NaN in a channel with no masked-in value and stores NaN '
+    'running statistics for good; bnjax normalizes that channel with the '
+    'running statistics (what inference gives) and leaves them unchanged. '
+    'The other channels match flax (tests/test_flax_dropin.py)',
   ),
 }
 
@@ -27,6 +29,7 @@ DIFFERENCES = {
 def pytest_collection_modifyitems(config, items):
   for item in items:
     nodeid = item.nodeid.split('tests/peer/')[-1]
-    for pattern, reason in DIFFERENCES.items():
+    for pattern, (title, reason) in DIFFERENCES.items():
       if re.search(pattern, nodeid):
-        item.add_marker(pytest.mark.skip(reason=f'deliberate: {reason}'))
+        item.add_marker(pytest.mark.skip(reason=f'deliberate: {title}: '
+                                         f'{reason}'))
