@@ -6,6 +6,7 @@ its custom JVP); this module checks the arguments and picks the path.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -96,14 +97,17 @@ def moments(
   mask: Array | None = None,
   axis_name: AxisName = None,
   axis_index_groups: AxisIndexGroups | None = None,
+  sync: str = 'auto',
 ) -> tuple[Array, Array]:
   """Per-channel mean and biased variance of x, exact and count-weighted.
 
   Reduces over every axis except ``axis``. With ``mask``, only masked-in
   entries count; a channel with none gets mean 0 and var 0. With
   ``axis_name``, the statistics are those of the global batch over that
-  mapped axis (one collective); an unbound name raises JAX's ``NameError``.
-  Results are at least float32.
+  mapped axis (one collective; ``sync`` as in :func:`batch_norm`, where
+  the psum path's shift is 0 here, so uncentered data take the exact
+  fallback); an unbound name raises JAX's ``NameError``. Results are at
+  least float32.
 
   Example:
     >>> import jax.numpy as jnp, bnjax
@@ -114,15 +118,17 @@ def moments(
   x = _checks.check_floating(fn, x, complex_ok=True)
   lay = _checks.layout(fn, x, axis)
   mask = _checks.check_mask(fn, mask, x)
-  cfg = _Cfg(
-    lay,
-    axis_name,
-    _sync.canonical_groups(fn, axis_name, axis_index_groups),
-    True,
-    x.dtype,
-  )
+  groups = _sync.canonical_groups(fn, axis_name, axis_index_groups)
+  mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask)
+  cfg = _Cfg(lay, axis_name, groups, True, x.dtype, mode)
   _, mean, var = _batch_stats(x, mask, cfg)
   return mean, var
+
+
+def _sync_mode(fn, sync, axis_name, groups, x, lay, mask) -> str:
+  """The synced path, 'gather' or 'psum', resolved at trace time."""
+  channels = math.prod(lay.feature_shape) * (2 if jnp.iscomplexobj(x) else 1)
+  return _sync.resolve(fn, sync, axis_name, groups, channels, mask is not None)
 
 
 def batch_norm(
@@ -141,6 +147,7 @@ def batch_norm(
   use_fast_variance: bool = True,
   dtype: DType | None = None,
   virtual_batch_size: int | None = None,
+  sync: str = 'auto',
 ) -> tuple[Array, RunningStats]:
   r"""Batch normalization as a pure function: returns ``(y, new_batch_stats)``.
 
@@ -156,13 +163,14 @@ def batch_norm(
   statistics and returns ``batch_stats`` unchanged.
 
   Statistics are within 1e-5 of float64 at |mean|/std from 1e2 to 1e6
-  (``benchmarks/numerics.py``), on one device and synced. With
-  ``use_fast_variance=True`` (the default) the forward reads x for two plain
-  sums and trusts ``E[x^2] - E[x]^2`` only where every channel has
-  ``mean**2 <= 8 var``; otherwise a ``lax.cond`` runs the corrected
-  two-pass (``bnjax._stats``), whose result does not depend on the order in
-  which the backend sums, to first order. ``False`` and masks always take
-  the corrected two-pass. Half-precision input is reduced in float32.
+  (``benchmarks/numerics.py``), on one device and synced. Unsynced, the
+  forward computes flax's formulas (``E[x^2] - E[x]^2`` with
+  ``use_fast_variance=True``, the default; ``E[(x - E[x])^2]`` with False;
+  masked with ``where=``), so it matches flax bit for bit, and trusts them
+  only where every channel has ``mean**2 <= 8 var``; otherwise a
+  ``lax.cond`` runs the corrected two-pass (``bnjax._stats``), whose result
+  does not depend on the order in which the backend sums, to first order.
+  Half-precision input is reduced in float32.
 
   Args:
     x: floating input; statistics reduce over every axis except ``axis``.
@@ -193,6 +201,20 @@ def batch_norm(
       running statistics get the mean over chunks. Must divide the batch.
       With ``axis_name`` chunks are per shard, and only the running-stat
       average is synced (see ``bnjax._ghost``).
+    sync: how statistics combine over ``axis_name``, one collective either
+      way. ``'gather'`` all-gathers every shard's exact partial, D x
+      (3C + 1) floats. ``'psum'`` psums ``(n, sum(x - K), sum((x - K)**2))``
+      around K = the running mean, 2C + 9 floats whatever D (8 of them
+      check that every shard has the same K), and takes ``M2 = S2 -
+      S1**2 / N``; where that is not exact to 1e-5 (``(mean - K)**2 > 8
+      var`` in some channel, as at the first steps from a zero running
+      mean, or shards whose K differ) the step runs the gather as well,
+      chosen from the psum's result so every shard agrees. ``'auto'`` picks
+      at trace time by the alpha-beta model of
+      ``benchmarks/sync_model.py``: the psum where the gather would cost
+      more (for example C = 2048 from 256 devices, C = 256 from 4096).
+      Ignored without ``axis_name`` and for ghost batches (whose sync is one
+      psum already).
 
   Returns:
     ``(y, new_batch_stats)``.
@@ -238,8 +260,10 @@ def batch_norm(
     )
     return y, batch_stats
   groups = _sync.canonical_groups(fn, axis_name, axis_index_groups)
-  cfg = _Cfg(lay, axis_name, groups, bool(use_fast_variance), out_dtype)
-  fallback = None if mask is None else _running.population_stats(batch_stats)
+  mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask)
+  cfg = _Cfg(lay, axis_name, groups, bool(use_fast_variance), out_dtype, mode)
+  pop = _running.population_stats(batch_stats)
+  fallback = None if mask is None else pop
   if virtual_batch_size is not None:
     y, mean, var, count = _ghost.train(
       train,
@@ -255,7 +279,15 @@ def batch_norm(
     )
   else:
     y, mean, var, count = train(
-      fn, x, scale, bias, epsilon, mask, cfg, fallback=fallback
+      fn,
+      x,
+      scale,
+      bias,
+      epsilon,
+      mask,
+      cfg,
+      fallback=fallback,
+      shift=pop.mean if mode == 'psum' else None,
     )
   valid = None if mask is None else count > 0
   return y, _running.update(batch_stats, mean, var, momentum, valid)

@@ -73,6 +73,7 @@ def batch_renorm(
   mask: jax.Array | None = None,
   use_fast_variance: bool = True,
   dtype: DType | None = None,
+  sync: str = 'auto',
 ) -> tuple[jax.Array, RenormStats]:
   r"""Batch renormalization: returns ``(y, new_renorm_stats)``.
 
@@ -127,12 +128,10 @@ def batch_renorm(
     return _train._affine(
       x, renorm_stats.mean.astype(f), 1 / std, scale, bias, lay, out_dtype
     ), renorm_stats
+  groups = _sync.canonical_groups(fn, axis_name, axis_index_groups)
+  mode = _core._sync_mode(fn, sync, axis_name, groups, x, lay, mask)
   cfg = _train._Cfg(
-    lay,
-    axis_name,
-    _sync.canonical_groups(fn, axis_name, axis_index_groups),
-    bool(use_fast_variance),
-    out_dtype,
+    lay, axis_name, groups, bool(use_fast_variance), out_dtype, mode
   )
   limits = (
     renorm_stats.mean,
@@ -147,7 +146,16 @@ def batch_renorm(
     else (renorm_stats.mean, jnp.square(renorm_stats.std.astype(f)) - epsilon)
   )
   y, mean, var, count = _train.train(
-    fn, x, scale, bias, epsilon, mask, cfg, renorm=limits, fallback=fallback
+    fn,
+    x,
+    scale,
+    bias,
+    epsilon,
+    mask,
+    cfg,
+    renorm=limits,
+    fallback=fallback,
+    shift=renorm_stats.mean if mode == 'psum' else None,
   )
   valid = None if mask is None else count > 0
   sigma = jnp.sqrt(var + jnp.asarray(epsilon, f))

@@ -39,6 +39,7 @@ class _Cfg:
   groups: Any
   fast: bool
   out_dtype: Any
+  sync: str = 'gather'  # with axis_name: 'gather' or 'psum' (_sync.resolve)
 
 
 def _affine(x, mean, rstd, scale, bias, lay: Layout, out_dtype):
@@ -52,18 +53,45 @@ def _affine(x, mean, rstd, scale, bias, lay: Layout, out_dtype):
   return y.astype(out_dtype)
 
 
-def _batch_stats(x, mask, cfg: _Cfg):
+def _batch_stats(x, mask, cfg: _Cfg, shift=None):
+  """(count, mean, var) over the (global) batch. ``shift``: the replicated
+  running mean, the shared shift of the psum path (None: zero)."""
   if jnp.iscomplexobj(x):
-    return _complex_stats(x, mask, cfg)
+    return _complex_stats(x, mask, cfg, shift)
   if cfg.axis_name is None:
     return _stats.local_moments(x, cfg.lay, mask, cfg.fast)
+  if cfg.sync == 'psum':
+    return _psum_stats(x, mask, cfg, shift)
+  return _gather_stats(x, mask, cfg)
+
+
+def _gather_stats(x, mask, cfg: _Cfg):
   p = _stats.local_partial(x, cfg.lay, mask, cfg.fast)
   p = _sync.gather_merge(p, cfg.axis_name, cfg.groups)
   mean, var = _stats.finalize(p)
   return p.count, mean, var
 
 
-def _complex_stats(x, mask, cfg: _Cfg):
+def _psum_stats(x, mask, cfg: _Cfg, shift):
+  """One psum of sums around the running mean; where its result cannot be
+  trusted (the first steps from a zero running mean, a distribution shift,
+  shards with different running means) the exact gather runs instead. The
+  predicate is computed from the psum's result, so all shards agree."""
+  f = _stats.stats_dtype(x.dtype)
+  lay = cfg.lay
+  k = jnp.zeros(lay.feature_shape, f) if shift is None else shift
+  m = None if mask is None else jnp.broadcast_to(mask, x.shape)
+  n, mean, m2, ok = _sync.psum_moments(
+    x.astype(f), lay, m, k, cfg.axis_name, cfg.groups
+  )
+  return lax.cond(
+    ok,
+    lambda: (n, mean, m2 / jnp.maximum(n, 1.0)),
+    lambda: _gather_stats(x, mask, cfg),
+  )
+
+
+def _complex_stats(x, mask, cfg: _Cfg, shift=None):
   """A complex channel as two real ones: its mean is mean(Re) + i mean(Im)
   and its variance E|x - mean|^2 = var(Re) + var(Im) (flax's definition),
   so complex input gets the same exact, synced statistics as real input."""
@@ -78,13 +106,16 @@ def _complex_stats(x, mask, cfg: _Cfg):
     tuple(xr.shape),
   )
   m = None if mask is None else jnp.broadcast_to(mask, x.shape)[..., None]
-  count, mean, var = _batch_stats(xr, m, dataclasses.replace(cfg, lay=rlay))
+  if shift is not None:
+    shift = jnp.stack([jnp.real(shift), jnp.imag(shift)], axis=-1)
+  rcfg = dataclasses.replace(cfg, lay=rlay)
+  count, mean, var = _batch_stats(xr, m, rcfg, shift)
   count = count[..., 0] if count.ndim else count
   return count, lax.complex(mean[..., 0], mean[..., 1]), jnp.sum(var, -1)
 
 
-def _forward(x, scale, bias, epsilon, mask, renorm, fallback, cfg: _Cfg):
-  count, mean, var = _batch_stats(x, mask, cfg)
+def _forward(x, scale, bias, epsilon, mask, renorm, fallback, shift, cfg):
+  count, mean, var = _batch_stats(x, mask, cfg, shift)
   norm_mean, var_eps = mean, var + epsilon
   if fallback is not None:
     # A channel with no masked-in value has no batch statistics: normalize it
@@ -120,17 +151,17 @@ def _fold(scale, bias, rd, f):
   return g * r, g * d + b
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
-def _bn_train(x, scale, bias, epsilon, mask, renorm, fallback, cfg):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8,))
+def _bn_train(x, scale, bias, epsilon, mask, renorm, fallback, shift, cfg):
   y, mean, var, count, _, _, _ = _forward(
-    x, scale, bias, epsilon, mask, renorm, fallback, cfg
+    x, scale, bias, epsilon, mask, renorm, fallback, shift, cfg
   )
   return y, mean, var, count
 
 
 @_bn_train.defjvp
 def _bn_train_jvp(cfg, primals, tangents):
-  x, scale, bias, epsilon, mask, renorm, fallback = primals
+  x, scale, bias, epsilon, mask, renorm, fallback, shift = primals
   dx, dscale, dbias, deps = tangents[:4]
   # The statistics take the same path as the undifferentiated forward. The
   # corrected two-pass needs sum(x - K) beside sum((x - K)**2): two
@@ -139,7 +170,7 @@ def _bn_train_jvp(cfg, primals, tangents):
   # previous code's; with the plain-sum pass and the cond, 0.95 to 1.07x. The
   # price is compile time (1.2 to 1.6x flax's against 1.2 to 1.4x).
   y, mean, var, count, norm_mean, rstd, rd = _forward(
-    x, scale, bias, epsilon, mask, renorm, fallback, cfg
+    x, scale, bias, epsilon, mask, renorm, fallback, shift, cfg
   )
   if rd is not None:
     # r and d are constants: the tangent is BN's with the folded affine.
@@ -197,12 +228,22 @@ def _tangent(
 
 
 def train(
-  fn, x, scale, bias, epsilon, mask, cfg: _Cfg, renorm=None, fallback=None
+  fn,
+  x,
+  scale,
+  bias,
+  epsilon,
+  mask,
+  cfg: _Cfg,
+  renorm=None,
+  fallback=None,
+  shift=None,
 ):
   """Checked training-mode BN: (y, batch mean, batch var, count).
 
   ``fallback``: the (mean, var) that channels with no masked-in value are
-  normalized with (the running statistics), or None.
+  normalized with (the running statistics), or None. ``shift``: the
+  replicated running mean, the psum path's shared shift (None: zero).
   """
   shards = (
     1 if cfg.axis_name is None else _sync.num_shards(cfg.axis_name, cfg.groups)
@@ -212,5 +253,5 @@ def train(
   )
   f = _stats.real_dtype(_stats.stats_dtype(x.dtype))
   return _bn_train(
-    x, scale, bias, jnp.asarray(epsilon, f), mask, renorm, fallback, cfg
+    x, scale, bias, jnp.asarray(epsilon, f), mask, renorm, fallback, shift, cfg
   )

@@ -76,6 +76,7 @@ class BatchNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   virtual_batch_size: int | None = None
+  sync: str = 'auto'  # see bnjax.batch_norm
 
   @nn.compact
   def __call__(
@@ -134,6 +135,7 @@ class BatchNorm(nn.Module):
         use_fast_variance=self.use_fast_variance,
         dtype=_out_dtype(self.dtype, x, scale, bias),
         virtual_batch_size=self.virtual_batch_size,
+        sync=self.sync,
       )
     if recording:
       self.put_variable(MOMENTS, 'mean', new.mean)
@@ -186,6 +188,7 @@ class BatchRenorm(nn.Module):
   axis_name: Any = None
   axis_index_groups: Any = None
   use_fast_variance: bool = True
+  sync: str = 'auto'  # see bnjax.batch_norm
 
   @nn.compact
   def __call__(
@@ -227,6 +230,7 @@ class BatchRenorm(nn.Module):
         mask=mask,
         use_fast_variance=self.use_fast_variance,
         dtype=_out_dtype(self.dtype, x, scale, bias),
+        sync=self.sync,
       )
     if train:
       ra_mean.value, ra_std.value = new.mean, new.std

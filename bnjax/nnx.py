@@ -69,6 +69,7 @@ class BatchNorm(nnx.Module):
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
     scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     virtual_batch_size: int | None = None,
+    sync: str = 'auto',
   ):
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
@@ -86,6 +87,7 @@ class BatchNorm(nnx.Module):
       bias_metadata,
     )
     self.virtual_batch_size = virtual_batch_size
+    self.sync = sync
     self.num_features = num_features
     self.use_running_average = use_running_average
     self.axis = axis
@@ -131,6 +133,7 @@ class BatchNorm(nnx.Module):
         use_fast_variance=self.use_fast_variance,
         dtype=x.dtype,
         virtual_batch_size=self.virtual_batch_size,
+        sync=self.sync,
       )
     if not use_running_average:
       _store(self.mean, new.mean)
@@ -233,6 +236,7 @@ class BatchRenorm(nnx.Module):
     axis_name: Any = None,
     axis_index_groups: Any = None,
     use_fast_variance: bool = True,
+    sync: str = 'auto',
     rngs: nnx.Rngs,
   ):
     shape = (num_features,)
@@ -256,6 +260,7 @@ class BatchRenorm(nnx.Module):
     self.dtype, self.param_dtype = dtype, param_dtype
     self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
     self.use_fast_variance = use_fast_variance
+    self.sync = sync
 
   def __call__(
     self,
@@ -287,6 +292,7 @@ class BatchRenorm(nnx.Module):
         mask=mask,
         use_fast_variance=self.use_fast_variance,
         dtype=x.dtype,
+        sync=self.sync,
       )
     if not use_running_average:
       self.mean[...] = new.mean
