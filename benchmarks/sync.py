@@ -1,11 +1,13 @@
 """Sync benchmark: cost of synchronized BN on 8 host CPU devices.
 
-Question: what does syncing cost per layer, and how does the shipped
-psum-gather (each shard's partial in its own row of a (D, K) buffer, one
-psum) compare with an all_gather of the partials? Times a shard_map'd
-training step (forward + backward w.r.t. x) with ``axis_name`` against the
-same step with local statistics, and the two bare gather collectives for
-K = 3C + 1 floats, interleaved, medians. Run: ``python benchmarks/sync.py``
+Question: what does syncing cost per layer, by each of bnjax's two sync
+paths? Times a shard_map'd training step (forward + backward w.r.t. x) with
+local statistics, with ``sync='gather'`` (one all-gather of K = 3C + 1
+floats per shard), with ``sync='psum'`` in its steady state (running mean
+near the batch mean: one psum of 2C + 9 floats) and with ``sync='psum'``
+when its check fails every step (running mean 100 std away: the psum, then
+the gather), and the bare collectives (all-gather and psum-gather of K
+floats, psum of 2C + 9), interleaved, medians. Run: ``python benchmarks/sync.py``
 (about 1 minute) or ``--smoke``. Writes ``results/sync.json``.
 """
 
@@ -42,25 +44,29 @@ def main(argv=None):
     c = shape[-1]
     x = jax.device_put(jax.random.normal(jax.random.key(0), shape),
                        NamedSharding(mesh, P('d')))
-    stats = bnjax.init_batch_stats(c)
+    near = bnjax.init_batch_stats(c)  # data N(0, 1): the psum's steady state
+    far = bnjax.BatchStats(jnp.full(c, 100.0), jnp.ones(c))  # check fails
 
-    def step(axis_name):
+    def step(axis_name, sync='gather', stats=near):
       def f(x):
         def loss(x):
           return jnp.sum(bnjax.batch_norm(x, stats, use_running_average=False,
-                                          axis_name=axis_name)[0] ** 2)
+                                          axis_name=axis_name,
+                                          sync=sync)[0] ** 2)
         return jax.grad(loss)(x)
       return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P('d'),
                                    out_specs=P('d')))
     k = 3 * c + 1
+    k_psum = 2 * c + 9
     part = jax.device_put(jnp.ones((8, k)), NamedSharding(mesh, P('d')))
+    small = jax.device_put(jnp.ones((8, k_psum)), NamedSharding(mesh, P('d')))
 
     def psum_gather(v):
       rows_ = lax.dynamic_update_slice(jnp.zeros((8, k)), v,
                                        (lax.axis_index('d'), 0))
       return lax.psum(rows_, 'd')[None]
 
-    def psum_small(v):  # the alternative: a psum of 2C+1 shifted sums
+    def psum_small(v):  # sync='psum''s collective: 2C + 9 shifted sums
       return lax.psum(v, 'd')
 
     def all_gather(v):
@@ -68,19 +74,25 @@ def main(argv=None):
     coll = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P('d'),
                                            out_specs=P('d')))
     fns = {'local': step(None), 'sync': step('d'),
+           'psum': step('d', 'psum'), 'psum_fallback': step('d', 'psum', far),
            'psum_gather': coll(psum_gather), 'all_gather': coll(all_gather),
            'psum_small': coll(psum_small)}
-    fargs = {'local': (x,), 'sync': (x,), 'psum_gather': (part,),
-             'all_gather': (part,), 'psum_small': (part,)}
+    fargs = {'local': (x,), 'sync': (x,), 'psum': (x,), 'psum_fallback': (x,),
+             'psum_gather': (part,), 'all_gather': (part,),
+             'psum_small': (small,)}
     t = _timing.interleaved(fns, fargs, rounds=2 if args.smoke else 30,
                             inner=1 if args.smoke else 5)
     row = dict(shape=list(shape), channels=c, devices=8,
                step_local_ms=t['local'] * 1e3, step_sync_ms=t['sync'] * 1e3,
+               step_psum_ms=t['psum'] * 1e3,
+               step_psum_fallback_ms=t['psum_fallback'] * 1e3,
                sync_overhead=t['sync'] / t['local'],
+               psum_overhead=t['psum'] / t['local'],
                psum_gather_us=t['psum_gather'] * 1e6,
                all_gather_us=t['all_gather'] * 1e6,
-               psum_2c1_us=t['psum_small'] * 1e6,
-               forward_bytes=8 * k * 4, backward_bytes=2 * c * 4)
+               psum_2c9_us=t['psum_small'] * 1e6,
+               gather_forward_bytes=8 * k * 4, psum_forward_bytes=k_psum * 4,
+               backward_bytes=2 * c * 4)
     rows.append(row)
     print(json.dumps({a: (round(b, 3) if isinstance(b, float) else b)
                       for a, b in row.items()}), flush=True)

@@ -11,9 +11,12 @@ exact merge needs). bnjax ships two ways to combine them:
 - with ``axis_index_groups``, under pmap and vmap: a psum of a (D, K) buffer
   in which each shard fills its own row ("psum-gather").
 
-The alternative is a psum of 2C + 1 shifted sums around a shift every shard
-agrees on (constant in D, but exact from step 0 only if the shift is agreed
-first). An alpha-beta model: a collective costs ``steps * alpha +
+and ``sync='psum'``: a psum of 2C + 9 floats, shifted sums around the
+running mean plus 8 floats that check every shard used the same shift
+(constant in D; where the shift is too far from the batch mean, at the first
+steps, the gather runs as well). ``sync='auto'`` takes the psum where this
+model, on its faster link, prices the gather above it
+(``bnjax._sync.auto_uses_psum``; each row records the choice). An alpha-beta model: a collective costs ``steps * alpha +
 bytes_per_device * beta``, with
 
 - ring all-reduce of n bytes: ``2 (D-1)`` steps, ``2 (D-1)/D n`` bytes;
@@ -56,10 +59,11 @@ def cost(kind: str, algo: str, d: int, n_bytes: float, link) -> float:
 
 
 def designs(d: int, c: int):
-  k = 3 * c + 1
+  from bnjax import _sync
+  k = _sync.gather_payload(c, masked=False)
   return {'psum_gather': ('all_reduce', 4 * d * k),
           'all_gather': ('all_gather', 4 * d * k),
-          'shifted_psum': ('all_reduce', 4 * (2 * c + 1))}
+          'shifted_psum': ('all_reduce', 4 * _sync.psum_payload(c, False))}
 
 
 def hlo_check(d: int = 8, c: int = 64) -> dict:
@@ -112,7 +116,9 @@ def main(argv=None):
   for link_name, link in LINKS.items():
     for c in CHANNELS:
       for d in DEVICES:
-        row = dict(link=link_name, channels=c, devices=d)
+        from bnjax import _sync
+        row = dict(link=link_name, channels=c, devices=d,
+                   auto='psum' if _sync.auto_uses_psum(d, c) else 'gather')
         for name, (kind, n) in designs(d, c).items():
           row[f'{name}_bytes'] = n
           for algo in ('ring', 'tree'):

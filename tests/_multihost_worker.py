@@ -2,7 +2,8 @@
 
 Run by tests/test_multihost.py as ``python -m tests._multihost_worker PORT ID
 OUT``. Builds the 4-device global mesh, runs synced BN forward and backward
-under shard_map, and writes its addressable results to OUT (.npz).
+under shard_map by both sync paths (the psum path in its steady state and
+with its exact fallback), and writes its results to OUT (.npz).
 """
 
 import sys
@@ -25,7 +26,7 @@ def main(port: int, pid: int, out: str):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   import bnjax
-  from tests.test_multihost import problem
+  from tests.test_multihost import CASES, FAR, problem
   x, w, stats = problem()
   mesh = Mesh(np.array(jax.devices()), ('d',))
   sharding = NamedSharding(mesh, P('d'))
@@ -33,18 +34,23 @@ def main(port: int, pid: int, out: str):
   local = slice(pid * rows, (pid + 1) * rows)
   xg = jax.make_array_from_process_local_data(sharding, x[local], x.shape)
   wg = jax.make_array_from_process_local_data(sharding, w[local], w.shape)
-  bn = jax.shard_map(lambda x: bnjax.batch_norm(
-      x, stats, use_running_average=False, axis_name='d', momentum=0.9),
-                     mesh=mesh, in_specs=P('d'), out_specs=(P('d'), P()))
+  results = {'devices': jax.device_count()}
+  for sync, st in CASES:
+    stats_ = stats if st == 'near' else FAR
+    bn = jax.shard_map(lambda x, s=stats_, sync=sync: bnjax.batch_norm(
+        x, s, use_running_average=False, axis_name='d', momentum=0.9,
+        sync=sync), mesh=mesh, in_specs=P('d'), out_specs=(P('d'), P()))
 
-  def loss(x, w):
-    y, new = bn(x)
-    return jnp.mean(w * y), (y, new)
-  dx, (y, new) = jax.jit(jax.grad(loss, has_aux=True))(xg, wg)
-  y = multihost_utils.process_allgather(y, tiled=True)
-  dx = multihost_utils.process_allgather(dx, tiled=True)
-  np.savez(out, y=y, dx=dx, mean=np.asarray(new.mean), var=np.asarray(new.var),
-           devices=jax.device_count())
+    def loss(x, w, bn=bn):
+      y, new = bn(x)
+      return jnp.mean(w * y), (y, new)
+    dx, (y, new) = jax.jit(jax.grad(loss, has_aux=True))(xg, wg)
+    key = f'{sync}_{st}'
+    results[f'{key}_y'] = multihost_utils.process_allgather(y, tiled=True)
+    results[f'{key}_dx'] = multihost_utils.process_allgather(dx, tiled=True)
+    results[f'{key}_mean'] = np.asarray(new.mean)
+    results[f'{key}_var'] = np.asarray(new.var)
+  np.savez(out, **results)
   jax.distributed.shutdown()
 
 

@@ -66,3 +66,22 @@ def test_fold_benchmark_smoke():
   (row,) = fold.main(['--smoke'])['rows']
   assert row['bn_ms'] > 0 and row['folded_ms'] > 0
   assert row['max_rel_logit_diff'] < 1e-4
+
+
+def test_sync_lowering_smoke():
+  """At 8 devices: the gather path lowers one all-gather forward; the psum
+  path one all-reduce of 2C + 9 floats outside any conditional and the
+  all-gather inside one; both one all-reduce of 2C backward."""
+  from benchmarks import sync_lowering
+  rows = sync_lowering.main(['--smoke'])
+  for r in rows:
+    c = r['channels']
+    ops = [(o['kind'], o['operand_floats'], o['conditional'])
+           for o in r['collectives']]
+    if r['sync'] == 'gather':
+      assert ops == [('all_gather', 3 * c + 1, False),
+                     ('all_reduce', 2 * c, False)], ops
+    else:
+      assert ops == [('all_reduce', 2 * c + 9, False),
+                     ('all_gather', 3 * c + 1, True),
+                     ('all_reduce', 2 * c, False)], ops

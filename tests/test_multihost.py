@@ -1,4 +1,5 @@
-"""Two processes on 127.0.0.1 through jax.distributed: synced BN equals global BN."""
+"""Two processes on 127.0.0.1 through jax.distributed: synced BN equals global
+BN, by both sync paths (and the psum path's fallback)."""
 
 import os
 import signal
@@ -13,6 +14,12 @@ import numpy as np
 import bnjax
 
 TIMEOUT_S = 120
+
+
+# (sync, running stats): 'near' is problem()'s (the psum's check passes),
+# FAR is 25 std from the data (the psum path falls back to the gather).
+CASES = [('gather', 'near'), ('psum', 'near'), ('psum', 'far')]
+FAR = bnjax.BatchStats(jnp.full(3, 55.0), jnp.full(3, 2.0))
 
 
 def problem():
@@ -51,17 +58,20 @@ def test_two_processes_match_single_process_global_batch(tmp_path):
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
 
-  x, w, stats = problem()
+  x, w, near = problem()
+  for sync, st in CASES:
+    stats = near if st == 'near' else FAR
 
-  def loss(x):
-    y, new = bnjax.batch_norm(x, stats, use_running_average=False,
-                              momentum=0.9)
-    return jnp.mean(w * y), (y, new)
-  dx, (y, new) = jax.grad(loss, has_aux=True)(x)
-  for pid in range(2):
-    r = np.load(tmp_path / f'out{pid}.npz')
-    assert int(r['devices']) == 4
-    np.testing.assert_allclose(r['y'], y, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(r['dx'], dx, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(r['mean'], new.mean, rtol=1e-6)
-    np.testing.assert_allclose(r['var'], new.var, rtol=1e-6)
+    def loss(x, stats=stats):
+      y, new = bnjax.batch_norm(x, stats, use_running_average=False,
+                                momentum=0.9)
+      return jnp.mean(w * y), (y, new)
+    dx, (y, new) = jax.grad(loss, has_aux=True)(x)
+    for pid in range(2):
+      r = np.load(tmp_path / f'out{pid}.npz')
+      assert int(r['devices']) == 4
+      k = f'{sync}_{st}'
+      np.testing.assert_allclose(r[f'{k}_y'], y, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(r[f'{k}_dx'], dx, rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(r[f'{k}_mean'], new.mean, rtol=1e-6)
+      np.testing.assert_allclose(r[f'{k}_var'], new.var, rtol=1e-6)
