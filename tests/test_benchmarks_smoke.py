@@ -85,3 +85,17 @@ def test_sync_lowering_smoke():
       assert ops == [('all_reduce', 2 * c + 9, False),
                      ('all_gather', 3 * c + 1, True),
                      ('all_reduce', 2 * c, False)], ops
+
+
+def test_benchmarks_readme_sync_tables_are_the_committed_results():
+  import json
+  import pathlib
+
+  from benchmarks import sync_lowering, sync_model
+  root = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'
+  text = (root / 'README.md').read_text()
+  low = json.loads((root / 'results' / 'sync_lowering.json').read_text())
+  assert sync_lowering.table(low['rows']) in text
+  model = json.loads((root / 'results' / 'sync_model.json').read_text())
+  for link in ('nvlink-like', 'ethernet-like'):
+    assert sync_model.table(model['rows'], link) in text

@@ -174,10 +174,12 @@ def test_renorm_moments_and_modules_take_sync():
 
 
 def test_auto_follows_the_cost_model():
-  assert not _sync.auto_uses_psum(8, 64)
-  assert not _sync.auto_uses_psum(8, 2048)
-  assert _sync.auto_uses_psum(1024, 2048)
-  assert _sync.auto_uses_psum(4096, 256)
+  # The crossovers benchmarks/README.md states: the first power-of-two D
+  # from which 'auto' takes the psum, per C (None: not up to 8192).
+  first = {c: next((2 ** k for k in range(1, 14)
+                    if _sync.auto_uses_psum(2 ** k, c)), None)
+           for c in (64, 256, 512, 1024, 2048)}
+  assert first == {64: None, 256: 4096, 512: 2048, 1024: 1024, 2048: 256}
   # 'auto' at 8 devices lowers the gather alone: no psum, and no collective
   # inside a conditional
   x, g, b, _, stats, _ = _case(2.0, 2.1)
