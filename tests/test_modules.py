@@ -163,10 +163,16 @@ def test_nnx_has_flax_constructor():
   for name in theirs:
     assert ours[name].kind == theirs[name].kind, name
   extra = list(ours)[len(theirs):]
-  assert extra == ['virtual_batch_size']
+  assert extra == ['virtual_batch_size', 'sync']
   for name in extra:
     assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY
-    assert ours[name].default is None
+  assert ours['virtual_batch_size'].default is None
+  assert ours['sync'].default == 'auto'
+  # linen: flax's fields, then bnjax's, with defaults
+  ours_l = [f.name for f in dataclasses.fields(bnjax.linen.BatchNorm)]
+  theirs_l = [f.name for f in dataclasses.fields(nn.BatchNorm)]
+  assert [f for f in ours_l if f not in theirs_l] == [
+      'virtual_batch_size', 'sync']
 
 
 @pytest.mark.parametrize('dtype, pdtype, bias_scale, mask',
