@@ -28,6 +28,12 @@ Bytes per layer, for C channels over D devices: the forward gathers
 backward all-reduces ``2C`` floats. A tuple of axis names costs one
 collective per name (merged hierarchically, still exact): JAX cannot reduce
 over a mix of vmap and shard_map axes in one op.
+
+That is ``sync='gather'``. ``sync='psum'`` (:func:`psum_moments`) sends a
+constant ``2C + 9`` floats instead: sums around the replicated running mean
+and a fingerprint of it, with the gather as an in-step fallback where the
+sums cannot be trusted. ``sync='auto'`` picks between them at trace time
+(:func:`auto_uses_psum`).
 """
 
 from __future__ import annotations
