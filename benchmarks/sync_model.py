@@ -16,7 +16,7 @@ running mean plus 8 floats that check every shard used the same shift
 (constant in D; where the shift is too far from the batch mean, at the first
 steps, the gather runs as well). ``sync='auto'`` takes the psum where this
 model, on its faster link, prices the gather above it
-(``bnjax._sync.auto_uses_psum``; each row records the choice). An alpha-beta model: a collective costs ``steps * alpha +
+(``bnjax._psum.auto_uses_psum``; each row records the choice). An alpha-beta model: a collective costs ``steps * alpha +
 bytes_per_device * beta``, with
 
 - ring all-reduce of n bytes: ``2 (D-1)`` steps, ``2 (D-1)/D n`` bytes;
@@ -59,11 +59,11 @@ def cost(kind: str, algo: str, d: int, n_bytes: float, link) -> float:
 
 
 def designs(d: int, c: int):
-  from bnjax import _sync
-  k = _sync.gather_payload(c, masked=False)
+  from bnjax import _psum
+  k = _psum.gather_payload(c, masked=False)
   return {'psum_gather': ('all_reduce', 4 * d * k),
           'all_gather': ('all_gather', 4 * d * k),
-          'shifted_psum': ('all_reduce', 4 * _sync.psum_payload(c, False))}
+          'shifted_psum': ('all_reduce', 4 * _psum.psum_payload(c, False))}
 
 
 def hlo_check(d: int = 8, c: int = 64) -> dict:
@@ -116,9 +116,9 @@ def main(argv=None):
   for link_name, link in LINKS.items():
     for c in CHANNELS:
       for d in DEVICES:
-        from bnjax import _sync
+        from bnjax import _psum
         row = dict(link=link_name, channels=c, devices=d,
-                   auto='psum' if _sync.auto_uses_psum(d, c) else 'gather')
+                   auto='psum' if _psum.auto_uses_psum(d, c) else 'gather')
         for name, (kind, n) in designs(d, c).items():
           row[f'{name}_bytes'] = n
           for algo in ('ring', 'tree'):

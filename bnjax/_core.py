@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax import _checks, _ghost, _running, _stats, _sync
+from bnjax import _checks, _ghost, _psum, _running, _stats, _sync
 from bnjax._train import _affine, _batch_stats, _Cfg, train
 from bnjax._types import (
   Axis,
@@ -128,7 +128,7 @@ def moments(
 def _sync_mode(fn, sync, axis_name, groups, x, lay, mask) -> str:
   """The synced path, 'gather' or 'psum', resolved at trace time."""
   channels = math.prod(lay.feature_shape) * (2 if jnp.iscomplexobj(x) else 1)
-  return _sync.resolve(fn, sync, axis_name, groups, channels, mask is not None)
+  return _psum.resolve(fn, sync, axis_name, groups, channels, mask is not None)
 
 
 def batch_norm(

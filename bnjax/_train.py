@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax import _checks, _stats, _sync
+from bnjax import _checks, _psum, _stats, _sync
 from bnjax._checks import Layout
 
 Array = jax.Array
@@ -39,7 +39,7 @@ class _Cfg:
   groups: Any
   fast: bool
   out_dtype: Any
-  sync: str = 'gather'  # with axis_name: 'gather' or 'psum' (_sync.resolve)
+  sync: str = 'gather'  # with axis_name: 'gather' or 'psum' (_psum.resolve)
 
 
 def _affine(x, mean, rstd, scale, bias, lay: Layout, out_dtype):
@@ -81,7 +81,7 @@ def _psum_stats(x, mask, cfg: _Cfg, shift):
   lay = cfg.lay
   k = jnp.zeros(lay.feature_shape, f) if shift is None else shift
   m = None if mask is None else jnp.broadcast_to(mask, x.shape)
-  n, mean, m2, ok = _sync.psum_moments(
+  n, mean, m2, ok = _psum.psum_moments(
     x.astype(f), lay, m, k, cfg.axis_name, cfg.groups
   )
   return lax.cond(

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import bnjax
 import bnjax.linen
 import bnjax.nnx
-from bnjax import _sync
+from bnjax import _psum
 from tests import reference as ref
 from tests._helpers import randn
 from tests.test_sync import D, _assert_same, _global, _mesh, _shard
@@ -136,7 +136,7 @@ def test_psum_detects_shards_with_different_running_means():
   np.testing.assert_allclose(got.mean[0], m, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(got.var[0], v, rtol=1e-5)
   # and the check is what saved it: a fingerprint without it would differ
-  hashes = jax.vmap(_sync._fingerprint)(per_shard.mean)
+  hashes = jax.vmap(_psum._fingerprint)(per_shard.mean)
   assert len({tuple(np.asarray(h)) for h in hashes}) > 1
 
 
@@ -177,7 +177,7 @@ def test_auto_follows_the_cost_model():
   # The crossovers benchmarks/README.md states: the first power-of-two D
   # from which 'auto' takes the psum, per C (None: not up to 8192).
   first = {c: next((2 ** k for k in range(1, 14)
-                    if _sync.auto_uses_psum(2 ** k, c)), None)
+                    if _psum.auto_uses_psum(2 ** k, c)), None)
            for c in (64, 256, 512, 1024, 2048)}
   assert first == {64: None, 256: 4096, 512: 2048, 1024: 1024, 2048: 256}
   # 'auto' at 8 devices lowers the gather alone: no psum, and no collective
