@@ -28,8 +28,8 @@ as flax takes them: per-shard means averaged with ``pmean``), and PyTorch's
 ``F.batch_norm`` (one device, no mask; skipped without torch).
 
 Run: ``python benchmarks/numerics.py`` (about 4 minutes) or ``--smoke``.
-Writes ``results/numerics.json``; ``--table`` prints the README table and
-``--readme`` writes it into README.md from the JSON.
+Writes ``results/numerics.json``; ``--table`` prints the table of
+docs/guides/numerics.md and ``--readme`` writes it there from the JSON.
 """
 
 from __future__ import annotations
@@ -241,9 +241,10 @@ def table(rows) -> str:
 
 
 def fill_readme(rows) -> pathlib.Path:
-  """Writes table(rows) between README.md's numerics markers."""
+  """Writes table(rows) between docs/guides/numerics.md's numerics markers."""
   import re
-  path = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+  path = (pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'guides' /
+          'numerics.md')
   text = re.sub(r'(<!-- numerics:start -->\n).*?(<!-- numerics:end -->)',
                 lambda m: m.group(1) + table(rows) + '\n' + m.group(2),
                 path.read_text(), flags=re.S)
@@ -252,10 +253,10 @@ def fill_readme(rows) -> pathlib.Path:
 
 
 def _cli(p):
-  p.add_argument('--table', action='store_true', help='print the README table')
+  p.add_argument('--table', action='store_true', help='print the docs table')
   p.add_argument('--readme', action='store_true',
-                 help="fill README.md's table from results/numerics.json "
-                      '(measures nothing)')
+                 help="fill docs/guides/numerics.md's table from "
+                      'results/numerics.json (measures nothing)')
 
 
 def main(argv=None):

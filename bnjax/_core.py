@@ -99,7 +99,7 @@ def moments(
   axis_index_groups: AxisIndexGroups | None = None,
   sync: str = 'auto',
 ) -> tuple[Array, Array]:
-  """Per-channel mean and biased variance of x, exact and count-weighted.
+  r"""Per-channel mean and biased variance of x, exact and count-weighted.
 
   Reduces over every axis except ``axis``. With ``mask``, only masked-in
   entries count; a channel with none gets mean 0 and var 0. With
@@ -107,7 +107,24 @@ def moments(
   mapped axis (one collective; ``sync`` as in :func:`batch_norm`, where
   the psum path's shift is 0 here, so uncentered data take the exact
   fallback); an unbound name raises JAX's ``NameError``. Results are at
-  least float32.
+  least float32:
+
+  .. math:: \mu = \tfrac1n \sum_i x_i, \qquad
+     \sigma^2 = \tfrac1n \sum_i (x_i - \mu)^2
+     \quad\text{(biased, over the masked-in } i\text{)}
+
+  Args:
+    x: floating (or complex) input.
+    axis: the feature axis, or a tuple of feature axes; every other axis is
+      reduced.
+    mask: optional boolean array broadcastable to x.
+    axis_name: a mapped axis name (or tuple of names) to reduce over too.
+    axis_index_groups: optional groups of ``axis_name`` indices, each
+      reduced separately (``pmap``).
+    sync: ``'auto'``, ``'gather'`` or ``'psum'``, as in :func:`batch_norm`.
+
+  Returns:
+    ``(mean, var)``, each of the feature shape.
 
   Example:
     >>> import jax.numpy as jnp, bnjax
@@ -162,7 +179,7 @@ def batch_norm(
   Inference (``use_running_average=True``) normalizes with the stored
   statistics and returns ``batch_stats`` unchanged.
 
-  Statistics are within 1e-5 of float64 at |mean|/std from 1e2 to 1e6
+  Statistics are within 1e-5 of float64 at ``|mean|/std`` from 1e2 to 1e6
   (``benchmarks/numerics.py``), on one device and synced. Unsynced, the
   forward computes flax's formulas (``E[x^2] - E[x]^2`` with
   ``use_fast_variance=True``, the default; ``E[(x - E[x])^2]`` with False;
@@ -303,7 +320,7 @@ def frozen_batch_norm(
   epsilon: Scalar = 1e-5,
   dtype: DType | None = None,
 ) -> tuple[Array, RunningStats]:
-  """Frozen BN for fine-tuning: stored statistics, trainable affine.
+  r"""Frozen BN for fine-tuning: stored statistics, trainable affine.
 
   Normalizes with the stored (population) statistics whatever the mode, lets
   gradients reach ``scale`` and ``bias`` (and x) but never the statistics,
@@ -311,6 +328,21 @@ def frozen_batch_norm(
   fine-tuning a pretrained network on small batches (detectron2's
   ``FrozenBatchNorm2d``): batch statistics of a small batch are noisy, and
   updating the running statistics would drift them away from pretraining.
+
+  .. math:: y = \gamma\,\frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta,
+     \qquad (\mu, \sigma^2) = \text{population\_stats(batch\_stats)}
+
+  Args:
+    x: floating input.
+    batch_stats: any running-statistics state (:class:`BatchStats`,
+      :class:`CumulativeStats`, :class:`DebiasedStats`).
+    scale, bias: optional per-channel affine parameters (None: off).
+    axis: the feature axis, or a tuple of feature axes.
+    epsilon: added to the variance, > 0.
+    dtype: output dtype (default: x's dtype).
+
+  Returns:
+    ``(y, batch_stats)``, the statistics unchanged.
 
   Example:
     >>> import jax, jax.numpy as jnp, bnjax

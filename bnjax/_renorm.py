@@ -1,21 +1,9 @@
-r"""Batch renormalization (Ioffe 2017, Algorithm 1).
+r"""Batch renormalization (Ioffe 2017, Algorithm 1); formulas in :func:`batch_renorm`.
 
-Training normalizes with the batch statistics and then corrects towards the
-running ones:
-
-.. math::
-  r = \mathrm{sg}\big(\mathrm{clip}_{[1/r_{max},\, r_{max}]}(\sigma_B/\sigma)\big),
-  \quad
-  d = \mathrm{sg}\big(\mathrm{clip}_{[-d_{max},\, d_{max}]}((\mu_B - \mu)/\sigma)\big),
-  \quad
-  y = \gamma\,\big(\tfrac{x - \mu_B}{\sigma_B}\, r + d\big) + \beta
-
-with :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}` and ``sg`` stop-gradient.
 Since r and d are constants for autodiff, this is the core's training BN with
 the folded affine :math:`(\gamma r, \gamma d + \beta)`: same passes, same
 single residual, same sync. The running :math:`\mu, \sigma` are EMAs of
-:math:`\mu_B, \sigma_B`; inference computes :math:`\gamma (x - \mu)/\sigma + \beta`.
-With :math:`r_{max} = 1, d_{max} = 0` it is plain BN.
+:math:`\mu_B, \sigma_B`. With :math:`r_{max} = 1, d_{max} = 0` it is plain BN.
 """
 
 from __future__ import annotations
@@ -77,7 +65,19 @@ def batch_renorm(
 ) -> tuple[jax.Array, RenormStats]:
   r"""Batch renormalization: returns ``(y, new_renorm_stats)``.
 
-  See the module docstring for the formulas. ``r_max`` and ``d_max`` may be
+  Training normalizes with the batch statistics, then corrects towards the
+  running ones (Ioffe 2017, Algorithm 1):
+
+  .. math::
+    r = \mathrm{sg}\big(\mathrm{clip}_{[1/r_{max},\, r_{max}]}(\sigma_B/\sigma)\big),
+    \quad
+    d = \mathrm{sg}\big(\mathrm{clip}_{[-d_{max},\, d_{max}]}((\mu_B - \mu)/\sigma)\big),
+    \quad
+    y = \gamma\,\big(\tfrac{x - \mu_B}{\sigma_B}\, r + d\big) + \beta
+
+  with :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}` and ``sg``
+  stop-gradient; inference computes :math:`\gamma (x - \mu)/\sigma + \beta`.
+  ``r_max`` and ``d_max`` may be
   traced scalars, so a schedule (the paper trains plain BN, ``r_max=1,
   d_max=0``, for a warm-up, then ramps them to 3 and 5) runs under one jit.
   The running statistics update as
@@ -86,6 +86,25 @@ def batch_renorm(
   else (``axis``, ``mask``, ``axis_name``, ``dtype``) is as in
   :func:`bnjax.batch_norm`; with ``axis_name``, r and d come from the global
   batch and are the same on every shard.
+
+  Args:
+    x: real floating input.
+    renorm_stats: a :class:`RenormStats` (running mean and std).
+    scale, bias: optional per-channel affine parameters (None: off).
+    use_running_average: keyword-only and required; True for inference.
+    r_max: clip of r, >= 1 (1 with ``d_max=0`` is plain BN); may be traced.
+    d_max: clip of d, >= 0; may be traced.
+    axis: the feature axis, or a tuple of feature axes.
+    momentum: EMA decay of the running mean and std, in [0, 1].
+    epsilon: added to the variance, > 0.
+    axis_name, axis_index_groups, sync: synced statistics, as in
+      :func:`batch_norm`.
+    mask: optional boolean array broadcastable to x.
+    use_fast_variance: as in :func:`batch_norm`.
+    dtype: output dtype (default: x's dtype).
+
+  Returns:
+    ``(y, new_renorm_stats)``.
 
   Raises:
     TypeError: ``renorm_stats`` is not a :class:`RenormStats`.

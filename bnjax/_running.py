@@ -81,6 +81,16 @@ def update(
 def population_stats(state: RunningStats) -> BatchStats:
   """The (mean, var) that inference normalizes with, for any state type.
 
+  :class:`BatchStats` and :class:`CumulativeStats` as stored;
+  :class:`DebiasedStats` as ``(mean / weight, var / weight)``, with mean 0
+  and var 1 before any update (``weight == 0``).
+
+  Args:
+    state: a running-statistics state.
+
+  Returns:
+    A :class:`BatchStats`.
+
   Example:
     >>> import jax.numpy as jnp, bnjax
     >>> s = bnjax.init_debiased_stats(2)

@@ -28,6 +28,14 @@ class BatchStats(NamedTuple):
   Attributes:
     mean: running mean, shape ``feature_shape``.
     var: running biased variance, shape ``feature_shape``.
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> variables = {'batch_stats': {'BatchNorm_0': {
+    ...     'mean': jnp.zeros(2), 'var': jnp.ones(2)}}}
+    >>> stats = bnjax.BatchStats(**variables['batch_stats']['BatchNorm_0'])
+    >>> sorted(stats._asdict())
+    ['mean', 'var']
   """
 
   mean: Array
@@ -95,6 +103,19 @@ class CumulativeStats(NamedTuple):
 
   so the first update stores the batch statistics exactly. ``count`` is
   per channel (a channel with no unmasked values is not counted).
+
+  Attributes:
+    mean: average of the batch means so far (0 before any update).
+    var: average of the biased batch variances so far (1 before any).
+    count: int32 number of batches averaged, per channel.
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> s = bnjax.init_cumulative_stats(1)
+    >>> for b in (jnp.array([[1.], [3.]]), jnp.array([[5.], [7.]])):
+    ...   _, s = bnjax.batch_norm(b, s, use_running_average=False)
+    >>> s.mean, s.var, s.count        # means 2 and 6; variances 1 and 1
+    (Array([4.], dtype=float32), Array([1.], dtype=float32), Array([2], dtype=int32))
   """
 
   mean: Array
@@ -115,6 +136,19 @@ class DebiasedStats(NamedTuple):
   variance too (equinox starts it at 1 and debiases as if it started at 0,
   which inflates the variance by about ``1/(1 - m)`` after one step).
   Before any update (weight 0) inference uses mean 0 and var 1.
+
+  Attributes:
+    mean: hidden EMA of the batch means, from 0.
+    var: hidden EMA of the biased batch variances, from 0.
+    weight: the EMA of 1, :math:`1 - m^t` for a fixed momentum.
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> x = jnp.array([[1.], [3.]])          # mean 2, biased variance 1
+    >>> _, d = bnjax.batch_norm(x, bnjax.init_debiased_stats(1),
+    ...                         use_running_average=False, momentum=0.99)
+    >>> bnjax.population_stats(d)            # exactly the batch's
+    BatchStats(mean=Array([2.], dtype=float32), var=Array([1.], dtype=float32))
   """
 
   mean: Array
@@ -128,6 +162,15 @@ class RenormStats(NamedTuple):
   The paper tracks the standard deviation, not the variance:
   ``std`` is the running :math:`\sigma = \sqrt{\sigma_B^2 + \epsilon}`
   (epsilon included), and inference computes ``(x - mean) / std``.
+
+  Attributes:
+    mean: running mean, shape ``feature_shape``.
+    std: running standard deviation with epsilon, shape ``feature_shape``.
+
+  Example:
+    >>> import bnjax
+    >>> bnjax.init_renorm_stats(2)
+    RenormStats(mean=Array([0., 0.], dtype=float32), std=Array([1., 1.], dtype=float32))
   """
 
   mean: Array
@@ -141,7 +184,18 @@ RunningStats = BatchStats | CumulativeStats | DebiasedStats
 def init_cumulative_stats(
   feature_shape: int | Sequence[int], dtype: DType = jnp.float32
 ) -> CumulativeStats:
-  """Fresh :class:`CumulativeStats`: mean 0, var 1, count 0."""
+  """Fresh :class:`CumulativeStats`: mean 0, var 1, count 0.
+
+  Args:
+    feature_shape: the size of the feature axis, or the shape of the feature
+      axes when ``axis`` is a tuple.
+    dtype: dtype of the statistics (float32 by default; float16 refused).
+
+  Example:
+    >>> import bnjax
+    >>> bnjax.init_cumulative_stats(2).count
+    Array([0, 0], dtype=int32)
+  """
   s = init_batch_stats(feature_shape, dtype)
   return CumulativeStats(s.mean, s.var, jnp.zeros(s.mean.shape, jnp.int32))
 
@@ -149,7 +203,18 @@ def init_cumulative_stats(
 def init_debiased_stats(
   feature_shape: int | Sequence[int], dtype: DType = jnp.float32
 ) -> DebiasedStats:
-  """Fresh :class:`DebiasedStats`: hidden mean, var and weight all 0."""
+  """Fresh :class:`DebiasedStats`: hidden mean, var and weight all 0.
+
+  Args:
+    feature_shape: the size of the feature axis, or the shape of the feature
+      axes when ``axis`` is a tuple.
+    dtype: dtype of the statistics (float32 by default; float16 refused).
+
+  Example:
+    >>> import bnjax
+    >>> bnjax.population_stats(bnjax.init_debiased_stats(2))  # weight 0
+    BatchStats(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32))
+  """
   s = init_batch_stats(feature_shape, dtype)
   z = jnp.zeros_like(s.mean)
   return DebiasedStats(z, z, z)
@@ -158,6 +223,17 @@ def init_debiased_stats(
 def init_renorm_stats(
   feature_shape: int | Sequence[int], dtype: DType = jnp.float32
 ) -> RenormStats:
-  """Fresh :class:`RenormStats`: mean 0, std 1."""
+  """Fresh :class:`RenormStats`: mean 0, std 1.
+
+  Args:
+    feature_shape: the size of the feature axis, or the shape of the feature
+      axes when ``axis`` is a tuple.
+    dtype: dtype of the statistics (float32 by default; float16 refused).
+
+  Example:
+    >>> import bnjax
+    >>> bnjax.init_renorm_stats((2, 3)).std.shape
+    (2, 3)
+  """
   s = init_batch_stats(feature_shape, dtype)
   return RenormStats(s.mean, s.var)

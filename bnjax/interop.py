@@ -52,6 +52,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+  'bn_prefixes',
+  'conv_kernel_from_torch',
+  'dense_kernel_from_torch',
+  'from_torch',
+  'load_state_dict',
+  'momentum_from_torch',
+  'momentum_to_torch',
+  'nchw_to_nhwc',
+  'nhwc_to_nchw',
+  'to_torch',
+]
+
 TORCH_KEYS = (
   'weight',
   'bias',
@@ -72,9 +85,23 @@ _NO_LAYERS = (
 def momentum_from_torch(p: float) -> float:
   """Flax/bnjax ``momentum`` for a torch BatchNorm ``momentum=p``: ``1 - p``.
 
+  torch updates ``new = (1 - p) old + p batch``; Flax and bnjax update
+  ``new = m old + (1 - m) batch``, so ``m = 1 - p``.
+
+  Args:
+    p: torch's ``momentum``, in [0, 1].
+
+  Returns:
+    ``1 - p``, rounded to 12 digits (0.1 gives 0.9, not 0.9000000000000000222).
+
   Raises:
     ValueError: ``p`` is None (torch's cumulative average, which no EMA
       momentum reproduces) or outside [0, 1].
+
+  Example:
+    >>> from bnjax import interop
+    >>> interop.momentum_from_torch(0.1)   # torch's default
+    0.9
   """
   if p is None:
     raise ValueError(
@@ -89,7 +116,22 @@ def momentum_from_torch(p: float) -> float:
 
 
 def momentum_to_torch(m: float) -> float:
-  """torch ``momentum`` for a Flax/bnjax ``momentum=m``: ``1 - m``."""
+  """torch ``momentum`` for a Flax/bnjax ``momentum=m``: ``1 - m``.
+
+  Args:
+    m: Flax's ``momentum`` (EMA decay), in [0, 1].
+
+  Returns:
+    ``1 - m``, rounded to 12 digits.
+
+  Raises:
+    ValueError: ``m`` outside [0, 1].
+
+  Example:
+    >>> from bnjax import interop
+    >>> interop.momentum_to_torch(0.99)   # flax's default
+    0.01
+  """
   if not 0.0 <= m <= 1.0:
     raise ValueError(f'momentum_to_torch: momentum must be in [0, 1], got {m}')
   return round(1.0 - m, 12)
@@ -105,6 +147,19 @@ def load_state_dict(source: Any) -> dict[str, np.ndarray]:
 
   Returns:
     ``{name: np.ndarray}``.
+
+  Raises:
+    TypeError: ``source`` is neither a mapping nor a path, or a torch file
+      holds something other than a state dict.
+    ValueError: an unknown file suffix.
+
+  Example:
+    >>> import os, tempfile, numpy as np
+    >>> from bnjax import interop
+    >>> path = os.path.join(tempfile.mkdtemp(), 'bn.npz')
+    >>> np.savez(path, **{'bn.running_mean': np.zeros(2)})
+    >>> interop.load_state_dict(path)
+    {'bn.running_mean': array([0., 0.])}
   """
   if isinstance(source, Mapping):
     return {str(k): _to_numpy(v) for k, v in source.items()}
@@ -139,7 +194,23 @@ def load_state_dict(source: Any) -> dict[str, np.ndarray]:
 
 
 def bn_prefixes(state_dict: Any) -> list[str]:
-  """Prefixes (``'layer1.0.bn1'``) of the BatchNorm layers in a state dict."""
+  """Prefixes (``'layer1.0.bn1'``) of the BatchNorm layers in a state dict.
+
+  A prefix is a BatchNorm layer when ``<prefix>.running_mean`` exists.
+
+  Args:
+    state_dict: anything :func:`load_state_dict` reads.
+
+  Returns:
+    The sorted prefixes.
+
+  Example:
+    >>> import numpy as np
+    >>> from bnjax import interop
+    >>> interop.bn_prefixes({'conv.weight': np.ones((2, 1, 3, 3)),
+    ...                      'layer1.0.bn1.running_mean': np.zeros(2)})
+    ['layer1.0.bn1']
+  """
   sd = load_state_dict(state_dict)
   return sorted(
     k[: -len('.running_mean')] if k != 'running_mean' else ''
@@ -181,6 +252,19 @@ def from_torch(
     TypeError: ``layers`` is not a mapping.
     KeyError: a prefix in ``layers`` has no BatchNorm state.
     ValueError: invalid state (see above), or no BatchNorm layer at all.
+
+  Example:
+    >>> import numpy as np
+    >>> from bnjax import interop
+    >>> sd = {'layer1.0.bn1.weight': np.ones(2), 'layer1.0.bn1.bias': np.zeros(2),
+    ...       'layer1.0.bn1.running_mean': np.zeros(2),
+    ...       'layer1.0.bn1.running_var': np.ones(2)}
+    >>> v = interop.from_torch(sd)             # every layer, path from prefix
+    >>> v['batch_stats']['layer1']['0']['bn1']['var']
+    Array([1., 1.], dtype=float32)
+    >>> v = interop.from_torch(sd, {'layer1.0.bn1': 'layer1_0/bn1'})
+    >>> list(v['params']['layer1_0']['bn1'])
+    ['scale', 'bias']
   """
   sd = load_state_dict(state_dict)
   if layers is None:
@@ -285,6 +369,17 @@ def to_torch(
     ``load_state_dict(..., strict=False)``. Each array is a writable copy
     that owns its memory: torch's in-place updates never reach the JAX
     arrays it came from.
+
+  Example:
+    >>> import jax, bnjax.linen, jax.numpy as jnp
+    >>> from bnjax import interop
+    >>> v = bnjax.linen.BatchNorm().init(jax.random.key(0), jnp.ones((2, 3)),
+    ...                                  use_running_average=True)
+    >>> sd = interop.to_torch({'params': {'BatchNorm_0': v['params']},
+    ...                        'batch_stats': {'BatchNorm_0': v['batch_stats']}},
+    ...                       {'bn1': 'BatchNorm_0'})
+    >>> sorted(sd)
+    ['bn1.bias', 'bn1.num_batches_tracked', 'bn1.running_mean', 'bn1.running_var', 'bn1.weight']
   """
   if not isinstance(layers, Mapping):
     raise TypeError(
@@ -313,23 +408,75 @@ def _owned(v) -> np.ndarray:
 
 
 def nchw_to_nhwc(x: Any) -> Any:
-  """Moves the channel axis of an N C ... array from 1 to last."""
+  """Moves the channel axis of an N C ... array from 1 to last.
+
+  Args:
+    x: an array (or torch tensor) laid out ``(N, C, *spatial)``.
+
+  Returns:
+    A JAX array laid out ``(N, *spatial, C)``.
+
+  Example:
+    >>> import numpy as np
+    >>> from bnjax import interop
+    >>> interop.nchw_to_nhwc(np.zeros((8, 3, 32, 32))).shape
+    (8, 32, 32, 3)
+  """
   return jnp.moveaxis(jnp.asarray(_to_numpy(x)), 1, -1)
 
 
 def nhwc_to_nchw(x: Any) -> Any:
-  """Moves the channel axis of an N ... C array from last to 1."""
+  """Moves the channel axis of an N ... C array from last to 1.
+
+  Args:
+    x: an array laid out ``(N, *spatial, C)``.
+
+  Returns:
+    A JAX array laid out ``(N, C, *spatial)``.
+
+  Example:
+    >>> import numpy as np
+    >>> from bnjax import interop
+    >>> interop.nhwc_to_nchw(np.zeros((8, 32, 32, 3))).shape
+    (8, 3, 32, 32)
+  """
   return jnp.moveaxis(jnp.asarray(x), -1, 1)
 
 
 def conv_kernel_from_torch(w: Any) -> jax.Array:
-  """torch conv weight (O, I, *spatial) to a Flax kernel (*spatial, I, O)."""
+  """torch conv weight ``(O, I, *spatial)`` to a Flax kernel ``(*spatial, I, O)``.
+
+  Args:
+    w: a torch ``ConvNd`` weight (tensor or array).
+
+  Returns:
+    The kernel of the equivalent ``flax.linen.Conv`` / ``nnx.Conv``.
+
+  Example:
+    >>> import numpy as np
+    >>> from bnjax import interop
+    >>> interop.conv_kernel_from_torch(np.zeros((64, 3, 7, 7))).shape
+    (7, 7, 3, 64)
+  """
   w = _to_numpy(w)
   return jnp.asarray(np.moveaxis(w, (0, 1), (-1, -2)))
 
 
 def dense_kernel_from_torch(w: Any) -> jax.Array:
-  """torch Linear weight (out, in) to a Flax Dense kernel (in, out)."""
+  """torch Linear weight ``(out, in)`` to a Flax Dense kernel ``(in, out)``.
+
+  Args:
+    w: a torch ``Linear`` weight (tensor or array).
+
+  Returns:
+    The kernel of the equivalent ``flax.linen.Dense`` / ``nnx.Linear``.
+
+  Example:
+    >>> import numpy as np
+    >>> from bnjax import interop
+    >>> interop.dense_kernel_from_torch(np.zeros((10, 512))).shape
+    (512, 10)
+  """
   return jnp.asarray(_to_numpy(w).T)
 
 

@@ -19,6 +19,11 @@ from bnjax._core import batch_norm
 from bnjax._renorm import batch_renorm
 from bnjax._types import BatchStats, RenormStats
 
+__all__ = [
+  'BatchNorm',
+  'BatchRenorm',
+]
+
 _NAME = 'bnjax.linen.BatchNorm'
 # Collection in which BatchNorm records its batch statistics for precise BN.
 MOMENTS = 'batch_moments'
@@ -38,7 +43,7 @@ class BatchNorm(nn.Module):
   the decay of the running average, ``new = momentum * old + (1 - momentum)
   * batch``: PyTorch's momentum ``p`` is ``1 - p`` here (torch 0.1 is 0.9).
 
-  Differences, all deliberate: statistics are exact at any |mean|/std (flax's
+  Differences, all deliberate: statistics are exact at any ``|mean|/std`` (flax's
   default loses all precision at 1e3 to 1e4); with ``axis_name`` and a
   ``mask`` they are count-weighted over the global batch; reductions are
   always at least float32 (``force_float32_reductions=False`` only sets the
@@ -47,6 +52,27 @@ class BatchNorm(nn.Module):
   :func:`bnjax.batch_norm` raises instead), complex input has a complex mean
   and a real variance ``E|x - mean|^2``, and during ``init`` the statistics
   are not updated and ``axis_name`` is ignored.
+
+  Attributes:
+    use_running_average: True for inference (the stored statistics), False
+      to train on the batch statistics; may be given at call time instead.
+    axis: the feature axis, or a tuple of feature axes.
+    momentum: EMA decay of the running statistics, ``new = momentum * old +
+      (1 - momentum) * batch``; PyTorch's ``p`` is ``1 - p``.
+    epsilon: added to the variance, > 0.
+    dtype: output dtype (default: promoted from x and the parameters).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias, use_scale: learn a per-channel bias (beta) / scale (gamma).
+    bias_init, scale_init: their initializers.
+    axis_name: a mapped axis name (or tuple) to sync statistics over; ignored
+      during ``init``.
+    axis_index_groups: groups of ``axis_name`` indices that sync separately.
+    use_fast_variance: flax's formula choice; both are exact here.
+    force_float32_reductions: reductions are always float32 or wider; False
+      stores the statistics in ``param_dtype``, as flax does.
+    virtual_batch_size: ghost batch norm: statistics per chunk of this many
+      rows (see :func:`bnjax.batch_norm`).
+    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
 
   Example:
     >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -86,7 +112,18 @@ class BatchNorm(nn.Module):
     *,
     mask: jax.Array | None = None,
   ):
-    """Normalizes x; see ``flax.linen.BatchNorm.__call__``."""
+    """Normalizes x, as ``flax.linen.BatchNorm.__call__``.
+
+    Args:
+      x: the input; statistics reduce over every axis except ``axis``.
+      use_running_average: overrides the field of the same name.
+      mask: optional boolean array broadcastable to x: statistics cover
+        the masked-in entries only.
+
+    Returns:
+      The normalized x. In training with ``mutable=['batch_stats']`` the
+      running statistics are updated.
+    """
     use_running_average = nn.merge_param(
       'use_running_average', self.use_running_average, use_running_average
     )
@@ -163,6 +200,25 @@ class BatchRenorm(nn.Module):
   running statistics are ``batch_stats/{mean, std}``; see
   :func:`bnjax.batch_renorm`.
 
+  Attributes:
+    use_running_average: True for inference (the stored statistics), False
+      to train on the batch statistics; may be given at call time instead.
+    axis: the feature axis, or a tuple of feature axes.
+    momentum: EMA decay of the running mean and std, ``new = momentum * old +
+      (1 - momentum) * batch``; PyTorch's ``p`` is ``1 - p``.
+    epsilon: added to the variance, > 0.
+    dtype: output dtype (default: promoted from x and the parameters).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias, use_scale: learn a per-channel bias (beta) / scale (gamma).
+    bias_init, scale_init: their initializers.
+    axis_name: a mapped axis name (or tuple) to sync statistics over; ignored
+      during ``init``.
+    axis_index_groups: groups of ``axis_name`` indices that sync separately.
+    use_fast_variance: flax's formula choice; both are exact here.
+    r_max: clip of r, >= 1 (renorm's default 3); may be given at call time.
+    d_max: clip of d, >= 0 (default 5); may be given at call time.
+    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
+
   Example:
     >>> import jax, jax.numpy as jnp, bnjax.linen
     >>> m = bnjax.linen.BatchRenorm(use_running_average=False)
@@ -200,6 +256,19 @@ class BatchRenorm(nn.Module):
     r_max=None,
     d_max=None,
   ):
+    """Renormalizes x; see :func:`bnjax.batch_renorm`.
+
+    Args:
+      x: the input; statistics reduce over every axis except ``axis``.
+      use_running_average: overrides the field of the same name.
+      mask: optional boolean array broadcastable to x.
+      r_max, d_max: override the fields (traced values allowed), for the
+        paper's schedule: plain BN (1, 0) for a warm-up, then ramp up.
+
+    Returns:
+      The normalized x. In training with ``mutable=['batch_stats']`` the
+      running statistics are updated.
+    """
     use_running_average = nn.merge_param(
       'use_running_average', self.use_running_average, use_running_average
     )

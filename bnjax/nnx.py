@@ -31,7 +31,29 @@ class BatchNorm(nnx.Module):
   the running average (PyTorch's momentum ``p`` is ``1 - p`` here). Unlike
   flax's, the running statistics keep their float32 dtype when ``dtype`` is a
   half type (flax's promotion stores them in that dtype), and statistics are
-  exact at any |mean|/std.
+  exact at any ``|mean|/std``.
+
+  Args:
+    num_features: the size of the feature axis.
+    use_running_average: True for inference; ``eval()`` and ``train()`` set
+      it, and the call may override it.
+    axis: the feature axis, or a tuple of feature axes.
+    momentum: EMA decay of the running statistics, ``new = momentum * old +
+      (1 - momentum) * batch``; PyTorch's ``p`` is ``1 - p``.
+    epsilon: added to the variance, > 0.
+    dtype: output dtype (default: promoted from x and the parameters).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias, use_scale: learn a per-channel bias (beta) / scale (gamma).
+    bias_init, scale_init: their initializers.
+    axis_name: a mapped axis name (or tuple) to sync statistics over.
+    axis_index_groups: groups of ``axis_name`` indices that sync separately.
+    use_fast_variance: flax's formula choice; both are exact here.
+    promote_dtype: the dtype-promotion function, as flax's.
+    rngs: an ``nnx.Rngs`` for the parameter initializers.
+    bias_metadata, scale_metadata: metadata for the parameter Variables.
+    virtual_batch_size: ghost batch norm: statistics per chunk of this many
+      rows (see :func:`bnjax.batch_norm`).
+    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -110,7 +132,18 @@ class BatchNorm(nnx.Module):
     *,
     mask: jax.Array | None = None,
   ):
-    """Normalizes x; see ``flax.nnx.BatchNorm.__call__``."""
+    """Normalizes x, as ``flax.nnx.BatchNorm.__call__``.
+
+    Args:
+      x: the input; statistics reduce over every axis except ``axis``.
+      use_running_average: overrides the field of the same name.
+      mask: optional boolean array broadcastable to x: statistics cover
+        the masked-in entries only.
+
+    Returns:
+      The normalized x. In training the ``mean``
+      and ``var`` BatchStat variables are updated in place.
+    """
     use_running_average = _mode(self, use_running_average)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
@@ -205,6 +238,26 @@ class BatchRenorm(nnx.Module):
   override them with traced values for a schedule). Statistics are
   ``nnx.BatchStat`` ``mean`` and ``std``; see :func:`bnjax.batch_renorm`.
 
+  Args:
+    num_features: the size of the feature axis.
+    use_running_average: True for inference; ``eval()`` and ``train()`` set
+      it, and the call may override it.
+    axis: the feature axis, or a tuple of feature axes.
+    momentum: EMA decay of the running mean and std, ``new = momentum * old +
+      (1 - momentum) * batch``; PyTorch's ``p`` is ``1 - p``.
+    epsilon: added to the variance, > 0.
+    dtype: output dtype (default: promoted from x and the parameters).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias, use_scale: learn a per-channel bias (beta) / scale (gamma).
+    bias_init, scale_init: their initializers.
+    axis_name: a mapped axis name (or tuple) to sync statistics over.
+    axis_index_groups: groups of ``axis_name`` indices that sync separately.
+    use_fast_variance: flax's formula choice; both are exact here.
+    r_max: clip of r, >= 1 (default 3); the call may override it.
+    d_max: clip of d, >= 0 (default 5); the call may override it.
+    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
+    rngs: an ``nnx.Rngs`` for the parameter initializers.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -272,6 +325,19 @@ class BatchRenorm(nnx.Module):
     r_max=None,
     d_max=None,
   ):
+    """Renormalizes x; see :func:`bnjax.batch_renorm`.
+
+    Args:
+      x: the input; statistics reduce over every axis except ``axis``.
+      use_running_average: overrides the field of the same name.
+      mask: optional boolean array broadcastable to x.
+      r_max, d_max: override the fields (traced values allowed), for the
+        paper's schedule: plain BN (1, 0) for a warm-up, then ramp up.
+
+    Returns:
+      The normalized x. In training the ``mean``
+      and ``std`` BatchStat variables are updated in place.
+    """
     use_running_average = _mode(self, use_running_average)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None

@@ -33,6 +33,11 @@ from bnjax import _stats
 from bnjax import linen as _linen
 from bnjax import nnx as _bnnx
 
+__all__ = [
+  'linen_batch_stats',
+  'update_nnx_batch_stats',
+]
+
 
 def _check_batches(fn, batches):
   leaves = jax.tree.leaves(batches)
@@ -87,20 +92,39 @@ def _merge_one(acc: _stats.Partial, mv):
 def linen_batch_stats(
   model: Any, variables: dict, batches: Any, *args: Any, **kwargs: Any
 ) -> dict:
-  """Precise batch statistics for every bnjax.linen.BatchNorm of a model.
+  r"""Precise batch statistics for every bnjax.linen.BatchNorm of a model.
+
+  Each layer's statistics become the population moments of its input over
+  all N batches, by the law of total variance:
+
+  .. math:: \mu = \tfrac1N \sum_b \mu_b, \qquad
+     \sigma^2 = \tfrac1N \sum_b \sigma_b^2 + \tfrac1N \sum_b (\mu_b - \mu)^2
 
   Args:
     model: a linen module using :class:`bnjax.linen.BatchNorm`.
     variables: its variables (``params``, ``batch_stats``, ...).
     batches: the inputs, stacked along a leading axis of N equal-sized
       batches (a pytree is fine: each leaf is ``(N, batch, ...)``).
-    *args, **kwargs: passed to ``model.apply`` after the batch; they must put
+    ``*args``, ``**kwargs``: passed to ``model.apply`` after the batch; they must put
       the BN layers in training mode (e.g. ``train=True``).
 
   Returns:
     A copy of ``variables`` whose ``batch_stats`` hold the pooled population
     mean and biased variance of each BN layer's input. Layers that are not
     bnjax BatchNorm keep their statistics.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import bnjax.linen, bnjax.precise
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train):
+    ...     return bnjax.linen.BatchNorm(use_running_average=not train)(x)
+    >>> batches = jnp.arange(8.0).reshape(4, 2, 1)   # N = 4 batches of 2
+    >>> v = Net().init(jax.random.key(0), batches[0], train=False)
+    >>> v = bnjax.precise.linen_batch_stats(Net(), v, batches, train=True)
+    >>> v['batch_stats']['BatchNorm_0']['mean'], v['batch_stats']['BatchNorm_0']['var']
+    (Array([3.5], dtype=float32), Array([5.25], dtype=float32))
   """
   _check_batches('linen_batch_stats', batches)
 
@@ -146,7 +170,28 @@ def update_nnx_batch_stats(
   ``use_running_average`` is set to False and its momentum to 0 for the
   duration, and restored after) over N stacked batches under one
   ``jax.jit`` and ``lax.scan``, then writes the pooled population mean and
-  biased variance into each layer. See the module docstring.
+  biased variance into each layer (the estimator of
+  :func:`linen_batch_stats`).
+
+  Args:
+    model: an nnx module holding :class:`bnjax.nnx.BatchNorm` layers; it is
+      updated in place.
+    batches: the inputs, stacked along a leading axis of N equal-sized
+      batches (a pytree is fine).
+    ``*args``, ``**kwargs``: passed to the model after the batch.
+
+  Returns:
+    None: the layers' ``mean`` and ``var`` are set in place.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import bnjax.nnx, bnjax.precise
+    >>> bn = bnjax.nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+    >>> bn.eval()
+    >>> bnjax.precise.update_nnx_batch_stats(bn, jnp.arange(8.0).reshape(4, 2, 1))
+    >>> bn.mean[...], bn.var[...], bn.use_running_average   # mode restored
+    (Array([3.5], dtype=float32), Array([5.25], dtype=float32), True)
   """
   _check_batches('update_nnx_batch_stats', batches)
   layers = [

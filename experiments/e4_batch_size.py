@@ -2,7 +2,8 @@
 
 Claim: BN's error grows as the per-device batch falls from 32 to 2 (Wu & He:
 ResNet-50 ImageNet error 23.6% at 32 to 34.7% at 2), while GroupNorm stays
-flat (about 24.1%). Source: Wu & He 2018, Table 2 and Fig. 1.
+flat (about 24.1%).
+Source: Wu & He 2018, Table 2 and Fig. 1.
 Setup: a 3-layer 1-D CNN (32 channels) on MNIST-1D (4000/1000), batch
 {32, 16, 8, 4, 2}, SGD with momentum 0.9, lr = 0.05 x N/32 (the linear
 scaling rule, as in the paper), the same number of epochs for every batch.

@@ -10,7 +10,8 @@ Setup: exp 4's 1-D CNN on MNIST-1D, 8 host CPU devices under
 momentum 0.9, lr = 0.05 x global batch / 32, 6 epochs. Running statistics
 are averaged over devices after each step (the usual practice for local BN,
 so all three evaluate the same way). The one-device run uses the same code
-on a 1-device mesh. Criterion: |synced - global| < 2 points of error and
+on a 1-device mesh.
+Criterion: |synced - global| < 2 points of error and
 local - synced > 2 points, at per-device batch 2.
 Command: ``python -m experiments run sync [--quick]``.
 Time on 2 CPU cores (measured): quick about 15 s, full about 3 minutes.

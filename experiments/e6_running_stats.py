@@ -6,7 +6,8 @@ with less noise for larger; the cumulative average and the zero-debiased EMA
 (bnjax variants) are unbiased from the first step. (b) With large batches
 and few steps, the EMA lags behind the weights, and precise BN (recomputing
 population statistics of the final model) gives higher and steadier test
-accuracy. Sources: (a) Ioffe & Szegedy 2015, Sec. 3.1 (inference uses the
+accuracy.
+Sources: (a) Ioffe & Szegedy 2015, Sec. 3.1 (inference uses the
 population statistics); (b) Wu & Johnson 2021, "Rethinking Batch in
 BatchNorm", Sec. 3 (Fig. 2-3).
 Setup (a): a fixed random 784->64 Dense layer on MNIST 5k; BN's training-mode

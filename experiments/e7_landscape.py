@@ -13,7 +13,8 @@ lr x linspace(0.5, 4, 8): variation = max - min of L(w - eta g),
 predictiveness = max ||grad L(w - eta g) - g||, beta = max of that over
 ||eta g||. Noise: per unit, scale ~ U(1, n_sigma) and shift ~ U(-n_mu, n_mu)
 redrawn every step, times (1 + r N(0,1)) and plus r N(0,1) per example (our
-reading of their Sec. 2.1). Criterion: BN's mean variation, predictiveness
+reading of their Sec. 2.1).
+Criterion: BN's mean variation, predictiveness
 and beta are all below no-BN's; noisy BN's final test accuracy is within 3
 points of BN's; noise without BN ends at least 10 points below no BN.
 Command: ``python -m experiments run landscape [--quick]``.

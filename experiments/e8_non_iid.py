@@ -8,7 +8,8 @@ Setup: the 1-D CNN of exp 4 on MNIST-1D, SGD momentum 0.9. Baseline:
 i.i.d. batches of 32. Non-i.i.d.: batches of 16 pairs of same-label signals
 (labels drawn at random; MNIST-1D has 10 classes, so labels repeat within a
 batch). Micro: i.i.d. batches of 4 (lr x 4/32). Renorm uses r_max 3, d_max
-5 from the start (no warm-up schedule). Criterion, for each setting: the
+5 from the start (no warm-up schedule).
+Criterion, for each setting: the
 share of the gap (baseline - BN) that renorm recovers, (renorm - BN) /
 (baseline - BN), is at least 0.5.
 Command: ``python -m experiments run non_iid [--quick]``.

@@ -1,0 +1,206 @@
+"""The documentation site: every public name in the reference, every guide's
+code run, the gallery generated from the committed results, and the build
+itself with warnings as errors."""
+
+import importlib
+import inspect
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / 'docs'
+GUIDES = sorted((DOCS / 'guides').glob('*.md'))
+PUBLIC_MODULES = [
+  'bnjax',
+  'bnjax.linen',
+  'bnjax.nnx',
+  'bnjax.interop',
+  'bnjax.precise',
+]
+
+
+def public_names():
+  for mod in PUBLIC_MODULES:
+    m = importlib.import_module(mod)
+    for name in m.__all__:
+      yield mod, name, getattr(m, name)
+
+
+def python_blocks(path):
+  return re.findall(r'^```python\n(.*?)^```', path.read_text(), re.S | re.M)
+
+
+def test_every_public_name_is_in_the_api_reference():
+  text = '\n'.join(p.read_text() for p in (DOCS / 'api').glob('*.md'))
+  documented = set(
+    re.findall(r'^\.\. auto(?:function|class):: ([\w.]+)', text, re.M)
+  )
+  expected = {f'{mod}.{name}' for mod, name, _ in public_names()}
+  assert expected - documented == set(), 'add these to docs/api/*.md'
+  assert documented - expected == set(), 'not public: remove from docs/api'
+
+
+@pytest.mark.parametrize(
+  'qualname,obj',
+  [(f'{m}.{n}', o) for m, n, o in public_names()],
+  ids=lambda v: v if isinstance(v, str) else '',
+)
+def test_every_public_name_has_arguments_and_an_example(qualname, obj):
+  """The reference shows what the docstring has: the argument docs and a
+  doctest example (which `--doctest-modules` runs)."""
+  doc = inspect.getdoc(obj) or ''
+  assert re.search(r'^(Args|Attributes):$', doc, re.M), qualname
+  assert re.search(r'^Example:\n\s+>>> ', doc, re.M), qualname
+
+
+def test_public_modules_export_only_what_they_define_or_reexport_deliberately():
+  for mod in PUBLIC_MODULES[1:]:
+    m = importlib.import_module(mod)
+    assert sorted(m.__all__) == sorted(set(m.__all__)), mod
+    for name in m.__all__:
+      assert getattr(m, name).__module__.startswith('bnjax'), (mod, name)
+
+
+@pytest.mark.parametrize(
+  'guide', GUIDES + [DOCS / 'index.md'], ids=lambda p: p.stem
+)
+def test_guide_code_runs(guide):
+  """Each guide's ```python blocks run in order in one namespace, as a
+  reader would paste them (multi-host launches excepted: they need
+  processes; tests/test_multihost.py runs that code)."""
+  blocks = python_blocks(guide)
+  assert blocks, f'{guide.name} has no runnable example'
+  namespace = {'__name__': f'docs_{guide.stem}'}
+  for block in blocks:
+    if 'jax.distributed.initialize()' in block:
+      continue
+    exec(compile(block, str(guide), 'exec'), namespace)
+
+
+def test_guides_cover_the_topics_the_site_promises():
+  assert {p.stem for p in GUIDES} == {
+    'getting_started',
+    'migrating',
+    'sync',
+    'variants',
+    'numerics',
+    'performance',
+  }
+
+
+def test_gallery_is_generated_from_every_committed_result(tmp_path):
+  sys.path.insert(0, str(DOCS / '_ext'))
+  try:
+    import gallery
+  finally:
+    sys.path.remove(str(DOCS / '_ext'))
+  names = gallery.generate(tmp_path)
+  assert names == list(gallery.registry())
+  for name in names:
+    result = json.loads(
+      (ROOT / 'experiments' / 'results' / f'{name}.json').read_text()
+    )
+    assert result['quick'] is False, f'{name}.json is a quick run'
+    page = (tmp_path / f'{name}.md').read_text()
+    assert f'({name}.png)' in page and (tmp_path / f'{name}.png').exists()
+    assert '**Claim' in page and '**Setup' in page, name
+    assert result['commit'] in page
+    for key, value in result['summary'].items():
+      if key.startswith('holds'):
+        assert f'`{key}` = **{"yes" if value else "no"}**' in page
+      else:
+        assert f'| `{gallery._cell(key)}` | {gallery._cell(value)} |' in page
+  index = (tmp_path / 'index.md').read_text()
+  assert all(f'[{n}]({n}.md)' in index for n in names)
+
+
+def test_docs_build_with_warnings_as_errors(tmp_path):
+  """The README's docs command, in a temporary directory: warnings
+  (a broken cross-reference, a bad docstring, a missing page) fail it, and
+  the inventory holds every public name."""
+  pytest.importorskip('sphinx', reason='install the docs extra: .[docs]')
+  pytest.importorskip('myst_parser', reason='install the docs extra: .[docs]')
+  out = tmp_path / 'html'
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'sphinx',
+      '-W',
+      '--keep-going',
+      '-q',
+      '-b',
+      'html',
+      str(DOCS),
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  from sphinx.util.inventory import InventoryFile
+
+  with open(out / 'objects.inv', 'rb') as f:
+    inv = InventoryFile.load(f, '', lambda base, uri: uri)
+  objects = (
+    {n for kind in inv.values() for n in kind}
+    if isinstance(inv, dict)
+    else {item.name for item in inv}
+  )
+  for mod, name, _ in public_names():
+    assert f'{mod}.{name}' in objects, f'{mod}.{name} missing from the site'
+  for page in ['index', 'guides/numerics', 'api/core', 'gallery/index']:
+    assert (out / f'{page}.html').exists(), page
+
+
+def _between(path, marker):
+  text = path.read_text()
+  match = re.search(
+    f'<!-- {marker}:start -->\n(.*?)\n?<!-- {marker}:end -->', text, re.S
+  )
+  assert match, f'{path.name} has no {marker} markers'
+  return match.group(1)
+
+
+def test_numerics_guide_table_is_the_committed_measurement():
+  """The error table is generated from benchmarks/results/numerics.json by
+  `python benchmarks/numerics.py --table`, not typed by hand."""
+  from benchmarks import numerics
+
+  rows = json.loads(
+    (ROOT / 'benchmarks' / 'results' / 'numerics.json').read_text()
+  )['rows']
+  assert _between(DOCS / 'guides' / 'numerics.md', 'numerics') == (
+    numerics.table(rows)
+  )
+  assert max(r['rel_err'] for r in rows if r['impl'] == 'bnjax') <= 1e-5
+
+
+def test_docs_and_readme_list_exactly_the_deliberate_differences():
+  """Each skip in tests/peer/ has one bullet in the migration guide and in
+  the README, and nothing more."""
+  from tests.peer.conftest import DIFFERENCES
+
+  expected = sorted(t for t, _ in DIFFERENCES.values())
+  for path in (DOCS / 'guides' / 'migrating.md', ROOT / 'README.md'):
+    section = _between(path, 'differences')
+    bullets = re.findall(r'^- \*\*(.+?)\.\*\*', section, re.M)
+    assert sorted(bullets) == expected, path.name
+
+
+def test_fold_figures_are_the_committed_measurement():
+  rows = json.loads(
+    (ROOT / 'benchmarks' / 'results' / 'fold.json').read_text()
+  )['rows']
+  text = ' '.join(_between(DOCS / 'guides' / 'migrating.md', 'fold').split())
+  for row in rows:
+    assert f'{row["speedup"]:.2f}x' in text, row
+  rel = max(r['max_rel_logit_diff'] for r in rows)
+  assert f'within {rel:.1e} of the largest logit'.replace('e-0', 'e-') in text
