@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pathlib
 import platform
 import subprocess
 import sys
@@ -103,10 +104,37 @@ def parse_args(doc: str, argv=None, extra=None):
   return args
 
 
-def write_result(name: str, out: dict, allow_nan: bool = True):
-  """Writes benchmarks/results/<name>.json."""
+RESULTS = pathlib.Path(__file__).parent / 'results'
+
+
+def runs(name: str) -> list[dict]:
+  """Every recorded run of benchmarks/results/<name>.json, oldest first.
+
+  Each run carries its ``env`` (date, commit, dirty flag, versions, machine),
+  so a range quoted across runs can be computed from the records.
+  """
   import json
-  import pathlib
-  path = pathlib.Path(__file__).parent / 'results' / f'{name}.json'
-  path.write_text(json.dumps(out, indent=1, allow_nan=allow_nan))
+  path = RESULTS / f'{name}.json'
+  if not path.exists():
+    return []
+  return json.loads(path.read_text())['runs']
+
+
+def latest(name: str) -> dict:
+  """The newest run of results/<name>.json."""
+  recorded = runs(name)
+  if not recorded:
+    raise FileNotFoundError(f'benchmarks/results/{name}.json has no run: '
+                            f'run python benchmarks/{name}.py')
+  return recorded[-1]
+
+
+def write_result(name: str, out: dict, allow_nan: bool = False):
+  """Appends one run to benchmarks/results/<name>.json, keeping the earlier
+  ones (strict JSON: a NaN must be written as null unless allowed)."""
+  import json
+  path = RESULTS / f'{name}.json'
+  history = runs(name)
+  path.write_text(json.dumps({'runs': history + [out]}, indent=1,
+                             allow_nan=allow_nan))
   return path

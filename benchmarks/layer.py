@@ -130,11 +130,10 @@ def add_bandwidth(rows, stream_gbs):
 
 def add_torch(rows):
   """bnjax / PyTorch's best layout, from results/torch_layer.json if present."""
-  path = pathlib.Path(__file__).parent / 'results' / 'torch_layer.json'
-  if not path.exists():
+  if not _timing.runs('torch_layer'):
     return
   best = {(tuple(r['shape']), r['mode']): r['best_ms']
-          for r in json.loads(path.read_text())['rows']}
+          for r in _timing.latest('torch_layer')['rows']}
   for r in rows:
     t = best.get((tuple(r['shape']), r['mode']))
     if t:

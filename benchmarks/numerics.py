@@ -262,9 +262,7 @@ def _cli(p):
 def main(argv=None):
   args = _timing.parse_args(__doc__, argv, extra=_cli)
   if args.readme:
-    import json
-    path = pathlib.Path(__file__).parent / 'results' / 'numerics.json'
-    return fill_readme(json.loads(path.read_text())['rows'])
+    return fill_readme(_timing.latest('numerics')['rows'])
   import jax
   try:  # must precede the first JAX operation
     jax.config.update('jax_num_cpu_devices', D)

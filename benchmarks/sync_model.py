@@ -32,7 +32,6 @@ HLO at 8 devices. Run: ``python benchmarks/sync_model.py`` (seconds) or
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import re
@@ -140,8 +139,7 @@ def main(argv=None):
                                                for k, (a, b) in LINKS.items()},
              hlo_check=check, switch_devices=switch, rows=rows)
   if not args.smoke:
-    path = pathlib.Path(__file__).parent / 'results' / 'sync_model.json'
-    path.write_text(json.dumps(out, indent=1))
+    _timing.write_result('sync_model', out)
     for link_name in LINKS:
       print(f'\n{link_name}\n' + table(rows, link_name))
     print('\nswitch points (D where it costs > 2x the shifted psum):', switch)

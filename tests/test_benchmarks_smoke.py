@@ -10,6 +10,14 @@ def test_layer_benchmark_smoke():
   assert step['bnjax_residuals'] == 1 < step['flax_residuals']
 
 
+def test_reductions_benchmark_smoke():
+  """Every single-read form computes the same two sums (checked inside)."""
+  from benchmarks import reductions
+  out = reductions.main(['--smoke'])
+  assert {r['form'] for r in out['rows']} >= {'two_sums', 'variadic_reduce'}
+  assert out['compile_s']['with_cond'] > 0
+
+
 def test_sync_benchmark_smoke():
   from benchmarks import sync
   rows = sync.main(['--smoke'])
@@ -88,14 +96,39 @@ def test_sync_lowering_smoke():
 
 
 def test_benchmarks_readme_sync_tables_are_the_committed_results():
-  import json
   import pathlib
 
-  from benchmarks import sync_lowering, sync_model
+  from benchmarks import _timing, sync_lowering, sync_model
   root = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'
   text = (root / 'README.md').read_text()
-  low = json.loads((root / 'results' / 'sync_lowering.json').read_text())
+  low = _timing.latest('sync_lowering')
   assert sync_lowering.table(low['rows']) in text
-  model = json.loads((root / 'results' / 'sync_model.json').read_text())
+  model = _timing.latest('sync_model')
   for link in ('nvlink-like', 'ethernet-like'):
     assert sync_model.table(model['rows'], link) in text
+
+
+def test_write_result_appends_a_run_and_keeps_the_earlier_ones(
+    tmp_path, monkeypatch):
+  from benchmarks import _timing
+  monkeypatch.setattr(_timing, 'RESULTS', tmp_path)
+  for i in range(3):
+    _timing.write_result('x', dict(env=dict(commit=f'c{i}'), value=i))
+  assert [r['value'] for r in _timing.runs('x')] == [0, 1, 2]
+  assert _timing.latest('x')['env']['commit'] == 'c2'
+
+
+def test_every_committed_benchmark_run_records_its_commit_and_date():
+  import pathlib
+
+  from benchmarks import _timing
+  names = [p.stem for p in (pathlib.Path(_timing.__file__).parent /
+                            'results').glob('*.json')]
+  assert 'layer' in names
+  for name in names:
+    recorded = _timing.runs(name)
+    assert recorded, name
+    for run in recorded:
+      assert run['env']['date'] and run['env']['commit'], (name, run['env'])
+      # True, False, or None for runs recovered from before the flag.
+      assert run['env'].get('dirty') in (True, False, None), (name, run['env'])

@@ -172,11 +172,9 @@ def _between(path, marker):
 def test_numerics_guide_table_is_the_committed_measurement():
   """The error table is generated from benchmarks/results/numerics.json by
   `python benchmarks/numerics.py --table`, not typed by hand."""
-  from benchmarks import numerics
+  from benchmarks import _timing, numerics
 
-  rows = json.loads(
-    (ROOT / 'benchmarks' / 'results' / 'numerics.json').read_text()
-  )['rows']
+  rows = _timing.latest('numerics')['rows']
   assert _between(DOCS / 'guides' / 'numerics.md', 'numerics') == (
     numerics.table(rows)
   )
@@ -196,9 +194,9 @@ def test_docs_and_readme_list_exactly_the_deliberate_differences():
 
 
 def test_fold_figures_are_the_committed_measurement():
-  rows = json.loads(
-    (ROOT / 'benchmarks' / 'results' / 'fold.json').read_text()
-  )['rows']
+  from benchmarks import _timing
+
+  rows = _timing.latest('fold')['rows']
   text = ' '.join(_between(DOCS / 'guides' / 'migrating.md', 'fold').split())
   for row in rows:
     assert f'{row["speedup"]:.2f}x' in text, row

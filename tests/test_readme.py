@@ -20,9 +20,8 @@ def test_readme_numerics_figures_are_the_committed_measurement():
   worst error over every function, layout and path, and flax's default at
   |mean|/std 1e4 on one device (the table itself is in
   docs/guides/numerics.md, checked by tests/test_docs.py)."""
-  import json
-  rows = json.loads((README.parent / 'benchmarks' / 'results' /
-                     'numerics.json').read_text())['rows']
+  from benchmarks import _timing
+  rows = _timing.latest('numerics')['rows']
   text = README.read_text()
   worst = max(r['rel_err'] for r in rows if r['impl'] == 'bnjax')
   assert worst <= 1e-5
