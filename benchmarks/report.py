@@ -179,6 +179,27 @@ def reductions_table(run: dict) -> str:
   return '\n'.join(lines)
 
 
+def sync_model_tables(run: dict) -> str:
+  try:
+    from benchmarks import sync_model
+  except ImportError:  # run as a script
+    import sync_model  # type: ignore[no-redef]
+  parts = []
+  for link, c in run['links'].items():
+    parts.append(f"{link} link (alpha {c['alpha_s'] * 1e6:g} µs, "
+                 f"{1 / c['beta_s_per_byte'] / 1e9:g} GB/s):\n\n"
+                 + sync_model.table(run['rows'], link))
+  return '\n\n'.join(parts)
+
+
+def sync_lowering_table(run: dict) -> str:
+  try:
+    from benchmarks import sync_lowering
+  except ImportError:  # run as a script
+    import sync_lowering  # type: ignore[no-redef]
+  return sync_lowering.table(run['rows'])
+
+
 def blocks() -> dict[str, str]:
   """Every generated block of benchmarks/README.md, by marker name."""
   return {
@@ -186,6 +207,8 @@ def blocks() -> dict[str, str]:
     'reductions': reductions_table(_timing.latest('reductions')),
     'numerics-before-after': numerics_before_after(),
     'sync-measured': sync_table(_timing.latest('sync')),
+    'sync-lowering': sync_lowering_table(_timing.latest('sync_lowering')),
+    'sync-model': sync_model_tables(_timing.latest('sync_model')),
     'model': model_table(_timing.latest('model')),
     'model-runs': model_runs_table(_timing.runs('model')),
   }
