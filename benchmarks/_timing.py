@@ -77,9 +77,13 @@ def environment() -> dict:
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
                             capture_output=True, text=True,
                             check=False).stdout.strip()
-    dirty = bool(subprocess.run(['git', 'status', '--porcelain',
-                                 '--untracked-files=no'], capture_output=True,
-                                text=True, check=False).stdout.strip())
+    status = subprocess.run(['git', 'status', '--porcelain',
+                             '--untracked-files=no'], capture_output=True,
+                            text=True, check=False).stdout.splitlines()
+    # Dirty means the measured code differs from the commit: results and
+    # READMEs, which the benchmarks themselves rewrite, do not count.
+    dirty = any(not (line[3:].startswith('benchmarks/results/')
+                     or line.endswith('.md')) for line in status)
   except OSError:
     commit, dirty = '', None
   return dict(date=datetime.date.today().isoformat(), jax=jax.__version__,

@@ -161,13 +161,10 @@ def table(rows) -> str:
   return '\n'.join(lines)
 
 
-def _write_readme(out):
-  """Replaces the layer table in benchmarks/README.md between its markers."""
-  path = pathlib.Path(__file__).parent / 'README.md'
-  text = path.read_text()
-  start, end = '<!-- layer:start -->', '<!-- layer:end -->'
+def readme_block(out) -> str:
+  """The README's layer block for one run: machine, method, table."""
   e = out['env']
-  body = (f"{start}\nMachine: {e['machine']} ({e['backend']}), jax "
+  return (f"Machine: {e['machine']} ({e['backend']}), jax "
           f"{e['jax']}, flax {e['flax']}, Python {e['python']}, {e['date']}, "
           f"commit {e['commit']}; medians of {out['rounds']} interleaved "
           f"rounds of {out['inner']} calls. Streaming bandwidth (jitted "
@@ -176,9 +173,7 @@ def _write_readme(out):
           f"({out['streaming_gbs_before_after'][0]:.1f} before, "
           f"{out['streaming_gbs_before_after'][1]:.1f} after). "
           f"PyTorch: benchmarks/torch_layer.py, its own process, 2 threads, "
-          f"best of NCHW and channels_last.\n\n{table(out['rows'])}\n{end}")
-  i, j = text.index(start), text.index(end) + len(end)
-  path.write_text(text[:i] + body + text[j:])
+          f"best of NCHW and channels_last.\n\n{table(out['rows'])}")
 
 
 def main(argv=None):
@@ -206,7 +201,11 @@ def main(argv=None):
              rows=rows)
   _timing.write_result('layer', out)
   print(table(rows))
-  _write_readme(out)
+  try:
+    from benchmarks import report
+  except ImportError:  # run as a script
+    import report  # type: ignore[no-redef]
+  report.fill()
   return rows
 
 

@@ -202,7 +202,12 @@ def sync_lowering_table(run: dict) -> str:
 
 def blocks() -> dict[str, str]:
   """Every generated block of benchmarks/README.md, by marker name."""
+  try:
+    from benchmarks import layer
+  except ImportError:  # run as a script
+    import layer  # type: ignore[no-redef]
   return {
+    'layer': layer.readme_block(_timing.latest('layer')),
     'layer-runs': layer_runs_table(_timing.runs('layer')),
     'reductions': reductions_table(_timing.latest('reductions')),
     'numerics-before-after': numerics_before_after(),

@@ -49,3 +49,61 @@ def test_ci_runs_the_readme_commands():
   for command in commands:
     assert command.replace('pip install', 'python -m pip install -q') in ci, (
       command)
+
+
+GENERATED = re.compile(r'<!-- ([\w-]+):start -->.*?<!-- \1:end -->', re.S)
+FIGURE = re.compile(r'(?<![\w.])(?:\d+\.\d+(?:e[+-]?\d+)?|\d+e[+-]\d+)'
+                    r'(?![\w.]*\d)')
+# Figures that may stand in prose: versions, settings and targets, not
+# measurements. Every measured figure lives in a generated block or is
+# checked against the committed results by a test of its own.
+NOT_MEASURED = {
+  'README.md': {'3.11': 'Python version', '0.99': "flax's default momentum",
+                '1e-5': 'the exactness bar', '1e-4': 'a test tolerance'},
+  'benchmarks/README.md': {'0.9': "the PyTorch goal's fraction",
+                           '1e4': 'a |mean|/std ratio', '1e2': 'ratio',
+                           '1e6': 'ratio', '1e-5': 'the exactness bar',
+                           '0.1': 'a layout setting: means 0.1% apart'},
+  'docs/index.md': {'3.11': 'Python version', '1e-5': 'the exactness bar'},
+}
+
+
+def prose_figures(path):
+  text = GENERATED.sub('', (README.parent / path).read_text())
+  text = re.sub(r'```.*?```', '', text, flags=re.S)
+  text = re.sub(r'`[^`\n]*`', '', text)
+  return FIGURE.findall(text)
+
+
+def test_benchmarks_readme_blocks_are_generated_from_the_committed_runs():
+  from benchmarks import report
+  text = (README.parent / 'benchmarks' / 'README.md').read_text()
+  for name, body in report.blocks().items():
+    m = re.search(report.block_pattern(name), text, re.S)
+    assert m, f'benchmarks/README.md has no {name} block'
+    assert m.group(2) == body, (
+      f'the {name} block is stale: run python benchmarks/report.py')
+
+
+def test_speed_figures_quoted_in_prose_are_computed_from_the_runs():
+  """The README's and the docs' "train step X to Yx" is the range of the
+  layer benchmark's step ratio over its two latest runs."""
+  from benchmarks import report
+  lo, hi = report.layer_range('step', last=2)
+  for path in ('README.md', 'docs/index.md'):
+    text = ' '.join((README.parent / path).read_text().split())
+    assert f'train step {lo:.2f} to {hi:.2f}x' in text, path
+
+
+def test_no_unrecorded_figure_in_readme_prose():
+  """A number in the READMEs' prose is a setting or a target (listed above),
+  a figure a test computes from results/*.json (the speed range, the worst
+  error), or it sits in a generated block."""
+  from benchmarks import _timing, report
+  lo, hi = report.layer_range('step', last=2)
+  worst = max(r['rel_err'] for r in _timing.latest('numerics')['rows']
+              if r['impl'] == 'bnjax')
+  checked = {f'{lo:.2f}', f'{hi:.2f}', f'{worst:.1e}'.replace('e-0', 'e-')}
+  for path, allowed in NOT_MEASURED.items():
+    stray = set(prose_figures(path)) - set(allowed) - checked
+    assert not stray, (path, sorted(stray))
