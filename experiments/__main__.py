@@ -1,4 +1,4 @@
-"""``python -m experiments list | run NAME|all [--quick] [--seeds N]``.
+"""``python -m experiments list | run NAME|all [--quick] [--seeds N] | table``.
 
 Sets 8 host CPU devices before JAX starts (experiment 5 needs them; the
 others run on one).
@@ -25,6 +25,7 @@ EXPERIMENTS = {
     'running_stats': 'e6_running_stats',
     'landscape': 'e7_landscape',
     'non_iid': 'e8_non_iid',
+    'exact_stats': 'e9_exact_stats',
 }
 
 
@@ -40,7 +41,13 @@ def main(argv=None):
   r.add_argument('name', choices=list(EXPERIMENTS) + ['all'])
   r.add_argument('--quick', action='store_true')
   r.add_argument('--seeds', type=int, default=3)
+  sub.add_parser('table', help="write experiments/README.md's claims table "
+                 'from results/*.json (runs nothing)')
   a = p.parse_args(argv)
+  if a.cmd == 'table':
+    from experiments._common import claims
+    print(f'filled {claims.fill({n: load(n) for n in EXPERIMENTS})}')
+    return
   if a.cmd == 'list':
     for name in EXPERIMENTS:
       doc = (load(name).__doc__ or '').strip().splitlines()[0]

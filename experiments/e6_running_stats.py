@@ -33,6 +33,7 @@ import numpy as np
 import bnjax
 import bnjax.precise
 from experiments._common import data, results, train
+from experiments._common.claims import Claim, mean
 from experiments._common.models import MLP
 
 NAME = 'running_stats'
@@ -67,6 +68,24 @@ def convergence(steps: int, seed: int):
       s = f(s, idx[t])
       curves[name].append(errors(s))
   return {k: np.asarray(v) for k, v in curves.items()}
+
+
+CLAIMS = (
+  Claim("running statistics converge to the population's",
+        'Ioffe & Szegedy 2015, Sec. 3.1', 'holds_convergence',
+        lambda s: 'error of the running mean after 1000 batches (in '
+        f"population std): EMA 0.9 {mean(s['final_mean_error[EMA 0.9]'])}, "
+        f"0.99 {mean(s['final_mean_error[EMA 0.99]'])}, 0.999 "
+        f"{mean(s['final_mean_error[EMA 0.999]'])}; cumulative "
+        f"{mean(s['final_mean_error[cumulative]'])}; after one step: "
+        f"debiased EMA {mean(s['step1_mean_error[debiased EMA 0.99]'])}, "
+        f"plain EMA {mean(s['step1_mean_error[EMA 0.99]'])}"),
+  Claim('precise BN beats the EMA at large batch and few steps',
+        'Wu & Johnson 2021, Sec. 3', 'holds_precise',
+        lambda s: f"batch 500, 60 steps: test accuracy "
+        f"{mean(s['test_acc[precise BN]'])} with precise BN, "
+        f"{mean(s['test_acc[EMA]'])} with the EMA (momentum 0.99)"),
+)
 
 
 def run(quick: bool, seeds):

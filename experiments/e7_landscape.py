@@ -31,6 +31,7 @@ import optax
 from tqdm.auto import tqdm
 
 from experiments._common import data, results, train
+from experiments._common.claims import Claim, mean
 from experiments._common.models import MLP
 
 NAME = 'landscape'
@@ -96,6 +97,26 @@ def _one(model, fns, steps, every, seed):
                        train=False)
   acc = float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(yte)))
   return np.asarray(rec), acc
+
+
+SRC = 'Santurkar et al. 2018'
+CLAIMS = (
+  Claim('BN smooths the loss landscape', f'{SRC}, Fig. 4', 'holds_smoother',
+        lambda s: 'along the gradient, BN vs no BN: loss variation '
+        f"{mean(s['loss_variation[BN]'])} vs {mean(s['loss_variation[no BN]'])}"
+        f", gradient change {mean(s['grad_predictiveness[BN]'])} vs "
+        f"{mean(s['grad_predictiveness[no BN]'])}, beta-smoothness "
+        f"{mean(s['beta_smoothness[BN]'])} vs "
+        f"{mean(s['beta_smoothness[no BN]'])}"),
+  Claim('noisy BN trains about as well as BN', f'{SRC}, Fig. 2',
+        'holds_noisy_bn_trains',
+        lambda s: f"test accuracy {mean(s['test_acc[noisy BN]'])} noisy BN, "
+        f"{mean(s['test_acc[BN]'])} BN"),
+  Claim('the same noise without BN breaks training', f'{SRC}, Fig. 7',
+        'holds_noise_without_bn_fails',
+        lambda s: f"test accuracy {mean(s['test_acc[noise, no BN]'])} with "
+        f"noise, {mean(s['test_acc[no BN]'])} without"),
+)
 
 
 def run(quick: bool, seeds):

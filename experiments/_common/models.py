@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 import bnjax.linen
 
@@ -86,23 +87,67 @@ def _noisy(module, x):
 
 
 class CNN1D(nn.Module):
-  """A small 1-D CNN for MNIST-1D: 3 conv layers (norm, ReLU), pool, dense."""
+  """A small 1-D CNN for MNIST-1D: conv layers (norm, ReLU), pool, dense.
+
+  With ``dense`` > 0 a hidden Dense layer with its own norm sits before the
+  classifier: BN there sees one value per channel per example, so its
+  statistics come from the batch size alone (Wu & He's regime). InstanceNorm
+  has no statistics for a dense layer (one value per channel), so its arm
+  uses LayerNorm there.
+  """
 
   channels: int = 32
   norm: str = 'bn'
   norm_kw: tuple = ()
   axis_name: Any = None
+  strides: tuple = (2, 2, 1)
+  dense: int = 0
+  renorm_steps: int | None = None  # total steps: renorm's warm-up schedule
 
   @nn.compact
   def __call__(self, x, train: bool):
     kw = dict(self.norm_kw)
     if self.axis_name is not None:
       kw['axis_name'] = self.axis_name
-    for stride in (2, 2, 1):
+    call_kw = {}
+    if self.norm == 'renorm' and self.renorm_steps is not None:
+      # Training steps so far, in the 'schedule' collection (updated with
+      # batch_stats): r_max and d_max follow the warm-up schedule.
+      step = self.variable('schedule', 'step', lambda: jnp.zeros((), jnp.int32))
+      call_kw = renorm_limits(step.value, self.renorm_steps)
+      if train and not self.is_initializing():
+        step.value += 1
+    for stride in self.strides:
       x = nn.Conv(self.channels, (3,), strides=(stride,),
                   use_bias=self.norm == 'none')(x)
       layer = norm_layer(self.norm, train, **kw)
-      x = x if layer is None else layer(x)
+      x = x if layer is None else layer(x, **call_kw)
       x = nn.relu(x)
     x = x.mean(1)
+    if self.dense:
+      x = nn.Dense(self.dense, use_bias=self.norm == 'none')(x)
+      layer = norm_layer('ln' if self.norm == 'in' else self.norm, train,
+                         **kw)
+      x = nn.relu(x if layer is None else layer(x, **call_kw))
     return nn.Dense(10)(x)
+
+def renorm_limits(step, total: int) -> dict:
+  """Ioffe 2017's schedule, scaled to ``total`` steps: plain BN (r_max 1,
+  d_max 0) for the first 5%, then r_max ramps linearly to 3 by 35% and
+  d_max to 5 by 25% (the paper: 5k steps of BN, then r_max over 40k and
+  d_max over 25k, of about 130k)."""
+  t = jnp.asarray(step, jnp.float32) / total
+  ramp = lambda end: jnp.clip((t - 0.05) / (end - 0.05), 0.0, 1.0)
+  return dict(r_max=1.0 + 2.0 * ramp(0.35), d_max=5.0 * ramp(0.25))
+
+
+def values_per_channel(strides: tuple, length: int, batch: int,
+                       dense: int) -> list[int]:
+  """What each BN layer of CNN1D averages over: batch x positions (SAME
+  padding: a stride-s conv leaves ceil(length / s) positions), then the
+  batch alone for the dense layer."""
+  out = []
+  for s in strides:
+    length = -(-length // s)
+    out.append(batch * length)
+  return out + ([batch] if dense else [])

@@ -42,6 +42,17 @@ def epoch_sampler(rng, steps, batch, y):
   return np.concatenate(idx)[:steps]
 
 
+def warmup_sgd(warmup_steps: int, momentum: float = 0.9):
+  """SGD with momentum whose step ramps linearly from 0 over the first
+  ``warmup_steps`` (Goyal et al. 2017's warm-up for the linear scaling rule).
+  The learning rate stays a hyperparameter ``inject_hyperparams`` can set."""
+  def make(learning_rate):
+    ramp = lambda count: jnp.minimum(1.0, (count + 1) / warmup_steps)
+    return optax.chain(optax.sgd(learning_rate, momentum=momentum),
+                       optax.scale_by_schedule(ramp))
+  return make
+
+
 def xent(logits, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
