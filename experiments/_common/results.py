@@ -15,13 +15,20 @@ RESULTS = pathlib.Path(os.environ.get(
 
 
 def _commit() -> str:
-  """The short commit, with "+dirty" when the working tree has changes."""
+  """The short commit, with "+dirty" when the code differs from it.
+
+  Results and READMEs, which the runs themselves rewrite, do not count.
+  """
   here = pathlib.Path(__file__).parent
   try:
     git = lambda *a: subprocess.run(['git', *a], capture_output=True,
                                     text=True, cwd=here, timeout=10).stdout
     head = git('rev-parse', '--short', 'HEAD').strip() or 'unknown'
-    return head + ('+dirty' if git('status', '--porcelain').strip() else '')
+    changed = [line[3:] for line in git(
+      'status', '--porcelain', '--untracked-files=no').splitlines()]
+    dirty = any(not (f.startswith('experiments/results/') or f.endswith('.md'))
+                for f in changed)
+    return head + ('+dirty' if dirty else '')
   except (OSError, subprocess.SubprocessError):
     return 'unknown'
 
