@@ -99,8 +99,12 @@ def test_use_running_average_is_required_keyword():
 
 
 def test_one_value_per_channel_allowed_in_inference():
-  y, _ = bn(jnp.ones((1, 3)), use_running_average=True)
-  assert np.all(np.isfinite(y))
+  stats = bnjax.BatchStats(jnp.array([0.5, 1.0, -2.0]), jnp.array([4.0, 1.0,
+                                                                   0.25]))
+  x = jnp.array([[2.5, 1.0, -1.0]])
+  y, _ = bn(x, stats, use_running_average=True, epsilon=1e-5)
+  # (x - mean) / sqrt(var + 1e-5) = (1, 0, 2) up to epsilon's share.
+  np.testing.assert_allclose(y, [[1.0, 0.0, 2.0]], rtol=5e-5)
 
 
 def test_traced_momentum_and_epsilon_are_accepted():

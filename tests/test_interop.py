@@ -39,6 +39,13 @@ def test_round_trip_is_bitwise():
   for k, val in back.items():
     np.testing.assert_array_equal(val, sd[k])
     assert val.dtype == sd[k].dtype
+  # Flax does not count batches: by default the count written is 0, which a
+  # torch model with momentum=None (a cumulative average) would restart from.
+  default = interop.to_torch(v, LAYERS)
+  assert {k: int(a) for k, a in default.items()
+          if k.endswith('num_batches_tracked')} == {
+            'bn1.num_batches_tracked': 0,
+            'layer1.0.bn.num_batches_tracked': 0}
 
 
 def test_default_layers_come_from_prefixes():
