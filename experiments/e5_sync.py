@@ -74,12 +74,14 @@ def _builder(mode: str, per_device: int, epochs: float):
     params, stats, opt = carry
     xb, yb = jnp.asarray(xtr)[ib], jnp.asarray(ytr)[ib]
 
-    def loss(p):
+    def loss(p):  # this device's share of the global-batch mean
       out, new = model.apply({'params': p, 'batch_stats': stats}, xb,
                              train=True, mutable=['batch_stats'])
-      return train.xent(out, yb), new['batch_stats']
+      return train.xent(out, yb) / n_dev, new['batch_stats']
+    # The params are replicated, so under shard_map's type checking their
+    # gradient is already summed over devices: the global mean's gradient.
+    # (Regression: a pmean of per-device mean losses' gradients gave 8x it.)
     (_, new), g = jax.value_and_grad(loss, has_aux=True)(params)
-    g = jax.lax.pmean(g, 'd')
     new = jax.lax.pmean(new, 'd')
     upd, opt = tx.update(g, opt, params)
     return (optax.apply_updates(params, upd), new, opt), None
