@@ -20,7 +20,7 @@ def test_all_quick_configs_run(tmp_path):
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   files = sorted(p.name for p in tmp_path.glob('*_quick.json'))
-  assert len(files) == 8, files
+  assert len(files) == 9, files
   for f in files:
     out = json.loads((tmp_path / f).read_text())
     assert out['seeds'] == [0, 1] and out['jax'] and out['summary']
@@ -36,7 +36,7 @@ def test_list():
 def test_figures_must_show_every_arm():
   """Regression: experiment 1's panel (a) fixed ylim at 0.5 to 1.0 and hid
   the whole no-BN curve (0.11 to 0.445). Every figure is checked on save
-  (so the quick run above checks all eight); a hidden curve or bar raises."""
+  (so the quick run above checks all nine); a hidden curve or bar raises."""
   pytest.importorskip('matplotlib')
   import matplotlib
   matplotlib.use('Agg')
@@ -55,3 +55,24 @@ def test_figures_must_show_every_arm():
   with pytest.raises(ValueError, match='outside its limits'):
     results.check_axes_hold_data(fig2)
   plt.close('all')
+
+
+def test_readme_claims_table_is_generated_from_the_committed_results():
+  """The table's rows, "our result" and "holds?" come from each module's
+  CLAIMS and results/NAME.json (the criterion the run computed), and every
+  experiment has at least one claim with a boolean criterion."""
+  pytest.importorskip('optax')
+  from experiments import __main__ as cli
+  from experiments._common import claims
+  modules = {n: cli.load(n) for n in cli.EXPERIMENTS}
+  assert all(m.CLAIMS for m in modules.values())
+  assert claims.written() == claims.table(modules), (
+    'stale: run python -m experiments table')
+
+
+def test_every_module_states_claim_setup_and_criterion():
+  import ast
+  for path in sorted((ROOT / 'experiments').glob('e*_*.py')):
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    for label in ('Claim', 'Source', 'Setup', 'Criterion', 'Command', 'Time'):
+      assert f'\n{label}' in doc, (path.name, label)
