@@ -168,6 +168,9 @@ def train_padded(lib: str, epochs: float, seed: int) -> dict:
     x = np.where(m, xtr[b], 0.0).astype(np.float32)
     params, stats, opt = fn(params, stats, opt, put(x), put(ytr[b]), put(m),
                             put(present[i].astype(np.float32)))
+    # One step in flight at a time: XLA:CPU's in-process collectives on 8
+    # devices over 2 cores otherwise hit its 40 s rendezvous timeout.
+    jax.block_until_ready(params)
   finite = bool(all(np.isfinite(np.asarray(a)).all()
                     for a in jax.tree.leaves(params)))
   logits = net.apply({'params': params, 'batch_stats': stats},
