@@ -278,8 +278,9 @@ def _figure(acc, err, sv):
   ax[0].bar(range(len(keys)), means, yerr=[100 * acc[k].std() for k in keys],
             capsize=3, color=['C0' if k.startswith('flax') else 'C1'
                               for k in keys])
-  ax[0].set_xticks(range(len(keys)), [k.replace(' | ', '\n') for k in keys],
-                   fontsize=7)
+  short = lambda k: (k.replace(' | ', '\n').replace('offset 10000', 'offset 1e4')
+                     .replace('padded, 8 dev', 'padded,\n8 devices'))
+  ax[0].set_xticks(range(len(keys)), [short(k) for k in keys], fontsize=8)
   ax[0].set(ylabel='test accuracy (%)', ylim=(0, 100),
             title='Training: flax BN (blue) vs bnjax BN (orange)')
   labels = ['input BN,\noffset 1e4', 'synced, uneven\ncounts (worst)']
