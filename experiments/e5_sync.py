@@ -18,7 +18,7 @@ reported too.
 Criterion (set before the full run), at 2 per device: (matches) |synced -
 global| < 1 point of error; (local fails) local - synced >= 3 points.
 Command: ``python -m experiments run sync [--quick]``.
-Time on 2 CPU cores (measured): quick about 20 s, full about 3 minutes.
+Time on 2 CPU cores (measured): quick about 20 s, full about 6 minutes.
 """
 
 from __future__ import annotations
