@@ -212,7 +212,7 @@ def synced_var_errors(epochs: float) -> dict:
 
 
 CLAIMS = (
-  Claim('at |mean|/std = 1e4 an input BN needs an exact variance',
+  Claim('an input BN with a mean 1e4 times its std needs an exact variance',
         'Chan, Golub & LeVeque 1983; docs/guides/numerics.md', 'holds_offset',
         lambda s: 'input BN variance error (relative, vs float64): flax '
         f"{s['input_var_error[flax | offset 10000]']:.2g}, bnjax "

@@ -92,7 +92,7 @@ def table(experiments: dict) -> str:
   ])
 
 
-PATTERN = re.compile(r'(<!-- claims:start -->\n)(.*?)(\n<!-- claims:end -->)',
+PATTERN = re.compile(r'(<!-- claims:start -->\n)(.*?)\n?(<!-- claims:end -->)',
                      re.S)
 
 
@@ -105,6 +105,6 @@ def written() -> str:
 
 def fill(experiments: dict) -> pathlib.Path:
   body = table(experiments)
-  README.write_text(PATTERN.sub(lambda m: m.group(1) + body + m.group(3),
-                                README.read_text()))
+  README.write_text(PATTERN.sub(lambda m: m.group(1) + body + '\n'
+                                + m.group(3), README.read_text()))
   return README
