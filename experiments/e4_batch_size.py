@@ -95,7 +95,7 @@ CLAIMS = (
 def run(quick: bool, seeds):
   norms = ['BN', 'GN'] if quick else list(NORMS)
   batches = [32, 2] if quick else BATCHES
-  epochs = 0.25 if quick else EPOCHS
+  epochs = 0.1 if quick else EPOCHS
   out = error_by_batch(norms, batches, epochs, seeds)
   summary = {f'values_per_channel[N={b}]': values_per_channel(
     STRIDES, 40, b, DENSE) for b in batches}

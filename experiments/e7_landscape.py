@@ -14,9 +14,15 @@ predictiveness = max ||grad L(w - eta g) - g||, beta = max of that over
 ||eta g||. Noise: per unit, scale ~ U(1, n_sigma) and shift ~ U(-n_mu, n_mu)
 redrawn every step, times (1 + r N(0,1)) and plus r N(0,1) per example (our
 reading of their Sec. 2.1).
+Depth (added 2026-11-22, after earlier runs found the noise harmless to the
+3-layer MLP; Santurkar et al.'s VGG is much deeper, and the noise enters at
+every layer): the same MLP with 8 hidden layers, no BN, with the noise and no
+BN, and noisy BN, trained as above (no landscape probes).
 Criterion: BN's mean variation, predictiveness
 and beta are all below no-BN's; noisy BN's final test accuracy is within 3
-points of BN's; noise without BN ends at least 10 points below no BN.
+points of BN's; noise without BN ends at least 10 points below no BN; (depth,
+set before its first run) at 8 layers, noise without BN ends at least 10
+points below no BN at 8 layers.
 Command: ``python -m experiments run landscape [--quick]``.
 Time on 2 CPU cores (measured): quick about 10 s, full about 2 minutes.
 """
@@ -116,7 +122,29 @@ CLAIMS = (
         'holds_noise_without_bn_fails',
         lambda s: f"test accuracy {mean(s['test_acc[noise, no BN]'])} with "
         f"noise, {mean(s['test_acc[no BN]'])} without"),
+  Claim('... in a deeper network (8 hidden layers)', f'{SRC}, Fig. 7',
+        'holds_noise_breaks_deep',
+        lambda s: 'test accuracy at 8 layers: '
+        f"{mean(s['test_acc[noise, no BN, 8 layers]'])} with noise, "
+        f"{mean(s['test_acc[no BN, 8 layers]'])} without, "
+        f"{mean(s['test_acc[noisy BN, 8 layers]'])} noisy BN"),
 )
+
+DEEP = {'no BN, 8 layers': dict(norm='none'),
+        'noise, no BN, 8 layers': dict(norm='none', noise=NOISE),
+        'noisy BN, 8 layers': dict(norm='bn', noise=NOISE)}
+
+
+def deep(steps: int, seeds) -> dict:
+  """Final test accuracy (seed,) of each 8-layer arm, trained side by side."""
+  out = {}
+  for name, kw in DEEP.items():
+    setup = train.Setup(MLP(widths=(100,) * 8, act=nn.relu, **kw),
+                        data.mnist(), steps=steps, batch=60, eval_every=steps,
+                        optimizer=optax.sgd)
+    r = train.run(setup, seeds, [LR], desc=name)
+    out[name] = np.nan_to_num(r['test_acc'][0, :, -1])
+  return out
 
 
 def run(quick: bool, seeds):
@@ -146,9 +174,15 @@ def run(quick: bool, seeds):
         abs(acc('noisy BN') - acc('BN')) < 0.03)
     summary['holds_noise_without_bn_fails'] = bool(
         acc('noise, no BN') < acc('no BN') - 0.10)
+    deep_acc = deep(steps, seeds)
+    for name, a in deep_acc.items():
+      out[name] = dict(test_acc=a)
+      summary[f'test_acc[{name}]'] = results.mean_std(a)
+    summary['holds_noise_breaks_deep'] = bool(
+        acc('noise, no BN, 8 layers') < acc('no BN, 8 layers') - 0.10)
   config = dict(steps=steps, probe_every=every, lr=LR, batch=60,
                 etas='lr x linspace(0.5, 4, 8)', noise=NOISE,
-                model='784-100-100-100-10 ReLU MLP')
+                model='784-100-100-100-10 ReLU MLP; depth: 8 hidden layers of 100')
   return results.save(NAME, quick, config, seeds, out, summary,
                       _figure(out, every)), summary
 

@@ -95,23 +95,23 @@ CLAIMS = tuple(
     ('micro, i.i.d. 4', 'micro batches of 4', 'Sec. 4.2')))
 
 
-def arms(batch: int, steps: int):
+def arms(batch: int, steps: int, quick: bool = False):
   out = {'BN': e4.model('bn'), 'renorm': e4.model('renorm',
                                                   renorm_steps=steps)}
-  if batch > 8:
+  if batch > 8 and not quick:
     out['ghost BN'] = e4.model('ghost', norm_kw=(('virtual_batch_size', 8),))
   return out
 
 
 def run(quick: bool, seeds):
-  epochs = 0.25 if quick else e4.EPOCHS
+  epochs = 0.1 if quick else e4.EPOCHS
   settings = dict(SETTINGS)
   if quick:
     settings = {k: settings[k] for k in ('i.i.d. 32', '2 labels x 16 (32)')}
   acc = {}
   for setting, (b, sampler) in settings.items():
     steps = e4.setup_for(None, b, epochs).steps
-    for name, net in arms(b, steps).items():
+    for name, net in arms(b, steps, quick).items():
       setup = e4.setup_for(net, b, epochs, sampler)
       r = train.run(setup, seeds, [e4.lr_for(b)], desc=f'{name} {setting}')
       acc[f'{name} | {setting}'] = np.nan_to_num(r['test_acc'][0, :, -1])
