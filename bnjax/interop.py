@@ -48,9 +48,18 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bnjax._torch_layout import (
+  _to_numpy,
+  conv_kernel_from_torch,
+  dense_kernel_from_torch,
+  momentum_from_torch,
+  momentum_to_torch,
+  nchw_to_nhwc,
+  nhwc_to_nchw,
+)
 
 __all__ = [
   'bn_prefixes',
@@ -80,61 +89,6 @@ _NO_LAYERS = (
   'in the state dict; pass the state dict of a model with '
   'BatchNorm layers, or name them in `layers`'
 )
-
-
-def momentum_from_torch(p: float) -> float:
-  """Flax/bnjax ``momentum`` for a torch BatchNorm ``momentum=p``: ``1 - p``.
-
-  torch updates ``new = (1 - p) old + p batch``; Flax and bnjax update
-  ``new = m old + (1 - m) batch``, so ``m = 1 - p``.
-
-  Args:
-    p: torch's ``momentum``, in [0, 1].
-
-  Returns:
-    ``1 - p``, rounded to 12 digits (0.1 gives 0.9, not 0.9000000000000000222).
-
-  Raises:
-    ValueError: ``p`` is None (torch's cumulative average, which no EMA
-      momentum reproduces) or outside [0, 1].
-
-  Example:
-    >>> from bnjax import interop
-    >>> interop.momentum_from_torch(0.1)   # torch's default
-    0.9
-  """
-  if p is None:
-    raise ValueError(
-      'momentum_from_torch: torch momentum=None is a cumulative average, '
-      'not an EMA; no Flax momentum reproduces it'
-    )
-  if not 0.0 <= p <= 1.0:
-    raise ValueError(
-      f'momentum_from_torch: momentum must be in [0, 1], got {p}'
-    )
-  return round(1.0 - p, 12)
-
-
-def momentum_to_torch(m: float) -> float:
-  """torch ``momentum`` for a Flax/bnjax ``momentum=m``: ``1 - m``.
-
-  Args:
-    m: Flax's ``momentum`` (EMA decay), in [0, 1].
-
-  Returns:
-    ``1 - m``, rounded to 12 digits.
-
-  Raises:
-    ValueError: ``m`` outside [0, 1].
-
-  Example:
-    >>> from bnjax import interop
-    >>> interop.momentum_to_torch(0.99)   # flax's default
-    0.01
-  """
-  if not 0.0 <= m <= 1.0:
-    raise ValueError(f'momentum_to_torch: momentum must be in [0, 1], got {m}')
-  return round(1.0 - m, 12)
 
 
 def load_state_dict(source: Any) -> dict[str, np.ndarray]:
@@ -407,79 +361,6 @@ def _owned(v) -> np.ndarray:
   return np.array(v, np.float32, copy=True)
 
 
-def nchw_to_nhwc(x: Any) -> Any:
-  """Moves the channel axis of an N C ... array from 1 to last.
-
-  Args:
-    x: an array (or torch tensor) laid out ``(N, C, *spatial)``.
-
-  Returns:
-    A JAX array laid out ``(N, *spatial, C)``.
-
-  Example:
-    >>> import numpy as np
-    >>> from bnjax import interop
-    >>> interop.nchw_to_nhwc(np.zeros((8, 3, 32, 32))).shape
-    (8, 32, 32, 3)
-  """
-  return jnp.moveaxis(jnp.asarray(_to_numpy(x)), 1, -1)
-
-
-def nhwc_to_nchw(x: Any) -> Any:
-  """Moves the channel axis of an N ... C array from last to 1.
-
-  Args:
-    x: an array laid out ``(N, *spatial, C)``.
-
-  Returns:
-    A JAX array laid out ``(N, C, *spatial)``.
-
-  Example:
-    >>> import numpy as np
-    >>> from bnjax import interop
-    >>> interop.nhwc_to_nchw(np.zeros((8, 32, 32, 3))).shape
-    (8, 3, 32, 32)
-  """
-  return jnp.moveaxis(jnp.asarray(x), -1, 1)
-
-
-def conv_kernel_from_torch(w: Any) -> jax.Array:
-  """torch conv weight ``(O, I, *spatial)`` to a Flax kernel ``(*spatial, I, O)``.
-
-  Args:
-    w: a torch ``ConvNd`` weight (tensor or array).
-
-  Returns:
-    The kernel of the equivalent ``flax.linen.Conv`` / ``nnx.Conv``.
-
-  Example:
-    >>> import numpy as np
-    >>> from bnjax import interop
-    >>> interop.conv_kernel_from_torch(np.zeros((64, 3, 7, 7))).shape
-    (7, 7, 3, 64)
-  """
-  w = _to_numpy(w)
-  return jnp.asarray(np.moveaxis(w, (0, 1), (-1, -2)))
-
-
-def dense_kernel_from_torch(w: Any) -> jax.Array:
-  """torch Linear weight ``(out, in)`` to a Flax Dense kernel ``(in, out)``.
-
-  Args:
-    w: a torch ``Linear`` weight (tensor or array).
-
-  Returns:
-    The kernel of the equivalent ``flax.linen.Dense`` / ``nnx.Linear``.
-
-  Example:
-    >>> import numpy as np
-    >>> from bnjax import interop
-    >>> interop.dense_kernel_from_torch(np.zeros((10, 512))).shape
-    (512, 10)
-  """
-  return jnp.asarray(_to_numpy(w).T)
-
-
 def _layer_keys(prefix: str) -> dict[str, str]:
   dot = f'{prefix}.' if prefix else ''
   return {k: dot + k for k in TORCH_KEYS}
@@ -517,15 +398,3 @@ def _get(root, tree: Sequence[str], collection: str | None):
       )
     node = node[p]
   return node
-
-
-def _to_numpy(v) -> np.ndarray:
-  if hasattr(v, 'detach'):  # a torch tensor; no torch import needed
-    v = v.detach().cpu()
-    if str(v.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16: widen,
-      v = v.float()  # which is exact
-    # .numpy() shares the tensor's memory, and JAX may alias NumPy memory on
-    # CPU: copy, or torch's in-place running-stat updates would leak into
-    # the converted arrays.
-    return v.numpy().copy()
-  return np.asarray(v)
