@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments._common import data, plots, results, train
-from experiments._common.claims import Claim, mean, points
+from experiments._common.claims import Claim, mean
 from experiments._common.models import MLP
 
 NAME = 'lr_tolerance'

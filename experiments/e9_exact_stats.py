@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import bnjax.linen
 from experiments import e4_batch_size as e4
-from experiments._common import data, plots, results, train
+from experiments._common import data, results, train
 from experiments._common.claims import Claim, mean
 
 NAME = 'exact_stats'
