@@ -9,7 +9,14 @@ shards of 512 rows, in five layouts:
 - ``identical``: every shard draws from the same distribution;
 - ``means 0.1% apart``: shard d has ``loc * (1 + 0.001 d)``;
 - ``uneven masks``: per-entry masks keeping a fraction (d + 1) / 8 on shard d;
-- ``empty shard``: shard 0 fully masked out, the others fully in.
+- ``empty shard``: shard 0 fully masked out, the others fully in;
+- ``sorted``: each channel's values in ascending order, so the first
+  shard, and the first slices of every reduction, hold the lowest values;
+- ``outlier first``: ``identical`` with the first value of each channel
+  moved 1000 std up.
+
+Each layout comes as a 2-D ``(4096, 16)`` array and as the same values in a
+4-D NHWC ``(64, 8, 8, 16)`` one.
 
 Each layout runs on one device (one call on all 4096 rows) and synced
 (``jax.shard_map`` over 8 devices with ``axis_name``), by bnjax's two sync
@@ -42,14 +49,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import _timing  # noqa: E402
 
 RATIOS = (1e2, 1e3, 1e4, 1e5, 1e6)
-LAYOUTS = ('identical', 'means 0.1% apart', 'uneven masks', 'empty shard')
+LAYOUTS = ('identical', 'means 0.1% apart', 'uneven masks', 'empty shard',
+           'sorted', 'outlier first')
 ROWS, C, D, VBS, EPS = 4096, 16, 8, 128, 1e-5
+# 2-D: (rows, C). 4-D: the same values as (images, 8, 8, C), NHWC, so a
+# shard holds 8 images and a ghost chunk (VBS rows) is 2 images.
+SHAPES = {'2-D': (ROWS, C), '4-D': (ROWS // 64, 8, 8, C)}
 BNJAX_FNS = ('moments', 'batch_norm', 'batch_norm (grad)', 'batch_renorm',
              'ghost')
 
 
-def make_data(ratio: float, layout: str, seed: int):
-  """(x float32 (ROWS, C), mask bool or None) for one layout."""
+def make_data(ratio: float, layout: str, seed: int, shape: str = '2-D'):
+  """(x float32, mask bool or None) for one layout, in SHAPES[shape]."""
   import numpy as np
   rng = np.random.default_rng(seed)
   shard = np.repeat(np.arange(D), ROWS // D)[:, None]
@@ -59,19 +70,26 @@ def make_data(ratio: float, layout: str, seed: int):
   if layout == 'uneven masks':
     mask = rng.random((ROWS, C)) < (shard + 1) / D
   elif layout == 'empty shard':
-    mask = shard > 0
-  return x, mask
+    mask = np.broadcast_to(shard > 0, (ROWS, C))
+  elif layout == 'sorted':
+    x = np.sort(x, axis=0)
+  elif layout == 'outlier first':
+    x[0] += np.float32(1e3)
+  if mask is not None:
+    mask = np.ascontiguousarray(mask).reshape(SHAPES[shape])
+  return x.reshape(SHAPES[shape]), mask
 
 
 def oracle_var(x, mask, fn: str):
   """float64 variance of what ``fn`` reports, over all shards."""
   import numpy as np
   from tests import reference as ref
-  x64 = np.asarray(x, np.float64)
+  x64 = np.asarray(x, np.float64).reshape(ROWS, C)
+  if mask is not None:
+    mask = np.asarray(mask).reshape(ROWS, C)
   if fn != 'ghost':
     return ref.moments(x64, -1, mask)[1]
-  m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask,
-                                                                  x.shape)
+  m = np.ones(x64.shape, bool) if mask is None else mask
   vs, ws = [], []
   for c in range(0, ROWS, VBS):  # chunks lie within shards: 512 = 4 * 128
     _, v, n = ref.moments(x64[c:c + VBS], -1, m[c:c + VBS])
@@ -98,9 +116,10 @@ def bnjax_var(fn: str, x, mask, axis_name, running_mean=0.0, sync='gather'):
                            momentum=0.0, epsilon=EPS, **kw)[1]
     return s.std
   stats = bnjax.BatchStats(mean0, jnp.ones(C))
+  vbs = VBS if x.ndim == 2 else VBS // 64
   bn = lambda x: bnjax.batch_norm(
       x, stats, use_running_average=False, momentum=0.0, epsilon=EPS,
-      virtual_batch_size=VBS if fn == 'ghost' else None, **kw)
+      virtual_batch_size=vbs if fn == 'ghost' else None, **kw)
   if fn == 'batch_norm (grad)':
     w = jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape)
     (_, new), _ = jax.value_and_grad(
@@ -156,8 +175,10 @@ def rel_err(got, want, fn: str):
   return float(np.max(np.abs(got - want) / want))
 
 
-def measure(ratios=RATIOS, layouts=LAYOUTS, seeds=(0, 1, 2), peers=True):
-  """Rows of {impl, fn, layout, synced, ratio, rel_err (worst over seeds)}."""
+def measure(ratios=RATIOS, layouts=LAYOUTS, seeds=(0, 1, 2), peers=True,
+            shapes=tuple(SHAPES)):
+  """Rows of {impl, fn, shape, layout, synced, ratio, rel_err (worst over
+  seeds)}."""
   import functools
 
   import jax
@@ -168,6 +189,18 @@ def measure(ratios=RATIOS, layouts=LAYOUTS, seeds=(0, 1, 2), peers=True):
   if peers:
     impls += [('flax', f'fast_variance={fast}',
                functools.partial(flax_var, fast)) for fast in (True, False)]
+  rows = []
+  for shape in shapes:
+    rows += _measure_shape(shape, ratios, layouts, seeds, impls, mesh)
+  if peers:
+    rows += _torch_rows(ratios, seeds)
+  return rows
+
+
+def _measure_shape(shape, ratios, layouts, seeds, impls, mesh):
+  import functools
+
+  import numpy as np
   rows = []
   for layout in layouts:
     for synced in (False, True, 'psum'):
@@ -183,13 +216,11 @@ def measure(ratios=RATIOS, layouts=LAYOUTS, seeds=(0, 1, 2), peers=True):
           # psum: the running mean at loc (steady state); else from 0.
           mean0 = np.float32(ratio if synced == 'psum' else 0.0)
           for seed in seeds:
-            x, mask = make_data(ratio, layout, seed)
+            x, mask = make_data(ratio, layout, seed, shape)
             want = oracle_var(x, mask, fn)
             errs.append(rel_err(f(x, mask, mean0), want, fn))
-          rows.append(dict(impl=impl, fn=fn, layout=layout, synced=synced,
-                           ratio=ratio, rel_err=_worst(errs)))
-  if peers:
-    rows += _torch_rows(ratios, seeds)
+          rows.append(dict(impl=impl, fn=fn, shape=shape, layout=layout,
+                           synced=synced, ratio=ratio, rel_err=_worst(errs)))
   return rows
 
 
@@ -210,8 +241,9 @@ def _torch_rows(ratios, seeds):
     for seed in seeds:
       x, _ = make_data(ratio, 'identical', seed)
       errs.append(rel_err(torch_var(x), oracle_var(x, None, 'torch'), 'torch'))
-    rows.append(dict(impl='torch', fn='F.batch_norm', layout='identical',
-                     synced=False, ratio=ratio, rel_err=_worst(errs)))
+    rows.append(dict(impl='torch', fn='F.batch_norm', shape='2-D',
+                     layout='identical', synced=False, ratio=ratio,
+                     rel_err=_worst(errs)))
   return rows
 
 
@@ -220,22 +252,23 @@ def table(rows) -> str:
   keys = []
   for r in rows:
     k = (r['impl'], r['fn'] if r['impl'] != 'bnjax' else 'all 5 functions',
-         r['layout'], r['synced'])
+         r.get('shape', '2-D'), r['layout'], r['synced'])
     if k not in keys:
       keys.append(k)
   ratios = sorted({r['ratio'] for r in rows})
-  head = ('| implementation | layout | devices | '
+  head = ('| implementation | shape | layout | devices | '
           + ' | '.join(f'{q:.0e}' for q in ratios) + ' |')
-  lines = [head, '|' + '---|' * (3 + len(ratios))]
-  for impl, fn, layout, synced in keys:
+  lines = [head, '|' + '---|' * (4 + len(ratios))]
+  for impl, fn, shape, layout, synced in keys:
     cells = []
     for q in ratios:
       errs = [r['rel_err'] for r in rows if r['ratio'] == q
               and r['impl'] == impl and r['layout'] == layout
+              and r.get('shape', '2-D') == shape
               and r['synced'] == synced and (impl == 'bnjax' or r['fn'] == fn)]
       cells.append('NaN' if None in errs else f'{max(errs):.1e}')
     devices = {False: '1', True: '8 synced', 'psum': "8, sync='psum'"}[synced]
-    lines.append(f'| {impl} {fn} | {layout} | {devices} | '
+    lines.append(f'| {impl} {fn} | {shape} | {layout} | {devices} | '
                  + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -270,7 +303,8 @@ def main(argv=None):
     if jax.device_count() < D:
       raise
   if args.smoke:
-    rows = measure(ratios=(1e4,), layouts=('uneven masks',), seeds=(0,))
+    rows = measure(ratios=(1e4,), layouts=('uneven masks',), seeds=(0,),
+                   shapes=('4-D',))
   else:
     rows = measure()
     _timing.write_result('numerics', dict(env=_timing.environment(),

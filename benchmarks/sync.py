@@ -4,10 +4,10 @@ Question: what does syncing cost per layer, by each of bnjax's two sync
 paths? Times a shard_map'd training step (forward + backward w.r.t. x) with
 local statistics, with ``sync='gather'`` (one all-gather of K = 3C + 1
 floats per shard), with ``sync='psum'`` in its steady state (running mean
-near the batch mean: one psum of 2C + 9 floats) and with ``sync='psum'``
+near the batch mean: one psum of 2C + 1 floats) and with ``sync='psum'``
 when its check fails every step (running mean 100 std away: the psum, then
 the gather), and the bare collectives (all-gather and psum-gather of K
-floats, psum of 2C + 9), interleaved, medians. Run: ``python benchmarks/sync.py``
+floats, psum of 2C + 1), interleaved, medians. Run: ``python benchmarks/sync.py``
 (about 1 minute) or ``--smoke``. Writes ``results/sync.json``.
 """
 
@@ -57,7 +57,7 @@ def main(argv=None):
       return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P('d'),
                                    out_specs=P('d')))
     k = 3 * c + 1
-    k_psum = 2 * c + 9
+    k_psum = 2 * c + 1
     part = jax.device_put(jnp.ones((8, k)), NamedSharding(mesh, P('d')))
     small = jax.device_put(jnp.ones((8, k_psum)), NamedSharding(mesh, P('d')))
 
@@ -66,7 +66,7 @@ def main(argv=None):
                                        (lax.axis_index('d'), 0))
       return lax.psum(rows_, 'd')[None]
 
-    def psum_small(v):  # sync='psum''s collective: 2C + 9 shifted sums
+    def psum_small(v):  # sync='psum''s collective: 2C + 1 shifted sums
       return lax.psum(v, 'd')
 
     def all_gather(v):

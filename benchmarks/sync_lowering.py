@@ -8,7 +8,7 @@ process with ``jax_num_cpu_devices=D``) and C in (64, 2048), the train step
 read from the module: its kind, per-shard operand floats, the bytes it
 delivers to each device, and whether it sits inside a conditional branch
 (the psum path's exact fallback). Beside it: which path ``sync='auto'``
-takes there (``bnjax._psum.auto_uses_psum``, the alpha-beta model of
+takes there (``bnjax._moments.psum.auto_uses_psum``, the alpha-beta model of
 ``sync_model.py``). Run: ``python benchmarks/sync_lowering.py`` (about 1
 minute) or ``--smoke`` (8 devices). Writes ``results/sync_lowering.json``.
 """
@@ -67,7 +67,7 @@ def worker(d: int) -> list[dict]:
   from jax.sharding import Mesh, PartitionSpec as P
 
   import bnjax
-  from bnjax import _psum
+  from bnjax._moments import psum as _psum
   mesh = Mesh(np.array(jax.devices()[:d]), ('d',))
   rows = []
   for c in CHANNELS:

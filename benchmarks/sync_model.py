@@ -5,18 +5,18 @@ scaling? Each shard has an exact (count, shift, s1, M2) partial, K = 3C + 1
 floats (``s1`` carries the low-order bits of the shard's mean, which the
 exact merge needs). bnjax ships two ways to combine them:
 
-- under shard_map, an all-gather of the K floats per shard (JAX's
-  ``all_gather_invariant``, whose output is replicated), merged with Chan's
-  formula: PyTorch SyncBatchNorm's design;
+- under shard_map, an all-gather of the K floats per shard (with a
+  replicated output), merged with Chan's formula: PyTorch SyncBatchNorm's
+  design;
 - with ``axis_index_groups``, under pmap and vmap: a psum of a (D, K) buffer
   in which each shard fills its own row ("psum-gather").
 
-and ``sync='psum'``: a psum of 2C + 9 floats, shifted sums around the
-running mean plus 8 floats that check every shard used the same shift
-(constant in D; where the shift is too far from the batch mean, at the first
-steps, the gather runs as well). ``sync='auto'`` takes the psum where this
+and ``sync='psum'``: a psum of 2C + 1 floats, shifted sums around the
+replicated running mean (constant in D; where the shift is too far from the
+batch mean, at the first steps, the gather runs as well; 8C more floats
+where types cannot prove every shard has the same shift). ``sync='auto'`` takes the psum where this
 model, on its faster link, prices the gather above it
-(``bnjax._psum.auto_uses_psum``; each row records the choice). An alpha-beta model: a collective costs ``steps * alpha +
+(``bnjax._moments.psum.auto_uses_psum``; each row records the choice). An alpha-beta model: a collective costs ``steps * alpha +
 bytes_per_device * beta``, with
 
 - ring all-reduce of n bytes: ``2 (D-1)`` steps, ``2 (D-1)/D n`` bytes;
@@ -58,7 +58,7 @@ def cost(kind: str, algo: str, d: int, n_bytes: float, link) -> float:
 
 
 def designs(d: int, c: int):
-  from bnjax import _psum
+  from bnjax._moments import psum as _psum
   k = _psum.gather_payload(c, masked=False)
   return {'psum_gather': ('all_reduce', 4 * d * k),
           'all_gather': ('all_gather', 4 * d * k),
@@ -115,7 +115,7 @@ def main(argv=None):
   for link_name, link in LINKS.items():
     for c in CHANNELS:
       for d in DEVICES:
-        from bnjax import _psum
+        from bnjax._moments import psum as _psum
         row = dict(link=link_name, channels=c, devices=d,
                    auto='psum' if _psum.auto_uses_psum(d, c) else 'gather')
         for name, (kind, n) in designs(d, c).items():

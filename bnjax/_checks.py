@@ -1,22 +1,22 @@
 """Trace-time validation of user input, shared by every public function.
 
-Every error names the function, the argument, the offending shape or value and
-the fix. Checks run on static shapes, so they fire at trace time under jit.
+Every error names the function (or module), the argument, the offending
+shape or value and the fix. Checks run on static shapes, so they fire at
+trace time under jit. Values that only exist at run time (a traced momentum)
+get a ``checkify.debug_check``: free without ``checkify``, an error with it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
-from bnjax._types import BatchStats
+from bnjax._types import BatchStats, Layout, RenormStats
 
 _ONE_VALUE_MSG = (
   '{fn}: training mode needs more than one value per channel, but x of shape '
@@ -31,7 +31,11 @@ _STATS_TYPE_MSG = (
   'Create one with bnjax.init_batch_stats(feature_shape) or convert a Flax '
   "collection with bnjax.BatchStats(**variables['batch_stats'][name])."
 )
-
+_RENORM_TYPE_MSG = (
+  '{fn}: renorm_stats must be a bnjax.RenormStats(mean, std), got {got}. '
+  'Batch renorm tracks the running standard deviation, not the variance: '
+  'create one with bnjax.init_renorm_stats(feature_shape){conv}.'
+)
 _HALF_STATS_MSG = (
   '{fn}: batch_stats.{field} has dtype {dtype}, which overflows past 65504: '
   'a variance of 1e5 would be stored as inf and inference would then output '
@@ -39,23 +43,13 @@ _HALF_STATS_MSG = (
   'v: v.astype(jnp.float32), batch_stats) (bfloat16 also works, with 3 '
   'significant digits); the input x may stay float16.'
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Where the features are in x, and what the statistics reduce over."""
-
-  ndim: int
-  feature_axes: tuple[int, ...]
-  reduction_axes: tuple[int, ...]
-  feature_shape: tuple[int, ...]
-  count: int  # values per channel in the (local) reduction
-  shape: tuple[int, ...] = ()  # x's shape, for error messages
-  name: str = 'x'  # x's argument name, for error messages
-
-  def broadcast(self, v: jax.Array) -> jax.Array:
-    """Reshapes a per-channel array of shape feature_shape to broadcast with x."""
-    return jnp.expand_dims(v, self.reduction_axes)
+_TRACED_FLAG_MSG = (
+  '{fn}: {name} must be a Python bool, got a traced value ({value!r}). It '
+  'selects which computation runs (batch or stored statistics), which is '
+  'fixed when the function is traced: pass it as a static argument '
+  '(jax.jit(..., static_argnames=...)), or call both modes under '
+  'jax.lax.cond.'
+)
 
 
 def check_floating(
@@ -82,7 +76,7 @@ def layout(fn: str, x: jax.Array, axis: Any, name: str = 'x') -> Layout:
   ndim = x.ndim
   axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
   if isinstance(axes, (str, bytes)) or not all(
-    isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+    isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
     for a in _iter(axes)
   ):
     raise TypeError(
@@ -122,16 +116,25 @@ def layout(fn: str, x: jax.Array, axis: Any, name: str = 'x') -> Layout:
 
 
 def check_per_channel(
-  fn: str, name: str, v: Any, lay: Layout, floating: bool = True
+  fn: str,
+  name: str,
+  v: Any,
+  lay: Layout,
+  floating: bool = True,
+  real: bool = False,
 ):
   """Checks that scale, bias, mean or var has the feature shape.
 
-  Any of them may be complex (for complex x) except a variance.
+  A variance or std is real; with ``real`` (real x) so are scale and bias:
+  a complex one would lose its imaginary part silently.
   """
   if v is None:
     return None
-  complex_ok = not name.endswith('var') and not name.endswith('std')
-  v = check_floating(fn, v, name, complex_ok) if floating else jnp.asarray(v)
+  stat = name.endswith('var') or name.endswith('std')
+  if floating:
+    v = check_floating(fn, v, name, complex_ok=not (stat or real))
+  else:
+    v = jnp.asarray(v)
   if tuple(v.shape) != lay.feature_shape:
     raise ValueError(
       f'{fn}: {name} has shape {tuple(v.shape)} but {lay.name} of shape '
@@ -161,8 +164,18 @@ def _per_channel_fix(name: str, shape: tuple[int, ...], lay: Layout) -> str:
   return f'pass {name} of shape {lay.feature_shape}'
 
 
-def check_stats(fn: str, stats: Any, lay: Layout, cls: Any = BatchStats):
-  if not isinstance(stats, cls):
+def check_stats(fn: str, stats: Any, lay: Layout, types: Any = BatchStats):
+  if not isinstance(stats, types):
+    if isinstance(types, type) and issubclass(types, RenormStats):
+      conv = (
+        ', or carry over BatchStats as RenormStats(stats.mean, '
+        'jnp.sqrt(stats.var + epsilon))'
+        if isinstance(stats, BatchStats)
+        else ''
+      )
+      raise TypeError(
+        _RENORM_TYPE_MSG.format(fn=fn, got=_describe(stats), conv=conv)
+      )
     raise TypeError(_STATS_TYPE_MSG.format(fn=fn, got=_describe(stats)))
   for field, v in zip(stats._fields, stats, strict=True):
     v = check_per_channel(
@@ -195,7 +208,10 @@ def check_mask(fn: str, mask: Any, x: jax.Array):
   return mask
 
 
-def check_hyper(fn: str, momentum: Any, epsilon: Any):
+def check_hyper(fn: str, momentum: Any, epsilon: Any, dtype: Any = None):
+  """momentum in [0, 1]; epsilon > 0 and a normal number of ``dtype`` (the
+  statistics' real dtype), where a smaller one is 0 or flushed to 0 and a
+  constant channel gives NaN. Traced values get a checkify.debug_check."""
   check_scalar(fn, 'momentum', momentum)
   check_scalar(fn, 'epsilon', epsilon)
   m = _concrete(momentum)
@@ -206,43 +222,54 @@ def check_hyper(fn: str, momentum: Any, epsilon: Any):
       '(1 - momentum) * batch. PyTorch momentum p is bnjax momentum 1 - p '
       '(torch 0.1 is bnjax 0.9).'
     )
+  tiny = float(jnp.finfo(dtype or jnp.float32).tiny)
   e = _concrete(epsilon)
-  if e is not None and not 0.0 < e < float('inf'):
-    raise ValueError(
-      f'{fn}: epsilon={e} must be finite and > 0 to keep rsqrt(var + '
-      'epsilon) finite and non-zero; pass e.g. epsilon=1e-5'
+  if e is not None and not tiny <= e < float('inf'):
+    what = (
+      f'is below the smallest normal {jnp.dtype(dtype or jnp.float32).name} '
+      f'number {tiny:.3g}, so it is 0 or flushed to 0 there and a constant '
+      'channel gives NaN'
+      if 0.0 < e < tiny
+      else 'must be finite and > 0 to keep rsqrt(var + epsilon) finite'
+    )
+    raise ValueError(f'{fn}: epsilon={e} {what}; pass e.g. epsilon=1e-5')
+  if m is None:
+    checkify.debug_check(
+      (momentum >= 0) & (momentum <= 1),
+      f'{fn}: momentum must be in [0, 1] (got {{m}})',
+      m=momentum,
+    )
+  if e is None:
+    checkify.debug_check(
+      epsilon >= tiny,
+      f'{fn}: epsilon must be >= {tiny:.3g} (got {{e}})',
+      e=epsilon,
     )
 
 
 def check_scalar(fn: str, name: str, v: Any):
   """A real scalar: a Python number or a 0-d (possibly traced) array."""
-  ok = not isinstance(v, (str, bytes, bool, np.bool_)) and (
+  ok = not isinstance(v, (str, bytes, bool, np.bool_, complex)) and (
     isinstance(v, (int, float, np.integer, np.floating))
     or (
       hasattr(v, 'dtype')
       and jnp.ndim(v) == 0
-      and jnp.issubdtype(v.dtype, jnp.number)
+      and (
+        jnp.issubdtype(v.dtype, jnp.floating)
+        or jnp.issubdtype(v.dtype, jnp.integer)
+      )
     )
   )
   if not ok:
     raise TypeError(
-      f'{fn}: {name} must be a real scalar (a float or a 0-d array), got '
+      f'{fn}: {name} must be a real scalar (a float or a 0-d real array), got '
       f'{v!r} of type {type(v).__name__}; pass e.g. {name}='
       f'{"0.99" if name == "momentum" else "1e-5"}'
     )
 
 
-# Set by the Flax modules (see ``named``): flax's modules train on one value
-# per channel (the output is the bias), and flax's own shape-only flows
-# (nn.tabulate, nnx.tabulate, init with a batch of one, scan and vmap over
-# single examples) rely on it. The functional API keeps its error.
-_single_value_ok: contextvars.ContextVar[bool] = contextvars.ContextVar(
-  'bnjax_single_value_ok', default=False
-)
-
-
-def check_training_count(fn: str, x, lay: Layout, axis, global_count: int):
-  if global_count <= 1 and not _single_value_ok.get():
+def check_training_count(fn: str, x, axis, global_count: int):
+  if global_count <= 1:
     raise ValueError(
       _ONE_VALUE_MSG.format(
         fn=fn, shape=tuple(x.shape), axis=axis, count=global_count
@@ -251,31 +278,33 @@ def check_training_count(fn: str, x, lay: Layout, axis, global_count: int):
 
 
 def check_use_running_average(fn: str, value: Any):
+  check_flag(fn, 'use_running_average', value)
+
+
+def check_flag(fn: str, name: str, value: Any):
+  """A Python bool (or NumPy bool): a traced one gets its own message."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(_TRACED_FLAG_MSG.format(fn=fn, name=name, value=value))
   if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(
-      f'{fn}: use_running_average must be a Python bool (True for '
-      f'inference, False for training), got {value!r}'
-    )
+    raise TypeError(f'{fn}: {name} must be a Python bool, got {value!r}')
 
 
-@contextlib.contextmanager
-def named(module: str):
-  """A Flax module's call into the core.
-
-  Re-raises the core's errors under the module's name (same type), and
-  accepts training on one value per channel, as flax's modules do.
-  """
-  token = _single_value_ok.set(True)
+def out_dtype(fn: str, x: jax.Array, dtype: Any):
+  """The output dtype: x's, or a floating (complex, for complex x) dtype."""
+  if dtype is None:
+    return x.dtype
   try:
-    yield
-  except (TypeError, ValueError, NameError) as e:
-    msg = str(e)
-    for fn in ('batch_norm: ', 'batch_renorm: '):
-      if msg.startswith(fn):
-        raise type(e)(f'{module}: {msg[len(fn) :]}') from None
-    raise
-  finally:
-    _single_value_ok.reset(token)
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  kind = jnp.complexfloating if jnp.iscomplexobj(x) else jnp.floating
+  if dt is None or not jnp.issubdtype(dt, kind):
+    what = 'complex, as x is' if kind is jnp.complexfloating else 'floating'
+    raise TypeError(
+      f'{fn}: dtype must be {what}, got {dtype!r}; pass e.g. '
+      f'dtype={"jnp.complex64" if what != "floating" else "jnp.float32"}'
+    )
+  return dt
 
 
 def _concrete(v: Any):

@@ -8,49 +8,30 @@ from typing import Any
 from flax import nnx
 
 
-def convert(model: Any, *, axis_name: Any = None, **overrides: Any) -> Any:
-  """Replaces every ``flax.nnx.BatchNorm`` in an nnx model with bnjax's.
-
-  Each replacement carries the original's settings and its ``scale``,
-  ``bias``, ``mean`` and ``var`` variables (the same ``nnx.Variable``
-  objects, so values, sharding metadata and sharing are kept): outputs in
-  both modes are unchanged. A BatchNorm shared by several parents is
-  replaced by one module everywhere. Like PyTorch's
-  ``SyncBatchNorm.convert_sync_batchnorm``, ``axis_name`` switches on
-  synchronized statistics, for a data-parallel ``shard_map``/``pmap``/
-  ``vmap`` over that axis.
-
-  Args:
-    model: an nnx Module (converted in place), or a ``flax.nnx.BatchNorm``.
-    axis_name: if not None, the mapped axis to sync statistics over.
-    **overrides: other :class:`BatchNorm` constructor arguments to set on
-      every converted layer (``momentum``, ``virtual_batch_size``, ...).
-
-  Returns:
-    The model (the new module when ``model`` itself is a BatchNorm).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> import bnjax.nnx
-    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
-    ...                        nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
-    >>> model = bnjax.nnx.convert(model, axis_name='data')
-    >>> type(model.layers[1]).__module__, model.layers[1].axis_name
-    ('bnjax.nnx', 'data')
-  """
+def swap(model: Any, cls: type, axis_name: Any, overrides: dict) -> Any:
+  """Replaces every ``flax.nnx.BatchNorm`` in ``model`` with ``cls`` (see
+  :func:`bnjax.nnx.convert`, which passes bnjax's BatchNorm)."""
   settings = dict(overrides)
   if axis_name is not None:
     settings['axis_name'] = axis_name
-  unknown = sorted(
-    set(settings) - set(_CONVERT_FIELDS + ('virtual_batch_size',))
-  )
+  known = _CONVERT_FIELDS + ('virtual_batch_size', 'sync')
+  unknown = sorted(set(settings) - set(known))
   if unknown:
     raise TypeError(
       f'bnjax.nnx.convert: unknown BatchNorm arguments {unknown}; pass '
-      f'any of {sorted(_CONVERT_FIELDS + ("virtual_batch_size",))}'
+      f'any of {sorted(known)}'
     )
-  return _swap(model, {}, settings)
+  memo: dict = {}
+  out = _swap(model, memo, lambda old: _convert_one(old, cls, settings))
+  if not memo or not any(
+    isinstance(old, nnx.BatchNorm) for old, _ in memo.values()
+  ):
+    raise ValueError(
+      f'bnjax.nnx.convert: found no flax.nnx.BatchNorm in the '
+      f'{type(model).__name__} passed; pass an nnx model that holds '
+      'flax.nnx.BatchNorm layers (a bnjax one needs no conversion)'
+    )
+  return out
 
 
 # flax.nnx.BatchNorm's constructor arguments that it keeps as attributes.
@@ -70,36 +51,34 @@ _CONVERT_FIELDS = (
 )
 
 
-def _convert_one(old: nnx.BatchNorm, settings: dict):
-  from bnjax.nnx import BatchNorm  # the module that re-exports this one
-
+def _convert_one(old: nnx.BatchNorm, cls: type, settings: dict):
   kwargs = {f: getattr(old, f) for f in _CONVERT_FIELDS if hasattr(old, f)}
   kwargs.update(settings)
-  new = BatchNorm(old.num_features, rngs=nnx.Rngs(0), **kwargs)
+  new = cls(old.num_features, rngs=nnx.Rngs(0), **kwargs)
   new.mean, new.var = old.mean, old.var
   new.scale, new.bias = old.scale, old.bias
   return new
 
 
-def _swap(node: Any, memo: dict, settings: dict) -> Any:
+def _swap(node: Any, memo: dict, make) -> Any:
   """node with flax BatchNorms replaced, in place where node is mutable."""
   if isinstance(node, nnx.BatchNorm):
     if id(node) not in memo:
-      memo[id(node)] = (node, _convert_one(node, settings))
+      memo[id(node)] = (node, make(node))
     return memo[id(node)][1]
   if id(node) in memo:
     return memo[id(node)][1]
   if isinstance(node, MutableSequence):
     memo[id(node)] = (node, node)
     for i, child in enumerate(list(node)):
-      new = _swap(child, memo, settings)
+      new = _swap(child, memo, make)
       if new is not child:
         node[i] = new
     return node
   if isinstance(node, MutableMapping):
     memo[id(node)] = (node, node)
     for k, child in list(node.items()):
-      new = _swap(child, memo, settings)
+      new = _swap(child, memo, make)
       if new is not child:
         node[k] = new
     return node
@@ -108,12 +87,12 @@ def _swap(node: Any, memo: dict, settings: dict) -> Any:
     for k, child in list(vars(node).items()):
       if k.startswith('_'):
         continue
-      new = _swap(child, memo, settings)
+      new = _swap(child, memo, make)
       if new is not child:
         setattr(node, k, new)
     return node
   if isinstance(node, tuple):
-    items = [_swap(child, memo, settings) for child in node]
+    items = [_swap(child, memo, make) for child in node]
     if all(a is b for a, b in zip(items, node, strict=True)):
       return node
     return type(node)(*items) if hasattr(node, '_fields') else tuple(items)

@@ -1,43 +1,142 @@
 r"""The public functional core: ``normalize``, ``moments``, ``batch_norm``.
 
-Training mode goes through ``bnjax._train`` (the statistics, the forward and
-its custom JVP); this module checks the arguments and picks the path.
+Every BN function, and every module adapter, goes through one private entry,
+:func:`normalize_batch`, called with the caller's own name: it validates each
+argument once, then runs inference (the stored statistics) or training (the
+statistics engine, ``bnjax._moments``, and the custom JVP of
+``bnjax._train``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax import _checks, _ghost, _psum, _running, _stats, _sync
-from bnjax._train import _affine, _batch_stats, _Cfg, train
+from bnjax import _checks, _ghost, _moments, _running, _train
 from bnjax._types import (
   Axis,
   AxisIndexGroups,
   AxisName,
   DType,
+  Layout,
   RunningStats,
   Scalar,
 )
 
 Array = jax.Array
 
+# A variant's per-channel correction of the affine: (function, its arrays);
+# see bnjax._train.Cfg.correction.
+Correction = tuple[Callable[..., tuple[Array, Array]], tuple[Array, ...]]
 
-def _out_dtype(fn: str, x: Array, dtype: Any):
-  if dtype is None:
-    return x.dtype
-  kind = jnp.complexfloating if jnp.iscomplexobj(x) else jnp.floating
-  if not jnp.issubdtype(dtype, kind):
-    what = 'complex, as x is' if kind is jnp.complexfloating else 'floating'
-    raise TypeError(
-      f'{fn}: dtype must be {what}, got {jnp.dtype(dtype)}; pass e.g. '
-      f'dtype={"jnp.complex64" if what != "floating" else "jnp.float32"}'
+
+def normalize_batch(
+  fn: str,
+  x: Any,
+  state: Any,
+  scale: Any,
+  bias: Any,
+  *,
+  use_running_average: Any,
+  axis: Any = -1,
+  momentum: Any = 0.99,
+  epsilon: Any = 1e-5,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+  mask: Any = None,
+  use_fast_variance: Any = True,
+  dtype: Any = None,
+  virtual_batch_size: Any = None,
+  sync: Any = 'auto',
+  state_types: tuple = _running.STATE_TYPES,
+  correction: Correction | None = None,
+  single_value_ok: bool = False,
+  lay: Layout | None = None,
+) -> tuple[Array, Any]:
+  """The one private entry of every BN function and module.
+
+  ``fn`` names the caller in every error. ``state_types``: the running-
+  statistics types it takes. ``correction``: a variant's affine correction
+  (batch renorm's). ``single_value_ok``: train on one value per channel
+  (the modules do, as flax's). ``lay``: x's already-checked layout (a module
+  that needed the feature shape first), so x is validated once.
+  """
+  _checks.check_use_running_average(fn, use_running_average)
+  if lay is None:
+    x = _checks.check_floating(fn, x, complex_ok=correction is None)
+    lay = _checks.layout(fn, x, axis)
+  _checks.check_stats(fn, state, lay, state_types)
+  scale = _checks.check_per_channel(
+    fn, 'scale', scale, lay, real=not _is_complex(x)
+  )
+  bias = _checks.check_per_channel(
+    fn, 'bias', bias, lay, real=not _is_complex(x)
+  )
+  mask = _checks.check_mask(fn, mask, x)
+  f = _moments.stats_dtype(x.dtype)
+  _checks.check_hyper(fn, momentum, epsilon, _moments.real_dtype(f))
+  _checks.check_flag(fn, 'use_fast_variance', use_fast_variance)
+  out_dtype = _checks.out_dtype(fn, x, dtype)
+  groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
+  if virtual_batch_size is not None:
+    _ghost.check(fn, x, lay, virtual_batch_size)
+  if use_running_average:
+    mean, rstd = _running.inference_params(state, epsilon)
+    y = _train.affine(x, mean.astype(f), rstd, scale, bias, lay, out_dtype)
+    return y, state
+  shift = state.mean if axis_name is not None else None
+  mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask, shift)
+  shards = 1 if axis_name is None else _moments.num_shards(axis_name, groups)
+  if not single_value_ok:
+    _checks.check_training_count(fn, x, axis, lay.count * shards)
+  cfg = _train.Cfg(
+    lay,
+    _moments.Sync(axis_name, groups, mode, fn),
+    bool(use_fast_variance),
+    out_dtype,
+    None if correction is None else correction[0],
+  )
+  fallback = None if mask is None else _running.fallback_stats(state, epsilon)
+  fix = () if correction is None else correction[1]
+  if virtual_batch_size is not None:
+    y, mean, var, count = _ghost.train(
+      x, scale, bias, epsilon, mask, cfg, virtual_batch_size, fallback
     )
-  return jnp.dtype(dtype)
+  else:
+    y, mean, var, count = _train.train(
+      x,
+      scale,
+      bias,
+      epsilon,
+      mask,
+      cfg,
+      fix=fix,
+      fallback=fallback,
+      shift=shift if mode == 'psum' else None,
+    )
+  valid = None if mask is None else count > 0
+  new = _running.update(state, mean, var, momentum, valid, epsilon)
+  return y, new
+
+
+def _is_complex(x) -> bool:
+  return jnp.iscomplexobj(x)
+
+
+def _sync_mode(fn, sync, axis_name, groups, x, lay, mask, shift) -> str:
+  """The synced path, 'gather' or 'psum', resolved at trace time."""
+  channels = math.prod(lay.feature_shape) * (2 if jnp.iscomplexobj(x) else 1)
+  proven = axis_name is None or _moments.shift_replicated(
+    shift, x, _moments.Sync(axis_name, groups)
+  )
+  return _moments.resolve(
+    fn, sync, axis_name, groups, channels, mask is not None, proven
+  )
 
 
 def normalize(
@@ -80,13 +179,14 @@ def normalize(
   lay = _checks.layout(fn, x, axis)
   mean = _checks.check_per_channel(fn, 'mean', mean, lay)
   var = _checks.check_per_channel(fn, 'var', var, lay)
-  scale = _checks.check_per_channel(fn, 'scale', scale, lay)
-  bias = _checks.check_per_channel(fn, 'bias', bias, lay)
-  _checks.check_hyper(fn, 0.0, epsilon)
-  f = _stats.stats_dtype(x.dtype)
-  rstd = lax.rsqrt(var.astype(_stats.real_dtype(f)) + epsilon)
-  return _affine(
-    x, mean.astype(f), rstd, scale, bias, lay, _out_dtype(fn, x, dtype)
+  real = not _is_complex(x)
+  scale = _checks.check_per_channel(fn, 'scale', scale, lay, real=real)
+  bias = _checks.check_per_channel(fn, 'bias', bias, lay, real=real)
+  f = _moments.stats_dtype(x.dtype)
+  _checks.check_hyper(fn, 0.0, epsilon, _moments.real_dtype(f))
+  rstd = lax.rsqrt(var.astype(_moments.real_dtype(f)) + epsilon)
+  return _train.affine(
+    x, mean.astype(f), rstd, scale, bias, lay, _checks.out_dtype(fn, x, dtype)
   )
 
 
@@ -104,10 +204,9 @@ def moments(
   Reduces over every axis except ``axis``. With ``mask``, only masked-in
   entries count; a channel with none gets mean 0 and var 0. With
   ``axis_name``, the statistics are those of the global batch over that
-  mapped axis (one collective; ``sync`` as in :func:`batch_norm`, where
-  the psum path's shift is 0 here, so uncentered data take the exact
-  fallback); an unbound name raises JAX's ``NameError``. Results are at
-  least float32:
+  mapped axis (one collective; ``sync`` as in :func:`batch_norm`, with a
+  zero shift for the psum path); an unbound name raises JAX's
+  ``NameError``. Results are at least float32:
 
   .. math:: \mu = \tfrac1n \sum_i x_i, \qquad
      \sigma^2 = \tfrac1n \sum_i (x_i - \mu)^2
@@ -135,17 +234,12 @@ def moments(
   x = _checks.check_floating(fn, x, complex_ok=True)
   lay = _checks.layout(fn, x, axis)
   mask = _checks.check_mask(fn, mask, x)
-  groups = _sync.canonical_groups(fn, axis_name, axis_index_groups)
-  mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask)
-  cfg = _Cfg(lay, axis_name, groups, True, x.dtype, mode)
-  _, mean, var = _batch_stats(x, mask, cfg)
+  groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
+  mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask, None)
+  _, mean, var = _moments.batch_moments(
+    x, lay, mask, sync=_moments.Sync(axis_name, groups, mode, fn)
+  )
   return mean, var
-
-
-def _sync_mode(fn, sync, axis_name, groups, x, lay, mask) -> str:
-  """The synced path, 'gather' or 'psum', resolved at trace time."""
-  channels = math.prod(lay.feature_shape) * (2 if jnp.iscomplexobj(x) else 1)
-  return _psum.resolve(fn, sync, axis_name, groups, channels, mask is not None)
 
 
 def batch_norm(
@@ -179,15 +273,11 @@ def batch_norm(
   Inference (``use_running_average=True``) normalizes with the stored
   statistics and returns ``batch_stats`` unchanged.
 
-  Statistics are within 1e-5 of float64 at ``|mean|/std`` from 1e2 to 1e6
-  (``benchmarks/numerics.py``), on one device and synced. Unsynced, the
-  forward computes flax's formulas (``E[x^2] - E[x]^2`` with
-  ``use_fast_variance=True``, the default; ``E[(x - E[x])^2]`` with False;
-  masked with ``where=``), so it matches flax bit for bit, and trusts them
-  only where every channel has ``mean**2 <= 8 var``; otherwise a
-  ``lax.cond`` runs the corrected two-pass (``bnjax._stats``), whose result
-  does not depend on the order in which the backend sums, to first order.
-  Half-precision input is reduced in float32.
+  Statistics are exact whatever the summation order of the backend (see the
+  numerics guide): on GPU and TPU by a branch-free shifted two-pass, on the
+  CPU by flax's own formulas where every channel has ``mean**2 <= 8 var``
+  (so ordinary input gets flax's numbers bit for bit) and by the same exact
+  two-pass elsewhere. Half-precision input is reduced in float32.
 
   Args:
     x: floating input; statistics reduce over every axis except ``axis``.
@@ -201,37 +291,33 @@ def batch_norm(
     use_running_average: keyword-only and required; True for inference.
     axis: the feature axis, or a tuple of feature axes.
     momentum: EMA decay of the running statistics, in [0, 1].
-    epsilon: added to the variance, > 0.
+    epsilon: added to the variance, > 0 and a normal number in the
+      statistics' dtype.
     axis_name: a mapped axis name (or tuple of names) of ``shard_map``,
       ``pmap`` or ``vmap`` to take statistics over the global batch. None
       means local statistics (under a sharded ``jit`` those are already
       global: XLA inserts the collective). An unbound name raises JAX's
       ``NameError``: bnjax never guesses the collective context.
     axis_index_groups: optional groups of indices of ``axis_name`` that
-      normalize independently (supported by JAX under ``pmap``).
+      normalize independently (JAX supports them under ``pmap`` only; with
+      a mesh, sync over one axis of it instead, see the sync guide).
     mask: optional boolean array broadcastable to x; statistics cover the
       masked-in entries only. A channel with none keeps its running stats.
-    use_fast_variance: accepted for Flax compatibility; both settings exact.
+      Masked-out entries are normalized too, as in flax; a non-finite
+      masked-out entry is read as the channel mean.
+    use_fast_variance: accepted for Flax compatibility (a bool); both
+      settings are exact.
     dtype: output dtype (default: x's dtype).
     virtual_batch_size: ghost batch norm (Hoffer et al. 2017): normalize
       each chunk of this many rows of axis 0 with its own statistics; the
       running statistics get the mean over chunks. Must divide the batch.
       With ``axis_name`` chunks are per shard, and only the running-stat
-      average is synced (see ``bnjax._ghost``).
-    sync: how statistics combine over ``axis_name``, one collective either
-      way. ``'gather'`` all-gathers every shard's exact partial, D x
-      (3C + 1) floats. ``'psum'`` psums ``(n, sum(x - K), sum((x - K)**2))``
-      around K = the running mean, 2C + 9 floats whatever D (8 of them
-      check that every shard has the same K), and takes ``M2 = S2 -
-      S1**2 / N``; where that is not exact to 1e-5 (``(mean - K)**2 > 8
-      var`` in some channel, as at the first steps from a zero running
-      mean, or shards whose K differ) the step runs the gather as well,
-      chosen from the psum's result so every shard agrees. ``'auto'`` picks
-      at trace time by the alpha-beta model of
-      ``benchmarks/sync_model.py``: the psum where the gather would cost
-      more (for example C = 2048 from 256 devices, C = 256 from 4096).
-      Ignored without ``axis_name`` and for ghost batches (whose sync is one
-      psum already).
+      average is synced.
+    sync: how statistics combine over ``axis_name``, with one collective
+      either way: ``'gather'`` (every shard's exact partial), ``'psum'``
+      (sums around the running mean, constant size, with the gather as an
+      in-step fallback) or ``'auto'`` (by a cost model, at trace time). See
+      the sync guide.
 
   Returns:
     ``(y, new_batch_stats)``.
@@ -253,61 +339,24 @@ def batch_norm(
     >>> stats.mean
     Array([0.2, 2. ], dtype=float32)
   """
-  fn = 'batch_norm'
-  _checks.check_use_running_average(fn, use_running_average)
-  x = _checks.check_floating(fn, x, complex_ok=True)
-  lay = _checks.layout(fn, x, axis)
-  _checks.check_stats(fn, batch_stats, lay, _running.STATE_TYPES)
-  scale = _checks.check_per_channel(fn, 'scale', scale, lay)
-  bias = _checks.check_per_channel(fn, 'bias', bias, lay)
-  mask = _checks.check_mask(fn, mask, x)
-  _checks.check_hyper(fn, momentum, epsilon)
-  out_dtype = _out_dtype(fn, x, dtype)
-  if use_running_average:
-    pop = _running.population_stats(batch_stats)
-    y = normalize(
-      x,
-      pop.mean,
-      pop.var,
-      scale,
-      bias,
-      axis=axis,
-      epsilon=epsilon,
-      dtype=out_dtype,
-    )
-    return y, batch_stats
-  groups = _sync.canonical_groups(fn, axis_name, axis_index_groups)
-  mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask)
-  cfg = _Cfg(lay, axis_name, groups, bool(use_fast_variance), out_dtype, mode)
-  pop = _running.population_stats(batch_stats)
-  fallback = None if mask is None else pop
-  if virtual_batch_size is not None:
-    y, mean, var, count = _ghost.train(
-      train,
-      fn,
-      x,
-      scale,
-      bias,
-      epsilon,
-      mask,
-      cfg,
-      virtual_batch_size,
-      fallback,
-    )
-  else:
-    y, mean, var, count = train(
-      fn,
-      x,
-      scale,
-      bias,
-      epsilon,
-      mask,
-      cfg,
-      fallback=fallback,
-      shift=pop.mean if mode == 'psum' else None,
-    )
-  valid = None if mask is None else count > 0
-  return y, _running.update(batch_stats, mean, var, momentum, valid)
+  return normalize_batch(
+    'batch_norm',
+    x,
+    batch_stats,
+    scale,
+    bias,
+    use_running_average=use_running_average,
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    mask=mask,
+    use_fast_variance=use_fast_variance,
+    dtype=dtype,
+    virtual_batch_size=virtual_batch_size,
+    sync=sync,
+  )
 
 
 def frozen_batch_norm(
@@ -352,11 +401,15 @@ def frozen_batch_norm(
     >>> jax.grad(f)(jnp.array([1.0]))
     Array([1.], dtype=float32)
   """
-  fn = 'frozen_batch_norm'
-  x = _checks.check_floating(fn, x, complex_ok=True)
-  lay = _checks.layout(fn, x, axis)
-  _checks.check_stats(fn, batch_stats, lay, _running.STATE_TYPES)
-  pop = jax.tree.map(lax.stop_gradient, _running.population_stats(batch_stats))
-  return normalize(
-    x, pop.mean, pop.var, scale, bias, axis=axis, epsilon=epsilon, dtype=dtype
-  ), batch_stats
+  y, _ = normalize_batch(
+    'frozen_batch_norm',
+    x,
+    jax.tree.map(lax.stop_gradient, batch_stats),
+    scale,
+    bias,
+    use_running_average=True,
+    axis=axis,
+    epsilon=epsilon,
+    dtype=dtype,
+  )
+  return y, batch_stats

@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
-from bnjax import _checks, _sync
+from bnjax import _checks, _moments, _train
 
 _NOT_DIVISIBLE = (
   '{fn}: x has batch size {b} on axis 0, which virtual_batch_size={v} does '
@@ -29,15 +30,18 @@ _NOT_DIVISIBLE = (
 )
 
 
-def train(core_train, fn, x, scale, bias, epsilon, mask, cfg, v, fallback=None):
-  """Ghost-batch training: (y, chunk-mean batch mean, var, count)."""
-  lay = cfg.lay
+def check(fn, x, lay, v):
+  """virtual_batch_size: a positive int dividing axis 0, a batch axis."""
   if 0 in lay.feature_axes:
     raise ValueError(
       f'{fn}: virtual_batch_size chunks axis 0, but axis 0 is a feature '
       f'axis (axis={lay.feature_axes}); put the batch first'
     )
-  if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    raise TypeError(
+      f'{fn}: virtual_batch_size must be a positive int, got {v!r}'
+    )
+  if v < 1:
     raise ValueError(
       f'{fn}: virtual_batch_size must be a positive int, got {v!r}'
     )
@@ -46,7 +50,12 @@ def train(core_train, fn, x, scale, bias, epsilon, mask, cfg, v, fallback=None):
     divisors = [d for d in range(1, b + 1) if b % d == 0 and d > 1]
     hint = ' or '.join(map(str, divisors[-3:-1] or divisors)) or '1'
     raise ValueError(_NOT_DIVISIBLE.format(fn=fn, b=b, v=v, hint=hint))
-  k = b // v
+
+
+def train(x, scale, bias, epsilon, mask, cfg, v, fallback=None):
+  """Ghost-batch training: (y, chunk-mean batch mean, var, count)."""
+  lay, fn = cfg.lay, cfg.sync.fn
+  k = x.shape[0] // v
   xr = x.reshape((k, v) + x.shape[1:])
   glay = _checks.layout(fn, xr, (0,) + tuple(a + 1 for a in lay.feature_axes))
   per_chunk = lambda p: (
@@ -55,17 +64,20 @@ def train(core_train, fn, x, scale, bias, epsilon, mask, cfg, v, fallback=None):
   mr = (
     None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(xr.shape)
   )
-  gcfg = dataclasses.replace(cfg, lay=glay, axis_name=None, groups=None)
+  gcfg = dataclasses.replace(cfg, lay=glay, sync=_moments.Sync(fn=fn))
   fb = None if fallback is None else tuple(per_chunk(s) for s in fallback)
-  y, mean_k, var_k, count_k = core_train(
-    fn, xr, per_chunk(scale), per_chunk(bias), epsilon, mr, gcfg, fallback=fb
+  y, mean_k, var_k, count_k = _train.train(
+    xr, per_chunk(scale), per_chunk(bias), epsilon, mr, gcfg, fallback=fb
   )
   w = jnp.broadcast_to((count_k > 0).astype(mean_k.dtype), mean_k.shape)
   count = jnp.sum(jnp.broadcast_to(count_k, mean_k.shape), 0)
   sums = [jnp.sum(w * mean_k, 0), jnp.sum(w * var_k, 0), jnp.sum(w, 0), count]
-  if cfg.axis_name is not None:
+  sync = cfg.sync
+  if sync.axis_name is not None:
     # The count is global too, so that a shard whose values are all masked
     # out still updates its running statistics like every other shard.
-    sums = list(_sync.psum_stacked(sums, cfg.axis_name, cfg.groups))
+    sums = list(
+      _moments.psum_stacked(sums, sync.axis_name, sync.groups, sync.fn)
+    )
   n = jnp.maximum(sums[2], 1.0)
   return y.reshape(x.shape), sums[0] / n, sums[1] / n, sums[3]

@@ -10,36 +10,53 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from bnjax import _checks, _core, _running, _stats, _sync, _train
+from bnjax import _checks, _core
 from bnjax._types import (
   Axis,
   AxisIndexGroups,
   AxisName,
-  BatchStats,
   DType,
   RenormStats,
   Scalar,
 )
 
-_STATE_MSG = (
-  'batch_renorm: renorm_stats must be a bnjax.RenormStats(mean, std), got '
-  '{got}. Batch renorm tracks the running standard deviation, not the '
-  'variance: create one with bnjax.init_renorm_stats(feature_shape){conv}.'
-)
+
+def correction(mean, var_eps, run_mean, run_std, r_max, d_max):
+  r"""Batch renorm's r and d (Ioffe 2017, Alg. 1), constants for autodiff."""
+  run_std = run_std.astype(mean.dtype)
+  r = jnp.clip(jnp.sqrt(var_eps) / run_std, 1 / r_max, r_max)
+  d = jnp.clip((mean - run_mean.astype(mean.dtype)) / run_std, -d_max, d_max)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
-def _check_limits(r_max, d_max):
+def core_kwargs(fn, state, r_max, d_max) -> dict:
+  """normalize_batch's arguments for batch renorm: the state type and the
+  correction with its arrays (r_max and d_max checked, traced ones allowed)."""
+  _check_limits(fn, r_max, d_max)
+  fix = (
+    getattr(state, 'mean', None),
+    getattr(state, 'std', None),
+    jnp.asarray(r_max, jnp.float32),
+    jnp.asarray(d_max, jnp.float32),
+  )
+  return dict(state_types=RenormStats, correction=(correction, fix))
+
+
+def _check_limits(fn, r_max, d_max):
+  _checks.check_scalar(fn, 'r_max', r_max)
+  _checks.check_scalar(fn, 'd_max', d_max)
   r = _checks._concrete(r_max)
   if r is not None and not r >= 1.0:
     raise ValueError(
-      f'batch_renorm: r_max={r} must be >= 1 (r is clipped to '
+      f'{fn}: r_max={r} must be >= 1 (r is clipped to '
       '[1/r_max, r_max]); pass r_max=1 for plain BN at start'
     )
   d = _checks._concrete(d_max)
   if d is not None and not d >= 0.0:
     raise ValueError(
-      f'batch_renorm: d_max={d} must be >= 0 (d is clipped to '
+      f'{fn}: d_max={d} must be >= 0 (d is clipped to '
       '[-d_max, d_max]); pass d_max=0 for plain BN at start'
     )
 
@@ -120,62 +137,21 @@ def batch_renorm(
     >>> y.ravel(), s.mean, s.std  # r = 1, d = 2 against mean 0, std 1
     (Array([1., 3.], dtype=float32), Array([2.], dtype=float32), Array([1.], dtype=float32))
   """
-  fn = 'batch_renorm'
-  _checks.check_use_running_average(fn, use_running_average)
-  x = _checks.check_floating(fn, x)
-  lay = _checks.layout(fn, x, axis)
-  if not isinstance(renorm_stats, RenormStats):
-    conv = (
-      ', or carry over BatchStats as RenormStats(stats.mean, '
-      'jnp.sqrt(stats.var + epsilon))'
-      if isinstance(renorm_stats, BatchStats)
-      else ''
-    )
-    raise TypeError(
-      _STATE_MSG.format(got=type(renorm_stats).__name__, conv=conv)
-    )
-  _checks.check_stats(fn, renorm_stats, lay, RenormStats)
-  scale = _checks.check_per_channel(fn, 'scale', scale, lay)
-  bias = _checks.check_per_channel(fn, 'bias', bias, lay)
-  mask = _checks.check_mask(fn, mask, x)
-  _checks.check_hyper(fn, momentum, epsilon)
-  _check_limits(r_max, d_max)
-  out_dtype = _core._out_dtype(fn, x, dtype)
-  f = _stats.stats_dtype(x.dtype)
-  if use_running_average:
-    std = renorm_stats.std.astype(f)
-    return _train._affine(
-      x, renorm_stats.mean.astype(f), 1 / std, scale, bias, lay, out_dtype
-    ), renorm_stats
-  groups = _sync.canonical_groups(fn, axis_name, axis_index_groups)
-  mode = _core._sync_mode(fn, sync, axis_name, groups, x, lay, mask)
-  cfg = _train._Cfg(
-    lay, axis_name, groups, bool(use_fast_variance), out_dtype, mode
-  )
-  limits = (
-    renorm_stats.mean,
-    renorm_stats.std,
-    jnp.asarray(r_max, f),
-    jnp.asarray(d_max, f),
-  )
-  # An empty masked channel is normalized as inference would: (x - mean)/std.
-  fallback = (
-    None
-    if mask is None
-    else (renorm_stats.mean, jnp.square(renorm_stats.std.astype(f)) - epsilon)
-  )
-  y, mean, var, count = _train.train(
-    fn,
+  return _core.normalize_batch(
+    'batch_renorm',
     x,
+    renorm_stats,
     scale,
     bias,
-    epsilon,
-    mask,
-    cfg,
-    renorm=limits,
-    fallback=fallback,
-    shift=renorm_stats.mean if mode == 'psum' else None,
+    use_running_average=use_running_average,
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    mask=mask,
+    use_fast_variance=use_fast_variance,
+    dtype=dtype,
+    sync=sync,
+    **core_kwargs('batch_renorm', renorm_stats, r_max, d_max),
   )
-  valid = None if mask is None else count > 0
-  sigma = jnp.sqrt(var + jnp.asarray(epsilon, f))
-  return y, _running.ema(renorm_stats, mean, sigma, momentum, valid)

@@ -6,6 +6,8 @@ The state type picks the rule (see :mod:`bnjax._types`):
 * :class:`CumulativeStats`: :math:`s_t = (1 - 1/t) s_{t-1} + b_t / t`.
 * :class:`DebiasedStats`: hidden EMAs from 0 and their weight
   :math:`w_t = m w_{t-1} + (1 - m)`; inference uses :math:`s_t / w_t`.
+* :class:`RenormStats`: EMAs of the batch mean and of
+  :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}` (batch renorm).
 
 ``b_t`` is the batch mean or biased batch variance. Channels where ``valid``
 is False (no unmasked values) keep their state. Results carry no gradient and
@@ -22,6 +24,7 @@ from bnjax._types import (
   BatchStats,
   CumulativeStats,
   DebiasedStats,
+  RenormStats,
   RunningStats,
 )
 
@@ -55,9 +58,16 @@ def ema(
 
 
 def update(
-  old, mean: jax.Array, var: jax.Array, momentum, valid: jax.Array | None = None
+  old,
+  mean: jax.Array,
+  var: jax.Array,
+  momentum,
+  valid: jax.Array | None = None,
+  epsilon=0.0,
 ):
   """New running state after one batch, by the rule of ``type(old)``."""
+  if isinstance(old, RenormStats):
+    return ema(old, mean, jnp.sqrt(var + epsilon), momentum, valid)
   if isinstance(old, BatchStats):
     return ema(old, mean, var, momentum, valid)
   if isinstance(old, CumulativeStats):
@@ -76,6 +86,24 @@ def update(
       _mix(old.weight, one, momentum, valid),
     )
   raise TypeError(f'unknown running-statistics type {type(old).__name__}')
+
+
+def inference_params(state, epsilon) -> tuple[jax.Array, jax.Array]:
+  """(mean, 1 / std) that inference normalizes with, for any state type."""
+  if isinstance(state, RenormStats):
+    return state.mean, 1 / state.std
+  pop = population_stats(state)
+  f = jnp.promote_types(pop.var.dtype, jnp.float32)
+  return pop.mean, lax.rsqrt(pop.var.astype(f) + epsilon)
+
+
+def fallback_stats(state, epsilon) -> tuple[jax.Array, jax.Array]:
+  """(mean, var) whose normalization is what inference gives: for a channel
+  with no masked-in value in training."""
+  if isinstance(state, RenormStats):
+    std = state.std.astype(jnp.promote_types(state.std.dtype, jnp.float32))
+    return state.mean, jnp.square(std) - epsilon
+  return tuple(population_stats(state))
 
 
 def population_stats(state: RunningStats) -> BatchStats:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -16,6 +17,23 @@ Scalar = float | Array
 # A mapped axis name (hashable) or a tuple of them.
 AxisName = Any
 AxisIndexGroups = Sequence[Sequence[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where the features are in x, and what the statistics reduce over."""
+
+  ndim: int
+  feature_axes: tuple[int, ...]
+  reduction_axes: tuple[int, ...]
+  feature_shape: tuple[int, ...]
+  count: int  # values per channel in the (local) reduction
+  shape: tuple[int, ...] = ()  # x's shape, for error messages
+  name: str = 'x'  # x's argument name, for error messages
+
+  def broadcast(self, v: jax.Array) -> jax.Array:
+    """Reshapes a per-channel array of shape feature_shape to broadcast with x."""
+    return jnp.expand_dims(v, self.reduction_axes)
 
 
 class BatchStats(NamedTuple):

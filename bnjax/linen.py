@@ -2,7 +2,8 @@
 
 Same fields, same call, same variables (``params/{scale,bias}``,
 ``batch_stats/{mean,var}``), so checkpoints load both ways. Only parameter and
-collection plumbing lives here; the statistics are the functional core's.
+collection plumbing lives here, in one base shared by :class:`BatchNorm` and
+:class:`BatchRenorm`; the statistics are the functional core's.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes, initializers
 
-from bnjax import _checks, _running
-from bnjax._core import batch_norm
-from bnjax._renorm import batch_renorm
+from bnjax import _checks, _core, _renorm, _running
 from bnjax._types import BatchStats, RenormStats
 
 __all__ = [
@@ -24,68 +23,13 @@ __all__ = [
   'BatchRenorm',
 ]
 
-_NAME = 'bnjax.linen.BatchNorm'
 # Collection in which BatchNorm records its batch statistics for precise BN.
 MOMENTS = 'batch_moments'
 
 
-def _out_dtype(dtype, *arrays):
-  """Flax's rule: the given dtype, else the promoted dtype of x and params."""
-  return dtypes.canonicalize_dtype(
-    *[a for a in arrays if a is not None], dtype=dtype
-  )
-
-
-class BatchNorm(nn.Module):
-  """BatchNorm with exact statistics, count-weighted sync and one residual.
-
-  Fields and semantics are those of ``flax.linen.BatchNorm``. ``momentum`` is
-  the decay of the running average, ``new = momentum * old + (1 - momentum)
-  * batch``: PyTorch's momentum ``p`` is ``1 - p`` here (torch 0.1 is 0.9).
-
-  Differences, all deliberate: statistics are exact at any ``|mean|/std`` (flax's
-  default loses all precision at 1e3 to 1e4); with ``axis_name`` and a
-  ``mask`` they are count-weighted over the global batch; reductions are
-  always at least float32 (``force_float32_reductions=False`` only sets the
-  dtype of the stored statistics to ``param_dtype``). As in flax, training
-  on one value per channel returns the bias (the functional
-  :func:`bnjax.batch_norm` raises instead), complex input has a complex mean
-  and a real variance ``E|x - mean|^2``, and during ``init`` the statistics
-  are not updated and ``axis_name`` is ignored.
-
-  Attributes:
-    use_running_average: True for inference (the stored statistics), False
-      to train on the batch statistics; may be given at call time instead.
-    axis: the feature axis, or a tuple of feature axes.
-    momentum: EMA decay of the running statistics, ``new = momentum * old +
-      (1 - momentum) * batch``; PyTorch's ``p`` is ``1 - p``.
-    epsilon: added to the variance, > 0.
-    dtype: output dtype (default: promoted from x and the parameters).
-    param_dtype: dtype of ``scale`` and ``bias``.
-    use_bias, use_scale: learn a per-channel bias (beta) / scale (gamma).
-    bias_init, scale_init: their initializers.
-    axis_name: a mapped axis name (or tuple) to sync statistics over; ignored
-      during ``init``.
-    axis_index_groups: groups of ``axis_name`` indices that sync separately.
-    use_fast_variance: flax's formula choice; both are exact here.
-    force_float32_reductions: reductions are always float32 or wider; False
-      stores the statistics in ``param_dtype``, as flax does.
-    virtual_batch_size: ghost batch norm: statistics per chunk of this many
-      rows (see :func:`bnjax.batch_norm`).
-    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
-
-  Example:
-    >>> import jax, jax.numpy as jnp, bnjax.linen
-    >>> bn = bnjax.linen.BatchNorm(momentum=0.9)
-    >>> x = jnp.arange(12.0).reshape(4, 3)
-    >>> v = bn.init(jax.random.key(0), x, use_running_average=False)
-    >>> jax.tree.map(jnp.shape, v)
-    {'batch_stats': {'mean': (3,), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
-    >>> y, upd = bn.apply(v, x, use_running_average=False,
-    ...                   mutable=['batch_stats'])
-    >>> upd['batch_stats']['mean'].round(2)
-    Array([0.45, 0.55, 0.65], dtype=float32)
-  """
+class _Base(nn.Module):
+  """The fields and the call both linen modules share (flax's BatchNorm's
+  fields, in flax's order, then bnjax's ``sync``)."""
 
   use_running_average: bool | None = None
   axis: Any = -1
@@ -101,8 +45,185 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
-  virtual_batch_size: int | None = None
   sync: str = 'auto'  # see bnjax.batch_norm
+
+  _STATE = BatchStats  # the state type: its fields name the variables
+
+
+# Module-level, not methods: flax intercepts module methods (nn.tabulate
+# re-runs them outside the compact scope), and these create variables.
+def _normalize(module, x, use_running_average, mask, **core_kwargs):
+  """Creates the variables, runs the core, writes the new statistics."""
+  fn = f'bnjax.linen.{type(module).__name__}'
+  use_running_average = nn.merge_param(
+    'use_running_average', module.use_running_average, use_running_average
+  )
+  _checks.check_use_running_average(fn, use_running_average)
+  complex_ok = module._STATE is BatchStats
+  x = _checks.check_floating(fn, x, complex_ok=complex_ok)
+  lay = _checks.layout(fn, x, module.axis)
+  _check_param_dtype(fn, module.param_dtype)
+  variables = _variables(module, x, lay.feature_shape)
+  scale = bias = None
+  if module.use_scale:
+    scale = module.param(
+      'scale', module.scale_init, lay.feature_shape, module.param_dtype
+    )
+  if module.use_bias:
+    bias = module.param(
+      'bias', module.bias_init, lay.feature_shape, module.param_dtype
+    )
+  # Statistics are updated in at least float32, and stored back in the
+  # dtype flax's variable would have (see _stored_dtype).
+  state = module._STATE(
+    *(
+      v.value.astype(jnp.promote_types(v.value.dtype, jnp.float32))
+      for v in variables
+    )
+  )
+  initializing = module.is_initializing()
+  train = not use_running_average
+  recording = (
+    module._STATE is BatchStats
+    and train
+    and not initializing
+    and module.is_mutable_collection(MOMENTS)
+  )
+  if recording:  # precise BN: momentum 0 gives exactly this batch's stats
+    core_kwargs['momentum'] = 0.0
+  if 'renorm' in core_kwargs:
+    core_kwargs.update(
+      _renorm.core_kwargs(fn, state, *core_kwargs.pop('renorm'))
+    )
+  y, new = _core.normalize_batch(
+    fn,
+    x,
+    state,
+    scale,
+    bias,
+    use_running_average=not train,
+    epsilon=module.epsilon,
+    axis_name=None if initializing else module.axis_name,
+    axis_index_groups=None if initializing else module.axis_index_groups,
+    mask=mask,
+    use_fast_variance=module.use_fast_variance,
+    dtype=_out_dtype(module.dtype, x, scale, bias),
+    sync=module.sync,
+    single_value_ok=True,
+    lay=lay,
+    **{'momentum': module.momentum, **core_kwargs},
+  )
+  if recording:
+    module.put_variable(MOMENTS, 'mean', new.mean)
+    module.put_variable(MOMENTS, 'var', new.var)
+  elif train and not initializing:
+    for v, new_v in zip(variables, new, strict=True):
+      v.value = new_v.astype(_stored_dtype(module, v.value, new_v, x))
+  return y
+
+
+def _variables(module, x, shape):
+  """The running-statistics variables, named by the state's fields."""
+  sdt = jnp.float32 if module.force_float32_reductions else module.param_dtype
+  # Complex input has a complex mean (flax's variable turns complex at the
+  # first update; this one is complex from init, so its dtype is stable).
+  mdt = jnp.promote_types(sdt, x.dtype) if jnp.iscomplexobj(x) else sdt
+  mean_name, spread_name = module._STATE._fields
+  return (
+    module.variable(
+      'batch_stats', mean_name, lambda s: jnp.zeros(s, mdt), shape
+    ),
+    module.variable(
+      'batch_stats', spread_name, lambda s: jnp.ones(s, sdt), shape
+    ),
+  )
+
+
+def _stored_dtype(module, old, new, x):
+  """flax's: the variable's dtype promoted with that of flax's reduction
+  (float32 at least, unless force_float32_reductions=False), so a float16
+  param_dtype stores float32 statistics from float32 input rather than an
+  overflowing float16 variance; never drops a complex mean's imaginary part."""
+  red = jnp.result_type(module.dtype or x.dtype)
+  if module.force_float32_reductions:
+    red = jnp.promote_types(red, jnp.float32)
+  return jnp.promote_types(_running.stored_dtype(old, new), red)
+
+
+def _check_param_dtype(fn, param_dtype):
+  try:
+    ok = jnp.issubdtype(jnp.dtype(param_dtype), jnp.inexact)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise TypeError(
+      f'{fn}: param_dtype must be a floating dtype (the dtype of scale and '
+      f'bias), got {param_dtype!r}; pass e.g. param_dtype=jnp.float32'
+    )
+
+
+def _out_dtype(dtype, *arrays):
+  """Flax's rule: the given dtype, else the promoted dtype of x and params."""
+  return dtypes.canonicalize_dtype(
+    *[a for a in arrays if a is not None], dtype=dtype
+  )
+
+
+class BatchNorm(_Base):
+  """BatchNorm with exact statistics, count-weighted sync and one residual.
+
+  Fields and semantics are those of ``flax.linen.BatchNorm``. ``momentum`` is
+  the decay of the running average, ``new = momentum * old + (1 - momentum)
+  * batch``: PyTorch's momentum ``p`` is ``1 - p`` here (torch 0.1 is 0.9).
+
+  Differences, all deliberate: statistics are exact at any ``|mean|/std`` (flax's
+  default loses all precision at 1e3 to 1e4); with ``axis_name`` and a
+  ``mask`` they are count-weighted over the global batch; reductions are
+  always at least float32 (``force_float32_reductions=False`` only changes
+  the dtype of the stored statistics, which start in ``param_dtype`` and are
+  promoted as flax's are). As in flax, training on one value per channel
+  returns the bias (the functional :func:`bnjax.batch_norm` raises instead),
+  complex input has a complex mean and a real variance ``E|x - mean|^2``,
+  and during ``init`` the statistics are not updated and ``axis_name`` is
+  ignored.
+
+  Attributes:
+    use_running_average: True for inference (the stored statistics), False
+      to train on the batch statistics; may be given at call time instead.
+    axis: the feature axis, or a tuple of feature axes.
+    momentum: EMA decay of the running statistics, ``new = momentum * old +
+      (1 - momentum) * batch``; PyTorch's ``p`` is ``1 - p``.
+    epsilon: added to the variance, > 0.
+    dtype: output dtype (default: promoted from x and the parameters).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias: learn a per-channel bias (beta).
+    use_scale: learn a per-channel scale (gamma).
+    bias_init: the bias initializer.
+    scale_init: the scale initializer.
+    axis_name: a mapped axis name (or tuple) to sync statistics over; ignored
+      during ``init``.
+    axis_index_groups: groups of ``axis_name`` indices that sync separately.
+    use_fast_variance: flax's formula choice; both are exact here.
+    force_float32_reductions: reductions are always float32 or wider; False
+      starts the stored statistics in ``param_dtype``, as flax does.
+    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
+    virtual_batch_size: ghost batch norm: statistics per chunk of this many
+      rows (see :func:`bnjax.batch_norm`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bnjax.linen
+    >>> bn = bnjax.linen.BatchNorm(momentum=0.9)
+    >>> x = jnp.arange(12.0).reshape(4, 3)
+    >>> v = bn.init(jax.random.key(0), x, use_running_average=False)
+    >>> jax.tree.map(jnp.shape, v)
+    {'batch_stats': {'mean': (3,), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
+    >>> y, upd = bn.apply(v, x, use_running_average=False,
+    ...                   mutable=['batch_stats'])
+    >>> upd['batch_stats']['mean'].round(2)
+    Array([0.45, 0.55, 0.65], dtype=float32)
+  """
+
+  virtual_batch_size: int | None = None
 
   @nn.compact
   def __call__(
@@ -124,100 +245,26 @@ class BatchNorm(nn.Module):
       The normalized x. In training with ``mutable=['batch_stats']`` the
       running statistics are updated.
     """
-    use_running_average = nn.merge_param(
-      'use_running_average', self.use_running_average, use_running_average
+    return _normalize(
+      self,
+      x,
+      use_running_average,
+      mask,
+      virtual_batch_size=self.virtual_batch_size,
     )
-    x = _checks.check_floating(_NAME, x, complex_ok=True)
-    lay = _checks.layout(_NAME, x, self.axis)
-    shape = lay.feature_shape
-    sdt = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    # Complex input has a complex mean (flax's variable turns complex at the
-    # first update; this one is complex from init, so its dtype is stable).
-    mdt = jnp.promote_types(sdt, x.dtype) if jnp.iscomplexobj(x) else sdt
-    ra_mean = self.variable(
-      'batch_stats', 'mean', lambda s: jnp.zeros(s, mdt), shape
-    )
-    ra_var = self.variable(
-      'batch_stats', 'var', lambda s: jnp.ones(s, sdt), shape
-    )
-    scale, bias = _affine_params(self, shape)
-    # With force_float32_reductions=False the stored statistics may be half
-    # precision (as flax's): update them in float32, store them back as kept.
-    stats = BatchStats(
-      *(
-        v.astype(jnp.promote_types(v.dtype, jnp.float32))
-        for v in (ra_mean.value, ra_var.value)
-      )
-    )
-    initializing = self.is_initializing()
-    train = not use_running_average
-    # Recording for precise BN (bnjax.precise): momentum 0 makes the new
-    # statistics exactly this batch's.
-    recording = (
-      train and not initializing and self.is_mutable_collection(MOMENTS)
-    )
-    with _checks.named('bnjax.linen.BatchNorm'):
-      y, new = batch_norm(
-        x,
-        stats,
-        scale,
-        bias,
-        use_running_average=not train,
-        axis=self.axis,
-        momentum=0.0 if recording else self.momentum,
-        epsilon=self.epsilon,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask,
-        use_fast_variance=self.use_fast_variance,
-        dtype=_out_dtype(self.dtype, x, scale, bias),
-        virtual_batch_size=self.virtual_batch_size,
-        sync=self.sync,
-      )
-    if recording:
-      self.put_variable(MOMENTS, 'mean', new.mean)
-      self.put_variable(MOMENTS, 'var', new.var)
-    elif train and not initializing:
-      for v, new_v in ((ra_mean, new.mean), (ra_var, new.var)):
-        v.value = new_v.astype(_running.stored_dtype(v.value, new_v))
-    return y
 
 
-def _affine_params(module, shape):
-  scale = bias = None
-  if module.use_scale:
-    scale = module.param('scale', module.scale_init, shape, module.param_dtype)
-  if module.use_bias:
-    bias = module.param('bias', module.bias_init, shape, module.param_dtype)
-  return scale, bias
-
-
-class BatchRenorm(nn.Module):
+class BatchRenorm(_Base):
   """Batch renormalization (Ioffe 2017) as a linen module.
 
-  Fields as :class:`BatchNorm`, plus ``r_max`` and ``d_max`` (which the call
-  may override with traced values, for the paper's warm-up schedule). The
-  running statistics are ``batch_stats/{mean, std}``; see
+  Fields as :class:`BatchNorm` (see there), plus ``r_max`` and ``d_max``
+  (which the call may override with traced values, for the paper's warm-up
+  schedule). The running statistics are ``batch_stats/{mean, std}``; see
   :func:`bnjax.batch_renorm`.
 
   Attributes:
-    use_running_average: True for inference (the stored statistics), False
-      to train on the batch statistics; may be given at call time instead.
-    axis: the feature axis, or a tuple of feature axes.
-    momentum: EMA decay of the running mean and std, ``new = momentum * old +
-      (1 - momentum) * batch``; PyTorch's ``p`` is ``1 - p``.
-    epsilon: added to the variance, > 0.
-    dtype: output dtype (default: promoted from x and the parameters).
-    param_dtype: dtype of ``scale`` and ``bias``.
-    use_bias, use_scale: learn a per-channel bias (beta) / scale (gamma).
-    bias_init, scale_init: their initializers.
-    axis_name: a mapped axis name (or tuple) to sync statistics over; ignored
-      during ``init``.
-    axis_index_groups: groups of ``axis_name`` indices that sync separately.
-    use_fast_variance: flax's formula choice; both are exact here.
     r_max: clip of r, >= 1 (renorm's default 3); may be given at call time.
     d_max: clip of d, >= 0 (default 5); may be given at call time.
-    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
 
   Example:
     >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -229,22 +276,10 @@ class BatchRenorm(nn.Module):
     ['mean', 'std']
   """
 
-  use_running_average: bool | None = None
-  axis: Any = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
   r_max: Any = 3.0
   d_max: Any = 5.0
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Any = initializers.zeros
-  scale_init: Any = initializers.ones
-  axis_name: Any = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  sync: str = 'auto'  # see bnjax.batch_norm
+
+  _STATE = RenormStats
 
   @nn.compact
   def __call__(
@@ -269,38 +304,8 @@ class BatchRenorm(nn.Module):
       The normalized x. In training with ``mutable=['batch_stats']`` the
       running statistics are updated.
     """
-    use_running_average = nn.merge_param(
-      'use_running_average', self.use_running_average, use_running_average
+    limits = (
+      self.r_max if r_max is None else r_max,
+      self.d_max if d_max is None else d_max,
     )
-    name = 'bnjax.linen.BatchRenorm'
-    x = _checks.check_floating(name, x)
-    shape = _checks.layout(name, x, self.axis).feature_shape
-    ra_mean = self.variable(
-      'batch_stats', 'mean', jnp.zeros, shape, jnp.float32
-    )
-    ra_std = self.variable('batch_stats', 'std', jnp.ones, shape, jnp.float32)
-    scale, bias = _affine_params(self, shape)
-    initializing = self.is_initializing()
-    train = not use_running_average and not initializing
-    with _checks.named('bnjax.linen.BatchRenorm'):
-      y, new = batch_renorm(
-        x,
-        RenormStats(ra_mean.value, ra_std.value),
-        scale,
-        bias,
-        use_running_average=not train,
-        r_max=self.r_max if r_max is None else r_max,
-        d_max=self.d_max if d_max is None else d_max,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        use_fast_variance=self.use_fast_variance,
-        dtype=_out_dtype(self.dtype, x, scale, bias),
-        sync=self.sync,
-      )
-    if train:
-      ra_mean.value, ra_std.value = new.mean, new.std
-    return y
+    return _normalize(self, x, use_running_average, mask, renorm=limits)

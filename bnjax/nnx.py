@@ -3,7 +3,8 @@
 Same constructor, ``nnx.BatchStat`` statistics named ``mean``/``var`` and
 ``nnx.Param`` ``scale``/``bias``; ``train()``/``eval()``, ``nnx.split/merge``,
 ``nnx.jit`` and ``nnx.value_and_grad`` work as with flax's. Only state
-plumbing lives here; the statistics are the functional core's.
+plumbing lives here, in one base shared by :class:`BatchNorm` and
+:class:`BatchRenorm`; the statistics are the functional core's.
 """
 
 from __future__ import annotations
@@ -14,61 +15,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from bnjax import _checks
-from bnjax._convert import convert
-from bnjax._core import batch_norm
-from bnjax._renorm import batch_renorm
+from bnjax import _checks, _convert, _core, _renorm
 from bnjax._types import BatchStats, RenormStats
 
+__all__ = ['BatchNorm', 'BatchRenorm', 'convert']
 
-class BatchNorm(nnx.Module):
-  """BatchNorm with exact statistics, count-weighted sync and one residual.
 
-  Arguments are those of ``flax.nnx.BatchNorm``. ``momentum`` is the decay of
-  the running average (PyTorch's momentum ``p`` is ``1 - p`` here). Unlike
-  flax's, the running statistics keep their float32 dtype when ``dtype`` is a
-  half type (flax's promotion stores them in that dtype), and statistics are
-  exact at any ``|mean|/std``.
-
-  Args:
-    num_features: the size of the feature axis.
-    use_running_average: True for inference; ``eval()`` and ``train()`` set
-      it, and the call may override it.
-    axis: the feature axis, or a tuple of feature axes.
-    momentum: EMA decay of the running statistics, ``new = momentum * old +
-      (1 - momentum) * batch``; PyTorch's ``p`` is ``1 - p``.
-    epsilon: added to the variance, > 0.
-    dtype: output dtype (default: promoted from x and the parameters).
-    param_dtype: dtype of ``scale`` and ``bias``.
-    use_bias, use_scale: learn a per-channel bias (beta) / scale (gamma).
-    bias_init, scale_init: their initializers.
-    axis_name: a mapped axis name (or tuple) to sync statistics over.
-    axis_index_groups: groups of ``axis_name`` indices that sync separately.
-    use_fast_variance: flax's formula choice; both are exact here.
-    promote_dtype: the dtype-promotion function, as flax's.
-    rngs: an ``nnx.Rngs`` for the parameter initializers.
-    bias_metadata, scale_metadata: metadata for the parameter Variables.
-    virtual_batch_size: ghost batch norm: statistics per chunk of this many
-      rows (see :func:`bnjax.batch_norm`).
-    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> import bnjax.nnx
-    >>> bn = bnjax.nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
-    >>> y = bn(jnp.arange(12.0).reshape(4, 3))
-    >>> bn.mean[...].round(2)
-    Array([0.45, 0.55, 0.65], dtype=float32)
-    >>> bn.eval(); bn.use_running_average
-    True
-  """
+class _Base(nnx.Module):
+  """The constructor arguments and the call both nnx modules share (flax's
+  BatchNorm's arguments, then bnjax's ``sync``)."""
 
   scale: nnx.Param | None
   bias: nnx.Param | None
+  _STATE: Any = BatchStats  # the state type: its fields name the variables
 
   def __init__(
     self,
@@ -91,27 +54,25 @@ class BatchNorm(nnx.Module):
     rngs: nnx.Rngs,
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
     scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-    virtual_batch_size: int | None = None,
     sync: str = 'auto',
   ):
-    shape = (num_features,)
-    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    _affine_params(
-      self,
-      shape,
-      use_scale,
-      use_bias,
-      scale_init,
-      bias_init,
-      param_dtype,
-      rngs,
-      scale_metadata,
-      bias_metadata,
-    )
-    self.virtual_batch_size = virtual_batch_size
-    self.sync = sync
-    self.num_features = num_features
+    fn = f'bnjax.nnx.{type(self).__name__}'
+    _check_num_features(fn, num_features)
+    shape = (int(num_features),)
+    mean_name, spread_name = self._STATE._fields
+    setattr(self, mean_name, nnx.BatchStat(jnp.zeros(shape, jnp.float32)))
+    setattr(self, spread_name, nnx.BatchStat(jnp.ones(shape, jnp.float32)))
+    self.scale = nnx.data(None)
+    self.bias = nnx.data(None)
+    if use_scale:
+      self.scale = nnx.Param(
+        scale_init(rngs.params(), shape, param_dtype), **scale_metadata
+      )
+    if use_bias:
+      self.bias = nnx.Param(
+        bias_init(rngs.params(), shape, param_dtype), **bias_metadata
+      )
+    self.num_features = int(num_features)
     self.use_running_average = use_running_average
     self.axis = axis
     self.momentum = momentum
@@ -124,6 +85,192 @@ class BatchNorm(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
+    self.sync = sync
+
+  def _normalize(self, x, use_running_average, mask, **core_kwargs):
+    """Runs the core on the module's state; writes the new statistics."""
+    fn = f'bnjax.nnx.{type(self).__name__}'
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    if use_running_average is None:
+      raise ValueError(
+        f'{fn}: no use_running_average was given; pass it to the '
+        'constructor or the call, or use model.train() / model.eval()'
+      )
+    _checks.check_use_running_average(fn, use_running_average)
+    names = self._STATE._fields
+    stats = [getattr(self, n)[...] for n in names]
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    x, *stats, scale, bias = self.promote_dtype(
+      (x, *stats, scale, bias), dtype=self.dtype
+    )
+    x = _checks.check_floating(fn, x, complex_ok=self._STATE is BatchStats)
+    lay = _checks.layout(fn, x, self.axis)
+    if lay.feature_shape != (self.num_features,):
+      raise ValueError(
+        f'{fn}: x of shape {tuple(x.shape)} has features of shape '
+        f'{lay.feature_shape} on axis {self.axis}, but the module was built '
+        f'with num_features={self.num_features}; build it with '
+        f'num_features={lay.feature_shape[0] if len(lay.feature_shape) == 1 else lay.feature_shape}'
+        ' (or pass the axis that holds the features)'
+      )
+    # The stored statistics keep their own dtype (the promotion above may
+    # have cast them to a half dtype).
+    state = self._STATE(*(getattr(self, n)[...] for n in names))
+    if 'renorm' in core_kwargs:
+      core_kwargs.update(
+        _renorm.core_kwargs(fn, state, *core_kwargs.pop('renorm'))
+      )
+    y, new = _core.normalize_batch(
+      fn,
+      x,
+      state,
+      scale,
+      bias,
+      use_running_average=bool(use_running_average),
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      mask=mask,
+      use_fast_variance=self.use_fast_variance,
+      dtype=x.dtype,
+      sync=self.sync,
+      single_value_ok=True,
+      lay=lay,
+      **core_kwargs,
+    )
+    if not use_running_average:
+      for n, v in zip(names, new, strict=True):
+        _store(getattr(self, n), v)
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Class method used by ``nnx.view`` (and read by ``nnx.view_info``).
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+def _check_num_features(fn, num_features):
+  if (
+    isinstance(num_features, (bool, np.bool_))
+    or not isinstance(num_features, (int, np.integer))
+    or num_features < 1
+  ):
+    raise TypeError(
+      f'{fn}: num_features must be a positive int (the size of the feature '
+      f'axis), got {num_features!r}; pass e.g. {fn.split(".")[-1]}(64, '
+      'rngs=nnx.Rngs(0))'
+    )
+
+
+def _store(variable: nnx.Variable, value: jax.Array) -> None:
+  """Writes a new running statistic. A complex batch mean replaces a real
+  variable whole (flax's ``[...] =`` would drop the imaginary part)."""
+  if value.dtype == variable[...].dtype:
+    variable[...] = value
+  else:
+    variable.set_value(value)
+
+
+class BatchNorm(_Base):
+  """BatchNorm with exact statistics, count-weighted sync and one residual.
+
+  Arguments are those of ``flax.nnx.BatchNorm``. ``momentum`` is the decay of
+  the running average (PyTorch's momentum ``p`` is ``1 - p`` here). Unlike
+  flax's, the running statistics keep their float32 dtype when ``dtype`` is a
+  half type (flax's promotion stores them in that dtype), and statistics are
+  exact at any ``|mean|/std``.
+
+  Args:
+    num_features: the size of the feature axis.
+    use_running_average: True for inference; ``eval()`` and ``train()`` set
+      it, and the call may override it.
+    axis: the feature axis, or a tuple of feature axes.
+    momentum: EMA decay of the running statistics, ``new = momentum * old +
+      (1 - momentum) * batch``; PyTorch's ``p`` is ``1 - p``.
+    epsilon: added to the variance, > 0.
+    dtype: output dtype (default: promoted from x and the parameters).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias: learn a per-channel bias (beta).
+    use_scale: learn a per-channel scale (gamma).
+    bias_init: the bias initializer.
+    scale_init: the scale initializer.
+    axis_name: a mapped axis name (or tuple) to sync statistics over.
+    axis_index_groups: groups of ``axis_name`` indices that sync separately.
+    use_fast_variance: flax's formula choice; both are exact here.
+    promote_dtype: the dtype-promotion function, as flax's.
+    rngs: an ``nnx.Rngs`` for the parameter initializers.
+    bias_metadata: metadata for the ``bias`` Param.
+    scale_metadata: metadata for the ``scale`` Param.
+    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
+    virtual_batch_size: ghost batch norm: statistics per chunk of this many
+      rows (see :func:`bnjax.batch_norm`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import bnjax.nnx
+    >>> bn = bnjax.nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> y = bn(jnp.arange(12.0).reshape(4, 3))
+    >>> bn.mean[...].round(2)
+    Array([0.45, 0.55, 0.65], dtype=float32)
+    >>> bn.eval(); bn.use_running_average
+    True
+  """
+
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    use_running_average: bool | None = False,
+    axis: Any = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Any = initializers.zeros_init(),
+    scale_init: Any = initializers.ones_init(),
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: Any = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    sync: str = 'auto',
+    virtual_batch_size: int | None = None,
+  ):
+    super().__init__(
+      num_features,
+      use_running_average=use_running_average,
+      axis=axis,
+      momentum=momentum,
+      epsilon=epsilon,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      use_bias=use_bias,
+      use_scale=use_scale,
+      bias_init=bias_init,
+      scale_init=scale_init,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      use_fast_variance=use_fast_variance,
+      promote_dtype=promote_dtype,
+      rngs=rngs,
+      bias_metadata=bias_metadata,
+      scale_metadata=scale_metadata,
+      sync=sync,
+    )
+    self.virtual_batch_size = virtual_batch_size
 
   def __call__(
     self,
@@ -144,119 +291,28 @@ class BatchNorm(nnx.Module):
       The normalized x. In training the ``mean``
       and ``var`` BatchStat variables are updated in place.
     """
-    use_running_average = _mode(self, use_running_average)
-    scale = self.scale[...] if self.scale is not None else None
-    bias = self.bias[...] if self.bias is not None else None
-    stats = BatchStats(self.mean[...], self.var[...])
-    x, _, _, scale, bias = self.promote_dtype(
-      (x, stats.mean, stats.var, scale, bias), dtype=self.dtype
-    )
-    with _checks.named('bnjax.nnx.BatchNorm'):
-      y, new = batch_norm(
-        x,
-        stats,
-        scale,
-        bias,
-        use_running_average=bool(use_running_average),
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        use_fast_variance=self.use_fast_variance,
-        dtype=x.dtype,
-        virtual_batch_size=self.virtual_batch_size,
-        sync=self.sync,
-      )
-    if not use_running_average:
-      _store(self.mean, new.mean)
-      _store(self.var, new.var)
-    return y
-
-  def set_view(self, use_running_average: bool | None = None):
-    """Class method used by ``nnx.view`` (and read by ``nnx.view_info``).
-
-    Args:
-      use_running_average: if True, the stored batch statistics will be
-        used instead of computing the batch statistics on the input.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
-
-
-def _store(variable: nnx.Variable, value: jax.Array) -> None:
-  """Writes a new running statistic. A complex batch mean replaces a real
-  variable whole (flax's ``[...] =`` would drop the imaginary part)."""
-  if value.dtype == variable[...].dtype:
-    variable[...] = value
-  else:
-    variable.set_value(value)
-
-
-def _mode(module, use_running_average) -> bool:
-  """The call's use_running_average, else the module's; one must be given."""
-  if use_running_average is None:
-    use_running_average = module.use_running_average
-  if use_running_average is None:
-    raise ValueError(
-      f'bnjax.nnx.{type(module).__name__}: no use_running_average was '
-      'given; pass it to the constructor or the call, or use model.train() '
-      '/ model.eval()'
-    )
-  return use_running_average
-
-
-def _affine_params(
-  module,
-  shape,
-  use_scale,
-  use_bias,
-  scale_init,
-  bias_init,
-  param_dtype,
-  rngs,
-  scale_metadata,
-  bias_metadata,
-):
-  module.scale = nnx.data(None)
-  module.bias = nnx.data(None)
-  if use_scale:
-    module.scale = nnx.Param(
-      scale_init(rngs.params(), shape, param_dtype), **scale_metadata
-    )
-  if use_bias:
-    module.bias = nnx.Param(
-      bias_init(rngs.params(), shape, param_dtype), **bias_metadata
+    return self._normalize(
+      x,
+      use_running_average,
+      mask,
+      virtual_batch_size=self.virtual_batch_size,
     )
 
 
-class BatchRenorm(nnx.Module):
+class BatchRenorm(_Base):
   """Batch renormalization (Ioffe 2017) as an nnx module.
 
-  Arguments as :class:`BatchNorm`, plus ``r_max`` and ``d_max`` (the call may
-  override them with traced values for a schedule). Statistics are
-  ``nnx.BatchStat`` ``mean`` and ``std``; see :func:`bnjax.batch_renorm`.
+  Arguments as :class:`BatchNorm` (see there; all of flax's BatchNorm
+  arguments), plus ``r_max`` and ``d_max`` (the call may override them with
+  traced values for a schedule). Statistics are ``nnx.BatchStat`` ``mean``
+  and ``std``; see :func:`bnjax.batch_renorm`.
 
   Args:
     num_features: the size of the feature axis.
-    use_running_average: True for inference; ``eval()`` and ``train()`` set
-      it, and the call may override it.
-    axis: the feature axis, or a tuple of feature axes.
-    momentum: EMA decay of the running mean and std, ``new = momentum * old +
-      (1 - momentum) * batch``; PyTorch's ``p`` is ``1 - p``.
-    epsilon: added to the variance, > 0.
-    dtype: output dtype (default: promoted from x and the parameters).
-    param_dtype: dtype of ``scale`` and ``bias``.
-    use_bias, use_scale: learn a per-channel bias (beta) / scale (gamma).
-    bias_init, scale_init: their initializers.
-    axis_name: a mapped axis name (or tuple) to sync statistics over.
-    axis_index_groups: groups of ``axis_name`` indices that sync separately.
-    use_fast_variance: flax's formula choice; both are exact here.
     r_max: clip of r, >= 1 (default 3); the call may override it.
     d_max: clip of d, >= 0 (default 5); the call may override it.
-    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
-    rngs: an ``nnx.Rngs`` for the parameter initializers.
+    **kwargs: the other arguments of :class:`BatchNorm` (``rngs`` among
+      them), except ``virtual_batch_size``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -268,53 +324,18 @@ class BatchRenorm(nnx.Module):
     Array([1.012, 1.012], dtype=float32)
   """
 
-  scale: nnx.Param | None
-  bias: nnx.Param | None
+  _STATE = RenormStats
 
   def __init__(
     self,
     num_features: int,
     *,
-    use_running_average: bool | None = False,
-    axis: Any = -1,
-    momentum: float = 0.99,
-    epsilon: float = 1e-5,
     r_max: Any = 3.0,
     d_max: Any = 5.0,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
-    use_bias: bool = True,
-    use_scale: bool = True,
-    bias_init: Any = initializers.zeros_init(),
-    scale_init: Any = initializers.ones_init(),
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
-    sync: str = 'auto',
-    rngs: nnx.Rngs,
+    **kwargs: Any,
   ):
-    shape = (num_features,)
-    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-    self.std = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    _affine_params(
-      self,
-      shape,
-      use_scale,
-      use_bias,
-      scale_init,
-      bias_init,
-      param_dtype,
-      rngs,
-      {},
-      {},
-    )
-    self.use_running_average = use_running_average
-    self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
+    super().__init__(num_features, **kwargs)
     self.r_max, self.d_max = r_max, d_max
-    self.dtype, self.param_dtype = dtype, param_dtype
-    self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.sync = sync
 
   def __call__(
     self,
@@ -338,43 +359,46 @@ class BatchRenorm(nnx.Module):
       The normalized x. In training the ``mean``
       and ``std`` BatchStat variables are updated in place.
     """
-    use_running_average = _mode(self, use_running_average)
-    scale = self.scale[...] if self.scale is not None else None
-    bias = self.bias[...] if self.bias is not None else None
-    x, scale, bias = dtypes.promote_dtype((x, scale, bias), dtype=self.dtype)
-    with _checks.named('bnjax.nnx.BatchRenorm'):
-      y, new = batch_renorm(
-        x,
-        RenormStats(self.mean[...], self.std[...]),
-        scale,
-        bias,
-        use_running_average=bool(use_running_average),
-        r_max=self.r_max if r_max is None else r_max,
-        d_max=self.d_max if d_max is None else d_max,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        use_fast_variance=self.use_fast_variance,
-        dtype=x.dtype,
-        sync=self.sync,
-      )
-    if not use_running_average:
-      self.mean[...] = new.mean
-      self.std[...] = new.std
-    return y
-
-  def set_view(self, use_running_average: bool | None = None):
-    """Class method used by ``nnx.view`` (and read by ``nnx.view_info``).
-
-    Args:
-      use_running_average: if True, the stored batch statistics will be
-        used instead of computing the batch statistics on the input.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
+    limits = (
+      self.r_max if r_max is None else r_max,
+      self.d_max if d_max is None else d_max,
+    )
+    return self._normalize(x, use_running_average, mask, renorm=limits)
 
 
-__all__ = ['BatchNorm', 'BatchRenorm', 'convert']
+def convert(model: Any, *, axis_name: Any = None, **overrides: Any) -> Any:
+  """Replaces every ``flax.nnx.BatchNorm`` in an nnx model with bnjax's.
+
+  Each replacement carries the original's settings and its ``scale``,
+  ``bias``, ``mean`` and ``var`` variables (the same ``nnx.Variable``
+  objects, so values, sharding metadata and sharing are kept): outputs in
+  both modes are unchanged. A BatchNorm shared by several parents is
+  replaced by one module everywhere. Like PyTorch's
+  ``SyncBatchNorm.convert_sync_batchnorm``, ``axis_name`` switches on
+  synchronized statistics, for a data-parallel ``shard_map``/``pmap``/
+  ``vmap`` over that axis.
+
+  Args:
+    model: an nnx Module (converted in place), or a ``flax.nnx.BatchNorm``.
+    axis_name: if not None, the mapped axis to sync statistics over.
+    **overrides: other :class:`BatchNorm` constructor arguments to set on
+      every converted layer (``momentum``, ``virtual_batch_size``, ...).
+
+  Returns:
+    The model (the new module when ``model`` itself is a BatchNorm).
+
+  Raises:
+    ValueError: the model holds no ``flax.nnx.BatchNorm``.
+    TypeError: an unknown argument in ``overrides``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import bnjax.nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+    >>> model = bnjax.nnx.convert(model, axis_name='data')
+    >>> type(model.layers[1]).__module__, model.layers[1].axis_name
+    ('bnjax.nnx', 'data')
+  """
+  return _convert.swap(model, BatchNorm, axis_name, overrides)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx as _nnx
 
-from bnjax import _stats
+from bnjax import _moments
 from bnjax import linen as _linen
 from bnjax import nnx as _bnnx
 
@@ -57,13 +57,13 @@ def _accumulate(step_moments, batches):
       lambda a, m: _merge_one(a, m),
       acc,
       moments,
-      is_leaf=lambda t: isinstance(t, _stats.Partial),
+      is_leaf=lambda t: isinstance(t, _moments.Partial),
     )
     return new, None
 
   first = jax.tree.map(lambda leaf: leaf[0], batches)
   init = jax.tree.map(
-    lambda m: _stats.Partial(
+    lambda m: _moments.Partial(
       jnp.zeros((), m[0].dtype),
       jnp.zeros_like(m[0]),
       jnp.zeros_like(m[0]),
@@ -74,19 +74,19 @@ def _accumulate(step_moments, batches):
   )
   acc, _ = jax.lax.scan(step, init, batches)
   return jax.tree.map(
-    lambda p: _stats.finalize(p),
+    lambda p: _moments.finalize(p),
     acc,
-    is_leaf=lambda t: isinstance(t, _stats.Partial),
+    is_leaf=lambda t: isinstance(t, _moments.Partial),
   )
 
 
-def _merge_one(acc: _stats.Partial, mv):
+def _merge_one(acc: _moments.Partial, mv):
   """The exact merge of the running pool with one batch (weight 1, m2 = var)."""
   mean, var = mv
-  one = _stats.Partial(
+  one = _moments.Partial(
     jnp.ones_like(acc.count), mean, jnp.zeros_like(mean), var
   )
-  return _stats.merge(jax.tree.map(lambda a, b: jnp.stack([a, b]), acc, one))
+  return _moments.merge(jax.tree.map(lambda a, b: jnp.stack([a, b]), acc, one))
 
 
 def linen_batch_stats(

@@ -17,7 +17,7 @@ import bnjax
 import bnjax.linen
 import bnjax.nnx
 from tests import reference
-from tests._helpers import randn
+from tests._helpers import cpu_path_only, randn
 
 # ------------------------------------------------------ bit-identical ---
 
@@ -26,6 +26,7 @@ from tests._helpers import randn
 @pytest.mark.parametrize('shape, axis', [((10, 5), -1), ((4, 6, 6, 8), -1),
                                          ((3, 7, 5), 1), ((64, 33), -1)])
 @pytest.mark.parametrize('jit', [False, True])
+@cpu_path_only
 def test_linen_train_bit_identical_to_flax(fast, shape, axis, jit):
   # Where mean**2 <= 8 var in every channel bnjax runs flax's own formulas:
   # the batch statistics are flax's bit for bit. The outputs are the same
@@ -47,6 +48,7 @@ def test_linen_train_bit_identical_to_flax(fast, shape, axis, jit):
   np.testing.assert_array_max_ulp(np.asarray(y1), np.asarray(y0), maxulp=2)
 
 
+@cpu_path_only
 def test_masked_channels_bit_identical_to_flax_except_empty_ones():
   # Flax's test_nnx_linen_batchnorm_equivalence mask: channels 1 and 3 empty.
   x = jnp.asarray(randn((10, 5), seed=3))

@@ -294,7 +294,7 @@ def test_public_api_fallback_gives_the_same_results_and_collective_count(
   it, the psum-gather (public API) takes over. Force that fallback: the
   outputs, statistics and gradients are the same and the forward still
   holds one collective (an all_reduce instead of an all_gather)."""
-  from bnjax import _sync
+  from bnjax._moments import collectives
   x, g, b, w, stats = _problem(seed=13, loc=1e3)
   mesh = _mesh()
   xs = _shard(x, mesh)
@@ -310,9 +310,9 @@ def test_public_api_fallback_gives_the_same_results_and_collective_count(
     return step(xs, g, b), re.findall(
         r'stablehlo\.(all_reduce|all_gather)\b', fwd)
 
-  assert _sync._all_gather_invariant is not None  # the private path exists
+  assert collectives.replicated_all_gather is not None  # the path exists
   want, ops = run()
-  monkeypatch.setattr(_sync, '_all_gather_invariant', None)
+  monkeypatch.setattr(collectives, 'replicated_all_gather', None)
   got, ops_fallback = run()
   assert ops == ['all_gather'] and ops_fallback == ['all_reduce']
   _assert_same(got, want, rtol=1e-6, atol=1e-7)

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import bnjax
 import bnjax.linen
 import bnjax.nnx
-from bnjax import _psum
+from bnjax._moments import psum as _psum  # noqa: F401
 from tests import reference as ref
 from tests._helpers import randn
 from tests.test_sync import D, _assert_same, _global, _mesh, _shard
@@ -97,10 +97,12 @@ def _ops_by_computation(hlo: str):
   return out
 
 
-def test_psum_forward_is_one_psum_of_at_most_3c_plus_1_floats():
+def test_psum_forward_is_one_psum_of_2c_plus_1_floats():
   """Counted in the compiled HLO: the entry computation (the steady state,
-  outside conditional branches) holds one all-reduce of 2C + 9 floats; the
-  all-gather lives in the fallback branch only."""
+  outside conditional branches) holds one all-reduce of 2C + 1 floats (the
+  running statistics enter replicated, so shard_map's types prove every
+  shard has the same shift and nothing checks it); the all-gather lives in
+  the fallback branch only."""
   x, g, b, _, stats, _ = _case(2.0, 2.1)
   mesh = _mesh()
   fwd = jax.jit(lambda x: _step(mesh, stats, 'psum', False)(x, g, b)[0])
@@ -110,7 +112,7 @@ def test_psum_forward_is_one_psum_of_at_most_3c_plus_1_floats():
   assert [kind for _, kind in entry] == ['all-reduce'], ops
   (shape, _), = entry
   floats = int(re.match(r'f32\[(\d+)\]', shape).group(1))
-  assert floats == 2 * C + 9 <= 3 * C + 1
+  assert floats == 2 * C + 1
   branches = [kind for k, v in ops.items() if not k.startswith('ENTRY')
               for _, kind in v]
   assert branches == ['all-gather'], ops
@@ -121,23 +123,85 @@ def test_psum_forward_is_one_psum_of_at_most_3c_plus_1_floats():
   _assert_same(y_p, y_g, rtol=1e-5, atol=1e-5)
 
 
+def _vmapped_psum_stats(x, per_shard):
+  return jax.vmap(lambda xi, s: bnjax.batch_norm(
+      xi, s, use_running_average=False, axis_name='v', momentum=0.0,
+      sync='psum')[1], axis_name='v')(x, per_shard)
+
+
 def test_psum_detects_shards_with_different_running_means():
   """The shift must be the same on every shard. Under vmap with per-shard
-  running statistics it is not: the fingerprint in the psum catches it and
-  the exact gather runs, so the statistics are still the global batch's."""
+  running statistics it is not: the exact equality test in the psum catches
+  it and the exact gather runs, so the statistics are still the global
+  batch's, on every shard alike."""
   x = randn((D, 8, C), loc=5.0, seed=3)
   per_shard = bnjax.BatchStats(
       jnp.asarray(randn((D, C), loc=5.0, seed=4)), jnp.ones((D, C)))
-  f = lambda xi, s, sync: bnjax.batch_norm(
-      xi, s, use_running_average=False, axis_name='v', momentum=0.0,
-      sync=sync)[1]
-  got = jax.vmap(lambda xi, s: f(xi, s, 'psum'), axis_name='v')(x, per_shard)
+  got = _vmapped_psum_stats(x, per_shard)
   m, v, _ = ref.moments(x.reshape(-1, C))
+  for i in range(D):
+    np.testing.assert_allclose(got.mean[i], m, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.var[i], v, rtol=1e-5)
+
+
+@pytest.mark.parametrize('bit', [0, 7, 13, 22, 31])
+def test_psum_shift_test_catches_one_flipped_bit(bit):
+  """Regression: the old 4-hash fingerprint let a running mean 170,397 ulps
+  from another shard's through (found by search), and the psum's result was
+  then 160 std off. The test is now exact (Lagrange's identity over 8-bit
+  chunks of the shift's bits): a shift that differs from the others in one
+  bit of one channel, whichever bit, sends the step to the exact gather."""
+  x = randn((D, 8, C), loc=0.0, seed=5)
+  mean = np.zeros((D, C), np.float32) + np.float32(0.5)
+  bits = mean.view(np.uint32)
+  bits[3, 7] ^= np.uint32(1 << bit)  # shard 3, channel 7
+  per_shard = bnjax.BatchStats(jnp.asarray(mean), jnp.ones((D, C)))
+  got = _vmapped_psum_stats(x, per_shard)
+  m, v, _ = ref.moments(x.reshape(-1, C))
+  np.testing.assert_allclose(got.var[3], v, rtol=1e-5)
   np.testing.assert_allclose(got.mean[0], m, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(got.var[0], v, rtol=1e-5)
-  # and the check is what saved it: a fingerprint without it would differ
-  hashes = jax.vmap(_psum._fingerprint)(per_shard.mean)
-  assert len({tuple(np.asarray(h)) for h in hashes}) > 1
+
+
+def test_exact_shift_test_on_random_adversarial_patterns():
+  """The equality test itself, on 2000 random sets of D shifts: it is True
+  exactly when every shard's bits are equal (no false positive, no miss),
+  including shifts that differ only in bits a weak hash folds together."""
+  from bnjax._moments import psum as P
+  rng = np.random.default_rng(0)
+  for trial in range(2000):
+    d = int(rng.integers(2, 9))
+    base = rng.integers(0, 2**32, size=4, dtype=np.uint64).astype(np.uint32)
+    shifts = np.repeat(base[None], d, axis=0)
+    if trial % 2:
+      i, c = rng.integers(0, d), rng.integers(0, 4)
+      shifts[i, c] ^= np.uint32(rng.integers(1, 2**32, dtype=np.uint64))
+    ks = jnp.asarray(shifts.view(np.float32))
+    sums = jax.vmap(lambda k: P._chunks(k, 'v', None), axis_name='v')(ks)
+    same = jax.vmap(lambda s: P._same_everywhere(
+        jax.lax.psum(s, 'v'), 'v', None), axis_name='v')(sums)
+    assert bool(same[0]) == (not trial % 2), (trial, shifts)
+
+
+def test_psum_payload_without_types_carries_the_exact_test():
+  """With check_vma=False nothing proves the shifts equal: the one psum
+  carries 8 more floats per channel, 10C + 1, and still gives the global
+  batch's statistics."""
+  x, g, b, _, stats, _ = _case(2.0, 2.1)
+  mesh = _mesh()
+
+  def bn(x):
+    return bnjax.batch_norm(x, stats, g, b, use_running_average=False,
+                            axis_name='d', momentum=0.0, sync='psum')
+  step = jax.jit(jax.shard_map(bn, mesh=mesh, in_specs=P('d'),
+                               out_specs=(P('d'), P()), check_vma=False))
+  ops = _ops_by_computation(step.lower(_shard(x, mesh)).compile().as_text())
+  entry = [v for k, v in ops.items() if k.startswith('ENTRY')][0]
+  assert [kind for _, kind in entry] == ['all-reduce'], ops
+  (shape, _), = entry
+  assert int(re.match(r'f32\[(\d+)\]', shape).group(1)) == 10 * C + 1
+  _, new = step(_shard(x, mesh))
+  m, v, _ = ref.moments(x)
+  np.testing.assert_allclose(new.var, v, rtol=1e-5)
 
 
 def test_psum_with_unequal_groups_under_pmap():

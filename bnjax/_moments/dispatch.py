@@ -1,0 +1,161 @@
+"""Which statistics code runs where: the platform choice, in one place.
+
+- **CPU, unsynced:** flax's formulas from plain sums (XLA:CPU reduces those
+  fastest, and ordinary input gets flax's numbers bit for bit), replaced by
+  the exact path in a ``lax.cond`` where some channel has
+  ``mean**2 > 8 var``. On the CPU the host evaluates the predicate in place.
+  Synced statistics take the exact path on every platform.
+- **GPU, TPU and anything else:** the exact, branch-free path
+  (``local.exact_partial``): a conditional there copies its predicate to the
+  host and drains the stream, once per layer, and sibling reductions with a
+  fused subtraction cost no extra read.
+
+The choice is made when the program is lowered for a platform
+(``lax.platform_dependent``), so one jitted or exported function carries
+the right code for each. The environment variable ``BNJAX_STATS_PATH``
+(private, for tests) forces one path everywhere: ``accelerator`` runs the
+GPU/TPU path on the CPU, ``cpu`` the CPU path on any platform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax._moments import collectives, gather, local, psum
+from bnjax._types import Layout
+
+Array = jax.Array
+
+PATHS = ('', 'cpu', 'accelerator')
+_path = os.environ.get('BNJAX_STATS_PATH', '')
+if _path not in PATHS:  # pragma: no cover
+  raise ValueError(
+    f'BNJAX_STATS_PATH={_path!r} must be one of {PATHS} (empty: by platform)'
+  )
+
+
+def forced_path() -> str:
+  """'' (by platform), 'cpu' or 'accelerator'."""
+  return _path
+
+
+def on_platform(cpu: Callable[[], Any], accelerator: Callable[[], Any]):
+  """``cpu()`` when lowered for the CPU, else ``accelerator()``."""
+  if _path == 'accelerator':
+    return accelerator()
+  if _path == 'cpu':
+    return cpu()
+  return lax.platform_dependent(cpu=cpu, default=accelerator)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sync:
+  """How statistics combine over mapped axes (None: local statistics)."""
+
+  axis_name: Any = None
+  groups: Any = None
+  mode: str = 'gather'  # 'gather' or 'psum' (psum.resolve)
+  fn: str = 'batch_norm'  # the public function, for error messages
+
+
+LOCAL = Sync()
+
+
+def batch_moments(
+  x: Array,
+  lay: Layout,
+  mask: Array | None,
+  *,
+  fast: bool = True,
+  sync: Sync = LOCAL,
+  shift: Array | None = None,
+) -> tuple[Array, Array, Array]:
+  """``(count, mean, biased var)`` of x over the (global) batch.
+
+  ``count`` is a scalar, or per channel with a mask; statistics are at
+  least float32. ``shift``: the replicated running mean, the psum path's
+  shared shift (None: zero).
+  """
+  if jnp.iscomplexobj(x):
+    return _complex_moments(x, lay, mask, fast, sync, shift)
+  xf = x.astype(local.stats_dtype(x.dtype))
+  m = None if mask is None else jnp.broadcast_to(mask, x.shape)
+  if sync.axis_name is None:
+    return on_platform(
+      lambda: local.flax_moments(xf, lay, m, fast),
+      lambda: _counted(local.exact_partial(xf, lay, m)),
+    )
+  if sync.mode == 'psum':
+    return _psum_or_gather(xf, lay, m, sync, shift)
+  return _gathered(xf, lay, m, sync)
+
+
+def _counted(p: local.Partial):
+  return (p.count, *local.finalize(p))
+
+
+def _gathered(xf, lay, m, sync: Sync):
+  # Exact partials on every platform: synced statistics are not flax's
+  # anyway (flax averages per-shard means), so exactness wins here.
+  p = local.exact_partial(xf, lay, m)
+  return _counted(gather.gather_merge(p, sync.axis_name, sync.groups, sync.fn))
+
+
+def _psum_or_gather(xf, lay, m, sync: Sync, shift):
+  """One psum of sums around the running mean; where its result cannot be
+  trusted (the first steps from a zero running mean, a distribution shift,
+  shards with different running means) the exact gather runs instead. The
+  predicate is computed from the psum's result, so all shards agree."""
+  k = jnp.zeros(lay.feature_shape, xf.dtype) if shift is None else shift
+  n, mean, m2, ok = psum.psum_moments(
+    xf, lay, m, k, sync.axis_name, sync.groups, sync.fn
+  )
+  return lax.cond(
+    ok,
+    lambda: (n, mean, m2 / jnp.maximum(n, 1.0)),
+    lambda: _gathered(xf, lay, m, sync),
+  )
+
+
+def _complex_moments(x, lay: Layout, mask, fast, sync: Sync, shift):
+  """A complex channel as two real ones: its mean is mean(Re) + i mean(Im)
+  and its variance E|x - mean|^2 = var(Re) + var(Im) (flax's definition),
+  so complex input gets the same exact, synced statistics as real input."""
+  xr = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+  rlay = Layout(
+    lay.ndim + 1,
+    lay.feature_axes + (lay.ndim,),
+    lay.reduction_axes,
+    lay.feature_shape + (2,),
+    lay.count,
+    tuple(xr.shape),
+  )
+  m = None if mask is None else jnp.broadcast_to(mask, x.shape)[..., None]
+  if shift is not None:
+    shift = jnp.stack([jnp.real(shift), jnp.imag(shift)], axis=-1)
+  count, mean, var = batch_moments(
+    xr, rlay, m, fast=fast, sync=sync, shift=shift
+  )
+  count = count[..., 0] if count.ndim else count
+  return count, lax.complex(mean[..., 0], mean[..., 1]), jnp.sum(var, -1)
+
+
+def shift_replicated(shift: Array | None, x: Array, sync: Sync) -> bool:
+  """Whether shard_map's types prove the psum path's shift equal on every
+  shard (then the psum carries no equality test)."""
+  if shift is None or sync.axis_name is None:
+    return True
+  return collectives.replicated_by_type(shift, x, sync.axis_name)
+
+
+# The backward's collectives and the sharding cast, re-exported here so that
+# callers outside the engine import one module.
+psum_stacked = collectives.psum_stacked
+as_varying = collectives.as_varying

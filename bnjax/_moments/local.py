@@ -1,0 +1,304 @@
+r"""Exact per-channel moments of one shard, whatever order the backend sums in.
+
+A partial is ``(count, shift, s1, m2)``: the moments of a channel's values
+around a float32 ``shift`` K,
+
+.. math::
+  s_1 = \sum (x - K), \qquad \mu = K + s_1 / n, \qquad
+  M_2 = \sum (x - \mu)^2 = \sum (x - K)^2 - s_1^2 / n
+
+(the corrected two-pass of Chan, Golub & LeVeque, 1983).
+
+**The error bound, for any summation order.** A float32 sum's error depends
+on the order the compiler picks (it differs between JAX versions and between
+CPU, GPU and TPU). Two things bound it here by construction:
+
+1. *Blocked sums.* Every sum is taken in levels of at most ``BLOCK`` = 64
+   values, with an optimization barrier between levels so that XLA cannot
+   merge them back into one long reduction. A sum of n non-negative terms
+   then has a relative error of at most
+   :math:`\gamma = L (B - 1) u` (L levels of B values, u = 2^{-24}) in any
+   order within a level: :math:`\gamma \le 4 \cdot 63 u = 1.5 \cdot 10^{-5}`
+   up to :math:`n = 2^{24}`, against :math:`(n - 1) u` for one long sum;
+   rounding errors of random sign make it :math:`\sqrt{L B / 3}\, u`
+   in practice (about 2e-7).
+2. *A shift near the mean.* K is the pivot-corrected mean
+   :math:`K = p + \sum (x - p) / n`, where the pivot p is one of the
+   channel's own values (or, with a mask, its plain float32 mean). Its
+   error is :math:`\gamma` times the *spread* :math:`\sum |x - p| / n`, not
+   :math:`\gamma |\mu|` as for a plain mean, and any value is within
+   :math:`\sqrt{n - 1}\,\sigma` of the mean (Samuelson), so
+   :math:`|K - \mu| \le \gamma (1 + \sqrt{n})\, \sigma`, below
+   :math:`0.07\sigma` up to :math:`n = 2^{24}` whatever |mean|/std is.
+
+The main pass then sums :math:`d = (x - K)\, 2^{-e}` and :math:`d^2`, scaled
+by a power of two (exact) chosen from the largest :math:`|x - p|`, so that
+:math:`d^2` cannot overflow where :math:`n\,\sigma^2` fits (a mean of 1e20
+with a std of 1e18). The variance's relative error is at most
+:math:`\gamma (1 + 3 \delta^2) + 2 \gamma \delta \sqrt{1 + \delta^2}` with
+:math:`\delta = |K - \mu| / \sigma \le 0.07`: about :math:`1.2 \gamma`.
+This costs two reads of x (the refinement of K, and the sums); the mean
+carries the low-order bits that a float32 mean alone rounds away.
+
+:func:`flax_moments` is the CPU path of unsynced statistics: plain sums
+(what XLA:CPU reduces fastest, and flax's own formulas, so ordinary input
+gets flax's numbers bit for bit), trusted only where every channel has
+``mean**2 <= 8 var`` and otherwise replaced by :func:`exact_partial` in a
+``lax.cond`` (cheap on the CPU, which is the host).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax._types import Layout
+
+Array = jax.Array
+
+BLOCK = 64
+
+
+class Partial(NamedTuple):
+  """Per-channel moments around ``shift`` (see the module docstring).
+
+  ``count`` is a scalar or per-channel (with a mask); ``shift``, ``s1`` and
+  ``m2`` have the feature shape.
+  """
+
+  count: Array  # type: ignore[assignment]  # shadows tuple.count
+  shift: Array
+  s1: Array
+  m2: Array
+
+
+def stats_dtype(dtype) -> jnp.dtype:
+  """Statistics are at least float32 (half-precision and float8 input is
+  reduced in float32; complex in at least complex64)."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.promote_types(dtype, jnp.complex64)
+  return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def real_dtype(dtype) -> jnp.dtype:
+  """The real dtype of a (possibly complex) floating dtype: a variance's."""
+  return jnp.finfo(dtype).dtype
+
+
+# --------------------------------------------------------- blocked sums ---
+
+
+def blocked_sums(vs: Sequence[Array], axes: Sequence[int]) -> list[Array]:
+  """Sums of same-shaped arrays over ``axes``, in levels of <= BLOCK values.
+
+  Each level reduces at most ``BLOCK`` values per output (splitting an axis
+  into ``(q, BLOCK)``, zero-padded where BLOCK does not divide it); the
+  arrays of one level pass an optimization barrier together, so XLA keeps
+  the levels apart (it merges a reduce of a reduce into one otherwise) and
+  still fuses the sibling sums of one level into one read.
+  """
+  vs = list(vs)
+  out_shape = tuple(s for a, s in enumerate(vs[0].shape) if a not in axes)
+  shape, red = _merge_runs(vs[0].shape, set(axes))
+  vs = [v.reshape(shape) for v in vs]
+  while True:
+    size = {a: vs[0].shape[a] for a in red}
+    if math.prod(size.values()) <= BLOCK:
+      return [jnp.sum(v, tuple(red)).reshape(out_shape) for v in vs]
+    a = red[-1]
+    if size[a] <= BLOCK:
+      inner, n = [a], size[a]
+      for b in reversed(red[:-1]):
+        if n * size[b] > BLOCK:
+          break
+        inner.append(b)
+        n *= size[b]
+      vs = [jnp.sum(v, tuple(inner)) for v in vs]
+      red = [r - sum(i < r for i in inner) for r in red if r not in inner]
+    else:
+      q = -(-size[a] // BLOCK)
+      if size[a] % BLOCK:
+        pad = [(0, 0)] * vs[0].ndim
+        pad[a] = (0, q * BLOCK - size[a])
+        vs = [jnp.pad(v, pad) for v in vs]
+      split = vs[0].shape[:a] + (q, BLOCK) + vs[0].shape[a + 1 :]
+      vs = [jnp.sum(v.reshape(split), a + 1) for v in vs]
+    vs = list(lax.optimization_barrier(tuple(vs)))
+
+
+def _merge_runs(shape, red) -> tuple[tuple[int, ...], list[int]]:
+  """Merges each run of adjacent reduction axes into one axis (a bitcast)."""
+  groups: list[tuple[bool, int]] = []
+  for i, s in enumerate(shape):
+    if groups and groups[-1][0] == (i in red):
+      groups[-1] = (groups[-1][0], groups[-1][1] * s)
+    else:
+      groups.append((i in red, s))
+  return tuple(s for _, s in groups), [i for i, g in enumerate(groups) if g[0]]
+
+
+# ------------------------------------------------------- exact partials ---
+
+
+def exact_partial(xf: Array, lay: Layout, mask: Array | None = None) -> Partial:
+  """Exact partial moments of xf (float32 or wider), branch-free.
+
+  See the module docstring for the bound. ``mask`` (broadcast to xf's
+  shape) selects the values that count; masked-out values never enter the
+  arithmetic, so NaN or inf padding there is harmless.
+  """
+  red = lay.reduction_axes
+  b = lay.broadcast
+  if mask is None:
+    n = jnp.asarray(lay.count, xf.dtype)
+    pivot = _first(xf, red)
+    dev = xf - b(pivot)
+  else:
+    n = jnp.sum(mask, red, dtype=jnp.int32).astype(xf.dtype)
+    xf = jnp.where(mask, xf, 0.0)
+    (total,) = blocked_sums([xf], red)
+    pivot = total / jnp.maximum(n, 1.0)
+    dev = jnp.where(mask, xf - b(pivot), 0.0)
+  total_dev, spread = blocked_sums([dev], red)[0], jnp.max(jnp.abs(dev), red)
+  shift = pivot + total_dev / jnp.maximum(n, 1.0)
+  return partial_around(xf, lay, shift, n, mask, spread)
+
+
+def partial_around(
+  xf: Array,
+  lay: Layout,
+  shift: Array,
+  n: Array,
+  mask: Array | None = None,
+  spread: Array | None = None,
+) -> Partial:
+  """The corrected two-pass around any ``shift`` (exact to first order in
+  its distance from the mean; tests feed it a perturbed one). ``spread``
+  (about the largest ``|x - shift|``) picks the power-of-two scale."""
+  red = lay.reduction_axes
+  scale = jnp.ones_like(shift) if spread is None else _pow2_scale(spread)
+  d = (xf - lay.broadcast(shift)) * lay.broadcast(scale)
+  if mask is not None:
+    d = jnp.where(mask, d, 0.0)
+  s1, s2 = blocked_sums([d, d * d], red)
+  m2 = jnp.maximum(s2 - s1 * s1 / jnp.maximum(n, 1.0), 0.0)
+  inv = 1.0 / scale
+  return Partial(n, shift, s1 * inv, m2 * inv * inv)
+
+
+def _first(xf: Array, red: Sequence[int]) -> Array:
+  """The value at index 0 of every reduction axis: one of each channel's."""
+  start = [0] * xf.ndim
+  limit = [1 if a in red else s for a, s in enumerate(xf.shape)]
+  return jnp.squeeze(lax.slice(xf, start, limit), tuple(red))
+
+
+def _pow2_scale(spread: Array) -> Array:
+  """2**-e with 2**(e-1) <= spread < 2**e: exact to multiply by, and keeps
+  the squares of (x - K) near 1 (no overflow at a std of 1e18)."""
+  _, e = jnp.frexp(spread)
+  ok = jnp.isfinite(spread) & (spread > 0)
+  e = jnp.clip(jnp.where(ok, e, 0), -120, 120)
+  return jnp.ldexp(jnp.ones_like(spread), -e)
+
+
+# ------------------------------------------------------------- CPU path ---
+
+# The one-pass variance s2/n - mean**2 has a float32 relative error of about
+# (1 + 2 mean**2/var) times that of a plain sum: flax's own numbers, which
+# flax's tests compare bit for bit, so the CPU path keeps them up to this
+# ratio (measured: within 6.4e-7 of float64 at mean**2 <= var, 4.7e-6 at
+# mean**2 = 8 var, 512 to 65536 values per channel, jax 0.8.1 and 0.10.2;
+# flax's tests need the 8). Beyond it exact_partial runs instead.
+ONE_PASS_MAX_RATIO = 8.0
+
+
+def flax_moments(
+  xf: Array, lay: Layout, mask: Array | None, fast: bool
+) -> tuple[Array, Array, Array]:
+  """``(count, mean, var)`` by flax's formulas where they are exact to the
+  ratio bound above, else by :func:`exact_partial` (a ``lax.cond``).
+
+  With ``fast``, ``mean(x**2) - mean(x)**2``; else ``mean((x - mean)**2)``;
+  ``where=mask`` either way: the jnp operations flax runs, so such input
+  gets flax's float32 results bit for bit. A channel with no masked-in value
+  gets mean 0 and var 0 (flax's: NaN).
+  """
+  red = lay.reduction_axes
+  if mask is None:
+    n = jnp.asarray(lay.count, xf.dtype)
+  else:
+    n = jnp.sum(mask, red, dtype=jnp.int32).astype(xf.dtype)
+    # Masked-out values never reach the arithmetic (NaN padding is harmless).
+    xf = jnp.where(mask, xf, 0.0)
+  mean = jnp.mean(xf, red, where=mask)
+  if fast:
+    var = jnp.maximum(0.0, jnp.mean(xf * xf, red, where=mask) - mean * mean)
+  else:
+    var = jnp.mean(jnp.square(xf - lay.broadcast(mean)), red, where=mask)
+  if mask is not None:  # 0/0 in an empty channel
+    mean, var = (jnp.where(n > 0, v, 0.0) for v in (mean, var))
+  # "not <=" so that an overflowed (inf or NaN) one-pass variance, as from
+  # x * x at a mean of 1e20, takes the exact path too.
+  inexact = jnp.any(~(mean * mean <= ONE_PASS_MAX_RATIO * var))
+  mean, var = lax.cond(
+    inexact,
+    lambda: finalize(exact_partial(xf, lay, mask)),
+    lambda: (mean, var),
+  )
+  return n, mean, var
+
+
+# ----------------------------------------------------------------- merge ---
+
+
+def merge(parts: Partial, axis: int = 0) -> Partial:
+  r"""Count-weighted exact merge of partials stacked along ``axis``.
+
+  With per-part means :math:`\mu_i = K_i + s_{1,i}/n_i` and a common float32
+  reference K (the count-weighted mean of the :math:`K_i`), the deviations
+  :math:`\delta_i = (K_i - K) + s_{1,i}/n_i` are small and exact (the
+  difference of two close float32 numbers is exact), and
+
+  .. math::
+    M_2 = \sum_i M_{2,i} + \sum_i n_i (\delta_i - \Delta)^2
+          - \big(\textstyle\sum_i n_i (\delta_i - \Delta)\big)^2 / N,
+    \quad \Delta = \textstyle\sum_i n_i \delta_i / N,
+
+  the corrected two-pass over the parts' means. Parts with no values weigh 0.
+  The result is a partial around K with :math:`s_1 = N \Delta`.
+  """
+  count_i, shift_i, s1_i, m2_i = parts
+  n = jnp.sum(count_i, axis)  # a count per part stays one count
+  n_i = _expand_count(count_i, shift_i, axis)
+  safe_n = jnp.maximum(jnp.sum(n_i, axis), 1.0)
+  ref = jnp.sum(n_i * shift_i, axis) / safe_n
+  delta = (shift_i - jnp.expand_dims(ref, axis)) + s1_i / jnp.maximum(n_i, 1.0)
+  s1 = jnp.sum(n_i * delta, axis)
+  e = delta - jnp.expand_dims(s1 / safe_n, axis)
+  ne = n_i * e
+  between = jnp.sum(ne * e, axis) - jnp.sum(ne, axis) ** 2 / safe_n
+  m2 = jnp.sum(m2_i, axis) + jnp.maximum(between, 0.0)
+  return Partial(n, ref, s1, m2)
+
+
+def _expand_count(n_i, shift_i, axis):
+  """A count per part (D,) becomes (D, 1, ...) to weigh per-channel values."""
+  if n_i.ndim == 1 and shift_i.ndim > 1:
+    shape = [1] * shift_i.ndim
+    shape[axis] = n_i.shape[0]
+    return n_i.reshape(shape)
+  return n_i
+
+
+def finalize(p: Partial) -> tuple[Array, Array]:
+  """(mean, biased var). A channel with no values gets mean 0 and var 0."""
+  safe_n = jnp.maximum(p.count, 1.0)
+  mean = jnp.where(p.count > 0, p.shift + p.s1 / safe_n, 0.0)
+  return mean, p.m2 / safe_n
