@@ -130,7 +130,7 @@ def _bn_train_jvp(cfg, primals, tangents):
       dscale = dscale * folded[0]
     scale, _ = fold_affine(scale, bias, folded, mean.dtype)
   x = _safe(x, mask, norm_mean, cfg.lay)
-  tangent = jax.checkpoint(functools.partial(_tangent, cfg))
+  tangent = jax.checkpoint(functools.partial(_tangent_jit, cfg))
   dy = tangent(x, norm_mean, rstd, count, scale, mask, dx, dscale, dbias, deps)
   zeros = (jnp.zeros_like(mean), jnp.zeros_like(var), jnp.zeros_like(count))
   return (y, mean, var, count), (dy,) + zeros
@@ -175,6 +175,11 @@ def _tangent(
     v1 = v1.astype(v2.dtype)
   dy = b(gr) * dxf + xhat * b(v1) + b(v2)
   return dy.astype(cfg.out_dtype)
+
+
+# Jitted: traced once per (cfg, shapes) and shared by every layer with them
+# (cheaper tracing and partial evaluation under autodiff; XLA inlines it).
+_tangent_jit = jax.jit(_tangent, static_argnums=0)
 
 
 def _xhat(x, mean, rstd, lay: Layout, f):

@@ -1,8 +1,10 @@
 """The GPU and TPU paths lower on this CPU machine (``jax.export``).
 
 Each train step below is exported for ``('cuda', 'rocm', 'tpu')`` at once,
-so every CI run proves that bnjax's code lowers for those backends. It does
-not run there: execution speed and results on accelerators are not checked.
+so every CI run proves that bnjax's code lowers for those backends (its
+numerics run in the CPU suite too, with BNJAX_STATS_PATH=accelerator). The
+exported GPU and TPU steps hold no data-dependent conditional: on XLA:GPU
+one copies its predicate to the host and drains the stream, once per layer.
 The synced step's lowered module must hold exactly one collective in the
 forward (an all-gather of every shard's partial) and one in the backward.
 """
@@ -21,6 +23,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 import bnjax
 import bnjax.linen
 import bnjax.nnx
+from tests._hlo import conditionals
 
 PLATFORMS = ('cuda', 'rocm', 'tpu')
 X = jax.ShapeDtypeStruct((16, 4, 4, 8), jnp.float32)
@@ -127,3 +130,51 @@ def test_nnx_model_step_lowers():
       return jnp.sum(out ** 2), nnx.state(model, nnx.BatchStat)
     return jax.grad(loss, has_aux=True)(state)
   assert 'stablehlo' in _export(step, state, x)
+
+
+class _Deep(nn.Module):
+  """20 conv + BN layers, optionally synced over a mesh axis."""
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for _ in range(20):
+      x = nn.Conv(8, (3, 3), use_bias=False)(x)
+      x = nn.relu(bnjax.linen.BatchNorm(
+          use_running_average=not train, axis_name=self.axis_name,
+          sync='gather')(x))
+    return x.mean((1, 2)).sum(-1)
+
+
+def _deep_step(axis_name):
+  model = _Deep(axis_name)
+  v = jax.eval_shape(lambda x: _Deep().init(jax.random.key(0), x, False), X)
+
+  def step(v, x):
+    def loss(p):
+      out, upd = model.apply({**v, 'params': p}, x, True,
+                             mutable=['batch_stats'])
+      return out.sum(), upd
+    return jax.grad(loss, has_aux=True)(v['params'])
+  if axis_name is None:
+    return step, v
+  mesh = Mesh(np.array(jax.devices()[:8]), (axis_name,))
+  return jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis_name)),
+                       out_specs=P()), v
+
+
+@pytest.mark.parametrize('synced', [False, True])
+@pytest.mark.parametrize('platform', ['cuda', 'tpu'])
+def test_accelerator_step_has_no_data_dependent_conditional(platform, synced):
+  """A 20-layer conv + BN train step exported for one accelerator holds 0
+  stablehlo.case/if whose index depends on data. What remains are the
+  constant-index cases of lax.platform_dependent (one pair per shared
+  statistics and tangent function, not per layer), which XLA removes
+  before compiling. On the CPU the flax-formula path keeps its cond."""
+  step, v = _deep_step('d' if synced else None)
+  text = _export(step, v, X, platforms=(platform,))
+  counts = conditionals(text)
+  assert counts['data'] == 0, counts
+  assert counts['platform'] <= 6, counts
+  cpu = conditionals(_export(step, v, X, platforms=('cpu',)))
+  assert cpu['data'] == (0 if synced else 1), cpu

@@ -20,6 +20,7 @@ GPU/TPU path on the CPU, ``cpu`` the CPU path on any platform.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -88,10 +89,7 @@ def batch_moments(
   xf = x.astype(local.stats_dtype(x.dtype))
   m = None if mask is None else jnp.broadcast_to(mask, x.shape)
   if sync.axis_name is None:
-    return on_platform(
-      lambda: local.flax_moments(xf, lay, m, fast),
-      lambda: _counted(local.exact_partial(xf, lay, m)),
-    )
+    return _local_stats(xf, m, lay, fast)
   if sync.mode == 'psum':
     return _psum_or_gather(xf, lay, m, sync, shift)
   return _gathered(xf, lay, m, sync)
@@ -101,10 +99,25 @@ def _counted(p: local.Partial):
   return (p.count, *local.finalize(p))
 
 
+# The statistics are jitted functions of (shape, layout), traced once per
+# signature and called by every layer that has it: a model's BN layers
+# share a handful of shapes, and the conditionals inside are costly to trace
+# and to partially evaluate under autodiff. XLA inlines the calls.
+@functools.partial(jax.jit, static_argnames=('lay', 'fast'))
+def _local_stats(xf, m, lay: Layout, fast: bool):
+  return on_platform(
+    lambda: local.flax_moments(xf, lay, m, fast),
+    lambda: _counted(local.exact_partial(xf, lay, m)),
+  )
+
+
+_exact_partial = jax.jit(local.exact_partial, static_argnames=('lay',))
+
+
 def _gathered(xf, lay, m, sync: Sync):
   # Exact partials on every platform: synced statistics are not flax's
   # anyway (flax averages per-shard means), so exactness wins here.
-  p = local.exact_partial(xf, lay, m)
+  p = _exact_partial(xf, lay, m)
   return _counted(gather.gather_merge(p, sync.axis_name, sync.groups, sync.fn))
 
 

@@ -31,10 +31,11 @@ CPU, GPU and TPU). Two things bound it here by construction:
    :math:`|K - \mu| \le \gamma (1 + \sqrt{n})\, \sigma`, below
    :math:`0.07\sigma` up to :math:`n = 2^{24}` whatever |mean|/std is.
 
-The main pass then sums :math:`d = (x - K)\, 2^{-e}` and :math:`d^2`, scaled
-by a power of two (exact) chosen from the largest :math:`|x - p|`, so that
-:math:`d^2` cannot overflow where :math:`n\,\sigma^2` fits (a mean of 1e20
-with a std of 1e18). The variance's relative error is at most
+The main pass then sums :math:`d = x - K` and :math:`d^2`. Since K is
+within :math:`0.07\sigma` of the mean, :math:`\sum d^2 \le 1.005\, n
+\sigma^2`: nothing overflows where :math:`n \sigma^2` fits in float32
+(a mean of 1e20 with a std of 1e18, where ``x * x`` overflows and flax's
+variance is NaN). The variance's relative error is at most
 :math:`\gamma (1 + 3 \delta^2) + 2 \gamma \delta \sqrt{1 + \delta^2}` with
 :math:`\delta = |K - \mu| / \sigma \le 0.07`: about :math:`1.2 \gamma`.
 This costs two reads of x (the refinement of K, and the sums); the mean
@@ -61,7 +62,7 @@ from bnjax._types import Layout
 
 Array = jax.Array
 
-BLOCK = 64
+BLOCK = 256
 
 
 class Partial(NamedTuple):
@@ -165,9 +166,9 @@ def exact_partial(xf: Array, lay: Layout, mask: Array | None = None) -> Partial:
     (total,) = blocked_sums([xf], red)
     pivot = total / jnp.maximum(n, 1.0)
     dev = jnp.where(mask, xf - b(pivot), 0.0)
-  total_dev, spread = blocked_sums([dev], red)[0], jnp.max(jnp.abs(dev), red)
+  (total_dev,) = blocked_sums([dev], red)
   shift = pivot + total_dev / jnp.maximum(n, 1.0)
-  return partial_around(xf, lay, shift, n, mask, spread)
+  return partial_around(xf, lay, shift, n, mask)
 
 
 def partial_around(
@@ -176,20 +177,15 @@ def partial_around(
   shift: Array,
   n: Array,
   mask: Array | None = None,
-  spread: Array | None = None,
 ) -> Partial:
   """The corrected two-pass around any ``shift`` (exact to first order in
-  its distance from the mean; tests feed it a perturbed one). ``spread``
-  (about the largest ``|x - shift|``) picks the power-of-two scale."""
-  red = lay.reduction_axes
-  scale = jnp.ones_like(shift) if spread is None else _pow2_scale(spread)
-  d = (xf - lay.broadcast(shift)) * lay.broadcast(scale)
+  its distance from the mean; tests feed it a perturbed one)."""
+  d = xf - lay.broadcast(shift)
   if mask is not None:
     d = jnp.where(mask, d, 0.0)
-  s1, s2 = blocked_sums([d, d * d], red)
+  s1, s2 = blocked_sums([d, d * d], lay.reduction_axes)
   m2 = jnp.maximum(s2 - s1 * s1 / jnp.maximum(n, 1.0), 0.0)
-  inv = 1.0 / scale
-  return Partial(n, shift, s1 * inv, m2 * inv * inv)
+  return Partial(n, shift, s1, m2)
 
 
 def _first(xf: Array, red: Sequence[int]) -> Array:
@@ -197,15 +193,6 @@ def _first(xf: Array, red: Sequence[int]) -> Array:
   start = [0] * xf.ndim
   limit = [1 if a in red else s for a, s in enumerate(xf.shape)]
   return jnp.squeeze(lax.slice(xf, start, limit), tuple(red))
-
-
-def _pow2_scale(spread: Array) -> Array:
-  """2**-e with 2**(e-1) <= spread < 2**e: exact to multiply by, and keeps
-  the squares of (x - K) near 1 (no overflow at a std of 1e18)."""
-  _, e = jnp.frexp(spread)
-  ok = jnp.isfinite(spread) & (spread > 0)
-  e = jnp.clip(jnp.where(ok, e, 0), -120, 120)
-  return jnp.ldexp(jnp.ones_like(spread), -e)
 
 
 # ------------------------------------------------------------- CPU path ---
@@ -267,25 +254,26 @@ def merge(parts: Partial, axis: int = 0) -> Partial:
   difference of two close float32 numbers is exact), and
 
   .. math::
-    M_2 = \sum_i M_{2,i} + \sum_i n_i (\delta_i - \Delta)^2
-          - \big(\textstyle\sum_i n_i (\delta_i - \Delta)\big)^2 / N,
-    \quad \Delta = \textstyle\sum_i n_i \delta_i / N,
+    M_2 = \sum_i M_{2,i} + \sum_i n_i \delta_i^2
+          - \big(\textstyle\sum_i n_i \delta_i\big)^2 / N,
 
-  the corrected two-pass over the parts' means. Parts with no values weigh 0.
-  The result is a partial around K with :math:`s_1 = N \Delta`.
+  the corrected two-pass over the parts' means around K (exact to first
+  order in K's distance from the global mean). Parts with no values weigh
+  0. The result is a partial around K with :math:`s_1 = \sum_i n_i
+  \delta_i`. Two reductions over the parts, each of one stacked array.
   """
   count_i, shift_i, s1_i, m2_i = parts
-  n = jnp.sum(count_i, axis)  # a count per part stays one count
-  n_i = _expand_count(count_i, shift_i, axis)
-  safe_n = jnp.maximum(jnp.sum(n_i, axis), 1.0)
-  ref = jnp.sum(n_i * shift_i, axis) / safe_n
+  n_i = jnp.broadcast_to(_expand_count(count_i, shift_i, axis), shift_i.shape)
+  n, weighted = jnp.sum(jnp.stack([n_i, n_i * shift_i]), axis + 1)
+  safe_n = jnp.maximum(n, 1.0)
+  ref = weighted / safe_n
   delta = (shift_i - jnp.expand_dims(ref, axis)) + s1_i / jnp.maximum(n_i, 1.0)
-  s1 = jnp.sum(n_i * delta, axis)
-  e = delta - jnp.expand_dims(s1 / safe_n, axis)
-  ne = n_i * e
-  between = jnp.sum(ne * e, axis) - jnp.sum(ne, axis) ** 2 / safe_n
-  m2 = jnp.sum(m2_i, axis) + jnp.maximum(between, 0.0)
-  return Partial(n, ref, s1, m2)
+  nd = n_i * delta
+  s1, sq, within = jnp.sum(jnp.stack([nd, nd * delta, m2_i]), axis + 1)
+  between = jnp.maximum(sq - s1 * s1 / safe_n, 0.0)
+  if count_i.ndim == 1 and shift_i.ndim > 1:  # one count per part: scalar
+    n = jnp.sum(count_i)
+  return Partial(n, ref, s1, within + between)
 
 
 def _expand_count(n_i, shift_i, axis):

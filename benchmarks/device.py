@@ -1,0 +1,266 @@
+"""Device benchmark: bnjax against flax.linen.BatchNorm on one accelerator.
+
+Question: on a GPU (or TPU), what does bnjax's branch-free exact statistics
+path cost and give, next to flax's BatchNorm? In one process, interleaved
+(A B A B) after warm-up:
+
+- the layer: forward and train step (forward, backward, new statistics) at
+  the three 4-D NHWC shapes of ``layer.py``;
+- a ResNet-50 train step (batch 64, 224 x 224 by default, SGD momentum):
+  step time, compile time, XLA's peak-memory estimate, and the number of
+  conditionals in the compiled program (each would copy its predicate to
+  the host and drain the stream, per step);
+- the variance error against float64 at |mean|/std 1e2 to 1e6 of random and
+  sorted data, 2-D and 4-D, on this device's own summation order.
+
+Run on the device: ``python -m benchmarks.device`` (about 4 minutes on one
+H100, most of it compiling ResNet-50 twice); ``--smoke`` runs seconds-long
+sizes on any backend (CI runs it on the CPU). Writes
+``benchmarks/results/device.json`` (a new run appended) unless ``--smoke``;
+``--out PATH`` writes the run to PATH too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax.numpy as jnp
+
+from benchmarks import _models, _timing, layer
+
+SHAPES = layer.SHAPES[:3]
+RATIOS = (1e2, 1e4, 1e6)
+
+
+def layer_rows(shapes, rounds, inner):
+  import jax
+
+  rows = []
+  for shape in shapes:
+    for mode in ('fwd', 'step'):
+      fns, args = {}, {}
+      for impl in ('flax', 'bnjax'):
+        fn, a = layer.build(shape, mode, impl)
+        fns[impl], args[impl] = jax.jit(fn), a
+      samples = _timing.interleaved_samples(fns, args, rounds, inner)
+      t = _timing.medians(samples)
+      q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
+      rows.append(
+        dict(
+          shape=list(shape),
+          mode=mode,
+          flax_ms=t['flax'] * 1e3,
+          bnjax_ms=t['bnjax'] * 1e3,
+          ratio=t['bnjax'] / t['flax'],
+          ratio_q25=q25,
+          ratio_q75=q75,
+        )
+      )
+      print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def cond_cost(layers=50, size=2**16, rounds=21, inner=20):
+  """Microseconds per lax.cond on a device-computed predicate: a chain of
+  ``layers`` steps with a cond each (branches with a reduction, which XLA
+  does not turn into a select), against the same chain choosing with a
+  select (no conditional)."""
+  import jax
+  import jax.numpy as jnp
+
+  def chain(use_cond):
+    def f(x):
+      for _ in range(layers):
+        p = jnp.sum(x) > 0
+        if use_cond:
+          x = jax.lax.cond(p, _up, _down, x)
+        else:
+          x = jnp.where(p, _up(x), _down(x))
+      return x
+
+    return jax.jit(f)
+
+  x = jnp.ones((size,))
+  fns = {'cond': chain(True), 'select': chain(False)}
+  text = fns['cond'].lower(x).compile().as_text()
+  t = _timing.interleaved(fns, {k: (x,) for k in fns}, rounds, inner)
+  row = dict(
+    layers=layers,
+    cond_us=t['cond'] * 1e6,
+    select_us=t['select'] * 1e6,
+    per_cond_us=(t['cond'] - t['select']) * 1e6 / layers,
+    conditionals_compiled=text.count(' conditional('),
+  )
+  print(json.dumps(row), flush=True)
+  return row
+
+
+def _up(v):
+  return jnp.sin(v) * jnp.mean(v) + 1.0
+
+
+def _down(v):
+  return jnp.cos(v) * jnp.mean(v) - 1.0
+
+
+def model_row(build, batch, size, rounds, inner, classes=1000):
+  """A train step of ``build(norm_cls)`` with each BatchNorm, interleaved."""
+  import flax.linen as nn
+  import jax
+  import optax
+
+  import bnjax.linen
+
+  fns, fargs, out, steps = {}, {}, {}, {}
+  for impl, cls in (('flax', nn.BatchNorm), ('bnjax', bnjax.linen.BatchNorm)):
+    model = build(cls)
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+    y = jax.random.randint(jax.random.key(1), (batch,), 0, classes)
+    v = jax.jit(lambda x, m=model: m.init(jax.random.key(2), x, False))(x)
+    tx = optax.sgd(0.1, momentum=0.9)
+    opt = tx.init(v['params'])
+    step, _ = _models.train_step(model, v, tx)
+    args = (v['params'], v['batch_stats'], opt, x, y)
+    steps[impl] = step
+    compiled = jax.jit(step).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    text = compiled.as_text()
+    fns[impl], fargs[impl] = compiled, args
+    out[impl] = dict(
+      peak_mb=None
+      if mem is None
+      else (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+      )
+      / 2**20,
+      conditionals=text.count(' conditional('),
+      host_callbacks=text.count('xla_python_'),
+    )
+  # Compile time, A B A B after the compiles above (the first compile of
+  # a program pays the backend's autotuning, which later ones reuse).
+  for _ in range(2):
+    for impl in ('flax', 'bnjax'):
+      t0 = time.perf_counter()
+      fresh = lambda *a, s=steps[impl]: s(*a)  # noqa: E731  # defeats jit's cache
+      jax.jit(fresh).lower(*fargs[impl]).compile()
+      out[impl]['compile_s'] = time.perf_counter() - t0
+  samples = _timing.interleaved_samples(fns, fargs, rounds, inner)
+  t = _timing.medians(samples)
+  q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
+  row = dict(
+    batch=batch,
+    size=size,
+    flax_ms=t['flax'] * 1e3,
+    bnjax_ms=t['bnjax'] * 1e3,
+    step_ratio=t['bnjax'] / t['flax'],
+    step_ratio_q25=q25,
+    step_ratio_q75=q75,
+    compile_ratio=out['bnjax']['compile_s'] / out['flax']['compile_s'],
+    flax=out['flax'],
+    bnjax=out['bnjax'],
+  )
+  print(json.dumps(row), flush=True)
+  return row
+
+
+def numerics_rows(seeds=(0, 1)):
+  """Largest relative variance error over channels and seeds, per case."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import bnjax
+
+  def flax_var(x):
+    m = nn.BatchNorm(use_running_average=False, momentum=0.0)
+    v = m.init(jax.random.key(0), x)
+    return m.apply(v, x, mutable=['batch_stats'])[1]['batch_stats']['var']
+
+  def bnjax_var(x):
+    s = bnjax.init_batch_stats(x.shape[-1])
+    return bnjax.batch_norm(x, s, use_running_average=False, momentum=0.0)[
+      1
+    ].var
+
+  fns = {
+    'bnjax batch_norm': jax.jit(bnjax_var),
+    'bnjax moments': jax.jit(lambda x: bnjax.moments(x)[1]),
+    'flax': jax.jit(flax_var),
+  }
+  rows = []
+  for shape in ((4096, 16), (64, 8, 8, 16)):
+    for order in ('random', 'sorted'):
+      for ratio in RATIOS:
+        errs = {k: 0.0 for k in fns}
+        for seed in seeds:
+          rng = np.random.default_rng(seed)
+          x = (ratio + rng.standard_normal((4096, 16))).astype(np.float32)
+          if order == 'sorted':
+            x = np.sort(x, axis=0)
+          x = x.reshape(shape)
+          want = x.reshape(-1, 16).astype(np.float64).var(0)
+          for k, f in fns.items():
+            got = np.asarray(f(jnp.asarray(x)), np.float64)
+            err = float(np.max(np.abs(got - want) / want))
+            errs[k] = max(errs[k], err if np.isfinite(err) else float('inf'))
+        for k, err in errs.items():
+          rows.append(
+            dict(impl=k, shape=list(shape), order=order, ratio=ratio, err=err)
+          )
+  worst = max(r['err'] for r in rows if r['impl'].startswith('bnjax'))
+  print(json.dumps(dict(worst_bnjax_variance_error=worst)), flush=True)
+  return rows
+
+
+def main(argv=None):
+  def extra(p):
+    p.add_argument('--out', help='also write the run to this JSON file')
+
+  args = _timing.parse_args(__doc__, argv, extra)
+  import jax
+
+  out = dict(env=_timing.environment())
+  print(json.dumps(out['env']), flush=True)
+  if args.smoke:  # ResNet-20 stands in for ResNet-50: the same code path
+    plan = dict(
+      layer=lambda: layer_rows([(8, 4, 4, 8)], rounds=2, inner=1),
+      resnet50=lambda: model_row(
+        _models.resnet20, batch=2, size=8, rounds=1, inner=1, classes=10
+      ),
+      numerics=lambda: numerics_rows(seeds=(0,)),
+      cond=lambda: cond_cost(layers=4, rounds=2, inner=1),
+    )
+  else:
+    plan = dict(
+      layer=lambda: layer_rows(SHAPES, rounds=21, inner=10),
+      numerics=numerics_rows,
+      cond=cond_cost,
+      resnet50=lambda: model_row(
+        _models.resnet50, batch=64, size=224, rounds=9, inner=5
+      ),
+    )
+  for name, run in plan.items():
+    try:  # each part on its own: one failure keeps the others' figures
+      out[name] = run()
+    except Exception as e:  # noqa: BLE001  # recorded, and raised in smoke
+      if args.smoke:
+        raise
+      out[name] = dict(error=f'{type(e).__name__}: {e}')
+      print(json.dumps({name: out[name]}), flush=True)
+    if args.out:
+      with open(args.out, 'w') as f:
+        json.dump(out, f, indent=1)
+  if not args.smoke:
+    _timing.write_result('device', out)
+  assert all(r['bnjax_ms'] > 0 for r in out['layer'])
+  if jax.default_backend() != 'cpu':
+    assert out['resnet50']['bnjax']['conditionals'] == 0, out['resnet50']
+  return out
+
+
+if __name__ == '__main__':
+  main()
