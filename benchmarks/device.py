@@ -61,47 +61,41 @@ def layer_rows(shapes, rounds, inner):
   return rows
 
 
-def cond_cost(layers=50, size=2**16, rounds=21, inner=20):
+def cond_cost(layers=50, size=256, rounds=21, inner=20):
   """Microseconds per lax.cond on a device-computed predicate: a chain of
-  ``layers`` steps with a cond each (branches with a reduction, which XLA
-  does not turn into a select), against the same chain choosing with a
-  select (no conditional)."""
+  ``layers`` steps with a cond each (a matmul in each branch, so XLA keeps
+  the conditionals instead of turning them into selects), against the same
+  chain choosing the weight with a select (no conditional)."""
   import jax
-  import jax.numpy as jnp
 
   def chain(use_cond):
-    def f(x):
+    def f(x, w1, w2):
       for _ in range(layers):
         p = jnp.sum(x) > 0
         if use_cond:
-          x = jax.lax.cond(p, _up, _down, x)
+          x = jax.lax.cond(
+            p, lambda v: jnp.tanh(v @ w1), lambda v: jnp.tanh(v @ w2), x
+          )
         else:
-          x = jnp.where(p, _up(x), _down(x))
+          x = jnp.tanh(x @ jnp.where(p, w1, w2))
       return x
 
     return jax.jit(f)
 
-  x = jnp.ones((size,))
+  x = jnp.ones((size, size))
+  args = (x, 0.5 * jnp.eye(size), -0.5 * jnp.eye(size))
   fns = {'cond': chain(True), 'select': chain(False)}
-  text = fns['cond'].lower(x).compile().as_text()
-  t = _timing.interleaved(fns, {k: (x,) for k in fns}, rounds, inner)
+  compiled = fns['cond'].lower(*args).compile().as_text()
+  t = _timing.interleaved(fns, {k: args for k in fns}, rounds, inner)
   row = dict(
     layers=layers,
     cond_us=t['cond'] * 1e6,
     select_us=t['select'] * 1e6,
     per_cond_us=(t['cond'] - t['select']) * 1e6 / layers,
-    conditionals_compiled=text.count(' conditional('),
+    conditionals_compiled=compiled.count(' conditional('),
   )
   print(json.dumps(row), flush=True)
   return row
-
-
-def _up(v):
-  return jnp.sin(v) * jnp.mean(v) + 1.0
-
-
-def _down(v):
-  return jnp.cos(v) * jnp.mean(v) - 1.0
 
 
 def model_row(build, batch, size, rounds, inner, classes=1000):
