@@ -1,6 +1,6 @@
 """One process of the 2-process test: 2 CPU devices each, gloo collectives.
 
-Run by tests/test_multihost.py as ``python -m tests._multihost_worker PORT ID
+Run by tests/core/test_multihost.py as ``python -m tests._multihost_worker PORT ID
 OUT``. Builds the 4-device global mesh, runs synced BN forward and backward
 under shard_map by both sync paths (the psum path in its steady state and
 with its exact fallback), and writes its results to OUT (.npz).
@@ -26,7 +26,7 @@ def main(port: int, pid: int, out: str):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   import bnjax
-  from tests.test_multihost import CASES, FAR, problem
+  from tests.core.test_multihost import CASES, FAR, problem
   x, w, stats = problem()
   mesh = Mesh(np.array(jax.devices()), ('d',))
   sharding = NamedSharding(mesh, P('d'))

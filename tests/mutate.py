@@ -22,34 +22,34 @@ MUTANTS = {
     'unbiased running variance': (
         'bnjax/_stats.py', 'return mean, p.m2 / safe_n',
         'return mean, p.m2 / jnp.maximum(p.count - 1.0, 1.0)',
-        ['tests/test_core.py']),
+        ['tests/core/test_oracle.py']),
     'flipped momentum': (
         'bnjax/_running.py', 'new = keep * old.astype(batch.dtype) + (1 - keep)'
         ' * batch', 'new = (1 - keep) * old.astype(batch.dtype) + keep * batch',
-        ['tests/test_core.py']),
+        ['tests/core/test_oracle.py']),
     'unweighted sync mean': (
         'bnjax/_stats.py', 's1 = jnp.sum(n_i * delta, axis)',
         's1 = jnp.mean(delta, axis) * safe_n',
-        ['tests/test_sync.py', 'tests/test_numerics.py']),
+        ['tests/core/test_sync.py', 'tests/core/test_exactness.py']),
     'mask dropped in the backward': (
         'bnjax/_train.py', 'dxm = dxf if m is None else jnp.where(m, dxf, 0.0)',
-        'dxm = dxf', ['tests/test_grad.py', 'tests/test_sync.py']),
+        'dxm = dxf', ['tests/core/test_grad.py', 'tests/core/test_sync.py']),
     'group row as idx % d': (
         'bnjax/_sync.py', 'idx = jnp.asarray(pos)[idx]', 'idx = idx % d',
-        ['tests/test_numerics.py', 'tests/test_sync.py']),
+        ['tests/core/test_exactness.py', 'tests/core/test_sync.py']),
     # Issue 12's bugs.
     'merge drops each shard mean low bits': (
         'bnjax/_stats.py', '+ s1_i / jnp.maximum(n_i, 1.0)',
-        '+ 0 * s1_i', ['tests/test_numerics.py']),
+        '+ 0 * s1_i', ['tests/core/test_exactness.py']),
     'uncorrected two-pass': (
         'bnjax/_stats.py', '- s1 * s1 / jnp.maximum(n, 1.0)', '- 0 * s1',
-        ['tests/test_numerics.py']),
+        ['tests/core/test_exactness.py']),
     'empty channel normalized with x / sqrt(eps)': (
         'bnjax/_train.py', 'norm_mean = jnp.where(empty, fb_mean, mean)',
-        'norm_mean = mean', ['tests/test_numerics.py']),
+        'norm_mean = mean', ['tests/core/test_exactness.py']),
     'ghost sync count stays local': (
         'bnjax/_ghost.py', 'sums[1] / n, sums[3]', 'sums[1] / n, count',
-        ['tests/test_numerics.py']),
+        ['tests/core/test_exactness.py']),
 }
 
 

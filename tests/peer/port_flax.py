@@ -1,8 +1,9 @@
-"""Regenerates tests/peer/test_flax_*.py from a Flax source tree.
+"""Regenerates tests/peer/flax_<version>/test_flax_*.py from a Flax source tree.
 
-Usage: python tests/peer/port_flax.py FLAX_SRC (an unpacked flax sdist; the
-files here came from flax 0.12.8, ``pip download flax==0.12.8
---no-binary :all: --no-deps``).
+Usage: python tests/peer/port_flax.py FLAX_SRC (an unpacked flax sdist,
+``pip download flax==X --no-binary :all: --no-deps``). The ports here came
+from flax 0.12.8 and 0.12.12; tests/peer/conftest.py runs the one of the
+newest release not newer than the installed flax.
 
 Each generated file is one of Flax's test files, reduced to the test methods
 that use BatchNorm (plus the module's imports, helpers and the test classes'
@@ -102,7 +103,13 @@ def port(root: pathlib.Path, rel: str, kind: str) -> tuple[str, int]:
 
 def main(root: str) -> None:
   root_path = pathlib.Path(root)
-  out = pathlib.Path(__file__).parent
+  version = re.search(
+    r"__version__ = ['\"](.*)['\"]",
+    (root_path / 'flax/version.py').read_text(),
+  )[1]
+  out = pathlib.Path(__file__).parent / ('flax_' + version.replace('.', '_'))
+  out.mkdir(exist_ok=True)
+  (out / '__init__.py').touch()
   for rel, kind in FILES.items():
     text, n = port(root_path, rel, kind)
     name = 'test_flax_' + rel.replace('/', '_').replace('_test.py', '.py')

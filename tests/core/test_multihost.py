@@ -38,7 +38,7 @@ def _free_port():
 
 def test_two_processes_match_single_process_global_batch(tmp_path):
   port = _free_port()
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
       'PYTHONPATH', ''), XLA_FLAGS='')
   procs = []

@@ -100,7 +100,7 @@ def test_benchmarks_readme_sync_tables_are_the_committed_results():
   import pathlib
 
   from benchmarks import _timing, sync_lowering, sync_model
-  root = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'
+  root = pathlib.Path(__file__).resolve().parents[2] / 'benchmarks'
   text = (root / 'README.md').read_text()
   low = _timing.latest('sync_lowering')
   assert sync_lowering.table(low['rows']) in text

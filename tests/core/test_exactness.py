@@ -219,3 +219,19 @@ def test_two_pass_exact_on_sorted_and_outlier_batches(ratio):
           jnp.asarray(xs), bnjax.init_batch_stats(3), use_running_average=False,
           momentum=0.0, use_fast_variance=False)[1].var)
       np.testing.assert_allclose(var, v64, rtol=BAR)
+
+
+@pytest.mark.parametrize('ratio', [1e2, 1e3, 1e4])
+@pytest.mark.parametrize('fast', [True, False])
+@pytest.mark.parametrize('shape', [(256, 8), (16, 8, 8, 4)])
+def test_variance_exact_at_large_mean_over_std(ratio, fast, shape):
+  # Issue 2's bar: <= 1e-5 relative error vs float64 at |mean|/std up to 1e4.
+  # Flax's default (E[x^2] - E[x]^2) gives relative errors of 25 to 3.7e3.
+  x = randn(shape, np.float32, loc=ratio * 1.7, scale=1.7, seed=3)
+  stats = bnjax.init_batch_stats(shape[-1])
+  _, new = bnjax.batch_norm(x, stats, use_running_average=False, momentum=0.0,
+                            use_fast_variance=fast)
+  _, rv, _ = ref.moments(x.astype(np.float64))
+  assert np.max(np.abs(np.asarray(new.var, np.float64) / rv - 1)) <= 1e-5
+  _, v = bnjax.moments(x)
+  assert np.max(np.abs(np.asarray(v, np.float64) / rv - 1)) <= 1e-5

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = ROOT / 'docs'
 GUIDES = sorted((DOCS / 'guides').glob('*.md'))
 PUBLIC_MODULES = [
@@ -72,7 +72,7 @@ def test_public_modules_export_only_what_they_define_or_reexport_deliberately():
 def test_guide_code_runs(guide):
   """Each guide's ```python blocks run in order in one namespace, as a
   reader would paste them (multi-host launches excepted: they need
-  processes; tests/test_multihost.py runs that code)."""
+  processes; tests/core/test_multihost.py runs that code)."""
   blocks = python_blocks(guide)
   assert blocks, f'{guide.name} has no runnable example'
   namespace = {'__name__': f'docs_{guide.stem}'}

@@ -16,7 +16,7 @@ import bnjax.nnx
 from bnjax._moments import psum as _psum  # noqa: F401
 from tests import reference as ref
 from tests._helpers import randn
-from tests.test_sync import D, _assert_same, _global, _mesh, _shard
+from tests._sync import D, _assert_same, _global, _mesh, _shard
 
 C = 16
 
