@@ -5,7 +5,7 @@
 ``<!-- NAME:end -->``) from ``benchmarks/results/*.json``; it measures
 nothing. Each results file keeps every run (``_timing.write_result``
 appends), with its date, commit and ``dirty`` flag, so a range quoted across
-runs is computed here from the records, never typed. ``tests/test_readme.py``
+runs is computed here from the records, never typed. ``tests/docs/test_readme.py``
 checks that the blocks equal what this module generates and that no figure
 stands in the README's prose outside them.
 """

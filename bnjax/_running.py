@@ -103,7 +103,8 @@ def fallback_stats(state, epsilon) -> tuple[jax.Array, jax.Array]:
   if isinstance(state, RenormStats):
     std = state.std.astype(jnp.promote_types(state.std.dtype, jnp.float32))
     return state.mean, jnp.square(std) - epsilon
-  return tuple(population_stats(state))
+  pop = population_stats(state)
+  return pop.mean, pop.var
 
 
 def population_stats(state: RunningStats) -> BatchStats:

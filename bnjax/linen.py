@@ -8,7 +8,7 @@ collection plumbing lives here, in one base shared by :class:`BatchNorm` and
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -47,7 +47,9 @@ class _Base(nn.Module):
   force_float32_reductions: bool = True
   sync: str = 'auto'  # see bnjax.batch_norm
 
-  _STATE = BatchStats  # the state type: its fields name the variables
+  _STATE: ClassVar[Any] = (
+    BatchStats  # the state type; its fields name the variables
+  )
 
 
 # Module-level, not methods: flax intercepts module methods (nn.tabulate
@@ -73,11 +75,16 @@ def _normalize(module, x, use_running_average, mask, **core_kwargs):
     bias = module.param(
       'bias', module.bias_init, lay.feature_shape, module.param_dtype
     )
-  # Statistics are updated in at least float32, and stored back in the
-  # dtype flax's variable would have (see _stored_dtype).
+  # Statistics are updated in at least float32 and at least the reduction's
+  # dtype (float64 input: float64, or a float64 mean loses its low digits
+  # in a float32 EMA), and stored back in the dtype flax's variable would
+  # have (see _stored_dtype).
+  red = jnp.finfo(jnp.result_type(module.dtype or x.dtype)).dtype
   state = module._STATE(
     *(
-      v.value.astype(jnp.promote_types(v.value.dtype, jnp.float32))
+      v.value.astype(
+        jnp.promote_types(jnp.promote_types(v.value.dtype, red), jnp.float32)
+      )
       for v in variables
     )
   )
@@ -103,8 +110,12 @@ def _normalize(module, x, use_running_average, mask, **core_kwargs):
     bias,
     use_running_average=not train,
     epsilon=module.epsilon,
-    axis_name=None if initializing else module.axis_name,
-    axis_index_groups=None if initializing else module.axis_index_groups,
+    # As flax's: init and inference never sync, so a model built with an
+    # axis_name evaluates outside the mapping it trains in.
+    axis_name=module.axis_name if train and not initializing else None,
+    axis_index_groups=(
+      module.axis_index_groups if train and not initializing else None
+    ),
     mask=mask,
     use_fast_variance=module.use_fast_variance,
     dtype=_out_dtype(module.dtype, x, scale, bias),

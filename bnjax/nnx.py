@@ -131,8 +131,12 @@ class _Base(nnx.Module):
       use_running_average=bool(use_running_average),
       momentum=self.momentum,
       epsilon=self.epsilon,
-      axis_name=self.axis_name,
-      axis_index_groups=self.axis_index_groups,
+      # As flax's: inference never syncs, so a model built with an
+      # axis_name evaluates outside the mapping it trains in.
+      axis_name=None if use_running_average else self.axis_name,
+      axis_index_groups=(
+        None if use_running_average else self.axis_index_groups
+      ),
       mask=mask,
       use_fast_variance=self.use_fast_variance,
       dtype=x.dtype,
@@ -224,6 +228,9 @@ class BatchNorm(_Base):
     >>> bn.eval(); bn.use_running_average
     True
   """
+
+  mean: nnx.BatchStat
+  var: nnx.BatchStat
 
   def __init__(
     self,
@@ -325,6 +332,8 @@ class BatchRenorm(_Base):
   """
 
   _STATE = RenormStats
+  mean: nnx.BatchStat
+  std: nnx.BatchStat
 
   def __init__(
     self,

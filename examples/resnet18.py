@@ -14,7 +14,7 @@ conversion serves both.
     >>> sorted(v)
     ['batch_stats', 'params']
 
-``tests/test_resnet18.py`` converts a torch ResNet-18 both ways and compares
+``tests/interop/test_resnet18.py`` converts a torch ResNet-18 both ways and compares
 logits; ``benchmarks/fold.py`` times it with BN folded into the convolutions
 (:func:`bnjax.fold`).
 """
@@ -272,7 +272,7 @@ def _node(tree, path: str, create: bool = False):
 def torch_resnet18(num_classes: int = 1000):
   """torchvision's ``resnet18(weights=None)``; where torchvision cannot be
   imported, the same architecture with the same state-dict keys in plain
-  torch (see tests/test_resnet18.py, which checks the keys agree)."""
+  torch (see tests/interop/test_resnet18.py, which checks the keys agree)."""
   try:
     import torchvision
 

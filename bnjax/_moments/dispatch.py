@@ -20,7 +20,6 @@ GPU/TPU path on the CPU, ``cpu`` the CPU path on any platform.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -89,7 +88,8 @@ def batch_moments(
   xf = x.astype(local.stats_dtype(x.dtype))
   m = None if mask is None else jnp.broadcast_to(mask, x.shape)
   if sync.axis_name is None:
-    return _local_stats(xf, m, lay, fast)
+    stats = _local_stats if _traced(xf) else _local_stats_impl
+    return _auto_axes(stats, xf, m, lay, fast)
   if sync.mode == 'psum':
     return _psum_or_gather(xf, lay, m, sync, shift)
   return _gathered(xf, lay, m, sync)
@@ -99,25 +99,52 @@ def _counted(p: local.Partial):
   return (p.count, *local.finalize(p))
 
 
-# The statistics are jitted functions of (shape, layout), traced once per
-# signature and called by every layer that has it: a model's BN layers
-# share a handful of shapes, and the conditionals inside are costly to trace
-# and to partially evaluate under autodiff. XLA inlines the calls.
-@functools.partial(jax.jit, static_argnames=('lay', 'fast'))
-def _local_stats(xf, m, lay: Layout, fast: bool):
+def _local_stats_impl(xf, m, lay: Layout, fast: bool):
   return on_platform(
     lambda: local.flax_moments(xf, lay, m, fast),
     lambda: _counted(local.exact_partial(xf, lay, m)),
   )
 
 
+# Under a trace the statistics are jitted functions of (shape, layout),
+# traced once per signature and called by every layer that has it: a
+# model's BN layers share a handful of shapes, and the conditionals inside
+# are costly to trace and to partially evaluate under autodiff (XLA inlines
+# the calls). Eagerly they run op by op, as flax's do, for flax's numbers.
+_local_stats = jax.jit(_local_stats_impl, static_argnames=('lay', 'fast'))
 _exact_partial = jax.jit(local.exact_partial, static_argnames=('lay',))
+
+
+def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
+  """``stats(xf, m, lay, fast)``, with Explicit mesh axes made Auto inside.
+
+  On a mesh with Explicit axes (``jax.make_mesh``'s default since JAX 0.9)
+  the type of a sharded batch carries its sharding, and JAX refuses the
+  exact path's blocked reshapes and its one-element slice of a sharded
+  axis. Inside ``auto_axes`` the partitioner places them (the reductions
+  over the batch become one all-reduce each, as under Auto axes); the
+  statistics leave sharded as the input's feature axes.
+  """
+  spec = getattr(getattr(jax.typeof(xf), 'sharding', None), 'spec', None)
+  if not spec or all(s is None for s in spec):
+    return stats(xf, m, lay, fast)
+  from jax.sharding import PartitionSpec
+
+  feat = PartitionSpec(*(spec[a] for a in lay.feature_axes))
+  count = PartitionSpec() if m is None else feat
+  return jax.sharding.auto_axes(
+    lambda xf, m: stats(xf, m, lay, fast), out_sharding=(count, feat, feat)
+  )(xf, m)
+
+
+def _traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
 
 
 def _gathered(xf, lay, m, sync: Sync):
   # Exact partials on every platform: synced statistics are not flax's
   # anyway (flax averages per-shard means), so exactness wins here.
-  p = _exact_partial(xf, lay, m)
+  p = (_exact_partial if _traced(xf) else local.exact_partial)(xf, lay, m)
   return _counted(gather.gather_merge(p, sync.axis_name, sync.groups, sync.fn))
 
 

@@ -6,7 +6,7 @@ full run), and how to state its result from the summary. ``table()`` builds
 the README table from those and ``results/NAME.json``, so the "holds?"
 column is the run's own boolean, never typed by hand.
 ``python -m experiments table`` writes it into experiments/README.md;
-``tests/test_experiments_smoke.py`` checks that the two agree.
+``tests/smoke/test_experiments.py`` checks that the two agree.
 """
 
 from __future__ import annotations

@@ -1,0 +1,58 @@
+"""Packaging facts: one version, and declared floors that CI really tests."""
+
+import importlib.metadata
+import pathlib
+import re
+import tomllib
+
+import bnjax
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_version_matches_the_installed_metadata():
+  assert importlib.metadata.version('bnjax') == bnjax.__version__
+
+
+def _pins(path):
+  pins = {}
+  for line in (ROOT / path).read_text().splitlines():
+    line = line.split('#')[0].strip()
+    if line:
+      name, version = line.split('==')
+      pins[name] = version
+  return pins
+
+
+def test_declared_floors_are_the_versions_the_floor_job_installs():
+  """pyproject's lower bounds for the runtime and test dependencies equal
+  the exact versions .ci/floor tests the wheel with, and the floor job runs
+  the library's test files."""
+  project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
+  reqs = project['dependencies'] + project['optional-dependencies']['test'] + [
+      r for r in project['optional-dependencies']['experiments']
+      if r.startswith('optax')]
+  floors = dict(re.match(r'([\w-]+)>=([\w.]+)$', r).groups() for r in reqs
+                if '>=' in r)
+  pins = _pins('.ci/floor.txt')
+  for name, version in pins.items():
+    assert floors.get(name) == version, (name, floors.get(name), version)
+  floor_job = (ROOT / '.ci' / 'floor').read_text()
+  assert re.search(r'^run tests/core tests/modules tests/interop$', floor_job,
+                   re.M)
+  assert re.search(r'^BNJAX_STATS_PATH=accelerator run tests/core', floor_job,
+                   re.M)
+
+
+def test_committed_results_are_strict_json():
+  """Regression: experiments/results/non_iid.json held NaN, which strict
+  JSON parsers reject; a diverged run's value is now null."""
+  import json
+
+  def reject(name):
+    raise ValueError(f'non-strict JSON constant {name}')
+  paths = sorted((ROOT / 'experiments' / 'results').glob('*.json')) + sorted(
+      (ROOT / 'benchmarks' / 'results').glob('*.json'))
+  assert paths
+  for path in paths:
+    json.loads(path.read_text(), parse_constant=reject)
