@@ -166,7 +166,18 @@ def test_exact_shift_test_on_random_adversarial_patterns():
   """The equality test itself, on 2000 random sets of D shifts: it is True
   exactly when every shard's bits are equal (no false positive, no miss),
   including shifts that differ only in bits a weak hash folds together."""
+  import functools
+
   from bnjax._moments import psum as P
+
+  @functools.cache
+  def same_everywhere(d):  # one compilation per shard count
+    def f(ks):
+      sums = jax.vmap(lambda k: P._chunks(k, 'v', None), axis_name='v')(ks)
+      return jax.vmap(lambda s: P._same_everywhere(
+          jax.lax.psum(s, 'v'), 'v', None), axis_name='v')(sums)
+    return jax.jit(f)
+
   rng = np.random.default_rng(0)
   for trial in range(2000):
     d = int(rng.integers(2, 9))
@@ -175,10 +186,7 @@ def test_exact_shift_test_on_random_adversarial_patterns():
     if trial % 2:
       i, c = rng.integers(0, d), rng.integers(0, 4)
       shifts[i, c] ^= np.uint32(rng.integers(1, 2**32, dtype=np.uint64))
-    ks = jnp.asarray(shifts.view(np.float32))
-    sums = jax.vmap(lambda k: P._chunks(k, 'v', None), axis_name='v')(ks)
-    same = jax.vmap(lambda s: P._same_everywhere(
-        jax.lax.psum(s, 'v'), 'v', None), axis_name='v')(sums)
+    same = same_everywhere(d)(jnp.asarray(shifts.view(np.float32)))
     assert bool(same[0]) == (not trial % 2), (trial, shifts)
 
 
