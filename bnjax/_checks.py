@@ -268,13 +268,21 @@ def check_scalar(fn: str, name: str, v: Any):
     )
 
 
-def check_training_count(fn: str, x, axis, global_count: int):
+def check_training_count(
+  fn: str, x, axis, global_count: int, axis_name: Any = None, shards: int = 1
+):
+  """More than one value per channel over the (smallest) synced group."""
   if global_count <= 1:
-    raise ValueError(
-      _ONE_VALUE_MSG.format(
-        fn=fn, shape=tuple(x.shape), axis=axis, count=global_count
-      )
+    msg = _ONE_VALUE_MSG.format(
+      fn=fn, shape=tuple(x.shape), axis=axis, count=global_count
     )
+    if axis_name is not None:  # the fix is not "pass axis_name"
+      msg = msg.replace(
+        'or pass axis_name to take statistics over the global batch.',
+        f'or sync over more devices: with axis_name={axis_name!r} the '
+        f'smallest group of axis_index_groups has {shards} device(s).',
+      )
+    raise ValueError(msg)
 
 
 def check_use_running_average(fn: str, value: Any):
@@ -305,6 +313,37 @@ def out_dtype(fn: str, x: jax.Array, dtype: Any):
       f'dtype={"jnp.complex64" if what != "floating" else "jnp.float32"}'
     )
   return dt
+
+
+def check_running_values(fn: str, state: Any) -> None:
+  """Where the running statistics are concrete (eager inference calls,
+  fold), their values must be usable: finite, a variance >= 0, a renorm
+  std > 0. Under ``jit`` they are traced and not checked (a NaN or negative
+  variance there gives NaN outputs; see the numerics guide)."""
+  if any(isinstance(v, jax.core.Tracer) for v in state):
+    return
+  for name, v in zip(type(state)._fields, state, strict=True):
+    if not hasattr(v, 'dtype') or not jnp.issubdtype(v.dtype, jnp.inexact):
+      continue
+    a = np.asarray(v)
+    bad = ~np.isfinite(a)
+    why = 'is not finite'
+    if not bad.any() and name == 'var':
+      bad, why = a < 0, 'is negative (a variance is >= 0)'
+    if not bad.any() and name == 'std':
+      bad, why = a <= 0, 'is <= 0 (a standard deviation is > 0)'
+    if bad.any():
+      where = [
+        int(i[0]) if len(i) == 1 else tuple(int(j) for j in i)
+        for i in np.argwhere(bad)[:5]
+      ]
+      raise ValueError(
+        f'{fn}: the running statistic {name} {why} at channels {where}: '
+        f'{a[bad][:5].tolist()}. It normalizes every output in inference; '
+        'reinitialize it (init_batch_stats) or reload a checkpoint, and '
+        'look for non-finite input in training (NaN or inf poisons the '
+        'running average)'
+      )
 
 
 def _concrete(v: Any):

@@ -83,9 +83,11 @@ def normalize_batch(
   _checks.check_flag(fn, 'use_fast_variance', use_fast_variance)
   out_dtype = _checks.out_dtype(fn, x, dtype)
   groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
+  _moments.check_mode(fn, sync)
   if virtual_batch_size is not None:
     _ghost.check(fn, x, lay, virtual_batch_size)
   if use_running_average:
+    _checks.check_running_values(fn, state)
     mean, rstd = _running.inference_params(state, epsilon)
     y = _train.affine(x, mean.astype(f), rstd, scale, bias, lay, out_dtype)
     return y, state
@@ -93,7 +95,9 @@ def normalize_batch(
   mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask, shift)
   shards = 1 if axis_name is None else _moments.num_shards(axis_name, groups)
   if not single_value_ok:
-    _checks.check_training_count(fn, x, axis, lay.count * shards)
+    _checks.check_training_count(
+      fn, x, axis, lay.count * shards, axis_name, shards
+    )
   cfg = _train.Cfg(
     lay,
     _moments.Sync(axis_name, groups, mode, fn),

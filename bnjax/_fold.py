@@ -70,6 +70,7 @@ def fold(
     batch_stats = BatchStats(**batch_stats)
   lay = _checks.layout(fn, kernel, -1, 'kernel')
   _checks.check_stats(fn, batch_stats, lay, _running.STATE_TYPES)
+  _checks.check_running_values(fn, batch_stats)
   bias = _checks.check_per_channel(fn, 'bias', bias, lay)
   scale = _checks.check_per_channel(fn, 'scale', scale, lay)
   bn_bias = _checks.check_per_channel(fn, 'bn_bias', bn_bias, lay)

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Axis = int | Sequence[int]
@@ -60,18 +61,31 @@ class BatchStats(NamedTuple):
   var: Array
 
 
+def _is_int(d) -> bool:
+  return isinstance(d, (int, np.integer)) and not isinstance(
+    d, (bool, np.bool_)
+  )
+
+
 def _feature_shape(feature_shape: int | Sequence[int]) -> tuple[int, ...]:
-  if isinstance(feature_shape, int):
-    feature_shape = (feature_shape,)
-  if isinstance(feature_shape, str):
-    feature_shape = None
-  try:
-    shape = tuple(int(d) for d in feature_shape)
-  except TypeError:
+  """A tuple of int sizes. Floats and bools are refused, not truncated
+  (``(2.5,)`` was shape (2,), ``True`` shape (1,))."""
+  dims: Any = (
+    (feature_shape,)
+    if _is_int(feature_shape) or isinstance(feature_shape, (bool, np.bool_))
+    else feature_shape
+  )
+  if (
+    isinstance(dims, (str, bytes))
+    or not isinstance(dims, Sequence)
+    or not (all(_is_int(d) for d in dims))
+  ):
     raise TypeError(
-      f'init_batch_stats: feature_shape must be an int or a tuple of ints, '
-      f'got {feature_shape!r}'
-    ) from None
+      f'init_batch_stats: feature_shape must be an int or a tuple of ints '
+      f'(the sizes of the feature axes), got {feature_shape!r}; pass e.g. '
+      'init_batch_stats(64) or init_batch_stats((8, 64))'
+    )
+  shape = tuple(int(d) for d in dims)
   if any(d < 0 for d in shape):
     raise ValueError(
       f'init_batch_stats: feature_shape has a negative size: {shape}'

@@ -62,6 +62,7 @@ from bnjax._torch_layout import (
 )
 
 __all__ = [
+  'batches_tracked',
   'bn_prefixes',
   'conv_kernel_from_torch',
   'dense_kernel_from_torch',
@@ -116,7 +117,7 @@ def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     {'bn.running_mean': array([0., 0.])}
   """
   if isinstance(source, Mapping):
-    return {str(k): _to_numpy(v) for k, v in source.items()}
+    return {str(k): _array(k, v) for k, v in source.items()}
   if not isinstance(source, (str, os.PathLike)):
     raise TypeError(
       'load_state_dict: expected a mapping of arrays or a file '
@@ -124,6 +125,33 @@ def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     )
   path = pathlib.Path(source)
   suffix = path.suffix.lower()
+  if suffix not in ('.npz', '.safetensors', '.pt', '.pth', '.bin'):
+    raise ValueError(
+      f'load_state_dict: unknown file type {suffix!r} for {path}; '
+      'use .npz, .safetensors, .pt or .pth'
+    )
+  if not path.is_file():
+    raise FileNotFoundError(f'load_state_dict: no file {path}')
+  try:
+    sd = _read(path, suffix)
+  except Exception as e:  # a truncated, empty or foreign file
+    raise ValueError(
+      f'load_state_dict: cannot read {path} as a {suffix} state dict '
+      f'({type(e).__name__}: {e}); is the file complete, and was it '
+      'written by np.savez, safetensors or torch.save(model.state_dict())?'
+    ) from e
+  if not isinstance(sd, Mapping):
+    raise TypeError(
+      f'load_state_dict: {path} holds a {type(sd).__name__}, '
+      'not a state dict; save model.state_dict()'
+    )
+  try:
+    return load_state_dict(sd)
+  except (TypeError, ValueError) as e:
+    raise type(e)(f'{e} (in {path})') from None
+
+
+def _read(path: pathlib.Path, suffix: str):
   if suffix == '.npz':
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
@@ -131,20 +159,40 @@ def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return load_file(str(path))
-  if suffix in ('.pt', '.pth', '.bin'):
-    import torch
+  import torch
 
-    sd = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(sd, Mapping):
-      raise TypeError(
-        f'load_state_dict: {path} holds a {type(sd).__name__}, '
-        'not a state dict; save model.state_dict()'
-      )
-    return load_state_dict(sd)
-  raise ValueError(
-    f'load_state_dict: unknown file type {suffix!r} for {path}; '
-    'use .npz, .safetensors, .pt or .pth'
-  )
+  return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _array(key, value) -> np.ndarray:
+  """One state-dict entry as a NumPy array, or an error naming its key."""
+  if isinstance(value, Mapping):
+    raise TypeError(
+      f'load_state_dict: the entry {key!r} is itself a mapping (keys '
+      f'{sorted(map(str, value))[:4]}...), not an array: a checkpoint that '
+      f'nests the state dict (Lightning, a training loop); pass '
+      f'checkpoint[{key!r}]'
+    )
+  layout = str(getattr(value, 'layout', 'torch.strided'))
+  if getattr(value, 'is_meta', False) or layout != 'torch.strided':
+    kind = 'a meta tensor (no data)' if layout == 'torch.strided' else layout
+    raise TypeError(
+      f'load_state_dict: the entry {key!r} is {kind}; pass a dense tensor '
+      '(for example tensor.to_dense(), or load real weights first)'
+    )
+  try:
+    arr = _to_numpy(value)
+  except Exception as e:
+    raise TypeError(
+      f'load_state_dict: the entry {key!r} ({type(value).__name__}) is not '
+      f'an array: {e}'
+    ) from None
+  if arr.dtype.kind not in 'biufc':
+    raise TypeError(
+      f'load_state_dict: the entry {key!r} has dtype {arr.dtype} '
+      f'({type(value).__name__}); state-dict entries must be numeric arrays'
+    )
+  return arr
 
 
 def bn_prefixes(state_dict: Any) -> list[str]:
@@ -166,10 +214,11 @@ def bn_prefixes(state_dict: Any) -> list[str]:
     ['layer1.0.bn1']
   """
   sd = load_state_dict(state_dict)
+  # 'encoder.ema_running_mean' is some other module's buffer, not a layer.
   return sorted(
     k[: -len('.running_mean')] if k != 'running_mean' else ''
     for k in sd
-    if k.endswith('running_mean')
+    if k == 'running_mean' or k.endswith('.running_mean')
   )
 
 
@@ -194,8 +243,11 @@ def from_torch(
     layers: maps torch layer prefixes (``'layer1.0.bn1'``) to Flax module
       paths (``'layer1_0/bn1'`` or ``('layer1_0', 'bn1')``). None converts
       every BatchNorm layer found, with the path taken from the prefix
-      (dots become levels).
-    dtype: dtype of the returned arrays (float32; keep stats >= float32).
+      (dots become levels). In a string path an all-digit level is an int,
+      a list index, as in an nnx model's state (``'layer1/0/bn1'`` is
+      ``('layer1', 0, 'bn1')``); a tuple is taken as it is.
+    dtype: floating dtype of the returned arrays (float32; keep stats >=
+      float32). A complex running mean stays complex.
 
   Returns:
     ``{'params': {...}, 'batch_stats': {...}}`` nested by module path, ready
@@ -214,12 +266,13 @@ def from_torch(
     ...       'layer1.0.bn1.running_mean': np.zeros(2),
     ...       'layer1.0.bn1.running_var': np.ones(2)}
     >>> v = interop.from_torch(sd)             # every layer, path from prefix
-    >>> v['batch_stats']['layer1']['0']['bn1']['var']
+    >>> v['batch_stats']['layer1'][0]['bn1']['var']  # '0': a list index
     Array([1., 1.], dtype=float32)
     >>> v = interop.from_torch(sd, {'layer1.0.bn1': 'layer1_0/bn1'})
     >>> list(v['params']['layer1_0']['bn1'])
     ['scale', 'bias']
   """
+  dtype = _float_dtype('from_torch', dtype)
   sd = load_state_dict(state_dict)
   if layers is None:
     layers = {p: p for p in bn_prefixes(sd)}
@@ -240,13 +293,13 @@ def from_torch(
       f'{bn_prefixes(sd)}'
     )
   problems: list[str] = []
-  targets: dict[tuple[str, ...], str] = {}
+  targets: dict[tuple[str | int, ...], str] = {}
   for prefix, path in layers.items():
-    tree = _split(path)
+    tree = _split(path, prefix, 'from_torch')
     if tree in targets:
       problems.append(
         f'{targets[tree]!r} and {prefix!r} both map to the Flax path '
-        f'{"/".join(tree)!r}; the second would overwrite the first'
+        f'{"/".join(map(str, tree))!r}; the second would overwrite the first'
       )
     targets[tree] = prefix
     problems += _layer_problems(sd, prefix)
@@ -257,19 +310,50 @@ def from_torch(
     )
   out: dict[str, dict] = {'params': {}, 'batch_stats': {}}
   for prefix, path in layers.items():
-    keys, tree = _layer_keys(prefix), _split(path)
+    keys, tree = _layer_keys(prefix), _split(path, prefix, 'from_torch')
     for names, coll in ((_STATS, 'batch_stats'), (_PARAMS, 'params')):
       for torch_name, flax_name in names.items():
         if keys[torch_name] in sd:
-          value = jnp.asarray(sd[keys[torch_name]], dtype)
-          _put(out[coll], tree, flax_name, value)
+          v = sd[keys[torch_name]]
+          # A complex running mean (flax's, for complex input) stays complex.
+          dt = (
+            jnp.promote_types(dtype, v.dtype) if v.dtype.kind == 'c' else dtype
+          )
+          _put(out[coll], tree, flax_name, jnp.asarray(v, dt))
   return out
+
+
+def batches_tracked(state_dict: Any) -> dict[str, int]:
+  """``{prefix: num_batches_tracked}`` of every BatchNorm layer that has one.
+
+  Flax does not count batches; pass this to :func:`to_torch` to write the
+  counts back.
+
+  Args:
+    state_dict: anything :func:`load_state_dict` reads.
+
+  Returns:
+    The counts by layer prefix.
+
+  Example:
+    >>> import numpy as np
+    >>> from bnjax import interop
+    >>> interop.batches_tracked({'bn.running_mean': np.zeros(2),
+    ...                          'bn.num_batches_tracked': np.array(5)})
+    {'bn': 5}
+  """
+  sd = load_state_dict(state_dict)
+  keys = {p: _layer_keys(p)['num_batches_tracked'] for p in bn_prefixes(sd)}
+  return {p: int(sd[k]) for p, k in keys.items() if k in sd}
 
 
 def _layer_problems(sd: Mapping[str, np.ndarray], prefix: str) -> list[str]:
   """What is wrong with one torch BatchNorm layer's state (empty if valid)."""
   keys = _layer_keys(prefix)
   problems = []
+  for n in ('weight', 'bias', 'running_var'):
+    if keys[n] in sd and np.iscomplexobj(sd[keys[n]]):
+      problems.append(f'{keys[n]!r} is complex; only a mean may be complex')
   present = [n for n in ('weight', 'bias') if keys[n] in sd]
   if len(present) == 1:
     absent = keys['bias' if present == ['weight'] else 'weight']
@@ -291,11 +375,11 @@ def _layer_problems(sd: Mapping[str, np.ndarray], prefix: str) -> list[str]:
       f'got shapes {shapes}'
     ]
   for k, v in vectors.items():
-    v = np.asarray(v, np.float64)
+    v = np.asarray(v)
     if not np.all(np.isfinite(v)):
       bad = np.flatnonzero(~np.isfinite(v))[:5].tolist()
       problems.append(f'{k!r} has non-finite values at channels {bad}')
-    elif k == keys['running_var'] and np.any(v < 0):
+    elif k == keys['running_var'] and not np.iscomplexobj(v) and np.any(v < 0):
       bad = np.flatnonzero(v < 0)[:5].tolist()
       problems.append(
         f'{k!r} is negative at channels {bad}; a variance must be >= 0'
@@ -307,7 +391,7 @@ def to_torch(
   variables: Mapping[str, Any],
   layers: Mapping[str, Any],
   *,
-  num_batches_tracked: int = 0,
+  num_batches_tracked: int | Mapping[str, int] = 0,
 ) -> dict[str, np.ndarray]:
   """Converts Flax variables of BatchNorm layers to torch state-dict entries.
 
@@ -315,7 +399,10 @@ def to_torch(
     variables: ``{'params': ..., 'batch_stats': ...}`` of a Flax model.
     layers: maps torch prefixes to Flax module paths, as in
       :func:`from_torch`.
-    num_batches_tracked: the value to store (Flax does not count batches).
+    num_batches_tracked: the value to store (Flax does not count batches),
+      or ``{prefix: count}`` per layer, such as :func:`bnjax.interop.batches_tracked` of
+      the torch state dict the variables came from (a layer it leaves out
+      gets 0).
 
   Returns:
     ``{'<prefix>.weight': ..., ...}`` as float32 NumPy arrays, and
@@ -323,6 +410,14 @@ def to_torch(
     ``load_state_dict(..., strict=False)``. Each array is a writable copy
     that owns its memory: torch's in-place updates never reach the JAX
     arrays it came from.
+
+  Raises:
+    TypeError: ``layers`` is not a mapping, or a path is not a string, int
+      or tuple of them.
+    KeyError: a path is not in the variables (the message names the level).
+    ValueError: the statistics are not valid torch state (a non-finite
+      value, a negative variance, a complex mean), each problem naming its
+      torch key; nothing is returned.
 
   Example:
     >>> import jax, bnjax.linen, jax.numpy as jnp
@@ -340,19 +435,52 @@ def to_torch(
       f'to_torch: layers must map torch prefixes to Flax paths, got '
       f'{type(layers).__name__} {layers!r}'
     )
-  out = {}
+  counts: Mapping[str, int] = (
+    num_batches_tracked
+    if isinstance(num_batches_tracked, Mapping)
+    else dict.fromkeys(layers, int(num_batches_tracked))
+  )
+  out: dict[str, np.ndarray] = {}
+  problems: list[str] = []
   for prefix, path in layers.items():
     keys = _layer_keys(prefix)
-    tree = _split(path)
+    tree = _split(path, prefix, 'to_torch')
     stats = _get(variables.get('batch_stats', {}), tree, 'batch_stats')
     for torch_name, flax_name in _STATS.items():
-      out[keys[torch_name]] = _owned(stats[flax_name])
+      v = np.asarray(stats[flax_name])
+      if np.iscomplexobj(v):
+        problems.append(
+          f'{keys[torch_name]!r} ({"/".join(map(str, tree))}/{flax_name}) is '
+          'complex; torch BatchNorm state is real'
+        )
+      out[keys[torch_name]] = _owned(np.real(v))
     params = _get(variables.get('params', {}), tree, None) or {}
     for torch_name, flax_name in _PARAMS.items():
       if flax_name in params:
         out[keys[torch_name]] = _owned(params[flax_name])
-    out[keys['num_batches_tracked']] = np.array(num_batches_tracked, np.int64)
+    out[keys['num_batches_tracked']] = np.array(counts.get(prefix, 0), np.int64)
+    problems += _layer_problems(out, prefix)
+  if problems:
+    raise ValueError(
+      'to_torch: the variables are not valid torch BatchNorm state; nothing '
+      'was converted:\n  ' + '\n  '.join(problems)
+    )
   return out
+
+
+def _float_dtype(fn: str, dtype) -> Any:
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(
+      f'{fn}: dtype={dtype!r} is not a dtype; pass e.g. dtype=jnp.float32'
+    ) from None
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(
+      f'{fn}: dtype={dt} must be a floating dtype (statistics and '
+      'parameters are real numbers); pass e.g. dtype=jnp.float32'
+    )
+  return dt
 
 
 def _owned(v) -> np.ndarray:
@@ -366,35 +494,62 @@ def _layer_keys(prefix: str) -> dict[str, str]:
   return {k: dot + k for k in TORCH_KEYS}
 
 
-def _split(path) -> tuple[str, ...]:
+def _split(path, prefix: str, fn: str) -> tuple[str | int, ...]:
+  """A Flax module path as a tuple of keys.
+
+  A string splits at '/' and '.'; its all-digit parts become ints, the
+  index of a layer in a list (torch's ``ModuleList``/``Sequential`` and
+  nnx's lists alike). A tuple is taken as it is (strings and ints), so a
+  linen module literally named '0' is ``('0',)``. An int is one index.
+  """
   if isinstance(path, str):
-    parts = tuple(p for p in path.replace('.', '/').split('/') if p)
+    parts: tuple[str | int, ...] = tuple(
+      int(p) if p.isdigit() else p
+      for p in path.replace('.', '/').split('/')
+      if p
+    )
+  elif isinstance(path, (int, np.integer)) and not isinstance(path, bool):
+    parts = (int(path),)
+  elif isinstance(path, (tuple, list)) and all(
+    isinstance(p, (str, int, np.integer)) and not isinstance(p, bool)
+    for p in path
+  ):
+    parts = tuple(p if isinstance(p, str) else int(p) for p in path)
   else:
-    parts = tuple(str(p) for p in path)
+    raise TypeError(
+      f'{fn}: the Flax path of {prefix!r} must be a string '
+      f'("layer1/0/bn1"), an int or a tuple of strings and ints, got '
+      f'{type(path).__name__} {path!r}'
+    )
   if not parts:
     raise ValueError(
-      f'bnjax.interop: empty Flax module path {path!r}; name '
+      f'{fn}: empty Flax module path {path!r} for {prefix!r}; name '
       'the module, e.g. "BatchNorm_0"'
     )
   return parts
 
 
-def _put(root: dict, tree: Sequence[str], name: str, value) -> None:
+def _put(root: dict, tree: Sequence[str | int], name: str, value) -> None:
   node = root
   for p in tree:
     node = node.setdefault(p, {})
   node[name] = value
 
 
-def _get(root, tree: Sequence[str], collection: str | None):
+def _get(root, tree: Sequence[str | int], collection: str | None):
+  """The node at ``tree``; an int part also matches its string (a linen
+  name) and a digit string its int (an nnx list index)."""
   node = root
-  for p in tree:
-    if p not in node:
+  for depth, p in enumerate(tree):
+    keys = list(node) if isinstance(node, Mapping) else []
+    match = [k for k in keys if k == p or str(k) == str(p)]
+    if not match:
       if collection is None:
         return None
+      where = '/'.join(map(str, tree[:depth])) or 'the top level'
       raise KeyError(
-        f'to_torch: no {"/".join(tree)!r} in the {collection} '
-        f'collection; it has {sorted(node)}'
+        f'to_torch: no {"/".join(map(str, tree))!r} in the {collection} '
+        f'collection: at {where} there is no {p!r}, only {keys}'
       )
-    node = node[p]
+    node = node[match[0]]
   return node

@@ -9,6 +9,7 @@ plumbing lives here, in one base shared by :class:`BatchNorm` and
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -373,6 +374,19 @@ class BatchRenorm(_Base):
       self.d_max if d_max is None else d_max,
     )
     return self._normalize(x, use_running_average, mask, renorm=limits)
+
+
+def _constructor_signature(cls) -> None:
+  """``inspect.signature(cls)`` (and so the API reference) shows the
+  constructor's arguments: nnx's metaclass would give (*args, **kwargs)."""
+  init = inspect.signature(cls.__init__)
+  cls.__signature__ = init.replace(
+    parameters=list(init.parameters.values())[1:]
+  )
+
+
+_constructor_signature(BatchNorm)
+_constructor_signature(BatchRenorm)
 
 
 def convert(model: Any, *, axis_name: Any = None, **overrides: Any) -> Any:

@@ -142,8 +142,11 @@ def _figure(step, out):
                                     strict=True)):
     for q, label in enumerate(('15th', '50th', '85th')):
       ax[1 + i].plot(step, p[:, q], color=f'C{q}', label=f'{label} pct')
-    ax[1 + i].set(xlabel='step', ylabel='sigmoid input (first hidden layer)',
+    # The probe is unit 0 of the last hidden layer (see _probe above).
+    ax[1 + i].set(xlabel='step', ylabel='sigmoid input (last hidden layer)',
                   ylim=(lo - pad, hi + pad),
                   title=f'({"bc"[i]}) {name}: input percentiles, seed 0')
-    ax[1 + i].legend()
+    # Below the axes: inside, the legend covered the 85th-percentile line.
+    ax[1 + i].legend(loc='upper center', bbox_to_anchor=(0.5, -0.15),
+                     ncol=3, fontsize='small', frameon=False)
   return fig

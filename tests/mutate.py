@@ -1,6 +1,6 @@
 """Mutation check: plant known bugs one at a time; the tests must catch each.
 
-Run: ``python tests/mutate.py`` (about 5 minutes on 2 cores), or
+Run: ``python tests/mutate.py`` (about 6 minutes on 2 cores), or
 ``python tests/mutate.py NAME ...`` for some. Each mutant replaces one exact
 snippet of a library file, runs the test files that should catch it (``-x``,
 quick hypothesis profile), and restores the file whatever happens. Exits 1
@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = {
     # Issue 19's audit: four the suite caught, one it missed.
     'unbiased running variance': (
-        'bnjax/_stats.py', 'return mean, p.m2 / safe_n',
+        'bnjax/_moments/local.py', 'return mean, p.m2 / safe_n',
         'return mean, p.m2 / jnp.maximum(p.count - 1.0, 1.0)',
         ['tests/core/test_oracle.py']),
     'flipped momentum': (
@@ -28,28 +28,46 @@ MUTANTS = {
         ' * batch', 'new = (1 - keep) * old.astype(batch.dtype) + keep * batch',
         ['tests/core/test_oracle.py']),
     'unweighted sync mean': (
-        'bnjax/_stats.py', 's1 = jnp.sum(n_i * delta, axis)',
-        's1 = jnp.mean(delta, axis) * safe_n',
+        'bnjax/_moments/local.py', 'nd = n_i * delta',
+        'nd = jnp.mean(n_i, axis, keepdims=True) * delta',
         ['tests/core/test_sync.py', 'tests/core/test_exactness.py']),
     'mask dropped in the backward': (
         'bnjax/_train.py', 'dxm = dxf if m is None else jnp.where(m, dxf, 0.0)',
         'dxm = dxf', ['tests/core/test_grad.py', 'tests/core/test_sync.py']),
     'group row as idx % d': (
-        'bnjax/_sync.py', 'idx = jnp.asarray(pos)[idx]', 'idx = idx % d',
+        'bnjax/_moments/axes.py',
+        'return jnp.asarray(pos)[idx], max(len(g) for g in groups)',
+        'return idx % max(len(g) for g in groups), max(len(g) for g in groups)',
         ['tests/core/test_exactness.py', 'tests/core/test_sync.py']),
     # Issue 12's bugs.
     'merge drops each shard mean low bits': (
-        'bnjax/_stats.py', '+ s1_i / jnp.maximum(n_i, 1.0)',
+        'bnjax/_moments/local.py', '+ s1_i / jnp.maximum(n_i, 1.0)',
         '+ 0 * s1_i', ['tests/core/test_exactness.py']),
     'uncorrected two-pass': (
-        'bnjax/_stats.py', '- s1 * s1 / jnp.maximum(n, 1.0)', '- 0 * s1',
-        ['tests/core/test_exactness.py']),
+        'bnjax/_moments/local.py', '- s1 * s1 / jnp.maximum(n, 1.0)',
+        '- 0 * s1', ['tests/core/test_exactness.py']),
     'empty channel normalized with x / sqrt(eps)': (
         'bnjax/_train.py', 'norm_mean = jnp.where(empty, fb_mean, mean)',
         'norm_mean = mean', ['tests/core/test_exactness.py']),
     'ghost sync count stays local': (
         'bnjax/_ghost.py', 'sums[1] / n, sums[3]', 'sums[1] / n, count',
         ['tests/core/test_exactness.py']),
+    # Issue 29's defects.
+    'masked-out NaN reaches the statistics': (
+        'bnjax/_moments/local.py',
+        '# Masked-out values never reach the arithmetic (NaN padding is '
+        'harmless).\n    xf = jnp.where(mask, xf, 0.0)', 'pass',
+        ['tests/core/test_grad.py']),
+    'float group index truncated': (
+        'bnjax/_moments/axes.py', 'if isinstance(i, (bool, np.bool_)) or not '
+        'isinstance(\n        i, (int, np.integer)\n      ):\n        raise bad',
+        'pass', ['tests/core/test_errors.py', 'tests/core/test_sync.py']),
+    'epsilon underflow accepted': (
+        'bnjax/_checks.py', 'tiny = float(jnp.finfo(dtype or jnp.float32).tiny)',
+        'tiny = 0.0', ['tests/core/test_errors.py']),
+    'negative running variance accepted in inference': (
+        'bnjax/_core.py', '_checks.check_running_values(fn, state)', 'pass',
+        ['tests/core/test_errors.py']),
 }
 
 

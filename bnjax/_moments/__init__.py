@@ -36,7 +36,7 @@ from bnjax._moments.local import (
   real_dtype,
   stats_dtype,
 )
-from bnjax._moments.psum import SYNC_MODES, resolve
+from bnjax._moments.psum import SYNC_MODES, check_mode, resolve
 
 __all__ = [
   'LOCAL',
@@ -46,6 +46,7 @@ __all__ = [
   'as_varying',
   'batch_moments',
   'canonical_groups',
+  'check_mode',
   'check_axis_name',
   'check_bound',
   'exact_partial',

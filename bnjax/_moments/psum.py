@@ -103,6 +103,18 @@ def auto_uses_psum(
   return gather > _model_us('all_reduce', devices, 4 * payload)
 
 
+def check_mode(fn: str, sync: object) -> None:
+  """``sync`` is one of SYNC_MODES (checked in inference too, where it is
+  unused: a typo must not wait for the first training step)."""
+  if not isinstance(sync, str) or sync not in SYNC_MODES:
+    raise ValueError(
+      f"{fn}: sync={sync!r} must be one of {SYNC_MODES}: 'gather' all-gathers "
+      "every shard's exact partial, 'psum' adds sums around the running mean "
+      "(with the gather as its fallback), 'auto' picks by device count and "
+      'channels'
+    )
+
+
 def resolve(
   fn: str,
   sync: str,
@@ -113,13 +125,7 @@ def resolve(
   proven: bool,
 ) -> str:
   """The path a synced call takes: 'gather' or 'psum' (checked at trace time)."""
-  if not isinstance(sync, str) or sync not in SYNC_MODES:
-    raise ValueError(
-      f"{fn}: sync={sync!r} must be one of {SYNC_MODES}: 'gather' all-gathers "
-      "every shard's exact partial, 'psum' adds sums around the running mean "
-      "(with the gather as its fallback), 'auto' picks by device count and "
-      'channels'
-    )
+  check_mode(fn, sync)
   if axis_name is None or sync == 'gather':
     return 'gather'
   d = axes.largest_group(axis_name, groups)

@@ -1,5 +1,7 @@
 """Bad input: clear errors at trace time that name the argument and the fix."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,12 +10,19 @@ import pytest
 from flax import nnx
 
 import bnjax
+import bnjax.linen
 import bnjax.nnx
 
 F16 = jnp.float16
 
 S3 = bnjax.init_batch_stats(3)
 X = jnp.ones((4, 3))
+
+
+def _linen(**kw):
+  m = bnjax.linen.BatchNorm(use_running_average=False, **kw)
+  m.init(jax.random.key(0), X)
+  return m
 
 
 def bn(x=X, stats=S3, scale=None, bias=None, **kw):
@@ -77,8 +86,76 @@ def bn(x=X, stats=S3, scale=None, bias=None, **kw):
     (lambda: bnjax.nnx.BatchRenorm(3, use_running_average=None,
                                    rngs=nnx.Rngs(0))(X), ValueError,
      ['bnjax.nnx.BatchRenorm: no use_running_average was given']),
+    # Issue 29: values truncated or accepted silently.
+    (lambda: bnjax.init_batch_stats((2.5,)), TypeError,
+     ['feature_shape must be an int or a tuple of ints', '(2.5,)']),
+    (lambda: bnjax.init_batch_stats(True), TypeError,
+     ['feature_shape must be an int', 'got True']),
+    (lambda: bn(use_running_average=True, sync='gathr'), ValueError,
+     ["sync='gathr' must be one of"]),
+    (lambda: bn(use_running_average=True,
+                stats=bnjax.BatchStats(jnp.zeros(3), jnp.array([1., -1, 1]))),
+     ValueError, ['running statistic var is negative', 'channels [1]',
+                  'init_batch_stats']),
+    (lambda: bn(use_running_average=True,
+                stats=bnjax.BatchStats(jnp.array([0, jnp.nan, 0]),
+                                       jnp.ones(3))),
+     ValueError, ['running statistic mean is not finite', 'channels [1]']),
+    (lambda: bnjax.batch_renorm(
+        X, bnjax.RenormStats(jnp.zeros(3), jnp.array([1., 0, -1])),
+        use_running_average=True, r_max=3.0, d_max=5.0), ValueError,
+     ['batch_renorm: the running statistic std is <= 0', 'channels [1, 2]']),
+    (lambda: bnjax.fold(jnp.ones((2, 3)), None,
+                        bnjax.BatchStats(jnp.zeros(3), -jnp.ones(3)), None,
+                        None), ValueError,
+     ['fold: the running statistic var is negative']),
+    # Issue 29, fixed before its regression tests: one row each.
+    (lambda: bn(scale=jnp.ones(3) * 1j), TypeError,
+     ['scale must be a real floating array', 'complex64']),
+    (lambda: bn(bias=jnp.ones(3, jnp.complex64)), TypeError,
+     ['bias must be a real floating array']),
+    (lambda: bn(momentum=np.complex64(0.9)), TypeError,
+     ['momentum must be a real scalar']),
+    (lambda: bn(epsilon=1e-50), ValueError,
+     ['epsilon=1e-50 is below the smallest normal float32 number']),
+    (lambda: bn(epsilon=1e-45), ValueError, ['epsilon=1e-45 is below']),
+    (lambda: bn(axis_name=3), TypeError,
+     ['axis_name=3 must be the name of a mapped axis']),
+    (lambda: bn(use_fast_variance='no'), TypeError,
+     ["use_fast_variance must be a Python bool, got 'no'"]),
+    (lambda: bn(use_running_average=True, axis_name='zz'), NameError,
+     ["axis_name='zz'", 'not bound']),
+    (lambda: bn(jnp.ones((8, 3)), use_running_average=True,
+                virtual_batch_size=3), ValueError,
+     ['virtual_batch_size=3 does not divide']),
+    (lambda: jax.pmap(lambda xi: bn(xi, axis_name='d', axis_index_groups=[
+        [0, 1.5, 2, 3], [4, 5, 6, 7]]), axis_name='d',
+        devices=jax.devices()[:8])(jnp.ones((8, 2, 3))), TypeError,
+     ['axis_index_groups must be a list of lists of int indices']),
+    (lambda: bnjax.nnx.BatchNorm(-1, rngs=nnx.Rngs(0)), TypeError,
+     ['num_features must be a positive int', 'got -1']),
+    (lambda: bnjax.nnx.BatchNorm('3', rngs=nnx.Rngs(0)), TypeError,
+     ["num_features must be a positive int", "got '3'"]),
+    (lambda: bnjax.nnx.BatchNorm(3.0, rngs=nnx.Rngs(0)), TypeError,
+     ['num_features must be a positive int', 'got 3.0']),
+    (lambda: bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))(jnp.ones((4, 5))),
+     ValueError, ['built with num_features=3', 'build it with num_features=5']),
+    (lambda: jax.jit(lambda u: bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))(
+        X, use_running_average=u))(True), TypeError,
+     ['use_running_average must be a Python bool, got a traced value']),
+    (lambda: bnjax.nnx.convert(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), ValueError,
+     ['found no flax.nnx.BatchNorm in the Linear']),
+    (lambda: _linen(param_dtype=jnp.int32), TypeError,
+     ['param_dtype must be a floating dtype', 'param_dtype=jnp.float32']),
+    (lambda: jax.jit(lambda u: bnjax.linen.BatchNorm().apply(
+        {'batch_stats': {'mean': jnp.zeros(3), 'var': jnp.ones(3)},
+         'params': {'scale': jnp.ones(3), 'bias': jnp.zeros(3)}}, X,
+        use_running_average=u))(True), TypeError,
+     ['use_running_average must be a Python bool, got a traced value']),
 ])
 def test_bad_input_raises_clear_error(call, exc, pieces):
+  """Every public argument: wrong type, dtype, shape, out of range, traced
+  where it must be static (one row per case)."""
   with pytest.raises(exc) as info:
     call()
   for p in pieces:
@@ -176,3 +253,75 @@ def test_module_errors_carry_the_module_name():
   m = bnjax.linen.BatchNorm(use_running_average=False, epsilon=0.0)
   with pytest.raises(ValueError, match=r'^bnjax\.linen\.BatchNorm: epsilon'):
     m.init(jax.random.key(0), jnp.ones((4, 3)))
+
+
+def test_running_values_are_not_checked_under_jit():
+  """Traced statistics cannot be read at trace time: a negative variance
+  under jit gives NaN (documented), and the eager call raises."""
+  bad = bnjax.BatchStats(jnp.zeros(3), -jnp.ones(3))
+  y, _ = jax.jit(lambda s: bn(use_running_average=True, stats=s))(bad)
+  assert np.isnan(np.asarray(y)).all()
+
+
+def test_float8_input_gets_float32_statistics_and_float8_output():
+  """float8 x (e4m3fn, e5m2) is reduced in float32, as bfloat16 is, and the
+  output keeps x's dtype (it raised a TypePromotionError)."""
+  rng = np.random.default_rng(0)
+  for dt in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+    x = jnp.asarray(rng.standard_normal((16, 3)) * 2 + 1, dt)
+    y, new = bnjax.batch_norm(x, S3, use_running_average=False, momentum=0.0)
+    assert y.dtype == dt and new.mean.dtype == jnp.float32
+    xf = np.asarray(x, np.float64)
+    np.testing.assert_allclose(new.mean, xf.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new.var, xf.var(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize('momentum, epsilon, match', [
+    (1.5, 1e-5, r'momentum must be in \[0, 1\] \(got 1.5\)'),
+    (np.nan, 1e-5, r'momentum must be in \[0, 1\] \(got nan\)'),
+    (0.9, -1.0, r'epsilon must be >= 1.18e-38 \(got -1.0\)'),
+])
+def test_traced_hyperparameters_are_checked_under_checkify(momentum, epsilon,
+                                                           match):
+  """A traced momentum or epsilon cannot be checked at trace time; bnjax
+  states the check as checkify.debug_check, which checkify reports (and
+  plain jit skips, as documented in the numerics guide)."""
+  from jax.experimental import checkify
+
+  f = jax.jit(lambda m, e: bn(momentum=m, epsilon=e)[1].mean)
+  err, _ = checkify.checkify(f)(jnp.float32(momentum), jnp.float32(epsilon))
+  assert err.get() is not None and re.search(match, err.get()), err.get()
+  assert np.all(np.isnan(np.asarray(f(jnp.float32(np.nan), 1e-5))))
+
+
+def test_a_one_device_group_does_not_ask_for_axis_name():
+  """Regression: with axis_name passed, a one-device group of one value
+  per channel suggested 'pass axis_name'."""
+  x = jnp.ones((8, 1, 3))
+  with pytest.raises(ValueError, match=r"axis_name='d' the smallest group "
+                     r'of axis_index_groups has 1 device') as info:
+    jax.pmap(lambda xi: bnjax.batch_norm(
+        xi, S3, use_running_average=False, axis_name='d',
+        axis_index_groups=[[0], [1, 2, 3, 4, 5, 6, 7]])[0],
+        axis_name='d', devices=jax.devices()[:8])(x)
+  assert 'pass axis_name' not in str(info.value)
+
+
+def test_linen_float16_param_dtype_stores_float32_statistics():
+  """Regression: param_dtype=float16 with force_float32_reductions=False
+  stored a batch variance of 1.6e5 as float16 inf; flax's variable becomes
+  float32 at the first update (float32 input) and stores it."""
+  import flax.linen as nn
+
+  import bnjax.linen
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 3)) * 400)
+  got = []
+  for cls in (nn.BatchNorm, bnjax.linen.BatchNorm):
+    m = cls(use_running_average=False, param_dtype=F16, momentum=0.0,
+            force_float32_reductions=False)
+    _, upd = m.apply(m.init(jax.random.key(0), x), x, mutable=['batch_stats'])
+    got.append(upd['batch_stats'])
+  assert got[1]['var'].dtype == got[0]['var'].dtype == jnp.float32
+  assert np.all(np.isfinite(got[1]['var'])) and got[1]['var'].min() > 6.5e4
+  np.testing.assert_allclose(got[1]['var'], got[0]['var'], rtol=1e-5)

@@ -1,5 +1,7 @@
 """The functional core against the float64 oracle, plus its API contract."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,20 @@ def bn_cases(draw):
               fast=draw(st.booleans()), train=draw(st.booleans()))
 
 
+# One jitted function per static configuration, not one per example: a
+# shape (and dtype, mask shape) seen before reuses its compilation.
+@functools.partial(jax.jit, static_argnames=('train', 'axis', 'fast'))
+def _jitted_bn(x, s, g, b, m, *, train, axis, fast):
+  return bnjax.batch_norm(x, s, g, b, use_running_average=not train,
+                          axis=axis, momentum=0.9, mask=m,
+                          use_fast_variance=fast)
+
+
+@functools.partial(jax.jit, static_argnames=('axis',))
+def _jitted_moments(x, m, *, axis):
+  return bnjax.moments(x, axis=axis, mask=m)
+
+
 @given(bn_cases())
 def test_batch_norm_matches_float64_oracle(case):
   x = randn(case['shape'], np.float32, case['loc'], case['scale'],
@@ -56,10 +72,8 @@ def test_batch_norm_matches_float64_oracle(case):
   g = b = None
   if case['affine']:
     g, b = randn(fshape, seed=3), randn(fshape, seed=4)
-  fn = jax.jit(lambda x, s, g, b, m: bnjax.batch_norm(
-      x, s, g, b, use_running_average=not case['train'], axis=case['axis'],
-      momentum=0.9, mask=m, use_fast_variance=case['fast']))
-  y, new = fn(x, stats, g, b, case['mask'])
+  y, new = _jitted_bn(x, stats, g, b, case['mask'], train=case['train'],
+                      axis=case['axis'], fast=case['fast'])
   ry, rm, rv = ref.batch_norm(
       np.asarray(x, np.float64), stats.mean, stats.var, g, b,
       use_running_average=not case['train'], axis=case['axis'], momentum=0.9,
@@ -79,8 +93,7 @@ def test_batch_norm_matches_float64_oracle(case):
 def test_moments_match_float64_oracle(case):
   x = randn(case['shape'], np.float32, case['loc'], case['scale'],
             case['seed']).astype(case['dtype'])
-  mean, var = jax.jit(lambda x, m: bnjax.moments(x, axis=case['axis'],
-                                                 mask=m))(x, case['mask'])
+  mean, var = _jitted_moments(x, case['mask'], axis=case['axis'])
   rm, rv, _ = ref.moments(np.asarray(x, np.float64), case['axis'],
                           case['mask'])
   assert mean.dtype == var.dtype == jnp.float32

@@ -49,10 +49,11 @@ def test_round_trip_is_bitwise():
 
 
 def test_default_layers_come_from_prefixes():
+  """An all-digit level is a list index (an int), as in an nnx state."""
   sd = _model_state()
   assert interop.bn_prefixes(sd) == ['bn1', 'layer1.0.bn']
   v = interop.from_torch(sd)
-  np.testing.assert_array_equal(v['batch_stats']['layer1']['0']['bn']['mean'],
+  np.testing.assert_array_equal(v['batch_stats']['layer1'][0]['bn']['mean'],
                                 sd['layer1.0.bn.running_mean'])
 
 
@@ -315,3 +316,147 @@ def test_from_torch_layers_must_be_a_mapping():
   with pytest.raises(TypeError, match=r"layers must map torch prefixes to "
                      r"Flax paths, got list \['bn1'\]; pass e.g. \{'bn1'"):
     interop.from_torch(_model_state(), ['bn1'])
+
+
+# ------------------------------------------- issue 29: interop defects ---
+
+
+def _one_layer(prefix='bn', c=3, **extra):
+  sd = {f'{prefix}.weight': np.ones(c, np.float32),
+        f'{prefix}.bias': np.zeros(c, np.float32),
+        f'{prefix}.running_mean': np.arange(c, dtype=np.float32),
+        f'{prefix}.running_var': np.ones(c, np.float32),
+        f'{prefix}.num_batches_tracked': np.array(5)}
+  return {**sd, **extra}
+
+
+def test_a_buffer_named_like_running_mean_is_not_a_layer():
+  """Regression: 'encoder.ema_running_mean' made 'encoder.ema_' a BatchNorm
+  prefix, and from_torch raised KeyError on a valid state dict."""
+  sd = _one_layer(**{'encoder.ema_running_mean': np.zeros(3, np.float32)})
+  assert interop.bn_prefixes(sd) == ['bn']
+  assert list(interop.from_torch(sd)['batch_stats']) == ['bn']
+
+
+@pytest.mark.parametrize('value, match', [
+    (['a', 'b', 'c'], r"entry 'bn.running_mean' has dtype <U1"),
+    ({'x': np.zeros(3)}, r"entry 'bn.running_mean' is itself a mapping"),
+    (object(), r"entry 'bn.running_mean' \(object\) is not an array|"
+               r"entry 'bn.running_mean' has dtype object"),
+])
+def test_non_array_entries_name_their_key(value, match):
+  with pytest.raises(TypeError, match=match):
+    interop.from_torch(_one_layer(**{'bn.running_mean': value}))
+
+
+def test_a_nested_checkpoint_says_where_the_state_dict_is():
+  """A Lightning-style {'state_dict': ...} checkpoint said 'found no
+  BatchNorm layer' with no hint at the nesting."""
+  with pytest.raises(TypeError, match=r"pass checkpoint\['state_dict'\]"):
+    interop.from_torch({'state_dict': _one_layer(), 'epoch': np.array(3)})
+
+
+@pytest.mark.parametrize('content', [b'', b'PK\x03\x04garbage'])
+@pytest.mark.parametrize('suffix', ['.npz', '.safetensors'])
+def test_truncated_files_name_the_path(tmp_path, content, suffix):
+  path = tmp_path / f'model{suffix}'
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=rf'cannot read .*model\{suffix}.*'
+                                       'is the file complete'):
+    interop.from_torch(path)
+
+
+def test_a_missing_file_names_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match='nope.npz'):
+    interop.load_state_dict(tmp_path / 'nope.npz')
+
+
+@pytest.mark.parametrize('dtype, match', [
+    ('bogus', "dtype='bogus' is not a dtype"),
+    (jnp.int32, 'dtype=int32 must be a floating dtype'),
+])
+def test_from_torch_dtype_must_be_floating(dtype, match):
+  with pytest.raises(TypeError, match=match):
+    interop.from_torch(_one_layer(), dtype=dtype)
+
+
+@pytest.mark.parametrize('path', [None, 1.5, [('a',)], {'a': 1}])
+def test_layer_paths_of_the_wrong_type_name_the_prefix(path):
+  with pytest.raises(TypeError, match=r"the Flax path of 'bn' must be a "
+                                      'string'):
+    interop.from_torch(_one_layer(), {'bn': path})
+
+
+def test_a_complex_running_mean_keeps_its_imaginary_part():
+  mean = np.array([1 + 2j, 3 - 1j], np.complex64)
+  v = interop.from_torch(_one_layer(c=2, **{'bn.running_mean': mean}))
+  np.testing.assert_array_equal(v['batch_stats']['bn']['mean'], mean)
+  with pytest.raises(ValueError, match="'bn.running_var' is complex"):
+    interop.from_torch(_one_layer(c=2, **{'bn.running_var': mean}))
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('mean', np.nan, r"'bn.running_mean' has non-finite values at channels "
+                     r'\[1\]'),
+    ('var', -1.0, r"'bn.running_var' is negative at channels \[1\]"),
+    ('mean', 1j, r"'bn.running_mean' \(bn/mean\) is complex"),
+])
+def test_to_torch_validates_what_it_exports(field, value, match):
+  v = interop.from_torch(_one_layer())
+  bad = np.asarray(v['batch_stats']['bn'][field]).astype(
+      np.complex64 if isinstance(value, complex) else np.float32)
+  bad[1] = value
+  v['batch_stats']['bn'][field] = bad
+  with pytest.raises(ValueError, match=match):
+    interop.to_torch(v, {'bn': 'bn'})
+
+
+def test_to_torch_writes_back_the_batch_counts():
+  sd = _one_layer()
+  v = interop.from_torch(sd)
+  counts = interop.batches_tracked(sd)
+  assert counts == {'bn': 5}
+  back = interop.to_torch(v, {'bn': 'bn'}, num_batches_tracked=counts)
+  assert int(back['bn.num_batches_tracked']) == 5
+
+
+def test_nnx_model_with_list_held_layers_round_trips():
+  """Regression (jax-ml/bonsai's ResNet): from_torch gave string keys like
+  '0' where nnx list indices are ints, so merging into nnx.state failed
+  with KeyError: '0'; to_torch on that state named the wrong level."""
+  from flax import nnx
+
+  import bnjax.nnx
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.bn0 = bnjax.nnx.BatchNorm(3, rngs=rngs)
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.List([Block(rngs), Block(rngs)])
+
+  sd = {**_one_layer('blocks.0.bn0'), **_one_layer('blocks.1.bn0')}
+  sd['blocks.1.bn0.running_mean'] = np.array([7., 8., 9.], np.float32)
+  to_pure = getattr(nnx, 'to_pure_dict', lambda s: s.to_pure_dict())
+  model = Net(nnx.Rngs(0))
+  v = interop.from_torch(sd)
+  state = nnx.state(model)
+  pure = to_pure(state)
+  for coll in ('batch_stats', 'params'):
+    for i in (0, 1):
+      pure['blocks'][i]['bn0'].update(v[coll]['blocks'][i]['bn0'])
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  np.testing.assert_array_equal(model.blocks[1].bn0.mean[...], [7., 8., 9.])
+  # Back: the nnx state read as flax variables, with int list indices.
+  pure = to_pure(nnx.state(model))
+  tree = {'batch_stats': pure, 'params': pure}
+  layers = {f'blocks.{i}.bn0': f'blocks/{i}/bn0' for i in (0, 1)}
+  back = interop.to_torch(tree, layers,
+                          num_batches_tracked=interop.batches_tracked(sd))
+  for k, a in sd.items():
+    np.testing.assert_array_equal(back[k], a, err_msg=k)
+  with pytest.raises(KeyError, match=r"at blocks/0 there is no 'bn1', only "
+                                     r"\['bn0'\]"):
+    interop.to_torch(tree, {'x': 'blocks/0/bn1'})

@@ -133,3 +133,10 @@ def test_every_committed_benchmark_run_records_its_commit_and_date():
       assert run['env']['date'] and run['env']['commit'], (name, run['env'])
       # True, False, or None for runs recovered from before the flag.
       assert run['env'].get('dirty') in (True, False, None), (name, run['env'])
+
+
+def test_compile_benchmark_smoke():
+  from benchmarks import compile as compile_bench
+  out = compile_bench.main(['--smoke'])
+  (row,) = out['rows']
+  assert row['flax_s'] > 0 and row['bnjax_s'] > 0 and len(row['pair_ratios']) == 1

@@ -15,9 +15,12 @@ def test_all_quick_configs_run(tmp_path):
   pytest.importorskip('mnist1d')
   pytest.importorskip('mlxtend')
   env = dict(os.environ, BNJAX_RESULTS=str(tmp_path), TQDM_DISABLE='1')
+  # No wall-clock timeout: the work is bounded (each quick config runs a
+  # fixed number of steps), and a fixed limit turned a loaded machine into
+  # a failure (the run took 294 s alone and hit 900 s under load).
   r = subprocess.run([sys.executable, '-m', 'experiments', 'run', 'all',
                       '--quick', '--seeds', '2'], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=900)
+                     capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
   files = sorted(p.name for p in tmp_path.glob('*_quick.json'))
   assert len(files) == 9, files
@@ -29,7 +32,7 @@ def test_all_quick_configs_run(tmp_path):
 
 def test_list():
   r = subprocess.run([sys.executable, '-m', 'experiments', 'list'], cwd=ROOT,
-                     capture_output=True, text=True, timeout=120)
+                     capture_output=True, text=True)
   assert r.returncode == 0 and 'with_without' in r.stdout
 
 
