@@ -58,7 +58,13 @@ def check_floating(
   """A real floating array (or complex, where ``complex_ok``)."""
   dtype = getattr(x, 'dtype', None)
   if dtype is None:
-    x = jnp.asarray(x)
+    try:
+      x = jnp.asarray(x)
+    except (TypeError, ValueError):  # a string, a list of strings, None
+      raise TypeError(
+        f'{fn}: {name} must be a floating-point array, got '
+        f'{type(x).__name__} {x!r:.60}; pass e.g. a jnp.float32 array'
+      ) from None
     dtype = x.dtype
   if complex_ok and jnp.issubdtype(dtype, jnp.complexfloating):
     return x

@@ -377,12 +377,29 @@ class BatchRenorm(_Base):
 
 
 def _constructor_signature(cls) -> None:
-  """``inspect.signature(cls)`` (and so the API reference) shows the
-  constructor's arguments: nnx's metaclass would give (*args, **kwargs)."""
-  init = inspect.signature(cls.__init__)
-  cls.__signature__ = init.replace(
-    parameters=list(init.parameters.values())[1:]
-  )
+  """``inspect.signature(cls)`` (and so the API reference) shows every
+  constructor argument: nnx's metaclass would give (*args, **kwargs), and
+  BatchRenorm's ``**kwargs`` are the base's (flax's BatchNorm's)."""
+  own = list(inspect.signature(cls.__init__).parameters.values())[1:]
+  base = list(inspect.signature(_Base.__init__).parameters.values())[2:]
+  if own[-1].kind is inspect.Parameter.VAR_KEYWORD:
+    names = {p.name for p in own}
+    own = own[:-1] + [p for p in base if p.name not in names]
+  cls.__signature__ = _ClassOnly(inspect.Signature(own))
+
+
+class _ClassOnly:
+  """A class attribute that instances do not have: ``inspect.signature`` of
+  a module instance (flax's ``nnx.Sequential`` reads it to forward keyword
+  arguments) must stay that of ``__call__``."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def __get__(self, obj, objtype=None):
+    if obj is not None:
+      raise AttributeError('__signature__')
+    return self.value
 
 
 _constructor_signature(BatchNorm)

@@ -325,3 +325,82 @@ def test_linen_float16_param_dtype_stores_float32_statistics():
   assert got[1]['var'].dtype == got[0]['var'].dtype == jnp.float32
   assert np.all(np.isfinite(got[1]['var'])) and got[1]['var'].min() > 6.5e4
   np.testing.assert_allclose(got[1]['var'], got[0]['var'], rtol=1e-5)
+
+
+# Every argument of batch_norm, by category of bad input. A new argument
+# without rows here fails test_every_argument_has_bad_input_cases, so each
+# one is covered by construction. Categories: 'type' (wrong Python type),
+# 'dtype', 'shape', 'range' (out of range) and 'traced' (traced where it
+# must be static); an argument lists the ones that apply to it.
+_TRACED = object()  # passed as a jit argument instead of a static value
+BN_ARGUMENT_CASES = {
+  'x': [('dtype', jnp.ones((4, 3), jnp.int32), TypeError, 'x must be a '
+         'floating-point'),
+        ('type', 'x', TypeError, 'x must be a floating-point array, got str'),
+        ('shape', jnp.ones((0, 3)), ValueError, 'reduction is empty')],
+  'batch_stats': [('type', {'mean': 1}, TypeError, 'batch_stats must be'),
+                  ('shape', bnjax.BatchStats(jnp.zeros(2), jnp.ones(2)),
+                   ValueError, 'batch_stats.mean has shape (2,)'),
+                  ('dtype', bnjax.BatchStats(jnp.zeros(3, F16),
+                                             jnp.ones(3, F16)), TypeError,
+                   'float16')],
+  'scale': [('shape', jnp.ones(4), ValueError, 'scale has shape (4,)'),
+            ('dtype', jnp.ones(3, jnp.int32), TypeError, 'scale must be'),
+            ('type', ['one'], TypeError,
+             'scale must be a floating-point array, got list')],
+  'bias': [('shape', jnp.ones(2), ValueError, 'bias has shape (2,)'),
+           ('dtype', jnp.ones(3, jnp.complex64), TypeError, 'bias must be')],
+  'use_running_average': [
+      ('type', None, TypeError, 'use_running_average must be a Python bool'),
+      ('traced', _TRACED, TypeError, 'got a traced value')],
+  'axis': [('range', 2, ValueError, 'axis 2 is out of range'),
+           ('type', '-1', TypeError, 'axis must be an int or a tuple')],
+  'momentum': [('range', 1.5, ValueError, 'momentum=1.5'),
+               ('type', '0.9', TypeError, 'momentum must be a real scalar'),
+               ('dtype', np.complex64(0.9), TypeError, 'real scalar')],
+  'epsilon': [('range', 0.0, ValueError, 'epsilon=0.0'),
+              ('range', 1e-50, ValueError, 'below the smallest normal'),
+              ('type', None, TypeError, 'epsilon must be a real scalar')],
+  'axis_name': [('type', 3, TypeError, 'must be the name of a mapped axis'),
+                ('range', 'unbound', NameError, "axis_name='unbound'")],
+  'axis_index_groups': [('range', [[0, 1]], ValueError,
+                         'was passed without axis_name')],
+  'mask': [('dtype', jnp.ones((4, 3)), TypeError, 'mask must be a boolean'),
+           ('shape', jnp.ones((3, 3), bool), ValueError,
+            'does not broadcast')],
+  'use_fast_variance': [('type', 'no', TypeError, 'must be a Python bool'),
+                        ('traced', _TRACED, TypeError, 'traced value')],
+  'dtype': [('dtype', jnp.int32, TypeError, 'dtype'),
+            ('type', 'bogus', TypeError, 'dtype')],
+  'virtual_batch_size': [('range', 3, ValueError, 'does not divide'),
+                         ('type', 2.0, TypeError, 'virtual_batch_size')],
+  'sync': [('range', 'gathr', ValueError, "sync='gathr' must be one of"),
+           ('type', 1, ValueError, 'sync=1 must be one of')],
+}
+
+
+def test_every_argument_has_bad_input_cases():
+  import inspect
+
+  params = set(inspect.signature(bnjax.batch_norm).parameters)
+  assert set(BN_ARGUMENT_CASES) == params, (
+      'add bad-input cases for', params - set(BN_ARGUMENT_CASES))
+
+
+@pytest.mark.parametrize('arg, case', [
+    (arg, case) for arg, cases in BN_ARGUMENT_CASES.items()
+    for case in cases], ids=lambda v: v if isinstance(v, str) else v[0])
+def test_each_argument_rejects_bad_input_naming_it(arg, case):
+  _, value, exc, piece = case
+  kw = dict(x=jnp.ones((8, 3)), batch_stats=S3, scale=None, bias=None,
+            use_running_average=False)
+  if value is _TRACED:
+    good = True if arg == 'use_running_average' else False
+    call = lambda: jax.jit(lambda v: bnjax.batch_norm(**{**kw, arg: v}))(good)
+  else:
+    call = lambda: bnjax.batch_norm(**{**kw, arg: value})
+  with pytest.raises(exc) as info:
+    call()
+  msg = str(info.value)
+  assert piece in msg, (piece, msg)
+  assert arg.split('_')[0] in msg or arg in ('x',), (arg, msg)

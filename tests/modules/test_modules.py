@@ -248,3 +248,16 @@ def test_nnx_train_eval_split_merge_jit_and_grad():
   np.testing.assert_allclose(g2['lin']['kernel'][...], g1['lin']['kernel'][...],
                              rtol=1e-4, atol=1e-6)
   assert isinstance(models[1].bn.mean, nnx.BatchStat)
+
+
+def test_signatures_of_class_and_instance():
+  """The class shows its constructor (nnx's metaclass gave (*args,
+  **kwargs), and BatchRenorm's **kwargs hid flax's arguments); an instance
+  shows __call__, which flax 0.12.12's nnx.Sequential reads to forward
+  keyword arguments (the class attribute first leaked into instances)."""
+  for cls in (bnjax.nnx.BatchNorm, bnjax.nnx.BatchRenorm):
+    ctor = inspect.signature(cls).parameters
+    assert list(ctor)[0] == 'num_features' and 'promote_dtype' in ctor
+    assert not any(p.kind == p.VAR_KEYWORD for p in ctor.values())
+    call = inspect.signature(cls(3, rngs=nnx.Rngs(0))).parameters
+    assert list(call)[:2] == ['x', 'use_running_average'] and 'rngs' not in call
