@@ -20,7 +20,11 @@ def ensure_malloc_env():
   """Re-executes the script with the allocator setting that steadies timings."""
   if os.environ.get('GLIBC_TUNABLES') != MALLOC:
     env = dict(os.environ, GLIBC_TUNABLES=MALLOC)
-    os.execvpe(sys.executable, [sys.executable] + sys.argv, env)
+    # Run as `python -m benchmarks.NAME`: re-execute as a module too (the
+    # script path alone loses the package, and its imports fail).
+    spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+    argv = ['-m', spec.name, *sys.argv[1:]] if spec else sys.argv
+    os.execvpe(sys.executable, [sys.executable, *argv], env)
 
 
 def interleaved_samples(fns: dict, args: dict, rounds: int,

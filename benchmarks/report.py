@@ -200,6 +200,55 @@ def sync_lowering_table(run: dict) -> str:
   return sync_lowering.table(run['rows'])
 
 
+def compile_table(run: dict) -> str:
+  lines = [
+    f"Run of {run['env'].get('date')} at {_commit(run['env'])}, jax "
+    f"{run['env'].get('jax')}, {run['env'].get('machine')}:",
+    '',
+    '| model | input | flax s | bnjax s | vs flax | pairs (A B A B) |',
+    '|---|---|---|---|---|---|',
+  ]
+  for r in run['rows']:
+    lines.append(
+      f"| {r['model']} | {r['batch']}x{r['size']}x{r['size']}x3 | "
+      f"{r['flax_s']:.2f} | {r['bnjax_s']:.2f} | **{r['ratio']:.2f}** | "
+      f"{_span(r['pair_ratios'])} |"
+    )
+  return '\n'.join(lines)
+
+
+def device_table(run: dict) -> str:
+  env = run['env']
+  lines = [
+    f"Run of {env.get('date')} at {_commit(env)} on {env.get('devices')} "
+    f"(jax {env.get('jax')}, flax {env.get('flax')}):",
+    '',
+    '| what | flax ms | bnjax ms | vs flax (quartiles) |',
+    '|---|---|---|---|',
+  ]
+  for r in run['layer']:
+    shape = 'x'.join(map(str, r['shape']))
+    lines.append(
+      f"| layer {shape} {r['mode']} | {r['flax_ms']:.3f} | {r['bnjax_ms']:.3f}"
+      f" | **{r['ratio']:.2f}** ({r['ratio_q25']:.2f}-{r['ratio_q75']:.2f}) |"
+    )
+  m = run['resnet50']
+  lines.append(
+    f"| ResNet-50 step, batch {m['batch']} of {m['size']}x{m['size']} | "
+    f"{m['flax_ms']:.2f} | {m['bnjax_ms']:.2f} | **{m['step_ratio']:.2f}** "
+    f"({m['step_ratio_q25']:.2f}-{m['step_ratio_q75']:.2f}) |"
+  )
+  worst = max(r['err'] for r in run['numerics'] if r['impl'].startswith('bnjax'))
+  lines += [
+    '',
+    f"ResNet-50 compile time vs flax: {m['compile_ratio']:.2f}; conditionals "
+    f"in bnjax's compiled step: {m['bnjax']['conditionals']}; bnjax's worst "
+    f'variance error against float64 at |mean|/std 1e2 to 1e6 on this device: '
+    f'{worst:.1e}.',
+  ]
+  return '\n'.join(lines)
+
+
 def blocks() -> dict[str, str]:
   """Every generated block of benchmarks/README.md, by marker name."""
   try:
@@ -216,6 +265,8 @@ def blocks() -> dict[str, str]:
     'sync-model': sync_model_tables(_timing.latest('sync_model')),
     'model': model_table(_timing.latest('model')),
     'model-runs': model_runs_table(_timing.runs('model')),
+    'compile': compile_table(_timing.latest('compile')),
+    'device': device_table(_timing.latest('device')),
   }
 
 
