@@ -22,8 +22,7 @@ _ONE_VALUE_MSG = (
   '{fn}: training mode needs more than one value per channel, but x of shape '
   '{shape} with axis={axis} reduces over {count} value(s) per channel, so the '
   'batch variance is 0 and the output would be just the bias. Pass '
-  'use_running_average=True for inference, use a larger batch, or pass '
-  'axis_name to take statistics over the global batch.'
+  'use_running_average=True for inference, use a larger batch, or {fix}.'
 )
 _STATS_TYPE_MSG = (
   '{fn}: batch_stats must be a bnjax.BatchStats(mean, var) (or '
@@ -279,16 +278,17 @@ def check_training_count(
 ):
   """More than one value per channel over the (smallest) synced group."""
   if global_count <= 1:
-    msg = _ONE_VALUE_MSG.format(
-      fn=fn, shape=tuple(x.shape), axis=axis, count=global_count
+    fix = (
+      'pass axis_name to take statistics over the global batch'
+      if axis_name is None
+      else f'sync over more devices: with axis_name={axis_name!r} the '
+      f'smallest group of axis_index_groups has {shards} device(s)'
     )
-    if axis_name is not None:  # the fix is not "pass axis_name"
-      msg = msg.replace(
-        'or pass axis_name to take statistics over the global batch.',
-        f'or sync over more devices: with axis_name={axis_name!r} the '
-        f'smallest group of axis_index_groups has {shards} device(s).',
+    raise ValueError(
+      _ONE_VALUE_MSG.format(
+        fn=fn, shape=tuple(x.shape), axis=axis, count=global_count, fix=fix
       )
-    raise ValueError(msg)
+    )
 
 
 def check_use_running_average(fn: str, value: Any):

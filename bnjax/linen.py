@@ -47,9 +47,8 @@ class _Base(nn.Module):
   force_float32_reductions: bool = True
   sync: str = 'auto'  # see bnjax.batch_norm
 
-  _STATE: ClassVar[Any] = (
-    BatchStats  # the state type; its fields name the variables
-  )
+  # The state type; its fields name the variables.
+  _STATE: ClassVar[Any] = BatchStats
 
 
 # Module-level, not methods: flax intercepts module methods (nn.tabulate
