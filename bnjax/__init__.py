@@ -3,15 +3,17 @@
 from bnjax._core import batch_norm, frozen_batch_norm, moments, normalize
 from bnjax._fold import fold
 from bnjax._renorm import batch_renorm
-from bnjax._running import population_stats
+from bnjax._running import apply_pooled, population_stats
 from bnjax._types import (
   BatchStats,
   CumulativeStats,
   DebiasedStats,
+  PooledStats,
   RenormStats,
   init_batch_stats,
   init_cumulative_stats,
   init_debiased_stats,
+  init_pooled_stats,
   init_renorm_stats,
 )
 
@@ -21,7 +23,9 @@ __all__ = [
   'BatchStats',
   'CumulativeStats',
   'DebiasedStats',
+  'PooledStats',
   'RenormStats',
+  'apply_pooled',
   'batch_norm',
   'batch_renorm',
   'fold',
@@ -29,6 +33,7 @@ __all__ = [
   'init_batch_stats',
   'init_cumulative_stats',
   'init_debiased_stats',
+  'init_pooled_stats',
   'init_renorm_stats',
   'moments',
   'normalize',

@@ -26,7 +26,7 @@ _ONE_VALUE_MSG = (
 )
 _STATS_TYPE_MSG = (
   '{fn}: batch_stats must be a bnjax.BatchStats(mean, var) (or '
-  'CumulativeStats / DebiasedStats), got {got}. '
+  'CumulativeStats / DebiasedStats / PooledStats), got {got}. '
   'Create one with bnjax.init_batch_stats(feature_shape) or convert a Flax '
   "collection with bnjax.BatchStats(**variables['batch_stats'][name])."
 )
@@ -334,8 +334,8 @@ def check_running_values(fn: str, state: Any) -> None:
     a = np.asarray(v)
     bad = ~np.isfinite(a)
     why = 'is not finite'
-    if not bad.any() and name == 'var':
-      bad, why = a < 0, 'is negative (a variance is >= 0)'
+    if not bad.any() and name in ('var', 'm2', 'count'):
+      bad, why = a < 0, f'is negative ({name} is >= 0)'
     if not bad.any() and name == 'std':
       bad, why = a <= 0, 'is <= 0 (a standard deviation is > 0)'
     if bad.any():

@@ -108,11 +108,11 @@ def normalize_batch(
   fallback = None if mask is None else _running.fallback_stats(state, epsilon)
   fix = () if correction is None else correction[1]
   if virtual_batch_size is not None:
-    y, mean, var, count = _ghost.train(
+    y, mean, var, count, lo = _ghost.train(
       x, scale, bias, epsilon, mask, cfg, virtual_batch_size, fallback
     )
   else:
-    y, mean, var, count = _train.train(
+    y, mean, var, count, lo = _train.train(
       x,
       scale,
       bias,
@@ -124,7 +124,7 @@ def normalize_batch(
       shift=shift if mode == 'psum' else None,
     )
   valid = None if mask is None else count > 0
-  new = _running.update(state, mean, var, momentum, valid, epsilon)
+  new = _running.update(state, mean, var, momentum, valid, epsilon, (count, lo))
   return y, new
 
 
@@ -240,7 +240,7 @@ def moments(
   mask = _checks.check_mask(fn, mask, x)
   groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
   mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask, None)
-  _, mean, var = _moments.batch_moments(
+  _, mean, var, _ = _moments.batch_moments(
     x, lay, mask, sync=_moments.Sync(axis_name, groups, mode, fn)
   )
   return mean, var

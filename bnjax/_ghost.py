@@ -53,7 +53,7 @@ def check(fn, x, lay, v):
 
 
 def train(x, scale, bias, epsilon, mask, cfg, v, fallback=None):
-  """Ghost-batch training: (y, chunk-mean batch mean, var, count)."""
+  """Ghost-batch training: (y, chunk-mean batch mean, var, count, 0)."""
   lay, fn = cfg.lay, cfg.sync.fn
   k = x.shape[0] // v
   xr = x.reshape((k, v) + x.shape[1:])
@@ -66,7 +66,7 @@ def train(x, scale, bias, epsilon, mask, cfg, v, fallback=None):
   )
   gcfg = dataclasses.replace(cfg, lay=glay, sync=_moments.Sync(fn=fn))
   fb = None if fallback is None else tuple(per_chunk(s) for s in fallback)
-  y, mean_k, var_k, count_k = _train.train(
+  y, mean_k, var_k, count_k, _ = _train.train(
     xr, per_chunk(scale), per_chunk(bias), epsilon, mr, gcfg, fallback=fb
   )
   w = jnp.broadcast_to((count_k > 0).astype(mean_k.dtype), mean_k.shape)
@@ -80,4 +80,5 @@ def train(x, scale, bias, epsilon, mask, cfg, v, fallback=None):
       _moments.psum_stacked(sums, sync.axis_name, sync.groups, sync.fn)
     )
   n = jnp.maximum(sums[2], 1.0)
-  return y.reshape(x.shape), sums[0] / n, sums[1] / n, sums[3]
+  mean = sums[0] / n
+  return y.reshape(x.shape), mean, sums[1] / n, sums[3], jnp.zeros_like(mean)

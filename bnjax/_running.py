@@ -8,6 +8,8 @@ The state type picks the rule (see :mod:`bnjax._types`):
   :math:`w_t = m w_{t-1} + (1 - m)`; inference uses :math:`s_t / w_t`.
 * :class:`RenormStats`: EMAs of the batch mean and of
   :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}` (batch renorm).
+* :class:`PooledStats`: no average at all: the batch's exact moments
+  merged into the pool (Chan et al.), count-weighted.
 
 ``b_t`` is the batch mean or biased batch variance. Channels where ``valid``
 is False (no unmasked values) keep their state. Results carry no gradient and
@@ -20,15 +22,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bnjax import _moments
 from bnjax._types import (
   BatchStats,
   CumulativeStats,
   DebiasedStats,
+  PooledStats,
   RenormStats,
   RunningStats,
+  Scalar,
 )
 
-STATE_TYPES = (BatchStats, CumulativeStats, DebiasedStats)
+STATE_TYPES = (BatchStats, CumulativeStats, DebiasedStats, PooledStats)
 
 
 def stored_dtype(old, new) -> jnp.dtype:
@@ -64,8 +69,20 @@ def update(
   momentum,
   valid: jax.Array | None = None,
   epsilon=0.0,
+  count_lo: tuple[jax.Array, jax.Array] | None = None,
 ):
-  """New running state after one batch, by the rule of ``type(old)``."""
+  """New running state after one batch, by the rule of ``type(old)``.
+
+  ``count_lo``: ``(values per channel, mean_lo)`` of the batch (see
+  ``bnjax._moments.finalize_lo``); only :class:`PooledStats` reads it."""
+  if isinstance(old, PooledStats):
+    if count_lo is None:
+      raise TypeError('update: a PooledStats update needs count_lo')
+    return pool(old, mean, var, count_lo, valid)
+  if not isinstance(old, CumulativeStats) and _is_one(momentum):
+    # momentum 1 is "never update" (a frozen model's BN): the state comes
+    # back bitwise, where 1 * old + 0 * batch would let a NaN batch in.
+    return old
   if isinstance(old, RenormStats):
     return ema(old, mean, jnp.sqrt(var + epsilon), momentum, valid)
   if isinstance(old, BatchStats):
@@ -86,6 +103,93 @@ def update(
       _mix(old.weight, one, momentum, valid),
     )
   raise TypeError(f'unknown running-statistics type {type(old).__name__}')
+
+
+def pool(old: PooledStats, mean, var, count_lo, valid=None) -> PooledStats:
+  """The pool merged with one batch: exact and count-weighted
+  (``bnjax._moments.merge`` of the two partials, each mean with its
+  low-order part)."""
+  count, lo = count_lo
+  f = jnp.promote_types(jnp.result_type(old.mean, mean), jnp.float32)
+  mean, var, lo = (lax.stop_gradient(v).astype(f) for v in (mean, var, lo))
+  n = jnp.broadcast_to(lax.stop_gradient(count), mean.shape).astype(f)
+  parts = _moments.Partial(
+    *(
+      jnp.stack([a.astype(f), b])
+      for a, b in [
+        (old.count, n),
+        (old.mean, mean),
+        (old.count * old.mean_lo, n * lo),
+        (old.m2, n * var),
+      ]
+    )
+  )
+  merged = _moments.merge(parts)
+  new_mean, new_var, new_lo = _moments.finalize_lo(merged)
+  new = PooledStats(merged.count, new_mean, new_lo, new_var * merged.count)
+  if valid is not None:
+    new = PooledStats(
+      *(jnp.where(valid, a, b) for a, b in zip(new, old, strict=True))
+    )
+  return PooledStats(
+    *(a.astype(b.dtype) for a, b in zip(new, old, strict=True))
+  )
+
+
+def apply_pooled(
+  batch_stats: RunningStats,
+  pooled: PooledStats,
+  *,
+  momentum: Scalar = 0.99,
+  epsilon: Scalar = 0.0,
+) -> RunningStats:
+  r"""One running-statistics update from pooled micro-batch moments.
+
+  Gradient accumulation with k micro-batches: train each micro-batch with
+  a :class:`PooledStats` (see there), then call this once. The result is
+  the update one :func:`bnjax.batch_norm` call on the k micro-batches
+  concatenated would make, by the rule of ``type(batch_stats)`` (Flax's
+  EMA for :class:`BatchStats`, ``new = momentum * old + (1 - momentum) *
+  pooled``; PyTorch's momentum ``p`` is ``1 - p`` here). Channels with
+  nothing pooled keep their statistics.
+
+  Args:
+    batch_stats: the running statistics (any state type of
+      :func:`bnjax.batch_norm`, or :class:`RenormStats` with ``epsilon``).
+    pooled: the micro-batches' :class:`PooledStats`.
+    momentum: EMA decay, as :func:`bnjax.batch_norm`'s.
+    epsilon: :class:`RenormStats` only: its ``std`` includes it.
+
+  Returns:
+    New statistics of ``batch_stats``'s type, shapes and dtypes.
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> pool = bnjax.init_pooled_stats(1)
+    >>> for b in (jnp.array([[1.], [3.]]), jnp.array([[5.], [7.]])):
+    ...   _, pool = bnjax.batch_norm(b, pool, use_running_average=False)
+    >>> bnjax.apply_pooled(bnjax.init_batch_stats(1), pool, momentum=0.9)
+    BatchStats(mean=Array([0.4], dtype=float32), var=Array([1.4], dtype=float32))
+  """
+  if not isinstance(pooled, PooledStats):
+    raise TypeError(
+      'apply_pooled: pooled must be a bnjax.PooledStats (train the '
+      'micro-batches with bnjax.init_pooled_stats(feature_shape) as their '
+      f'batch_stats), got {type(pooled).__name__}'
+    )
+  if isinstance(batch_stats, PooledStats):
+    raise TypeError(
+      'apply_pooled: batch_stats is a PooledStats; pass the running '
+      'statistics the pool updates (e.g. a bnjax.BatchStats)'
+    )
+  pop = population_stats(pooled)
+  return update(
+    batch_stats, pop.mean, pop.var, momentum, pooled.count > 0, epsilon
+  )
+
+
+def _is_one(momentum) -> bool:
+  return isinstance(momentum, (int, float)) and momentum == 1
 
 
 def inference_params(state, epsilon) -> tuple[jax.Array, jax.Array]:
@@ -112,7 +216,8 @@ def population_stats(state: RunningStats) -> BatchStats:
 
   :class:`BatchStats` and :class:`CumulativeStats` as stored;
   :class:`DebiasedStats` as ``(mean / weight, var / weight)``, with mean 0
-  and var 1 before any update (``weight == 0``).
+  and var 1 before any update (``weight == 0``); :class:`PooledStats` as
+  ``(mean + mean_lo, m2 / count)``, mean 0 and var 1 with nothing pooled.
 
   Args:
     state: a running-statistics state.
@@ -137,7 +242,14 @@ def population_stats(state: RunningStats) -> BatchStats:
       jnp.where(seen, state.mean / w, 0).astype(state.mean.dtype),
       jnp.where(seen, state.var / w, 1).astype(state.var.dtype),
     )
+  if isinstance(state, PooledStats):
+    seen = state.count > 0
+    n = jnp.where(seen, state.count, 1).astype(state.m2.dtype)
+    return BatchStats(
+      jnp.where(seen, state.mean + state.mean_lo, 0).astype(state.mean.dtype),
+      jnp.where(seen, state.m2 / n, 1).astype(state.m2.dtype),
+    )
   raise TypeError(
-    f'population_stats: expected BatchStats, CumulativeStats or '
-    f'DebiasedStats, got {type(state).__name__}'
+    f'population_stats: expected BatchStats, CumulativeStats, '
+    f'DebiasedStats or PooledStats, got {type(state).__name__}'
   )

@@ -74,7 +74,7 @@ def _safe(x, mask, mean, lay: Layout):
 
 
 def _forward(x, scale, bias, epsilon, mask, fix, fallback, shift, cfg: Cfg):
-  count, mean, var = _moments.batch_moments(
+  count, mean, var, lo = _moments.batch_moments(
     x, cfg.lay, mask, fast=cfg.fast, sync=cfg.sync, shift=shift
   )
   norm_mean, var_eps = mean, var + epsilon
@@ -95,7 +95,7 @@ def _forward(x, scale, bias, epsilon, mask, fix, fallback, shift, cfg: Cfg):
     scale, bias = fold_affine(scale, bias, folded, mean.dtype)
   x = _safe(x, mask, norm_mean, cfg.lay)
   y = affine(x, norm_mean, rstd, scale, bias, cfg.lay, cfg.out_dtype)
-  return y, mean, var, count, norm_mean, rstd, folded
+  return y, (mean, var, count, lo), norm_mean, rstd, folded
 
 
 def fold_affine(scale, bias, rd, f):
@@ -108,19 +108,20 @@ def fold_affine(scale, bias, rd, f):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(8,))
 def _bn_train(x, scale, bias, epsilon, mask, fix, fallback, shift, cfg):
-  y, mean, var, count, _, _, _ = _forward(
+  y, stats, _, _, _ = _forward(
     x, scale, bias, epsilon, mask, fix, fallback, shift, cfg
   )
-  return y, mean, var, count
+  return y, *stats
 
 
 @_bn_train.defjvp
 def _bn_train_jvp(cfg, primals, tangents):
   x, scale, bias, epsilon, mask, fix, fallback, shift = primals
   dx, dscale, dbias, deps = tangents[:4]
-  y, mean, var, count, norm_mean, rstd, folded = _forward(
+  y, stats, norm_mean, rstd, folded = _forward(
     x, scale, bias, epsilon, mask, fix, fallback, shift, cfg
   )
+  count = stats[2]
   if folded is not None:
     # r and d are constants: the tangent is BN's with the folded affine.
     if dscale is not None:
@@ -128,12 +129,12 @@ def _bn_train_jvp(cfg, primals, tangents):
         dscale * folded[1] if dbias is None else dbias + dscale * folded[1]
       )
       dscale = dscale * folded[0]
-    scale, _ = fold_affine(scale, bias, folded, mean.dtype)
+    scale, _ = fold_affine(scale, bias, folded, norm_mean.dtype)
   x = _safe(x, mask, norm_mean, cfg.lay)
   tangent = jax.checkpoint(functools.partial(_tangent_jit, cfg))
   dy = tangent(x, norm_mean, rstd, count, scale, mask, dx, dscale, dbias, deps)
-  zeros = (jnp.zeros_like(mean), jnp.zeros_like(var), jnp.zeros_like(count))
-  return (y, mean, var, count), (dy,) + zeros
+  zeros = tuple(jnp.zeros_like(s) for s in stats)
+  return (y, *stats), (dy, *zeros)
 
 
 def _tangent(
@@ -207,7 +208,7 @@ def train(
   fallback=None,
   shift=None,
 ):
-  """Training-mode BN: (y, batch mean, batch var, count).
+  """Training-mode BN: (y, batch mean, batch var, count, mean_lo).
 
   ``fix``: the arrays ``cfg.correction`` takes after (mean, var + eps).
   ``fallback``: the (mean, var) that channels with no masked-in value are

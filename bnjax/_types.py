@@ -209,8 +209,47 @@ class RenormStats(NamedTuple):
   std: Array
 
 
+class PooledStats(NamedTuple):
+  r"""Exact moments pooled over every batch seen: gradient accumulation.
+
+  Training with a :class:`PooledStats` merges each batch's moments into the
+  pool by Chan's exact merge instead of taking an EMA step: after k
+  micro-batches ``mean`` and ``m2 / count`` are the mean and biased variance
+  of all k micro-batches concatenated (count-weighted, so uneven or masked
+  micro-batches and synced shards pool correctly). Each micro-batch is
+  still normalized by its own statistics (ghost BN); inference with the
+  pool normalizes by the whole batch's. :func:`bnjax.apply_pooled` then
+  applies *one* running-statistics update from the pool, where k calls of
+  :func:`bnjax.batch_norm` would apply k EMA steps on small batches.
+
+  The pool is exact at any ``|mean|/std``: ``mean + mean_lo`` carries the
+  mean to twice float32's precision, since the spread of the micro-batch
+  means, which the pooled variance includes, is otherwise lost to the
+  rounding of a large mean.
+
+  Attributes:
+    count: float32 number of values pooled, per channel.
+    mean: the pooled mean (0 before any batch).
+    mean_lo: the low-order part of the pooled mean.
+    m2: the pooled sum of squared deviations from the mean.
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> pool = bnjax.init_pooled_stats(1)
+    >>> for b in (jnp.array([[1.], [3.]]), jnp.array([[5.], [7.]])):
+    ...   _, pool = bnjax.batch_norm(b, pool, use_running_average=False)
+    >>> bnjax.population_stats(pool)     # of [1, 3, 5, 7]
+    BatchStats(mean=Array([4.], dtype=float32), var=Array([5.], dtype=float32))
+  """
+
+  count: Array  # type: ignore[assignment]  # shadows tuple.count
+  mean: Array
+  mean_lo: Array
+  m2: Array
+
+
 # The running-statistics types that batch_norm takes (each picks a rule).
-RunningStats = BatchStats | CumulativeStats | DebiasedStats
+RunningStats = BatchStats | CumulativeStats | DebiasedStats | PooledStats
 
 
 def init_cumulative_stats(
@@ -250,6 +289,26 @@ def init_debiased_stats(
   s = init_batch_stats(feature_shape, dtype)
   z = jnp.zeros_like(s.mean)
   return DebiasedStats(z, z, z)
+
+
+def init_pooled_stats(
+  feature_shape: int | Sequence[int], dtype: DType = jnp.float32
+) -> PooledStats:
+  """An empty :class:`PooledStats`: every field 0.
+
+  Args:
+    feature_shape: the size of the feature axis, or the shape of the feature
+      axes when ``axis`` is a tuple.
+    dtype: dtype of the moments (float32 by default; float16 refused).
+
+  Example:
+    >>> import bnjax
+    >>> bnjax.population_stats(bnjax.init_pooled_stats(2))   # nothing pooled
+    BatchStats(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32))
+  """
+  s = init_batch_stats(feature_shape, dtype)
+  z = jnp.zeros_like(s.mean)
+  return PooledStats(z.astype(jnp.promote_types(dtype, jnp.float32)), z, z, z)
 
 
 def init_renorm_stats(

@@ -16,14 +16,17 @@ import jax.numpy as jnp
 from flax.linen import dtypes, initializers
 
 from bnjax import _checks, _core, _renorm, _running
-from bnjax._types import BatchStats, RenormStats
+from bnjax._types import BatchStats, PooledStats, RenormStats
 
 __all__ = [
   'BatchNorm',
   'BatchRenorm',
+  'apply_pooled',
 ]
 
-# Collection in which BatchNorm records its batch statistics for precise BN.
+# The collection in which a training BatchNorm pools its batches' exact
+# moments instead of updating batch_stats, when it is mutable: gradient
+# accumulation and precise BN (see apply_pooled).
 MOMENTS = 'batch_moments'
 
 
@@ -95,8 +98,9 @@ def _normalize(module, x, use_running_average, mask, **core_kwargs):
     and not initializing
     and module.is_mutable_collection(MOMENTS)
   )
-  if recording:  # precise BN: momentum 0 gives exactly this batch's stats
-    core_kwargs['momentum'] = 0.0
+  if recording:  # pool this batch's moments; batch_stats stay as they are
+    pooled = _pool_variables(module, lay.feature_shape)
+    state = PooledStats(*(v.value for v in pooled))
   if 'renorm' in core_kwargs:
     core_kwargs.update(
       _renorm.core_kwargs(fn, state, *core_kwargs.pop('renorm'))
@@ -124,8 +128,9 @@ def _normalize(module, x, use_running_average, mask, **core_kwargs):
     **{'momentum': module.momentum, **core_kwargs},
   )
   if recording:
-    module.put_variable(MOMENTS, 'mean', new.mean)
-    module.put_variable(MOMENTS, 'var', new.var)
+    for v, new_v in zip(pooled, new, strict=True):
+      v.value = new_v
+    module.put_variable(MOMENTS, 'momentum', jnp.float32(module.momentum))
   elif train and not initializing:
     for v, new_v in zip(variables, new, strict=True):
       v.value = new_v.astype(_stored_dtype(module, v.value, new_v, x))
@@ -147,6 +152,86 @@ def _variables(module, x, shape):
       'batch_stats', spread_name, lambda s: jnp.ones(s, sdt), shape
     ),
   )
+
+
+def _pool_variables(module, shape):
+  """The pooled moments of MOMENTS (empty at the first micro-batch)."""
+  return tuple(
+    module.variable(MOMENTS, name, lambda: jnp.zeros(shape, jnp.float32))
+    for name in PooledStats._fields
+  )
+
+
+def apply_pooled(
+  batch_stats: Any, batch_moments: Any, *, when: Any = True
+) -> tuple[Any, Any]:
+  r"""One running-statistics update per layer from its pooled moments.
+
+  Gradient accumulation: apply each of k micro-batches with
+  ``mutable=['batch_stats', bnjax.linen.MOMENTS]`` (threading the returned
+  ``batch_moments`` into the next call). Each :class:`BatchNorm` then pools
+  the micro-batches' exact moments (:class:`bnjax.PooledStats`) and leaves
+  ``batch_stats`` as they are; this applies one EMA step per layer, with
+  that layer's ``momentum``, equal to one step on the k micro-batches
+  concatenated (see :func:`bnjax.apply_pooled`).
+
+  Args:
+    batch_stats: the model's ``batch_stats`` collection.
+    batch_moments: the pooled ``batch_moments`` collection.
+    when: a bool (traced is fine, e.g. ``step % k == k - 1`` inside a jitted
+      step): where False, nothing is applied and the pool is kept.
+
+  Returns:
+    ``(new batch_stats, batch_moments)``, the pool emptied where applied,
+    with the structure, shapes and dtypes of the inputs.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bnjax.linen
+    >>> bn = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.9)
+    >>> v = bn.init(jax.random.key(0), jnp.zeros((2, 1)))
+    >>> moments = {}
+    >>> for b in (jnp.array([[1.], [3.]]), jnp.array([[5.], [7.]])):
+    ...   _, upd = bn.apply({**v, bnjax.linen.MOMENTS: moments}, b,
+    ...                     mutable=['batch_stats', bnjax.linen.MOMENTS])
+    ...   moments = upd[bnjax.linen.MOMENTS]
+    >>> stats, moments = bnjax.linen.apply_pooled(v['batch_stats'], moments)
+    >>> stats['mean'], stats['var']         # one step to mean 4, var 5
+    (Array([0.4], dtype=float32), Array([1.4], dtype=float32))
+  """
+  return _apply_pooled_tree(batch_stats, batch_moments, when, ())
+
+
+def _apply_pooled_tree(stats, moments, when, path):
+  if 'm2' in moments and not isinstance(moments['m2'], dict):
+    if not isinstance(stats, dict) or 'var' not in stats:
+      raise ValueError(
+        f'bnjax.linen.apply_pooled: batch_moments has a pool at '
+        f'{"/".join(path) or "the top"} but batch_stats has no BatchNorm '
+        'statistics (mean, var) there; pass the batch_stats of the same '
+        'model'
+      )
+    pool = PooledStats(*(moments[f] for f in PooledStats._fields))
+    old = BatchStats(stats['mean'], stats['var'])
+    new = _running.apply_pooled(old, pool, momentum=moments['momentum'])
+    new = BatchStats(
+      *(jnp.where(when, a, b) for a, b in zip(new, old, strict=True))
+    )
+    empty = {
+      k: jnp.where(when, jnp.zeros_like(v), v)
+      for k, v in pool._asdict().items()
+    }
+    return {**stats, **new._asdict()}, {**moments, **empty}
+  out_stats, out_moments = dict(stats), dict(moments)
+  for k, m in moments.items():
+    if k not in stats:
+      raise ValueError(
+        f'bnjax.linen.apply_pooled: batch_moments has {"/".join(path + (k,))}'
+        ' but batch_stats does not; pass the batch_stats of the same model'
+      )
+    out_stats[k], out_moments[k] = _apply_pooled_tree(
+      stats[k], m, when, path + (k,)
+    )
+  return out_stats, out_moments
 
 
 def _stored_dtype(module, old, new, x):

@@ -21,9 +21,35 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
 from bnjax import _checks, _convert, _core, _renorm
-from bnjax._types import BatchStats, RenormStats
+from bnjax._types import BatchStats, PooledStats, RenormStats
 
-__all__ = ['BatchNorm', 'BatchRenorm', 'convert']
+__all__ = ['BatchNorm', 'BatchRenorm', 'PooledMoment', 'convert']
+
+
+class PooledMoment(nnx.BatchStat):
+  """A field of the :class:`bnjax.PooledStats` a pooling BatchNorm holds.
+
+  :func:`bnjax.training.start_pooling` adds four to each layer
+  (``pooled_count``, ``pooled_mean``, ``pooled_mean_lo``, ``pooled_m2``);
+  :func:`bnjax.training.stop_pooling` removes them. A ``BatchStat``, so
+  optimizers over ``nnx.Param`` leave it alone, and
+  ``nnx.state(model, nnx.BatchStat)`` checkpoints a pool in progress.
+
+  Attributes:
+    value: the array (per channel).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import bnjax.nnx, bnjax.training
+    >>> bn = bnjax.nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+    >>> bnjax.training.start_pooling(bn)
+    >>> type(bn.pooled_count).__name__, isinstance(bn.pooled_m2, nnx.BatchStat)
+    ('PooledMoment', True)
+  """
+
+
+POOL = tuple(f'pooled_{f}' for f in PooledStats._fields)
 
 
 class _Base(nnx.Module):
@@ -118,7 +144,11 @@ class _Base(nnx.Module):
       )
     # The stored statistics keep their own dtype (the promotion above may
     # have cast them to a half dtype).
-    state = self._STATE(*(getattr(self, n)[...] for n in names))
+    if not use_running_average and hasattr(self, POOL[0]):
+      names = POOL  # pooling (gradient accumulation): the stats stay put
+    state = (PooledStats if names is POOL else self._STATE)(
+      *(getattr(self, n)[...] for n in names)
+    )
     if 'renorm' in core_kwargs:
       core_kwargs.update(
         _renorm.core_kwargs(fn, state, *core_kwargs.pop('renorm'))

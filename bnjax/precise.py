@@ -32,6 +32,8 @@ from flax import nnx as _nnx
 from bnjax import _moments
 from bnjax import linen as _linen
 from bnjax import nnx as _bnnx
+from bnjax._running import population_stats
+from bnjax._types import PooledStats
 
 __all__ = [
   'linen_batch_stats',
@@ -128,9 +130,13 @@ def linen_batch_stats(
   """
   _check_batches('linen_batch_stats', batches)
 
-  def moments(batch):
+  def pool(moments, batch):
     _, upd = model.apply(
-      variables, batch, *args, mutable=['batch_stats', _linen.MOMENTS], **kwargs
+      {**variables, _linen.MOMENTS: moments},
+      batch,
+      *args,
+      mutable=['batch_stats', _linen.MOMENTS],
+      **kwargs,
     )
     got = upd.get(_linen.MOMENTS, {})
     if not got:
@@ -138,11 +144,20 @@ def linen_batch_stats(
         'linen_batch_stats: no bnjax.linen.BatchNorm ran in training mode; '
         'pass the arguments that select training mode (e.g. train=True)'
       )
-    return _pairs(got)
+    return got
 
-  pooled = jax.jit(lambda b: _accumulate(moments, b))(batches)
+  def all_batches(batches):
+    # Each layer pools its input over all N batches (bnjax.PooledStats).
+    first = pool({}, jax.tree.map(lambda b: b[0], batches))
+    rest = jax.tree.map(lambda b: b[1:], batches)
+    return _pairs(jax.lax.scan(lambda m, b: (pool(m, b), None), first, rest)[0])
+
+  pooled = jax.jit(all_batches)(batches)
   stats = dict(variables['batch_stats'])  # copied along each path below
   for path, (mean, var) in pooled.items():
+    if not path:  # the model is one BatchNorm: its statistics at the top
+      stats.update(mean=mean, var=var)
+      continue
     node = stats
     for p in path[:-1]:
       node[p] = dict(node[p])
@@ -153,8 +168,9 @@ def linen_batch_stats(
 
 def _pairs(tree, path=()):
   """{module path: (mean, var)} from a nested batch_moments collection."""
-  if 'mean' in tree and 'var' in tree and not isinstance(tree['mean'], dict):
-    return {path: (tree['mean'], tree['var'])}
+  if 'm2' in tree and not isinstance(tree['m2'], dict):
+    pool = PooledStats(*(tree[f] for f in PooledStats._fields))
+    return {path: tuple(population_stats(pool))}
   out = {}
   for k, v in tree.items():
     out.update(_pairs(v, path + (k,)))

@@ -67,6 +67,21 @@ MUTANTS = {
     'negative running variance accepted in inference': (
         'bnjax/_core.py', '_checks.check_running_values(fn, state)', 'pass',
         ['tests/core/test_errors.py']),
+    # Issue 27's: accumulation and freezing.
+    'pool drops the micro-batch means low bits': (
+        'bnjax/_running.py', '(old.count * old.mean_lo, n * lo)',
+        '(0 * old.mean_lo, 0 * lo)', ['tests/core/test_accumulate.py']),
+    'pool ignores the micro-batch count': (
+        'bnjax/_running.py', 'n = jnp.broadcast_to(lax.stop_gradient(count), '
+        'mean.shape).astype(f)', 'n = jnp.ones_like(mean)',
+        ['tests/core/test_accumulate.py']),
+    'frozen (momentum 1) still mixes the batch in': (
+        'bnjax/_running.py',
+        'if not isinstance(old, CumulativeStats) and _is_one(momentum):',
+        'if False:', ['tests/modules/test_training.py']),
+    'linen apply_pooled ignores when': (
+        'bnjax/linen.py', 'jnp.where(when, a, b) for a, b in zip(new, old',
+        'a for a, b in zip(new, old', ['tests/modules/test_training.py']),
 }
 
 

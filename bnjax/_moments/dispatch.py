@@ -76,12 +76,14 @@ def batch_moments(
   fast: bool = True,
   sync: Sync = LOCAL,
   shift: Array | None = None,
-) -> tuple[Array, Array, Array]:
-  """``(count, mean, biased var)`` of x over the (global) batch.
+) -> tuple[Array, Array, Array, Array]:
+  """``(count, mean, biased var, mean_lo)`` of x over the (global) batch.
 
   ``count`` is a scalar, or per channel with a mask; statistics are at
-  least float32. ``shift``: the replicated running mean, the psum path's
-  shared shift (None: zero).
+  least float32; ``mean + mean_lo`` is the mean to twice the precision
+  (``local.finalize_lo``; 0 where the float32 mean is all there is).
+  ``shift``: the replicated running mean, the psum path's shared shift
+  (None: zero).
   """
   if jnp.iscomplexobj(x):
     return _complex_moments(x, lay, mask, fast, sync, shift)
@@ -96,7 +98,7 @@ def batch_moments(
 
 
 def _counted(p: local.Partial):
-  return (p.count, *local.finalize(p))
+  return (p.count, *local.finalize_lo(p))
 
 
 def _local_stats_impl(xf, m, lay: Layout, fast: bool):
@@ -133,7 +135,8 @@ def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
   feat = PartitionSpec(*(spec[a] for a in lay.feature_axes))
   count = PartitionSpec() if m is None else feat
   return jax.sharding.auto_axes(
-    lambda xf, m: stats(xf, m, lay, fast), out_sharding=(count, feat, feat)
+    lambda xf, m: stats(xf, m, lay, fast),
+    out_sharding=(count, feat, feat, feat),
   )(xf, m)
 
 
@@ -159,7 +162,7 @@ def _psum_or_gather(xf, lay, m, sync: Sync, shift):
   )
   return lax.cond(
     ok,
-    lambda: (n, mean, m2 / jnp.maximum(n, 1.0)),
+    lambda: (n, mean, m2 / jnp.maximum(n, 1.0), jnp.zeros_like(mean)),
     lambda: _gathered(xf, lay, m, sync),
   )
 
@@ -180,11 +183,12 @@ def _complex_moments(x, lay: Layout, mask, fast, sync: Sync, shift):
   m = None if mask is None else jnp.broadcast_to(mask, x.shape)[..., None]
   if shift is not None:
     shift = jnp.stack([jnp.real(shift), jnp.imag(shift)], axis=-1)
-  count, mean, var = batch_moments(
+  count, mean, var, lo = batch_moments(
     xr, rlay, m, fast=fast, sync=sync, shift=shift
   )
   count = count[..., 0] if count.ndim else count
-  return count, lax.complex(mean[..., 0], mean[..., 1]), jnp.sum(var, -1)
+  mean, lo = (lax.complex(v[..., 0], v[..., 1]) for v in (mean, lo))
+  return count, mean, jnp.sum(var, -1), lo
 
 
 def shift_replicated(shift: Array | None, x: Array, sync: Sync) -> bool:

@@ -208,8 +208,8 @@ ONE_PASS_MAX_RATIO = 8.0
 
 def flax_moments(
   xf: Array, lay: Layout, mask: Array | None, fast: bool
-) -> tuple[Array, Array, Array]:
-  """``(count, mean, var)`` by flax's formulas where they are exact to the
+) -> tuple[Array, Array, Array, Array]:
+  """``(count, mean, var, mean_lo)`` by flax's formulas where they are exact to the
   ratio bound above, else by :func:`exact_partial` (a ``lax.cond``).
 
   With ``fast``, ``mean(x**2) - mean(x)**2``; else ``mean((x - mean)**2)``;
@@ -234,12 +234,14 @@ def flax_moments(
   # "not <=" so that an overflowed (inf or NaN) one-pass variance, as from
   # x * x at a mean of 1e20, takes the exact path too.
   inexact = jnp.any(~(mean * mean <= ONE_PASS_MAX_RATIO * var))
-  mean, var = lax.cond(
+  # mean_lo is 0 on the plain path: there |mean| <= 2.9 std, so the float32
+  # mean's rounding is far below the statistics' own error.
+  mean, var, lo = lax.cond(
     inexact,
-    lambda: finalize(exact_partial(xf, lay, mask)),
-    lambda: (mean, var),
+    lambda: finalize_lo(exact_partial(xf, lay, mask)),
+    lambda: (mean, var, jnp.zeros_like(mean)),
   )
-  return n, mean, var
+  return n, mean, var, lo
 
 
 # ----------------------------------------------------------------- merge ---
@@ -287,6 +289,18 @@ def _expand_count(n_i, shift_i, axis):
 
 def finalize(p: Partial) -> tuple[Array, Array]:
   """(mean, biased var). A channel with no values gets mean 0 and var 0."""
+  mean, var, _ = finalize_lo(p)
+  return mean, var
+
+
+def finalize_lo(p: Partial) -> tuple[Array, Array, Array]:
+  """(mean, biased var, mean_lo): ``mean + mean_lo`` is the exact mean to
+  about u**2 |mean| (``shift - mean`` is exact, Sterbenz), the low-order
+  bits the float32 mean rounds away. Pooling micro-batches needs them:
+  without them the spread of the micro-batch means is off by u |mean|."""
   safe_n = jnp.maximum(p.count, 1.0)
-  mean = jnp.where(p.count > 0, p.shift + p.s1 / safe_n, 0.0)
-  return mean, p.m2 / safe_n
+  seen = p.count > 0
+  d = p.s1 / safe_n
+  mean = jnp.where(seen, p.shift + d, 0.0)
+  lo = jnp.where(seen, (p.shift - mean) + d, 0.0)
+  return mean, p.m2 / safe_n, lo

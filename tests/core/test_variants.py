@@ -1,6 +1,7 @@
 """Variants: one property suite over a registry, then each variant's own facts.
 
-Every variant (EMA, cumulative, debiased, batch renorm, ghost BN, frozen BN)
+Every variant (EMA, cumulative, debiased, pooled, batch renorm, ghost BN,
+frozen BN)
 passes the same properties as the core: the float64 oracle, jit equals eager,
 vmap over an ensemble, gradient checks, state invariants with no retrace, and
 sync over k shards equals one call on the concatenated batch. After the
@@ -107,6 +108,21 @@ def _ghost_oracle(x, s, g, b, train):
   return y, (m, v)
 
 
+def _pooled_oracle(x, s, g, b, train):
+  """Each batch normalized by its own statistics; the pool is the float64
+  mean and sum of squares of everything pooled (Chan's merge by hand)."""
+  count, mean, lo, m2 = _np(s)
+  if not train:
+    var = np.where(count > 0, m2 / np.maximum(count, 1), 1)
+    return ref.normalize(x, mean + lo, var, g, b, -1, EPS), tuple(s)
+  bm, bv, n = ref.moments(x)
+  total = count + n
+  delta = bm - (mean + lo)
+  return ref.normalize(x, bm, bv, g, b, -1, EPS), (
+      total, mean + lo + delta * n / total, 0 * total,
+      m2 + n * bv + delta ** 2 * count * n / total)
+
+
 def _frozen_apply(x, s, g, b, train, **kw):
   del train, kw  # frozen: always the stored statistics
   return bnjax.frozen_batch_norm(x, s, g, b, epsilon=EPS)
@@ -129,6 +145,8 @@ VARIANTS = [
     Variant('renorm', _renorm_init, _renorm_apply, _renorm_oracle),
     Variant('ghost', _stepped(bnjax.init_batch_stats), _ghost_apply,
             _ghost_oracle),
+    Variant('pooled', _stepped(bnjax.init_pooled_stats), _bn_apply,
+            _pooled_oracle),
     Variant('frozen', _stepped(bnjax.init_batch_stats), _frozen_apply,
             _frozen_oracle, sync=False),
 ]

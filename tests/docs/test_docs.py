@@ -21,6 +21,7 @@ PUBLIC_MODULES = [
   'bnjax.nnx',
   'bnjax.interop',
   'bnjax.precise',
+  'bnjax.training',
 ]
 
 
@@ -91,6 +92,7 @@ def test_guides_cover_the_topics_the_site_promises():
     'numerics',
     'performance',
     'contributing',
+    'training_loops',
   }
 
 
