@@ -49,6 +49,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._haiku import from_haiku, to_haiku
 from bnjax._state_dict import load_state_dict
 from bnjax._torch_layout import (
   conv_kernel_from_torch,
@@ -64,12 +65,14 @@ __all__ = [
   'bn_prefixes',
   'conv_kernel_from_torch',
   'dense_kernel_from_torch',
+  'from_haiku',
   'from_torch',
   'load_state_dict',
   'momentum_from_torch',
   'momentum_to_torch',
   'nchw_to_nhwc',
   'nhwc_to_nchw',
+  'to_haiku',
   'to_torch',
 ]
 

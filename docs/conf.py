@@ -51,7 +51,7 @@ html_css_files = ['custom.css']
 # exempt.
 nitpicky = True
 nitpick_ignore_regex = [
-  ('py:class', r'(jax|jaxlib|numpy|flax|collections|typing)\..*'),
+  ('py:class', r'(jax|jaxlib|numpy|flax|equinox|collections|typing)\..*'),
   ('py:class', r'Array'),
   # Constructor signatures as the modules write them (flax's own aliases).
   ('py:class', r'(nnx|Mapping)\b.*'),

@@ -199,7 +199,15 @@ def test_public_api_type_hints_resolve():
   import bnjax.interop
   import bnjax.linen
   import bnjax.precise
-  for mod in (bnjax, bnjax.linen, bnjax.nnx, bnjax.interop, bnjax.precise):
+  import bnjax.training
+  mods = [bnjax, bnjax.linen, bnjax.nnx, bnjax.interop, bnjax.precise,
+          bnjax.training]
+  try:
+    import bnjax.equinox
+    mods.append(bnjax.equinox)
+  except ImportError:  # the equinox extra is absent
+    pass
+  for mod in mods:
     names = getattr(mod, '__all__', None) or [
         n for n in dir(mod) if not n.startswith('_')]
     for name in names:

@@ -19,6 +19,7 @@ PUBLIC_MODULES = [
   'bnjax',
   'bnjax.linen',
   'bnjax.nnx',
+  'bnjax.equinox',
   'bnjax.interop',
   'bnjax.precise',
   'bnjax.training',
@@ -93,6 +94,7 @@ def test_guides_cover_the_topics_the_site_promises():
     'performance',
     'contributing',
     'training_loops',
+    'equinox_haiku',
   }
 
 

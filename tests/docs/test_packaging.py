@@ -29,9 +29,10 @@ def test_declared_floors_are_the_versions_the_floor_job_installs():
   the exact versions .ci/floor tests the wheel with, and the floor job runs
   the library's test files."""
   project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
-  reqs = project['dependencies'] + project['optional-dependencies']['test'] + [
-      r for r in project['optional-dependencies']['experiments']
-      if r.startswith('optax')]
+  extras = project['optional-dependencies']
+  reqs = (project['dependencies'] + extras['test'] + extras['equinox']
+          + extras['haiku'] + [r for r in extras['experiments']
+                               if r.startswith('optax')])
   floors = dict(re.match(r'([\w-]+)>=([\w.]+)$', r).groups() for r in reqs
                 if '>=' in r)
   pins = _pins('.ci/floor.txt')

@@ -5,6 +5,7 @@ Eval logits agree with torch's within 1e-4 relative; the converted-back state
 dict loads into torch with strict=True and reproduces torch's logits exactly.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -156,3 +157,35 @@ def test_fold_keeps_logits(torch_model, x):
   np.testing.assert_allclose(k['bias'], fused.bias.detach().numpy(),
                              rtol=1e-5, atol=1e-6)
   assert jnp.asarray(k['kernel']).dtype == jnp.float32
+
+
+def test_equinox_resnet18_reproduces_torch_both_ways(torch_model, x):
+  """The Equinox ResNet-18 (examples/resnet18_equinox.py, per-example
+  convention): torch's eval logits and train-mode logits and running means,
+  and back to a torch state dict that loads strictly with the same logits."""
+  eqx = pytest.importorskip(
+      'equinox', reason='needs the equinox extra: pip install "bnjax[equinox]"')
+  from examples import resnet18_equinox as E
+  model, state = E.make(jax.random.key(0), CLASSES)
+  model, state = E.from_torch(model, state, torch_model.state_dict())
+  xs = jnp.asarray(x.numpy())
+  y, _ = eqx.filter_jit(E.logits)(eqx.nn.inference_mode(model), state, xs)
+  _rel_close(y, _logits(torch_model, x))
+  sd = E.to_torch(model, state)
+  fresh = R.torch_resnet18(CLASSES)
+  fresh.load_state_dict({k: torch.from_numpy(np.array(a)) for k, a in
+                         sd.items()}, strict=True)
+  fresh.eval()
+  np.testing.assert_array_equal(_logits(fresh, x), _logits(torch_model, x))
+  # Train mode: batch statistics in every layer, torch's running means.
+  y, new = eqx.filter_jit(E.logits)(model, state, xs)
+  net = R.torch_resnet18(CLASSES)
+  net.load_state_dict(torch_model.state_dict())
+  net.train()
+  with torch.no_grad():
+    _rel_close(y, net(x).numpy())
+  back = E.to_torch(model, new)
+  for k, t in net.state_dict().items():
+    if k.endswith('running_mean'):
+      np.testing.assert_allclose(back[k], t.numpy(), rtol=1e-4, atol=1e-5,
+                                 err_msg=k)

@@ -45,6 +45,14 @@ DIFFERENCES = {
     'running statistics (what inference gives) and leaves them unchanged. '
     'The other channels match flax (tests/modules/test_flax_dropin.py)',
   ),
+  # equinox 0.13.8's own tests (tests/peer/equinox_0_13_8, hand-ported).
+  r'test_equinox_nn\.py::test_batch_norm\[ema\]$': (
+    'Equinox mode="ema" refused',
+    'equinox\'s mode="ema" normalizes training batches by a running average '
+    '(gradient spikes, equinox#659); bnjax.equinox.BatchNorm always '
+    'normalizes by the batch statistics and raises for mode="ema", naming '
+    'mode="batch" and debias=True',
+  ),
 }
 
 

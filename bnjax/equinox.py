@@ -1,0 +1,493 @@
+"""``bnjax.equinox``: BatchNorm and BatchRenorm as Equinox stateful layers.
+
+Equinox's conventions: the running statistics live in an ``eqx.nn.State``
+(one ``eqx.nn.StateIndex`` per layer, holding a bnjax state type), the call
+is ``layer(x, state, *, key=None, inference=None) -> (y, state)``,
+``eqx.nn.inference_mode`` switches to the running statistics and
+``eqx.nn.Sequential`` threads the state. Two calling conventions give the
+same, exact statistics:
+
+* **per example** (Equinox's): ``x`` of shape ``(channels, *spatial)``
+  inside ``jax.vmap(..., axis_name=...)``, with that ``axis_name`` (the
+  batch is the mapped axis; more names sync over more axes or devices);
+* **batched**: ``batch_axis=0`` and ``x`` of shape ``(batch, channels,
+  *spatial)``; no ``vmap`` needed, and under a sharded ``jit`` the
+  statistics are global with no ``axis_name``.
+
+Differences from ``eqx.nn.BatchNorm``, all deliberate (the docs list them):
+training always normalizes by the batch statistics (equinox's default
+``mode="ema"`` normalizes by a running average, which gives gradient spikes,
+equinox#659; ``mode="ema"`` is refused with that explanation); the running
+statistics are Flax's EMA of the biased variance (``debias=True``: the
+zero-debiased EMA, debiased correctly, where equinox's ``mode="batch"``
+debiases a variance EMA that starts at 1 as if it started at 0);
+inference before any training uses mean 0 and variance 1 (equinox's
+``mode="ema"`` reads ``jnp.empty`` buffers); ``axis_name`` is a static field
+(equinox#1074). Parameters and arithmetic are the functional core's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+  import equinox as eqx
+except ImportError as e:  # pragma: no cover - the extra is absent
+  raise ImportError(
+    'bnjax.equinox needs Equinox: pip install "bnjax[equinox]"'
+  ) from e
+
+from bnjax import _checks, _core, _renorm
+from bnjax._state_dict import load_state_dict
+from bnjax._types import (
+  BatchStats,
+  init_batch_stats,
+  init_debiased_stats,
+  init_renorm_stats,
+)
+
+__all__ = ['BatchNorm', 'BatchRenorm', 'from_torch', 'to_torch']
+
+_EMA_MODE = (
+  '{fn}: mode="ema" normalizes training batches by a running average, '
+  'which gives gradient spikes (equinox#659); bnjax always normalizes by '
+  'the batch statistics and keeps an EMA for inference. Pass mode="batch" '
+  '(or leave it out); for debiased running statistics pass debias=True'
+)
+
+
+class _Base(eqx.nn.StatefulLayer):
+  """Fields and call shared by BatchNorm and BatchRenorm."""
+
+  weight: jax.Array | None
+  bias: jax.Array | None
+  state_index: eqx.nn.StateIndex
+  inference: bool
+  axis_name: Hashable | Sequence[Hashable] | None = eqx.field(static=True)
+  input_size: int = eqx.field(static=True)
+  eps: float = eqx.field(static=True)
+  channelwise_affine: bool = eqx.field(static=True)
+  momentum: float = eqx.field(static=True)
+  batch_axis: int | None = eqx.field(static=True)
+  sync: str = eqx.field(static=True)
+
+  def _setup(self, fn, input_size, dtype, init_state, **fields):
+    if (
+      isinstance(input_size, bool)
+      or not isinstance(input_size, int)
+      or input_size < 1
+    ):
+      raise TypeError(
+        f'{fn}: input_size must be a positive int (the number of channels), '
+        f'got {input_size!r}'
+      )
+    batch_axis = fields['batch_axis']
+    if batch_axis is not None and (
+      isinstance(batch_axis, bool) or not isinstance(batch_axis, int)
+    ):
+      raise TypeError(
+        f'{fn}: batch_axis must be None (per-example calls inside '
+        f'jax.vmap) or an int (the batch axis of x), got {batch_axis!r}'
+      )
+    dtype = jnp.float32 if dtype is None else dtype
+    if fields['channelwise_affine']:
+      self.weight = jnp.ones((input_size,), dtype)
+      self.bias = jnp.zeros((input_size,), dtype)
+    else:
+      self.weight = self.bias = None
+    self.state_index = eqx.nn.StateIndex(init_state(input_size))
+    self.input_size = input_size
+    for name, value in fields.items():
+      setattr(self, name, value)
+
+  def _call(self, fn, x, state, inference, mask, **core_kwargs):
+    if inference is None:
+      inference = self.inference
+    if isinstance(inference, jax.core.Tracer):
+      raise TypeError(
+        f'{fn}: inference is traced, but it selects which computation runs; '
+        'jit the model with eqx.filter_jit (which keeps Python bools '
+        'static), not jax.jit, or pass inference= at the call'
+      )
+    _checks.check_use_running_average(fn, inference)
+    x = jnp.asarray(x)
+    # The channel axis: first of an example, or right after the batch axis.
+    if self.batch_axis is None:
+      axis = 0
+    else:
+      b = self.batch_axis % max(x.ndim, 1)
+      axis = 1 if b == 0 else 0
+    lay_x = _checks.check_floating(fn, x, complex_ok=False)
+    lay = _checks.layout(fn, lay_x, axis)
+    if lay.feature_shape != (self.input_size,):
+      raise ValueError(
+        f'{fn}: x of shape {tuple(x.shape)} has {lay.feature_shape} '
+        f'channels on axis {axis}, but the layer was built with '
+        f'input_size={self.input_size}; x is '
+        + (
+          '(channels, *spatial) per example (batch_axis=None)'
+          if self.batch_axis is None
+          else f'(batch, channels, *spatial) with batch_axis={self.batch_axis}'
+        )
+      )
+    stats = state.get(self.state_index)
+    if 'renorm' in core_kwargs:
+      core_kwargs.update(
+        _renorm.core_kwargs(fn, stats, *core_kwargs.pop('renorm'))
+      )
+    y, new = _core.normalize_batch(
+      fn,
+      lay_x,
+      stats,
+      self.weight,
+      self.bias,
+      use_running_average=bool(inference),
+      momentum=self.momentum,
+      epsilon=self.eps,
+      # As the Flax modules: inference never syncs, so a model trained
+      # inside vmap evaluates outside it.
+      axis_name=None if inference else self.axis_name,
+      mask=mask,
+      sync=self.sync,
+      single_value_ok=True,
+      lay=lay,
+      **core_kwargs,
+    )
+    if not inference:
+      state = state.set(self.state_index, new)
+    return y, state
+
+
+class BatchNorm(_Base):
+  """BatchNorm as an Equinox stateful layer, exact and synced.
+
+  Arguments as ``eqx.nn.BatchNorm``'s (``input_size``, ``axis_name``,
+  ``eps``, ``channelwise_affine``, ``momentum``, ``inference``, ``dtype``,
+  ``mode``), plus bnjax's. ``momentum`` is the decay of the running
+  average, ``new = momentum * old + (1 - momentum) * batch`` (Equinox's and
+  Flax's convention; PyTorch's momentum ``p`` is ``1 - p``).
+
+  Args:
+    input_size: the number of channels.
+    axis_name: the ``vmap``/``pmap``/``shard_map`` axis name (or names) the
+      batch is on; None with ``batch_axis`` set: local (or, under a sharded
+      ``jit``, global) statistics. Static.
+    eps: added to the variance.
+    channelwise_affine: learn a per-channel ``weight`` and ``bias``.
+    momentum: EMA decay of the running statistics, in [0, 1].
+    inference: use the running statistics; ``eqx.nn.inference_mode`` sets
+      it and the call may override it.
+    dtype: dtype of ``weight`` and ``bias`` (statistics are float32).
+    mode: ``"batch"`` only (see the module docstring for ``"ema"``).
+    batch_axis: None (per-example calls inside ``jax.vmap``) or the batch
+      axis of x (then x is ``(batch, channels, *spatial)``).
+    debias: keep a zero-debiased EMA (:class:`bnjax.DebiasedStats`).
+    sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
+
+  Attributes:
+    weight, bias: the affine parameters, shape ``(input_size,)``, or None.
+    state_index: the ``eqx.nn.StateIndex`` of the running statistics (a
+      :class:`bnjax.BatchStats`, or :class:`bnjax.DebiasedStats`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, equinox as eqx, bnjax.equinox
+    >>> bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
+    ...     3, axis_name='batch', momentum=0.9)
+    >>> x = jnp.arange(12.0).reshape(4, 3)        # 4 examples of 3 channels
+    >>> y, state = jax.vmap(bn, axis_name='batch', in_axes=(0, None),
+    ...                     out_axes=(0, None))(x, state)
+    >>> state.get(bn.state_index).mean.round(2)
+    Array([0.45, 0.55, 0.65], dtype=float32)
+  """
+
+  def __init__(
+    self,
+    input_size: int,
+    axis_name: Hashable | Sequence[Hashable] | None = None,
+    eps: float = 1e-5,
+    channelwise_affine: bool = True,
+    momentum: float = 0.99,
+    inference: bool = False,
+    dtype: Any = None,
+    mode: str = 'batch',
+    *,
+    batch_axis: int | None = None,
+    debias: bool = False,
+    sync: str = 'auto',
+  ):
+    fn = 'bnjax.equinox.BatchNorm'
+    if mode == 'ema':
+      raise ValueError(_EMA_MODE.format(fn=fn))
+    if mode not in ('batch', 'legacy'):
+      raise ValueError(f'{fn}: mode must be "batch", got {mode!r}')
+    _checks.check_flag(fn, 'debias', debias)
+    init = init_debiased_stats if debias else init_batch_stats
+    self._setup(
+      fn,
+      input_size,
+      dtype,
+      init,
+      inference=inference,
+      axis_name=axis_name,
+      eps=eps,
+      channelwise_affine=channelwise_affine,
+      momentum=momentum,
+      batch_axis=batch_axis,
+      sync=sync,
+    )
+
+  def __call__(
+    self,
+    x: jax.Array,
+    state: eqx.nn.State,
+    *,
+    key: Any = None,
+    inference: bool | None = None,
+    mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, eqx.nn.State]:
+    """Normalizes x; returns ``(y, new state)``.
+
+    Args:
+      x: ``(channels, *spatial)`` per example, or ``(batch, channels,
+        *spatial)`` with ``batch_axis``.
+      state: the ``eqx.nn.State``.
+      key: ignored (Equinox's layer protocol).
+      inference: overrides the field of the same name.
+      mask: optional boolean array broadcastable to x: statistics cover
+        the masked-in entries only (count-weighted over ``axis_name``).
+
+    Returns:
+      ``(y, state)``; in training the state holds the updated statistics.
+    """
+    del key
+    return self._call('bnjax.equinox.BatchNorm', x, state, inference, mask)
+
+
+class BatchRenorm(_Base):
+  """Batch renormalization (Ioffe 2017) as an Equinox stateful layer.
+
+  Arguments as :class:`BatchNorm` (without ``mode`` and ``debias``), plus
+  ``r_max`` and ``d_max``, which the call may override with traced values
+  for the paper's warm-up schedule; the state is a
+  :class:`bnjax.RenormStats`. See :func:`bnjax.batch_renorm`.
+
+  Args:
+    input_size: the number of channels.
+    axis_name: as :class:`BatchNorm`'s.
+    eps: added to the variance.
+    channelwise_affine: learn a per-channel ``weight`` and ``bias``.
+    momentum: EMA decay of the running statistics.
+    inference: use the running statistics.
+    dtype: dtype of ``weight`` and ``bias``.
+    r_max: clip of r, >= 1.
+    d_max: clip of d, >= 0.
+    batch_axis: as :class:`BatchNorm`'s.
+    sync: as :class:`BatchNorm`'s.
+
+  Example:
+    >>> import jax.numpy as jnp, equinox as eqx, bnjax.equinox
+    >>> rn, state = eqx.nn.make_with_state(bnjax.equinox.BatchRenorm)(
+    ...     2, batch_axis=0)
+    >>> y, state = rn(jnp.arange(8.0).reshape(4, 2), state, r_max=1.0,
+    ...               d_max=0.0)
+    >>> type(state.get(rn.state_index)).__name__
+    'RenormStats'
+  """
+
+  r_max: Any = eqx.field(static=True)
+  d_max: Any = eqx.field(static=True)
+
+  def __init__(
+    self,
+    input_size: int,
+    axis_name: Hashable | Sequence[Hashable] | None = None,
+    eps: float = 1e-5,
+    channelwise_affine: bool = True,
+    momentum: float = 0.99,
+    inference: bool = False,
+    dtype: Any = None,
+    *,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    batch_axis: int | None = None,
+    sync: str = 'auto',
+  ):
+    self._setup(
+      'bnjax.equinox.BatchRenorm',
+      input_size,
+      dtype,
+      init_renorm_stats,
+      inference=inference,
+      axis_name=axis_name,
+      eps=eps,
+      channelwise_affine=channelwise_affine,
+      momentum=momentum,
+      batch_axis=batch_axis,
+      sync=sync,
+      r_max=r_max,
+      d_max=d_max,
+    )
+
+  def __call__(
+    self,
+    x: jax.Array,
+    state: eqx.nn.State,
+    *,
+    key: Any = None,
+    inference: bool | None = None,
+    mask: jax.Array | None = None,
+    r_max: Any = None,
+    d_max: Any = None,
+  ) -> tuple[jax.Array, eqx.nn.State]:
+    """Renormalizes x; see :meth:`BatchNorm.__call__` and
+    :func:`bnjax.batch_renorm` (``r_max``/``d_max`` override the fields).
+
+    Args:
+      x: as :meth:`BatchNorm.__call__`.
+      state: the ``eqx.nn.State``.
+      key: ignored.
+      inference: overrides the field.
+      mask: as :meth:`BatchNorm.__call__`.
+      r_max, d_max: override the fields (traced values allowed).
+
+    Returns:
+      ``(y, state)``.
+    """
+    del key
+    limits = (
+      self.r_max if r_max is None else r_max,
+      self.d_max if d_max is None else d_max,
+    )
+    return self._call(
+      'bnjax.equinox.BatchRenorm', x, state, inference, mask, renorm=limits
+    )
+
+
+# ------------------------------------------------------- PyTorch state ---
+
+Where = Callable[[Any], BatchNorm]
+
+
+def from_torch(
+  model: Any, state: eqx.nn.State, state_dict: Any, layers: Mapping[str, Where]
+) -> tuple[Any, eqx.nn.State]:
+  """Loads PyTorch BatchNorm layers into an Equinox model and its State.
+
+  ``weight``/``bias`` become the layer's ``weight``/``bias`` (by
+  ``eqx.tree_at``) and ``running_mean``/``running_var`` its
+  :class:`bnjax.BatchStats` in the state, copied as they are (torch's
+  running variance averages the unbiased batch variance: see
+  :mod:`bnjax.interop`). Torch's momentum ``p`` is ``1 - p`` here.
+
+  Args:
+    model: an Equinox model holding :class:`BatchNorm` layers.
+    state: its ``eqx.nn.State``.
+    state_dict: a torch state dict (any source
+      :func:`bnjax.interop.load_state_dict` reads).
+    layers: ``{torch prefix: where}``, ``where(model)`` picking the layer
+      (as for ``eqx.tree_at``), e.g. ``{'bn1': lambda m: m.bn1}``.
+
+  Returns:
+    ``(model, state)``, new.
+
+  Example:
+    >>> import numpy as np, equinox as eqx, bnjax.equinox
+    >>> bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(2, 'b')
+    >>> sd = {'bn.weight': np.ones(2), 'bn.bias': np.zeros(2),
+    ...       'bn.running_mean': np.array([1.0, 2.0]),
+    ...       'bn.running_var': np.array([3.0, 4.0])}
+    >>> bn, state = bnjax.equinox.from_torch(bn, state, sd, {'bn': lambda m: m})
+    >>> state.get(bn.state_index).var
+    Array([3., 4.], dtype=float32)
+  """
+  fn = 'bnjax.equinox.from_torch'
+  sd = load_state_dict(state_dict)
+  for prefix, where in layers.items():
+    model, state = _load_layer(fn, model, state, sd, prefix, where)
+  return model, state
+
+
+def _load_layer(fn, model, state, sd, prefix, where):
+  layer = where(model)
+  if not isinstance(layer, BatchNorm):
+    raise TypeError(
+      f'{fn}: layers[{prefix!r}] picks a {type(layer).__name__}, not a '
+      'bnjax.equinox.BatchNorm'
+    )
+
+  def get(key):
+    return _torch_vector(fn, sd, prefix, key, layer.input_size)
+
+  if layer.weight is not None:
+    model = eqx.tree_at(
+      lambda m: (where(m).weight, where(m).bias),
+      model,
+      (
+        get('weight').astype(layer.weight.dtype),
+        get('bias').astype(layer.bias.dtype),
+      ),
+    )
+  if not isinstance(state.get(layer.state_index), BatchStats):
+    raise TypeError(
+      f'{fn}: layers[{prefix!r}] keeps {type(state.get(layer.state_index)).__name__}'
+      '; torch running statistics load into a BatchNorm built with '
+      'debias=False'
+    )
+  stats = BatchStats(get('running_mean'), get('running_var'))
+  return model, state.set(layer.state_index, stats)
+
+
+def to_torch(
+  model: Any, state: eqx.nn.State, layers: Mapping[str, Where]
+) -> dict[str, np.ndarray]:
+  """The PyTorch state dict entries of an Equinox model's BatchNorm layers.
+
+  The inverse of :func:`from_torch` (``num_batches_tracked`` is 0: bnjax
+  does not count batches).
+
+  Args:
+    model: an Equinox model holding :class:`BatchNorm` layers.
+    state: its ``eqx.nn.State``.
+    layers: ``{torch prefix: where}``, as :func:`from_torch`'s.
+
+  Returns:
+    ``{prefix.weight, prefix.bias, prefix.running_mean, prefix.running_var,
+    prefix.num_batches_tracked: NumPy array}``.
+
+  Example:
+    >>> import equinox as eqx, bnjax.equinox
+    >>> bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(2, 'b')
+    >>> sorted(bnjax.equinox.to_torch(bn, state, {'bn': lambda m: m}))
+    ['bn.bias', 'bn.num_batches_tracked', 'bn.running_mean', 'bn.running_var', 'bn.weight']
+  """
+  out = {}
+  for prefix, where in layers.items():
+    layer = where(model)
+    stats = state.get(layer.state_index)
+    out[f'{prefix}.running_mean'] = np.asarray(stats[0], np.float32)
+    out[f'{prefix}.running_var'] = np.asarray(stats[1], np.float32)
+    if layer.weight is not None:
+      out[f'{prefix}.weight'] = np.asarray(layer.weight, np.float32)
+      out[f'{prefix}.bias'] = np.asarray(layer.bias, np.float32)
+    out[f'{prefix}.num_batches_tracked'] = np.asarray(0, np.int64)
+  return out
+
+
+def _torch_vector(fn, sd, prefix, key, size):
+  name = f'{prefix}.{key}'
+  if name not in sd:
+    raise ValueError(
+      f'{fn}: the state dict has no {name!r}; its BatchNorm prefixes are '
+      f'{sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith("running_mean")})}'
+    )
+  v = np.asarray(sd[name], np.float32).reshape(-1)
+  if v.shape != (size,):
+    raise ValueError(
+      f'{fn}: {name} has shape {v.shape}, but the layer has input_size={size}'
+    )
+  return jnp.asarray(v)
