@@ -71,6 +71,11 @@ MUTANTS = {
     'pool drops the micro-batch means low bits': (
         'bnjax/_running.py', '(old.count * old.mean_lo, n * lo)',
         '(0 * old.mean_lo, 0 * lo)', ['tests/core/test_accumulate.py']),
+    'psum path drops the mean low bits': (
+        'bnjax/_moments/dispatch.py',
+        'lambda: (n, mean, m2 / jnp.maximum(n, 1.0), lo),',
+        'lambda: (n, mean, m2 / jnp.maximum(n, 1.0), 0 * lo),',
+        ['tests/core/test_accumulate.py']),
     'pool ignores the micro-batch count': (
         'bnjax/_running.py', 'n = jnp.broadcast_to(lax.stop_gradient(count), '
         'mean.shape).astype(f)', 'n = jnp.ones_like(mean)',

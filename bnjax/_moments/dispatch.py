@@ -157,12 +157,12 @@ def _psum_or_gather(xf, lay, m, sync: Sync, shift):
   shards with different running means) the exact gather runs instead. The
   predicate is computed from the psum's result, so all shards agree."""
   k = jnp.zeros(lay.feature_shape, xf.dtype) if shift is None else shift
-  n, mean, m2, ok = psum.psum_moments(
+  n, mean, m2, ok, lo = psum.psum_moments(
     xf, lay, m, k, sync.axis_name, sync.groups, sync.fn
   )
   return lax.cond(
     ok,
-    lambda: (n, mean, m2 / jnp.maximum(n, 1.0), jnp.zeros_like(mean)),
+    lambda: (n, mean, m2 / jnp.maximum(n, 1.0), lo),
     lambda: _gathered(xf, lay, m, sync),
   )
 

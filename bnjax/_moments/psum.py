@@ -142,7 +142,8 @@ def resolve(
 
 
 def psum_moments(xf, lay, mask, shift, axis_name, groups, fn: str):
-  """Global (count, mean, m2, ok) from ONE psum of sums around ``shift``.
+  """Global (count, mean, m2, ok, mean_lo) from ONE psum of sums around
+  ``shift`` (``mean_lo``: see ``local.finalize_lo``).
 
   ``ok`` is False where the result cannot be trusted (see the module
   docstring). It comes from psummed values only, so every shard agrees.
@@ -173,8 +174,10 @@ def psum_moments(xf, lay, mask, shift, axis_name, groups, fn: str):
   safe_n = jnp.maximum(total_n, 1.0)
   m2 = jnp.maximum(total_s2 - total_s1 * total_s1 / safe_n, 0.0)
   near = jnp.all(total_s1 * total_s1 <= PSUM_MAX_RATIO * safe_n * m2)
-  mean = jnp.where(total_n > 0, k + total_s1 / safe_n, 0.0)
-  return total_n, mean, m2, same & near
+  offset = total_s1 / safe_n
+  mean = jnp.where(total_n > 0, k + offset, 0.0)
+  lo = jnp.where(total_n > 0, (k - mean) + offset, 0.0)  # local.finalize_lo
+  return total_n, mean, m2, same & near, lo
 
 
 def _chunks(k: jax.Array, axis_name, groups) -> jax.Array:

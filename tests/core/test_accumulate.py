@@ -189,3 +189,27 @@ def test_errors_name_the_argument():
   bad = pool._replace(m2=-jnp.ones(C))
   with pytest.raises(ValueError, match=r'm2 is negative'):
     bnjax.batch_norm(_micro([2])[0], bad, use_running_average=True)
+
+
+def test_synced_pool_is_exact_at_a_large_mean_with_either_sync_mode():
+  """Regression: the psum path returned no low-order part of the mean, so a
+  pool synced with sync='psum' lost the spread of the micro-batch means at
+  |mean|/std 1e4 (as the local path did before mean_lo)."""
+  mesh = _mesh()
+  xs = jnp.stack(_micro([8 * 4] * 3, loc=2e4))
+  mean, var, _ = ref.moments(np.asarray(xs, np.float64).reshape(-1, C))
+  for sync in ('gather', 'psum'):
+    @jax.jit
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(None, 'd'), P()),
+                       out_specs=P())
+    def run(xs, start):
+      def micro(pool, x):
+        return bnjax.batch_norm(x, pool, use_running_average=False,
+                                axis_name='d', sync=sync)[1], None
+      return jax.lax.scan(micro, start, xs)[0]
+    # A pool whose mean is already near the data's, so the psum path's
+    # shift (the pool's mean) is trusted and the psum itself is used.
+    start = bnjax.init_pooled_stats(C)._replace(
+        count=jnp.full(C, 1e-30), mean=jnp.asarray(mean, jnp.float32))
+    pool = run(xs, start)
+    assert _rel(bnjax.population_stats(pool).var, var) < 1e-6, sync
