@@ -1,6 +1,6 @@
 """Mutation check: plant known bugs one at a time; the tests must catch each.
 
-Run: ``python tests/mutate.py`` (about 5 minutes on 2 cores), or
+Run: ``python tests/mutate.py`` (about 9 minutes on 2 cores), or
 ``python tests/mutate.py NAME ...`` for some. Each mutant replaces one exact
 snippet of a library file, runs the test files that should catch it (``-x``,
 quick hypothesis profile), and restores the file whatever happens. Exits 1
