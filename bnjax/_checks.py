@@ -219,7 +219,7 @@ def check_hyper(fn: str, momentum: Any, epsilon: Any, dtype: Any = None):
   constant channel gives NaN. Traced values get a checkify.debug_check."""
   check_scalar(fn, 'momentum', momentum)
   check_scalar(fn, 'epsilon', epsilon)
-  m = _concrete(momentum)
+  m = concrete(momentum)
   if m is not None and not 0.0 <= m <= 1.0:
     raise ValueError(
       f'{fn}: momentum={m} is outside [0, 1]. bnjax follows Flax: momentum is '
@@ -228,7 +228,7 @@ def check_hyper(fn: str, momentum: Any, epsilon: Any, dtype: Any = None):
       '(torch 0.1 is bnjax 0.9).'
     )
   tiny = float(jnp.finfo(dtype or jnp.float32).tiny)
-  e = _concrete(epsilon)
+  e = concrete(epsilon)
   if e is not None and not tiny <= e < float('inf'):
     what = (
       f'is below the smallest normal {jnp.dtype(dtype or jnp.float32).name} '
@@ -352,7 +352,17 @@ def check_running_values(fn: str, state: Any) -> None:
       )
 
 
-def _concrete(v: Any):
+def check_stacked(fn: str, batches: Any) -> None:
+  """Batches stacked along a leading axis (for a scan over them)."""
+  leaves = jax.tree.leaves(batches)
+  if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
+    raise ValueError(
+      f'{fn}: batches must be stacked along a leading axis of '
+      'N batches, e.g. x.reshape(N, batch, ...)'
+    )
+
+
+def concrete(v: Any):
   try:
     return float(v)
   except (

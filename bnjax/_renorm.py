@@ -47,13 +47,13 @@ def core_kwargs(fn, state, r_max, d_max) -> dict:
 def _check_limits(fn, r_max, d_max):
   _checks.check_scalar(fn, 'r_max', r_max)
   _checks.check_scalar(fn, 'd_max', d_max)
-  r = _checks._concrete(r_max)
+  r = _checks.concrete(r_max)
   if r is not None and not r >= 1.0:
     raise ValueError(
       f'{fn}: r_max={r} must be >= 1 (r is clipped to '
       '[1/r_max, r_max]); pass r_max=1 for plain BN at start'
     )
-  d = _checks._concrete(d_max)
+  d = _checks.concrete(d_max)
   if d is not None and not d >= 0.0:
     raise ValueError(
       f'{fn}: d_max={d} must be >= 0 (d is clipped to '

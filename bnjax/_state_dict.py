@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bnjax._torch_layout import _to_numpy
+from bnjax._torch_layout import to_numpy
 
 
 def load_state_dict(source: Any) -> dict[str, np.ndarray]:
@@ -108,7 +108,7 @@ def _array(key, value) -> np.ndarray:
       '(for example tensor.to_dense(), or load real weights first)'
     )
   try:
-    arr = _to_numpy(value)
+    arr = to_numpy(value)
   except Exception as e:
     raise TypeError(
       f'load_state_dict: the entry {key!r} ({type(value).__name__}) is not '

@@ -82,7 +82,7 @@ def nchw_to_nhwc(x: Any) -> Any:
     >>> interop.nchw_to_nhwc(np.zeros((8, 3, 32, 32))).shape
     (8, 32, 32, 3)
   """
-  return jnp.moveaxis(jnp.asarray(_to_numpy(x)), 1, -1)
+  return jnp.moveaxis(jnp.asarray(to_numpy(x)), 1, -1)
 
 
 def nhwc_to_nchw(x: Any) -> Any:
@@ -118,7 +118,7 @@ def conv_kernel_from_torch(w: Any) -> jax.Array:
     >>> interop.conv_kernel_from_torch(np.zeros((64, 3, 7, 7))).shape
     (7, 7, 3, 64)
   """
-  w = _to_numpy(w)
+  w = to_numpy(w)
   return jnp.asarray(np.moveaxis(w, (0, 1), (-1, -2)))
 
 
@@ -137,10 +137,10 @@ def dense_kernel_from_torch(w: Any) -> jax.Array:
     >>> interop.dense_kernel_from_torch(np.zeros((10, 512))).shape
     (512, 10)
   """
-  return jnp.asarray(_to_numpy(w).T)
+  return jnp.asarray(to_numpy(w).T)
 
 
-def _to_numpy(v) -> np.ndarray:
+def to_numpy(v) -> np.ndarray:
   if hasattr(v, 'detach'):  # a torch tensor; no torch import needed
     v = v.detach().cpu()
     if str(v.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16: widen,

@@ -82,6 +82,7 @@ class _Base(nnx.Module):
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
     scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     sync: str = 'auto',
+    virtual_batch_size: int | None = None,
   ):
     fn = f'bnjax.nnx.{type(self).__name__}'
     _check_num_features(fn, num_features)
@@ -113,6 +114,7 @@ class _Base(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
     self.sync = sync
+    self.virtual_batch_size = virtual_batch_size
 
   def _normalize(self, x, use_running_average, mask, **core_kwargs):
     """Runs the core on the module's state; writes the new statistics."""
@@ -263,53 +265,6 @@ class BatchNorm(_Base):
   mean: nnx.BatchStat
   var: nnx.BatchStat
 
-  def __init__(
-    self,
-    num_features: int,
-    *,
-    use_running_average: bool | None = False,
-    axis: Any = -1,
-    momentum: float = 0.99,
-    epsilon: float = 1e-5,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
-    use_bias: bool = True,
-    use_scale: bool = True,
-    bias_init: Any = initializers.zeros_init(),
-    scale_init: Any = initializers.ones_init(),
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
-    promote_dtype: Any = dtypes.promote_dtype,
-    rngs: nnx.Rngs,
-    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-    scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-    sync: str = 'auto',
-    virtual_batch_size: int | None = None,
-  ):
-    super().__init__(
-      num_features,
-      use_running_average=use_running_average,
-      axis=axis,
-      momentum=momentum,
-      epsilon=epsilon,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      use_bias=use_bias,
-      use_scale=use_scale,
-      bias_init=bias_init,
-      scale_init=scale_init,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
-      use_fast_variance=use_fast_variance,
-      promote_dtype=promote_dtype,
-      rngs=rngs,
-      bias_metadata=bias_metadata,
-      scale_metadata=scale_metadata,
-      sync=sync,
-    )
-    self.virtual_batch_size = virtual_batch_size
-
   def __call__(
     self,
     x,
@@ -374,6 +329,12 @@ class BatchRenorm(_Base):
     d_max: Any = 5.0,
     **kwargs: Any,
   ):
+    if 'virtual_batch_size' in kwargs:
+      raise TypeError(
+        'bnjax.nnx.BatchRenorm: virtual_batch_size is not an argument of '
+        'BatchRenorm (ghost statistics are a BatchNorm variant); use '
+        'bnjax.nnx.BatchNorm(virtual_batch_size=...)'
+      )
     super().__init__(num_features, **kwargs)
     self.r_max, self.d_max = r_max, d_max
 
@@ -412,8 +373,8 @@ def _constructor_signature(cls) -> None:
   BatchRenorm's ``**kwargs`` are the base's (flax's BatchNorm's)."""
   own = list(inspect.signature(cls.__init__).parameters.values())[1:]
   base = list(inspect.signature(_Base.__init__).parameters.values())[2:]
-  if own[-1].kind is inspect.Parameter.VAR_KEYWORD:
-    names = {p.name for p in own}
+  if own[-1].kind is inspect.Parameter.VAR_KEYWORD:  # BatchRenorm
+    names = {p.name for p in own} | {'virtual_batch_size'}
     own = own[:-1] + [p for p in base if p.name not in names]
   cls.__signature__ = _ClassOnly(inspect.Signature(own))
 

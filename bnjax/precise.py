@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx as _nnx
 
-from bnjax import _moments
+from bnjax import _checks, _moments
 from bnjax import linen as _linen
 from bnjax import nnx as _bnnx
 from bnjax._running import population_stats
@@ -39,15 +39,6 @@ __all__ = [
   'linen_batch_stats',
   'update_nnx_batch_stats',
 ]
-
-
-def _check_batches(fn, batches):
-  leaves = jax.tree.leaves(batches)
-  if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
-    raise ValueError(
-      f'{fn}: batches must be stacked along a leading axis of '
-      'N batches, e.g. x.reshape(N, batch, ...)'
-    )
 
 
 def _accumulate(step_moments, batches):
@@ -128,7 +119,7 @@ def linen_batch_stats(
     >>> v['batch_stats']['BatchNorm_0']['mean'], v['batch_stats']['BatchNorm_0']['var']
     (Array([3.5], dtype=float32), Array([5.25], dtype=float32))
   """
-  _check_batches('linen_batch_stats', batches)
+  _checks.check_stacked('linen_batch_stats', batches)
 
   def pool(moments, batch):
     _, upd = model.apply(
@@ -209,7 +200,7 @@ def update_nnx_batch_stats(
     >>> bn.mean[...], bn.var[...], bn.use_running_average   # mode restored
     (Array([3.5], dtype=float32), Array([5.25], dtype=float32), True)
   """
-  _check_batches('update_nnx_batch_stats', batches)
+  _checks.check_stacked('update_nnx_batch_stats', batches)
   layers = [
     m for _, m in _nnx.iter_modules(model) if isinstance(m, _bnnx.BatchNorm)
   ]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import linen as _fl
 from flax import nnx as _nnx
 
-from bnjax import _moments, _running, precise
+from bnjax import _checks, _moments, _running, precise
 from bnjax import nnx as _bnnx
 from bnjax._types import BatchStats, PooledStats
 
@@ -51,6 +51,8 @@ __all__ = [
 # unchanged (momentum 1, which the core treats as "never update").
 MODES = ('train', 'eval', 'frozen')
 _SAVED = '_bnjax_momentum'  # a frozen layer's own momentum, for 'train'
+# The nnx BatchNorm layers the training helpers act on: bnjax's and flax's.
+_NNX_LAYERS = (_bnnx.BatchNorm, _bnnx.BatchRenorm, _nnx.BatchNorm)
 
 
 def _check_mode(fn, mode):
@@ -121,7 +123,7 @@ def set_mode(model: _nnx.Module, mode: str, *, only: Any = None) -> None:
   """
   fn = 'bnjax.training.set_mode'
   _check_mode(fn, mode)
-  for m in _layers(fn, model, only, (_bnnx._Base, _nnx.BatchNorm)):
+  for m in _layers(fn, model, only, _NNX_LAYERS):
     if mode == 'frozen':
       if not hasattr(m, _SAVED):
         setattr(m, _SAVED, m.momentum)
@@ -218,11 +220,11 @@ def _to_dict(tree):
 
 
 def _poolable(fn, model, only):
-  layers = _layers(fn, model, only, (_bnnx._Base, _nnx.BatchNorm))
+  layers = _layers(fn, model, only, _NNX_LAYERS)
   bad = [
     type(m).__name__
     for m in layers
-    if not isinstance(m, _bnnx._Base) or m._STATE is not BatchStats
+    if not isinstance(m, _bnnx.BatchNorm)
   ]
   if bad:
     raise TypeError(
@@ -283,7 +285,7 @@ def _pooling(fn, model):
   layers = [
     m
     for _, m in _nnx.iter_modules(model)
-    if isinstance(m, _bnnx._Base) and hasattr(m, _bnnx.POOL[0])
+    if isinstance(m, _bnnx.BatchNorm) and hasattr(m, _bnnx.POOL[0])
   ]
   if not layers:
     raise ValueError(
@@ -512,7 +514,7 @@ def recalibrate(
 
 
 def _recalibrate_fn(f: Callable, batch_stats, batches, args, kwargs):
-  precise._check_batches('recalibrate', batches)
+  _checks.check_stacked('recalibrate', batches)
   is_stats = lambda s: isinstance(s, BatchStats)
   if not any(map(is_stats, jax.tree.leaves(batch_stats, is_leaf=is_stats))):
     raise ValueError(
