@@ -46,9 +46,9 @@ def instruction_kinds(hlo: str) -> dict:
   def text(comp, seen=frozenset()):
     if comp not in memo:
       body = '\n'.join(comps.get(comp, ()))
-      memo[comp] = body + ''.join(text(c, seen | {comp})
-                                  for c in _CALLS.findall(body)
-                                  if c not in seen)
+      memo[comp] = body + ''.join(
+        text(c, seen | {comp}) for c in _CALLS.findall(body) if c not in seen
+      )
     return memo[comp]
 
   kinds = {}
@@ -58,22 +58,30 @@ def instruction_kinds(hlo: str) -> dict:
       if not m:
         continue
       body = line + ''.join(text(c) for c in _CALLS.findall(line))
-      kinds[m.group(1)] = ('conv' if _CONV.search(body) else
-                           'bn' if 'BatchNorm' in body else 'other')
+      kinds[m.group(1)] = (
+        'conv'
+        if _CONV.search(body)
+        else 'bn'
+        if 'BatchNorm' in body
+        else 'other'
+      )
   return kinds
 
 
-def op_time_breakdown(jitted, args, calls: int = 3) -> dict:
-  """Op milliseconds per call by kind, plus the wall time per call."""
+def op_time_breakdown(compiled, args, calls: int = 3) -> dict:
+  """Op milliseconds per call by kind, plus the wall time per call, of a
+  compiled function (``jax.jit(f).lower(*args).compile()``)."""
   import jax
-  kinds = instruction_kinds(jitted.lower(*args).compile().as_text())
+
+  kinds = instruction_kinds(compiled.as_text())
+  jitted = compiled
   jax.block_until_ready(jitted(*args))
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d, create_perfetto_trace=True)
     for _ in range(calls):
       jax.block_until_ready(jitted(*args))
     jax.profiler.stop_trace()
-    path, = glob.glob(f'{d}/**/perfetto_trace.json.gz', recursive=True)
+    (path,) = glob.glob(f'{d}/**/perfetto_trace.json.gz', recursive=True)
     with gzip.open(path) as f:
       events = json.load(f)
   events = events['traceEvents'] if isinstance(events, dict) else events
@@ -81,9 +89,14 @@ def op_time_breakdown(jitted, args, calls: int = 3) -> dict:
   for e in events:
     if e.get('ph') == 'X' and e.get('name') in kinds:
       ms[kinds[e['name']]] += e['dur'] / 1e3 / calls
-  wall = [e['dur'] / 1e3 for e in events if e.get('ph') == 'X' and
-          'block_until_ready' in e.get('name', '')]
+  wall = [
+    e['dur'] / 1e3
+    for e in events
+    if e.get('ph') == 'X' and 'block_until_ready' in e.get('name', '')
+  ]
   total = sum(ms.values())
-  return dict(op_ms={k: ms[k] for k in ('conv', 'bn', 'other')},
-              share={k: ms[k] / total for k in ('conv', 'bn', 'other')},
-              wall_ms=sum(wall) / max(len(wall), 1))
+  return dict(
+    op_ms={k: ms[k] for k in ('conv', 'bn', 'other')},
+    share={k: ms[k] / total for k in ('conv', 'bn', 'other')},
+    wall_ms=sum(wall) / max(len(wall), 1),
+  )

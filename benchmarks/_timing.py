@@ -12,8 +12,10 @@ import time
 
 import numpy as np
 
-MALLOC = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
-          'glibc.malloc.trim_threshold=17179869184')
+MALLOC = (
+  'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+  'glibc.malloc.trim_threshold=17179869184'
+)
 
 
 def ensure_malloc_env():
@@ -27,12 +29,12 @@ def ensure_malloc_env():
     os.execvpe(sys.executable, [sys.executable, *argv], env)
 
 
-def interleaved_samples(fns: dict, args: dict, rounds: int,
-                        inner: int) -> dict:
+def interleaved_samples(fns: dict, args: dict, rounds: int, inner: int) -> dict:
   """Seconds per call of each fn in every round, timed A B A B ... after
   warm-up. Round i of each fn ran back to back, so per-round ratios pair up
   samples taken under the same machine load."""
   import jax
+
   for k, f in fns.items():
     for _ in range(2):
       jax.block_until_ready(f(*args[k]))
@@ -77,31 +79,46 @@ def compile_seconds(make_fn, args, repeats: int) -> float:
 def environment() -> dict:
   import flax
   import jax
+
   try:
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
-                            capture_output=True, text=True,
-                            check=False).stdout.strip()
-    status = subprocess.run(['git', 'status', '--porcelain',
-                             '--untracked-files=no'], capture_output=True,
-                            text=True, check=False).stdout.splitlines()
+    commit = subprocess.run(
+      ['git', 'rev-parse', '--short', 'HEAD'],
+      capture_output=True,
+      text=True,
+      check=False,
+    ).stdout.strip()
+    status = subprocess.run(
+      ['git', 'status', '--porcelain', '--untracked-files=no'],
+      capture_output=True,
+      text=True,
+      check=False,
+    ).stdout.splitlines()
     # Dirty means the measured code differs from the commit: results and
     # READMEs, which the benchmarks themselves rewrite, do not count.
-    dirty = any(not (line[3:].startswith('benchmarks/results/')
-                     or line.endswith('.md')) for line in status)
+    dirty = any(
+      not (line[3:].startswith('benchmarks/results/') or line.endswith('.md'))
+      for line in status
+    )
   except OSError:
     commit, dirty = '', None
-  return dict(date=datetime.date.today().isoformat(), jax=jax.__version__,
-              dirty=dirty,
-              flax=flax.__version__, python=platform.python_version(),
-              machine=f'{platform.machine()}, {os.cpu_count()} cores',
-              backend=jax.default_backend(),
-              devices=str(jax.devices()[0].device_kind), commit=commit,
-              malloc=os.environ.get('GLIBC_TUNABLES', ''))
+  return dict(
+    date=datetime.date.today().isoformat(),
+    jax=jax.__version__,
+    dirty=dirty,
+    flax=flax.__version__,
+    python=platform.python_version(),
+    machine=f'{platform.machine()}, {os.cpu_count()} cores',
+    backend=jax.default_backend(),
+    devices=str(jax.devices()[0].device_kind),
+    commit=commit,
+    malloc=os.environ.get('GLIBC_TUNABLES', ''),
+  )
 
 
 def parse_args(doc: str, argv=None, extra=None):
   """The scripts' shared CLI: --smoke, plus the allocator setting otherwise."""
   import argparse
+
   p = argparse.ArgumentParser(description=doc.splitlines()[0])
   p.add_argument('--smoke', action='store_true', help='seconds-long check')
   if extra is not None:
@@ -122,6 +139,7 @@ def runs(name: str) -> list[dict]:
   so a range quoted across runs can be computed from the records.
   """
   import json
+
   path = RESULTS / f'{name}.json'
   if not path.exists():
     return []
@@ -132,8 +150,10 @@ def latest(name: str) -> dict:
   """The newest run of results/<name>.json."""
   recorded = runs(name)
   if not recorded:
-    raise FileNotFoundError(f'benchmarks/results/{name}.json has no run: '
-                            f'run python benchmarks/{name}.py')
+    raise FileNotFoundError(
+      f'benchmarks/results/{name}.json has no run: '
+      f'run python -m benchmarks run {name}'
+    )
   return recorded[-1]
 
 
@@ -141,8 +161,10 @@ def write_result(name: str, out: dict, allow_nan: bool = False):
   """Appends one run to benchmarks/results/<name>.json, keeping the earlier
   ones (strict JSON: a NaN must be written as null unless allowed)."""
   import json
+
   path = RESULTS / f'{name}.json'
   history = runs(name)
-  path.write_text(json.dumps({'runs': history + [out]}, indent=1,
-                             allow_nan=allow_nan))
+  path.write_text(
+    json.dumps({'runs': history + [out]}, indent=1, allow_nan=allow_nan)
+  )
   return path

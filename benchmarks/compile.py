@@ -9,7 +9,7 @@ make a real model compile slower? Models: flax's ImageNet example ResNet-50
 after one warm-up compile of each. The input size does not change what is
 compiled beyond the shapes (ResNet-50 at batch 8 of 64 x 64 here).
 
-Run: ``python -m benchmarks.compile`` (about 5 minutes on 2 cores) or
+Run: ``python -m benchmarks run compile`` (about 5 minutes on 2 cores) or
 ``--smoke`` (a one-block ResNet at a tiny size, one repeat). Writes
 ``results/compile.json`` (not in smoke mode).
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 
-from benchmarks import _models, _timing
+from benchmarks import _models, _readme, _timing
 
 MODELS = {
   'resnet50': (_models.resnet50, dict(batch=8, size=64, classes=1000)),
@@ -87,5 +87,22 @@ def main(argv=None):
   return out
 
 
-if __name__ == '__main__':
-  main()
+def compile_table(run: dict) -> str:
+  lines = [
+    f'Run of {run["env"].get("date")} at {_readme.commit(run["env"])}, jax '
+    f'{run["env"].get("jax")}, {run["env"].get("machine")}:',
+    '',
+    '| model | input | flax s | bnjax s | vs flax | pairs (A B A B) |',
+    '|---|---|---|---|---|---|',
+  ]
+  for r in run['rows']:
+    lines.append(
+      f'| {r["model"]} | {r["batch"]}x{r["size"]}x{r["size"]}x3 | '
+      f'{r["flax_s"]:.2f} | {r["bnjax_s"]:.2f} | **{r["ratio"]:.2f}** | '
+      f'{_readme.span(r["pair_ratios"])} |'
+    )
+  return '\n'.join(lines)
+
+
+def readme_blocks() -> dict[str, str]:
+  return {'compile': compile_table(_timing.latest('compile'))}

@@ -13,7 +13,7 @@ path cost and give, next to flax's BatchNorm? In one process, interleaved
 - the variance error against float64 at |mean|/std 1e2 to 1e6 of random and
   sorted data, 2-D and 4-D, on this device's own summation order.
 
-Run on the device: ``python -m benchmarks.device`` (about 4 minutes on one
+Run on the device: ``python -m benchmarks run device`` (about 4 minutes on one
 H100, most of it compiling ResNet-50 twice); ``--smoke`` runs seconds-long
 sizes on any backend (CI runs it on the CPU). Writes
 ``benchmarks/results/device.json`` (a new run appended) unless ``--smoke``;
@@ -27,7 +27,7 @@ import time
 
 import jax.numpy as jnp
 
-from benchmarks import _models, _timing, layer
+from benchmarks import _models, _readme, _timing, layer
 
 SHAPES = layer.SHAPES[:3]
 RATIOS = (1e2, 1e4, 1e6)
@@ -256,5 +256,39 @@ def main(argv=None):
   return out
 
 
-if __name__ == '__main__':
-  main()
+def device_table(run: dict) -> str:
+  env = run['env']
+  lines = [
+    f'Run of {env.get("date")} at {_readme.commit(env)} on {env.get("devices")} '
+    f'(jax {env.get("jax")}, flax {env.get("flax")}):',
+    '',
+    '| what | flax ms | bnjax ms | vs flax (quartiles) |',
+    '|---|---|---|---|',
+  ]
+  for r in run['layer']:
+    shape = 'x'.join(map(str, r['shape']))
+    lines.append(
+      f'| layer {shape} {r["mode"]} | {r["flax_ms"]:.3f} | {r["bnjax_ms"]:.3f}'
+      f' | **{r["ratio"]:.2f}** ({r["ratio_q25"]:.2f}-{r["ratio_q75"]:.2f}) |'
+    )
+  m = run['resnet50']
+  lines.append(
+    f'| ResNet-50 step, batch {m["batch"]} of {m["size"]}x{m["size"]} | '
+    f'{m["flax_ms"]:.2f} | {m["bnjax_ms"]:.2f} | **{m["step_ratio"]:.2f}** '
+    f'({m["step_ratio_q25"]:.2f}-{m["step_ratio_q75"]:.2f}) |'
+  )
+  worst = max(
+    r['err'] for r in run['numerics'] if r['impl'].startswith('bnjax')
+  )
+  lines += [
+    '',
+    f'ResNet-50 compile time vs flax: {m["compile_ratio"]:.2f}; conditionals '
+    f"in bnjax's compiled step: {m['bnjax']['conditionals']}; bnjax's worst "
+    f'variance error against float64 at |mean|/std 1e2 to 1e6 on this device: '
+    f'{worst:.1e}.',
+  ]
+  return '\n'.join(lines)
+
+
+def readme_blocks() -> dict[str, str]:
+  return {'device': device_table(_timing.latest('device'))}

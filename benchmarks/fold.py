@@ -5,23 +5,18 @@ BatchNorm folded into the convolution before it (``bnjax.fold``), and do the
 logits stay within 1e-4 (relative to the largest logit) of the unfolded
 model's? Timed in one process, interleaved (A B A B) after warm-up, with the
 allocator setting of ``_timing``. Batches of 8 and 1 of 3x112x112 NHWC
-images, 10 classes. ``python benchmarks/fold.py`` (about 1 minute) writes
+images, 10 classes. ``python -m benchmarks run fold`` (about 1 minute) writes
 ``results/fold.json``; ``--smoke`` runs a seconds-long check.
 """
 
 from __future__ import annotations
 
-import pathlib
-import sys
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import _timing  # noqa: E402
-from examples import resnet18 as R  # noqa: E402
+from benchmarks import _timing
+from examples import resnet18 as R
 
 
 def _variables(num_classes, key):
@@ -30,12 +25,12 @@ def _variables(num_classes, key):
   paths, tree = jax.tree.flatten_with_path(v['batch_stats'])
   keys = jax.random.split(key, len(paths))
   stats = [
-    0.2 * jax.random.normal(k, a.shape) if path[-1].key == 'mean'
+    0.2 * jax.random.normal(k, a.shape)
+    if path[-1].key == 'mean'
     else jax.random.uniform(k, a.shape, a.dtype, 0.5, 2.0)
     for k, (path, a) in zip(keys, paths, strict=True)
   ]
-  return {'params': v['params'],
-          'batch_stats': jax.tree.unflatten(tree, stats)}
+  return {'params': v['params'], 'batch_stats': jax.tree.unflatten(tree, stats)}
 
 
 def main(argv=None):
@@ -54,25 +49,31 @@ def main(argv=None):
     y, y_f = plain(v, x), fused(folded, x)
     rel = float(jnp.abs(y - y_f).max() / jnp.abs(y).max())
     samples = _timing.interleaved_samples(
-      {'bn': plain, 'folded': fused}, {'bn': (v, x), 'folded': (folded, x)},
-      rounds, inner)
+      {'bn': plain, 'folded': fused},
+      {'bn': (v, x), 'folded': (folded, x)},
+      rounds,
+      inner,
+    )
     med = _timing.medians(samples)
     q25, q75 = _timing.ratio_quartiles(samples['bn'], samples['folded'])
-    row = dict(input=[batch, size, size, 3], bn_ms=med['bn'] * 1e3,
-               folded_ms=med['folded'] * 1e3,
-               speedup=med['bn'] / med['folded'], speedup_q25=q25,
-               speedup_q75=q75, max_rel_logit_diff=rel)
+    row = dict(
+      input=[batch, size, size, 3],
+      bn_ms=med['bn'] * 1e3,
+      folded_ms=med['folded'] * 1e3,
+      speedup=med['bn'] / med['folded'],
+      speedup_q25=q25,
+      speedup_q75=q75,
+      max_rel_logit_diff=rel,
+    )
     rows.append(row)
-    print(f"ResNet-18 eval, {batch}x{size}x{size}x3: BN {row['bn_ms']:.1f} "
-          f"ms, folded {row['folded_ms']:.1f} ms, speedup "
-          f"{row['speedup']:.2f}x (quartiles {q25:.2f} to {q75:.2f}); "
-          f'logits within {rel:.1e}')
+    print(
+      f'ResNet-18 eval, {batch}x{size}x{size}x3: BN {row["bn_ms"]:.1f} '
+      f'ms, folded {row["folded_ms"]:.1f} ms, speedup '
+      f'{row["speedup"]:.2f}x (quartiles {q25:.2f} to {q75:.2f}); '
+      f'logits within {rel:.1e}'
+    )
     assert np.isfinite(rel) and rel < 1e-4, rel
   out = dict(env=_timing.environment(), rows=rows)
   if not args.smoke:
     _timing.write_result('fold', out)
   return out
-
-
-if __name__ == '__main__':
-  main()

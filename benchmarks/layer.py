@@ -10,7 +10,7 @@ with it). Modes:
 - ``grad``: gradients of <y, ct> for x, scale and bias;
 - ``step``: forward and backward together: y, new stats and the gradients.
 
-Run: ``python benchmarks/layer.py`` (about 3 minutes on 2 cores) or
+Run: ``python -m benchmarks run layer`` (about 3 minutes on 2 cores) or
 ``--smoke`` (seconds; CI keeps the script working). Writes
 ``benchmarks/results/layer.json`` (not in smoke mode).
 """
@@ -18,15 +18,16 @@ Run: ``python benchmarks/layer.py`` (about 3 minutes on 2 cores) or
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import _readme, _timing
 
-from benchmarks import _timing  # noqa: E402
-
-SHAPES = [(64, 32, 32, 64), (128, 16, 16, 128), (32, 56, 56, 64), (1024, 512),
-          (256, 32)]
+SHAPES = [
+  (64, 32, 32, 64),
+  (128, 16, 16, 128),
+  (32, 56, 56, 64),
+  (1024, 512),
+  (256, 32),
+]
 MODES = ('fwd', 'grad', 'step')
 
 
@@ -37,6 +38,7 @@ def build(shape, mode, impl):
   import jax.numpy as jnp
 
   import bnjax
+
   c = shape[-1]
   x = jax.random.normal(jax.random.key(0), shape)
   ct = jax.random.normal(jax.random.key(1), shape)
@@ -46,8 +48,11 @@ def build(shape, mode, impl):
     stats = mod.init(jax.random.key(0), x)['batch_stats']
 
     def layer(g, b, x, stats):
-      return mod.apply({'params': {'scale': g, 'bias': b},
-                        'batch_stats': stats}, x, mutable=['batch_stats'])
+      return mod.apply(
+        {'params': {'scale': g, 'bias': b}, 'batch_stats': stats},
+        x,
+        mutable=['batch_stats'],
+      )
   else:
     stats = bnjax.init_batch_stats(c)
 
@@ -58,19 +63,21 @@ def build(shape, mode, impl):
     fn = lambda g, b, x, stats, ct: layer(g, b, x, stats)
   elif mode == 'grad':
     fn = lambda g, b, x, stats, ct: jax.grad(
-        lambda g, b, x: jnp.vdot(layer(g, b, x, stats)[0], ct), (0, 1, 2))(
-            g, b, x)
+      lambda g, b, x: jnp.vdot(layer(g, b, x, stats)[0], ct), (0, 1, 2)
+    )(g, b, x)
   else:
+
     def fn(g, b, x, stats, ct):
       (y, new), vjp = jax.vjp(lambda g, b, x: layer(g, b, x, stats), g, b, x)
       return y, new, vjp((ct, jax.tree.map(jnp.zeros_like, new)))
+
   return fn, (g, b, x, stats, ct)
 
 
 def residuals(shape, impl):
   """Full-size arrays saved between forward and backward."""
-  import jax.numpy as jnp
   from jax._src.ad_checkpoint import saved_residuals
+
   fn, (g, b, x, stats, _) = build(shape, 'fwd', impl)
   res = saved_residuals(lambda g, b, x: fn(g, b, x, stats, None)[0], g, b, x)
   return sum(1 for aval, _ in res if tuple(aval.shape) == tuple(shape))
@@ -78,6 +85,7 @@ def residuals(shape, impl):
 
 def run(shapes, rounds, inner, compile_repeats):
   import jax
+
   rows = []
   for shape in shapes:
     for mode in MODES:
@@ -88,20 +96,39 @@ def run(shapes, rounds, inner, compile_repeats):
       samples = _timing.interleaved_samples(fns, args, rounds, inner)
       t = _timing.medians(samples)
       q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
-      comp = {impl: _timing.compile_seconds(
-          lambda impl=impl: jax.jit(build(shape, mode, impl)[0]), args[impl],
-          compile_repeats) for impl in ('flax', 'bnjax')}
-      row = dict(shape=list(shape), mode=mode,
-                 flax_ms=t['flax'] * 1e3, bnjax_ms=t['bnjax'] * 1e3,
-                 ratio=t['bnjax'] / t['flax'], ratio_q25=q25, ratio_q75=q75,
-                 flax_compile_s=comp['flax'], bnjax_compile_s=comp['bnjax'],
-                 compile_ratio=comp['bnjax'] / comp['flax'])
+      comp = {
+        impl: _timing.compile_seconds(
+          lambda impl=impl: jax.jit(build(shape, mode, impl)[0]),
+          args[impl],
+          compile_repeats,
+        )
+        for impl in ('flax', 'bnjax')
+      }
+      row = dict(
+        shape=list(shape),
+        mode=mode,
+        flax_ms=t['flax'] * 1e3,
+        bnjax_ms=t['bnjax'] * 1e3,
+        ratio=t['bnjax'] / t['flax'],
+        ratio_q25=q25,
+        ratio_q75=q75,
+        flax_compile_s=comp['flax'],
+        bnjax_compile_s=comp['bnjax'],
+        compile_ratio=comp['bnjax'] / comp['flax'],
+      )
       if mode == 'step':
         row['flax_residuals'] = residuals(shape, 'flax')
         row['bnjax_residuals'] = residuals(shape, 'bnjax')
       rows.append(row)
-      print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
-                        for k, v in row.items()}), flush=True)
+      print(
+        json.dumps(
+          {
+            k: (round(v, 3) if isinstance(v, float) else v)
+            for k, v in row.items()
+          }
+        ),
+        flush=True,
+      )
   return rows
 
 
@@ -114,6 +141,7 @@ def streaming_gbs(rounds: int = 10) -> float:
   """This machine's streaming bandwidth: a jitted out-of-place x*2+1, 256 MB."""
   import jax
   import jax.numpy as jnp
+
   x = jnp.ones((64 * 2**20,), jnp.float32)
   f = jax.jit(lambda x: x * 2 + 1)
   t = _timing.interleaved({'s': f}, {'s': (x,)}, rounds, 3)['s']
@@ -122,6 +150,7 @@ def streaming_gbs(rounds: int = 10) -> float:
 
 def add_bandwidth(rows, stream_gbs):
   import math
+
   for r in rows:
     nbytes = 4 * math.prod(r['shape']) * MIN_PASSES[r['mode']]
     r['bnjax_gbs'] = nbytes / (r['bnjax_ms'] * 1e-3) / 1e9
@@ -132,8 +161,10 @@ def add_torch(rows):
   """bnjax / PyTorch's best layout, from results/torch_layer.json if present."""
   if not _timing.runs('torch_layer'):
     return
-  best = {(tuple(r['shape']), r['mode']): r['best_ms']
-          for r in _timing.latest('torch_layer')['rows']}
+  best = {
+    (tuple(r['shape']), r['mode']): r['best_ms']
+    for r in _timing.latest('torch_layer')['rows']
+  }
   for r in rows:
     t = best.get((tuple(r['shape']), r['mode']))
     if t:
@@ -142,44 +173,60 @@ def add_torch(rows):
 
 
 def table(rows) -> str:
-  lines = ['| shape | mode | flax ms | bnjax ms | vs flax | compile ratio | '
-           'torch best ms | vs torch | GB/s (of streaming) | '
-           'full-size residuals (flax / bnjax) |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| shape | mode | flax ms | bnjax ms | vs flax | compile ratio | '
+    'torch best ms | vs torch | GB/s (of peak) | '
+    'full-size residuals (flax / bnjax) |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+  ]
   for r in rows:
-    res = (f"{r['flax_residuals']} / {r['bnjax_residuals']}"
-           if 'bnjax_residuals' in r else '')
-    torch = (f"{r['torch_best_ms']:.3f} | {r['torch_ratio']:.2f}"
-             if 'torch_ratio' in r else ' | ')
-    bw = (f"{r['bnjax_gbs']:.1f} ({r['bandwidth_fraction']:.2f})"
-          if 'bnjax_gbs' in r else '')
-    lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['mode']} | "
-                 f"{r['flax_ms']:.3f} | {r['bnjax_ms']:.3f} | "
-                 f"**{r['ratio']:.2f}** ({r['ratio_q25']:.2f}-"
-                 f"{r['ratio_q75']:.2f}) | {r['compile_ratio']:.2f} | {torch} | "
-                 f"{bw} | {res} |")
+    res = (
+      f'{r["flax_residuals"]} / {r["bnjax_residuals"]}'
+      if 'bnjax_residuals' in r
+      else ''
+    )
+    torch = (
+      f'{r["torch_best_ms"]:.3f} | {r["torch_ratio"]:.2f}'
+      if 'torch_ratio' in r
+      else ' | '
+    )
+    bw = (
+      f'{r["bnjax_gbs"]:.1f} ({r["bandwidth_fraction"]:.2f})'
+      if 'bnjax_gbs' in r
+      else ''
+    )
+    lines.append(
+      f'| {"x".join(map(str, r["shape"]))} | {r["mode"]} | '
+      f'{r["flax_ms"]:.3f} | {r["bnjax_ms"]:.3f} | '
+      f'**{r["ratio"]:.2f}** ({r["ratio_q25"]:.2f}-'
+      f'{r["ratio_q75"]:.2f}) | {r["compile_ratio"]:.2f} | {torch} | '
+      f'{bw} | {res} |'
+    )
   return '\n'.join(lines)
 
 
-def readme_block(out) -> str:
+def _machine_block(out) -> str:
   """The README's layer block for one run: machine, method, table."""
   e = out['env']
-  return (f"Machine: {e['machine']} ({e['backend']}), jax "
-          f"{e['jax']}, flax {e['flax']}, Python {e['python']}, {e['date']}, "
-          f"commit {e['commit']}; medians of {out['rounds']} interleaved "
-          f"rounds of {out['inner']} calls. Streaming bandwidth (jitted "
-          f"x*2+1 on 256 MB, the higher of before and after the run): "
-          f"{out['streaming_gbs']:.1f} GB/s "
-          f"({out['streaming_gbs_before_after'][0]:.1f} before, "
-          f"{out['streaming_gbs_before_after'][1]:.1f} after). "
-          f"PyTorch: benchmarks/torch_layer.py, its own process, 2 threads, "
-          f"best of NCHW and channels_last.\n\n{table(out['rows'])}")
+  return (
+    f'Machine: {e["machine"]} ({e["backend"]}), jax '
+    f'{e["jax"]}, flax {e["flax"]}, Python {e["python"]}, {e["date"]}, '
+    f'commit {e["commit"]}; medians of {out["rounds"]} interleaved '
+    f'rounds of {out["inner"]} calls. Streaming bandwidth (jitted '
+    f'x*2+1 on 256 MB, the higher of before and after the run): '
+    f'{out["streaming_gbs"]:.1f} GB/s '
+    f'({out["streaming_gbs_before_after"][0]:.1f} before, '
+    f'{out["streaming_gbs_before_after"][1]:.1f} after). '
+    f'PyTorch: benchmarks/torch_layer.py, its own process, 2 threads, '
+    f'best of NCHW and channels_last.\n\n{table(out["rows"])}'
+  )
 
 
 def main(argv=None):
   def extra(p):
     p.add_argument('--rounds', type=int, default=25)
     p.add_argument('--inner', type=int, default=5)
+
   args = _timing.parse_args(__doc__, argv, extra)
   if args.smoke:
     rows = run([(8, 4, 4, 8)], rounds=2, inner=1, compile_repeats=1)
@@ -195,19 +242,55 @@ def main(argv=None):
   stream = max(stream_before, stream_after)
   add_bandwidth(rows, stream)
   add_torch(rows)
-  out = dict(env=_timing.environment(), rounds=args.rounds, inner=args.inner,
-             streaming_gbs=stream,
-             streaming_gbs_before_after=[stream_before, stream_after],
-             rows=rows)
+  out = dict(
+    env=_timing.environment(),
+    rounds=args.rounds,
+    inner=args.inner,
+    streaming_gbs=stream,
+    streaming_gbs_before_after=[stream_before, stream_after],
+    rows=rows,
+  )
   _timing.write_result('layer', out)
   print(table(rows))
-  try:
-    from benchmarks import report
-  except ImportError:  # run as a script
-    import report  # type: ignore[no-redef]
-  report.fill()
   return rows
 
 
-if __name__ == '__main__':
-  main()
+def layer_values(run: dict, mode: str, key: str) -> list:
+  rows = {(tuple(r['shape']), r['mode']): r for r in run['rows']}
+  return [rows.get((tuple(s), mode), {}).get(key) for s in SHAPES[:3]]
+
+
+def layer_range(mode: str, key: str = 'ratio', last: int = 2) -> tuple:
+  """(min, max) of a layer figure over the 4-D shapes of the last runs."""
+  values = [
+    v
+    for run in _timing.runs('layer')[-last:]
+    for v in layer_values(run, mode, key)
+    if v is not None
+  ]
+  return min(values), max(values)
+
+
+def layer_runs_table(runs: list) -> str:
+  lines = [
+    '| date | commit | train step vs flax | forward vs flax | '
+    'step compile vs flax | step vs PyTorch best |',
+    '|---|---|---|---|---|---|',
+  ]
+  for run in runs:
+    e = run['env']
+    lines.append(
+      f'| {e["date"]} | {_readme.commit(e)} | '
+      f'{_readme.span(layer_values(run, "step", "ratio"))} | '
+      f'{_readme.span(layer_values(run, "fwd", "ratio"))} | '
+      f'{_readme.span(layer_values(run, "step", "compile_ratio"))} | '
+      f'{_readme.span(layer_values(run, "step", "torch_ratio"))} |'
+    )
+  return '\n'.join(lines)
+
+
+def readme_blocks() -> dict[str, str]:
+  return {
+    'layer': _machine_block(_timing.latest('layer')),
+    'layer-runs': layer_runs_table(_timing.runs('layer')),
+  }

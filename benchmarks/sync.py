@@ -7,24 +7,21 @@ floats per shard), with ``sync='psum'`` in its steady state (running mean
 near the batch mean: one psum of 2C + 1 floats) and with ``sync='psum'``
 when its check fails every step (running mean 100 std away: the psum, then
 the gather), and the bare collectives (all-gather and psum-gather of K
-floats, psum of 2C + 1), interleaved, medians. Run: ``python benchmarks/sync.py``
+floats, psum of 2C + 1), interleaved, medians. Run: ``python -m benchmarks run sync``
 (about 1 minute) or ``--smoke``. Writes ``results/sync.json``.
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchmarks import _timing  # noqa: E402
+from benchmarks import _readme, _timing
 
 
 def main(argv=None):
   args = _timing.parse_args(__doc__, argv)
   import jax
+
   try:  # must precede the first JAX operation
     jax.config.update('jax_num_cpu_devices', 8)
   except RuntimeError:  # already initialized (e.g. inside the test suite)
@@ -33,37 +30,55 @@ def main(argv=None):
   import jax.numpy as jnp
   import numpy as np
   from jax import lax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   import bnjax
+
   mesh = Mesh(np.array(jax.devices()[:8]), ('d',))
-  shapes = [(8 * 2, 4, 4, 8)] if args.smoke else [
-      (8 * 16, 16, 16, 64), (8 * 2, 16, 16, 64), (8 * 64, 512)]
+  shapes = (
+    [(8 * 2, 4, 4, 8)]
+    if args.smoke
+    else [(8 * 16, 16, 16, 64), (8 * 2, 16, 16, 64), (8 * 64, 512)]
+  )
   rows = []
   for shape in shapes:
     c = shape[-1]
-    x = jax.device_put(jax.random.normal(jax.random.key(0), shape),
-                       NamedSharding(mesh, P('d')))
+    x = jax.device_put(
+      jax.random.normal(jax.random.key(0), shape), NamedSharding(mesh, P('d'))
+    )
     near = bnjax.init_batch_stats(c)  # data N(0, 1): the psum's steady state
     far = bnjax.BatchStats(jnp.full(c, 100.0), jnp.ones(c))  # check fails
 
     def step(axis_name, sync='gather', stats=near):
       def f(x):
         def loss(x):
-          return jnp.sum(bnjax.batch_norm(x, stats, use_running_average=False,
-                                          axis_name=axis_name,
-                                          sync=sync)[0] ** 2)
+          return jnp.sum(
+            bnjax.batch_norm(
+              x,
+              stats,
+              use_running_average=False,
+              axis_name=axis_name,
+              sync=sync,
+            )[0]
+            ** 2
+          )
+
         return jax.grad(loss)(x)
-      return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P('d'),
-                                   out_specs=P('d')))
+
+      return jax.jit(
+        jax.shard_map(f, mesh=mesh, in_specs=P('d'), out_specs=P('d'))
+      )
+
     k = 3 * c + 1
     k_psum = 2 * c + 1
     part = jax.device_put(jnp.ones((8, k)), NamedSharding(mesh, P('d')))
     small = jax.device_put(jnp.ones((8, k_psum)), NamedSharding(mesh, P('d')))
 
     def psum_gather(v):
-      rows_ = lax.dynamic_update_slice(jnp.zeros((8, k)), v,
-                                       (lax.axis_index('d'), 0))
+      rows_ = lax.dynamic_update_slice(
+        jnp.zeros((8, k)), v, (lax.axis_index('d'), 0)
+      )
       return lax.psum(rows_, 'd')[None]
 
     def psum_small(v):  # sync='psum''s collective: 2C + 1 shifted sums
@@ -71,35 +86,84 @@ def main(argv=None):
 
     def all_gather(v):
       return lax.all_gather(v[0], 'd')[None]
-    coll = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P('d'),
-                                           out_specs=P('d')))
-    fns = {'local': step(None), 'sync': step('d'),
-           'psum': step('d', 'psum'), 'psum_fallback': step('d', 'psum', far),
-           'psum_gather': coll(psum_gather), 'all_gather': coll(all_gather),
-           'psum_small': coll(psum_small)}
-    fargs = {'local': (x,), 'sync': (x,), 'psum': (x,), 'psum_fallback': (x,),
-             'psum_gather': (part,), 'all_gather': (part,),
-             'psum_small': (small,)}
-    t = _timing.interleaved(fns, fargs, rounds=2 if args.smoke else 30,
-                            inner=1 if args.smoke else 5)
-    row = dict(shape=list(shape), channels=c, devices=8,
-               step_local_ms=t['local'] * 1e3, step_sync_ms=t['sync'] * 1e3,
-               step_psum_ms=t['psum'] * 1e3,
-               step_psum_fallback_ms=t['psum_fallback'] * 1e3,
-               sync_overhead=t['sync'] / t['local'],
-               psum_overhead=t['psum'] / t['local'],
-               psum_gather_us=t['psum_gather'] * 1e6,
-               all_gather_us=t['all_gather'] * 1e6,
-               psum_2c9_us=t['psum_small'] * 1e6,
-               gather_forward_bytes=8 * k * 4, psum_forward_bytes=k_psum * 4,
-               backward_bytes=2 * c * 4)
+
+    coll = lambda f: jax.jit(
+      jax.shard_map(f, mesh=mesh, in_specs=P('d'), out_specs=P('d'))
+    )
+    fns = {
+      'local': step(None),
+      'sync': step('d'),
+      'psum': step('d', 'psum'),
+      'psum_fallback': step('d', 'psum', far),
+      'psum_gather': coll(psum_gather),
+      'all_gather': coll(all_gather),
+      'psum_small': coll(psum_small),
+    }
+    fargs = {
+      'local': (x,),
+      'sync': (x,),
+      'psum': (x,),
+      'psum_fallback': (x,),
+      'psum_gather': (part,),
+      'all_gather': (part,),
+      'psum_small': (small,),
+    }
+    t = _timing.interleaved(
+      fns, fargs, rounds=2 if args.smoke else 30, inner=1 if args.smoke else 5
+    )
+    row = dict(
+      shape=list(shape),
+      channels=c,
+      devices=8,
+      step_local_ms=t['local'] * 1e3,
+      step_sync_ms=t['sync'] * 1e3,
+      step_psum_ms=t['psum'] * 1e3,
+      step_psum_fallback_ms=t['psum_fallback'] * 1e3,
+      sync_overhead=t['sync'] / t['local'],
+      psum_overhead=t['psum'] / t['local'],
+      psum_gather_us=t['psum_gather'] * 1e6,
+      all_gather_us=t['all_gather'] * 1e6,
+      psum_2c9_us=t['psum_small'] * 1e6,
+      gather_forward_bytes=8 * k * 4,
+      psum_forward_bytes=k_psum * 4,
+      backward_bytes=2 * c * 4,
+    )
     rows.append(row)
-    print(json.dumps({a: (round(b, 3) if isinstance(b, float) else b)
-                      for a, b in row.items()}), flush=True)
+    print(
+      json.dumps(
+        {
+          a: (round(b, 3) if isinstance(b, float) else b)
+          for a, b in row.items()
+        }
+      ),
+      flush=True,
+    )
   if not args.smoke:
     _timing.write_result('sync', dict(env=_timing.environment(), rows=rows))
   return rows
 
 
-if __name__ == '__main__':
-  main()
+def sync_table(run: dict) -> str:
+  e = run['env']
+  lines = [
+    f'{e["machine"]}, jax {e["jax"]}, {e["date"]}, commit {_readme.commit(e)}; '
+    "a shard_map'd train step (forward and backward of one BN layer) by "
+    'each path, and the bare collectives.\n',
+    '| shape (global) | C | local step ms | gather step ms | psum step ms | '
+    'psum + fallback ms | all-gather µs | psum-gather µs | psum of 2C+9 µs |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r in run['rows']:
+    lines.append(
+      f'| {"x".join(map(str, r["shape"]))} | {r["channels"]} | '
+      f'{r["step_local_ms"]:.2f} | {r["step_sync_ms"]:.2f} '
+      f'({r["sync_overhead"]:.2f}x) | {r["step_psum_ms"]:.2f} '
+      f'({r["psum_overhead"]:.2f}x) | {r["step_psum_fallback_ms"]:.2f} | '
+      f'{r["all_gather_us"]:.0f} | {r["psum_gather_us"]:.0f} | '
+      f'{r["psum_2c9_us"]:.0f} |'
+    )
+  return '\n'.join(lines)
+
+
+def readme_blocks() -> dict[str, str]:
+  return {'sync-measured': sync_table(_timing.latest('sync'))}

@@ -9,7 +9,7 @@ read from the module: its kind, per-shard operand floats, the bytes it
 delivers to each device, and whether it sits inside a conditional branch
 (the psum path's exact fallback). Beside it: which path ``sync='auto'``
 takes there (``bnjax._moments.psum.auto_uses_psum``, the alpha-beta model of
-``sync_model.py``). Run: ``python benchmarks/sync_lowering.py`` (about 1
+``sync_model.py``). Run: ``python -m benchmarks run sync_lowering`` (about 1
 minute) or ``--smoke`` (8 devices). Writes ``results/sync_lowering.json``.
 """
 
@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import re
 import subprocess
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import _readme, _timing
 
-from benchmarks import _timing  # noqa: E402
+ROOT = _readme.ROOT
 
 DEVICES = (8, 64, 256, 1024)
 CHANNELS = (64, 2048)
-_OP = re.compile(r'"stablehlo\.(all_reduce|all_gather)"\(%\S+\).*?'
-                 r'\(tensor<([0-9x]+)xf32>\)', re.S)
+_OP = re.compile(
+  r'"stablehlo\.(all_reduce|all_gather)"\(%\S+\).*?'
+  r'\(tensor<([0-9x]+)xf32>\)',
+  re.S,
+)
 
 
 def case_spans(text: str) -> list[tuple[int, int]]:
@@ -53,47 +55,69 @@ def collectives(text: str, d: int) -> list[dict]:
     floats = math.prod(int(s) for s in m.group(2).split('x'))
     kind = m.group(1)
     delivered = 4 * floats * (d if kind == 'all_gather' else 1)
-    out.append(dict(kind=kind, operand_floats=floats,
-                    bytes_per_device=delivered,
-                    conditional=any(a < m.start() < b for a, b in spans)))
+    out.append(
+      dict(
+        kind=kind,
+        operand_floats=floats,
+        bytes_per_device=delivered,
+        conditional=any(a < m.start() < b for a, b in spans),
+      )
+    )
   return out
 
 
 def worker(d: int) -> list[dict]:
   import jax
+
   jax.config.update('jax_num_cpu_devices', d)
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import Mesh, PartitionSpec as P
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
 
   import bnjax
   from bnjax._moments import psum as _psum
+
   mesh = Mesh(np.array(jax.devices()[:d]), ('d',))
   rows = []
   for c in CHANNELS:
     stats = bnjax.init_batch_stats(c)
     for sync in ('gather', 'psum'):
+
       def step(x, w, sync=sync, stats=stats):
         def loss(x):
-          y, new = bnjax.batch_norm(x, stats, use_running_average=False,
-                                    axis_name='d', sync=sync)
+          y, new = bnjax.batch_norm(
+            x, stats, use_running_average=False, axis_name='d', sync=sync
+          )
           return jnp.sum(y * w), new
+
         return jax.grad(loss, has_aux=True)(x)
-      f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P('d'), P('d')),
-                                out_specs=(P('d'), P())))
+
+      f = jax.jit(
+        jax.shard_map(
+          step, mesh=mesh, in_specs=(P('d'), P('d')), out_specs=(P('d'), P())
+        )
+      )
       arg = jax.ShapeDtypeStruct((2 * d, c), jnp.float32)
       text = jax.export.export(f, platforms=('tpu',))(arg, arg).mlir_module()
-      rows.append(dict(devices=d, channels=c, sync=sync,
-                       auto=('psum' if _psum.auto_uses_psum(d, c)
-                             else 'gather'),
-                       collectives=collectives(text, d)))
+      rows.append(
+        dict(
+          devices=d,
+          channels=c,
+          sync=sync,
+          auto=('psum' if _psum.auto_uses_psum(d, c) else 'gather'),
+          collectives=collectives(text, d),
+        )
+      )
   return rows
 
 
 def table(rows) -> str:
-  lines = ['| D | C | auto | gather: forward bytes/device | psum: steady '
-           'bytes/device | psum: fallback adds | backward (both) |',
-           '|---|---|---|---|---|---|---|']
+  lines = [
+    '| D | C | auto | gather: forward bytes/device | psum: steady '
+    'bytes/device | psum: fallback adds | backward (both) |',
+    '|---|---|---|---|---|---|---|',
+  ]
   key = lambda r: (r['devices'], r['channels'])
   for d, c in sorted({key(r) for r in rows}):
     g = next(r for r in rows if key(r) == (d, c) and r['sync'] == 'gather')
@@ -102,34 +126,56 @@ def table(rows) -> str:
     steady = [o for o in p['collectives'][:-1] if not o['conditional']]
     fall = [o for o in p['collectives'] if o['conditional']]
     lines.append(
-        f"| {d} | {c} | {g['auto']} | {gf['bytes_per_device']:,} "
-        f"({gf['kind']}) | {sum(o['bytes_per_device'] for o in steady):,} "
-        f"({len(steady)} {steady[0]['kind']}) | "
-        f"{sum(o['bytes_per_device'] for o in fall):,} | "
-        f"{gb['bytes_per_device']:,} ({gb['kind']}) |")
+      f'| {d} | {c} | {g["auto"]} | {gf["bytes_per_device"]:,} '
+      f'({gf["kind"]}) | {sum(o["bytes_per_device"] for o in steady):,} '
+      f'({len(steady)} {steady[0]["kind"]}) | '
+      f'{sum(o["bytes_per_device"] for o in fall):,} | '
+      f'{gb["bytes_per_device"]:,} ({gb["kind"]}) |'
+    )
   return '\n'.join(lines)
 
 
 def main(argv=None):
   def extra(p):
-    p.add_argument('--worker', type=int,
-                   help='internal: lower at this many devices, print JSON')
+    p.add_argument(
+      '--worker',
+      type=int,
+      help='internal: lower at this many devices, print JSON',
+    )
+
   args = _timing.parse_args(__doc__, argv, extra)
   if args.worker:
     print(json.dumps(worker(args.worker)))
     return None
   rows = []
-  for d in ((8,) if args.smoke else DEVICES):
-    out = subprocess.run([sys.executable, __file__, '--smoke', '--worker',
-                          str(d)], capture_output=True, text=True,
-                         check=True, timeout=600)
+  for d in (8,) if args.smoke else DEVICES:
+    # A process per device count: the count is fixed when JAX starts.
+    out = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'benchmarks',
+        'run',
+        'sync_lowering',
+        '--smoke',
+        '--worker',
+        str(d),
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=ROOT,
+    )
     rows += json.loads(out.stdout.strip().splitlines()[-1])
   print(table(rows))
   if not args.smoke:
-    _timing.write_result('sync_lowering', dict(env=_timing.environment(),
-                                               rows=rows), allow_nan=False)
+    _timing.write_result(
+      'sync_lowering',
+      dict(env=_timing.environment(), rows=rows),
+      allow_nan=False,
+    )
   return rows
 
 
-if __name__ == '__main__':
-  main()
+def readme_blocks() -> dict[str, str]:
+  return {'sync-lowering': table(_timing.latest('sync_lowering')['rows'])}

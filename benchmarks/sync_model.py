@@ -14,10 +14,11 @@ exact merge needs). bnjax ships two ways to combine them:
 and ``sync='psum'``: a psum of 2C + 1 floats, shifted sums around the
 replicated running mean (constant in D; where the shift is too far from the
 batch mean, at the first steps, the gather runs as well; 8C more floats
-where types cannot prove every shard has the same shift). ``sync='auto'`` takes the psum where this
-model, on its faster link, prices the gather above it
-(``bnjax._moments.psum.auto_uses_psum``; each row records the choice). An alpha-beta model: a collective costs ``steps * alpha +
-bytes_per_device * beta``, with
+where types cannot prove every shard has the same shift).
+``sync='auto'`` takes the psum where this model, on its faster link, prices
+the gather above it (``bnjax._moments.psum.auto_uses_psum``; each row
+records the choice). An alpha-beta model: a collective costs
+``steps * alpha + bytes_per_device * beta``, with
 
 - ring all-reduce of n bytes: ``2 (D-1)`` steps, ``2 (D-1)/D n`` bytes;
 - tree (recursive halving/doubling) all-reduce: ``2 log2 D`` steps, same bytes;
@@ -25,7 +26,7 @@ bytes_per_device * beta``, with
 - tree all-gather: ``log2 D`` steps, same bytes.
 
 The all-gather's per-shard input (4K bytes) is checked against the lowered
-HLO at 8 devices. Run: ``python benchmarks/sync_model.py`` (seconds) or
+HLO at 8 devices. Run: ``python -m benchmarks run sync_model`` (seconds) or
 ``--smoke``. Writes ``results/sync_model.json``.
 """
 
@@ -33,13 +34,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import pathlib
 import re
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchmarks import _timing  # noqa: E402
+from benchmarks import _timing
 
 # Two interconnects, (alpha seconds per step, beta seconds per byte).
 LINKS = {'nvlink-like': (5e-6, 1 / 150e9), 'ethernet-like': (20e-6, 1 / 12.5e9)}
@@ -59,44 +56,70 @@ def cost(kind: str, algo: str, d: int, n_bytes: float, link) -> float:
 
 def designs(d: int, c: int):
   from bnjax._moments import psum as _psum
+
   k = _psum.gather_payload(c, masked=False)
-  return {'psum_gather': ('all_reduce', 4 * d * k),
-          'all_gather': ('all_gather', 4 * d * k),
-          'shifted_psum': ('all_reduce', 4 * _psum.psum_payload(c, False))}
+  return {
+    'psum_gather': ('all_reduce', 4 * d * k),
+    'all_gather': ('all_gather', 4 * d * k),
+    'shifted_psum': ('all_reduce', 4 * _psum.psum_payload(c, False)),
+  }
 
 
 def hlo_check(d: int = 8, c: int = 64) -> dict:
   """Bytes of each collective in the lowered sync forward at d devices."""
   import jax
   import numpy as np
-  from jax.sharding import Mesh, PartitionSpec as P
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
 
   import bnjax
+
   mesh = Mesh(np.array(jax.devices()[:d]), ('d',))
-  f = jax.shard_map(lambda x: bnjax.batch_norm(
-      x, bnjax.init_batch_stats(c), use_running_average=False,
-      axis_name='d')[0], mesh=mesh, in_specs=P('d'), out_specs=P('d'))
+  f = jax.shard_map(
+    lambda x: bnjax.batch_norm(
+      x, bnjax.init_batch_stats(c), use_running_average=False, axis_name='d'
+    )[0],
+    mesh=mesh,
+    in_specs=P('d'),
+    out_specs=P('d'),
+  )
   text = jax.jit(f).lower(jax.ShapeDtypeStruct((4 * d, c), 'float32')).as_text()
-  ops = re.findall(r'"stablehlo\.(all_reduce|all_gather)"\(%\S+\).*?'
-                   r'\(tensor<([0-9x]+)xf32>\)', text, re.S)
-  sizes = [(op, 4 * math.prod(int(s) for s in shape.split('x')))
-           for op, shape in ops]
+  ops = re.findall(
+    r'"stablehlo\.(all_reduce|all_gather)"\(%\S+\).*?'
+    r'\(tensor<([0-9x]+)xf32>\)',
+    text,
+    re.S,
+  )
+  sizes = [
+    (op, 4 * math.prod(int(s) for s in shape.split('x'))) for op, shape in ops
+  ]
   per_shard = 4 * (3 * c + 1)
-  return dict(devices=d, channels=c, hlo=sizes, model_input_bytes=per_shard,
-              model_output_bytes=designs(d, c)['all_gather'][1],
-              agrees=sizes == [('all_gather', per_shard)])
+  return dict(
+    devices=d,
+    channels=c,
+    hlo=sizes,
+    model_input_bytes=per_shard,
+    model_output_bytes=designs(d, c)['all_gather'][1],
+    agrees=sizes == [('all_gather', per_shard)],
+  )
 
 
 def table(rows, link):
-  lines = [f'| C | D | psum-gather (ring / tree) µs | all-gather (ring / tree) µs '
-           f'| shifted psum (ring / tree) µs |', '|---|---|---|---|---|']
+  lines = [
+    '| C | D | psum-gather (ring / tree) µs | all-gather (ring / tree) µs '
+    '| shifted psum (ring / tree) µs |',
+    '|---|---|---|---|---|',
+  ]
   for r in rows:
     if r['link'] != link or r['devices'] not in (8, 64, 256, 1024):
       continue
-    cells = [f"{r[f'{k}_ring_us']:.0f} / {r[f'{k}_tree_us']:.0f}"
-             for k in ('psum_gather', 'all_gather', 'shifted_psum')]
-    lines.append(f"| {r['channels']} | {r['devices']} | " + ' | '.join(cells)
-                 + ' |')
+    cells = [
+      f'{r[f"{k}_ring_us"]:.0f} / {r[f"{k}_tree_us"]:.0f}'
+      for k in ('psum_gather', 'all_gather', 'shifted_psum')
+    ]
+    lines.append(
+      f'| {r["channels"]} | {r["devices"]} | ' + ' | '.join(cells) + ' |'
+    )
   return '\n'.join(lines)
 
 
@@ -105,6 +128,7 @@ def main(argv=None):
   p.add_argument('--smoke', action='store_true')
   args = p.parse_args(argv)
   import jax
+
   try:
     jax.config.update('jax_num_cpu_devices', 8)
   except RuntimeError:
@@ -116,8 +140,13 @@ def main(argv=None):
     for c in CHANNELS:
       for d in DEVICES:
         from bnjax._moments import psum as _psum
-        row = dict(link=link_name, channels=c, devices=d,
-                   auto='psum' if _psum.auto_uses_psum(d, c) else 'gather')
+
+        row = dict(
+          link=link_name,
+          channels=c,
+          devices=d,
+          auto='psum' if _psum.auto_uses_psum(d, c) else 'gather',
+        )
         for name, (kind, n) in designs(d, c).items():
           row[f'{name}_bytes'] = n
           for algo in ('ring', 'tree'):
@@ -131,13 +160,23 @@ def main(argv=None):
     for c in CHANNELS:
       best = lambda r, k: min(r[f'{k}_ring_us'], r[f'{k}_tree_us'])
       for k in ('psum_gather', 'all_gather'):
-        over = [r['devices'] for r in rows if r['link'] == link_name and
-                r['channels'] == c and best(r, k) >
-                2 * best(r, 'shifted_psum')]
+        over = [
+          r['devices']
+          for r in rows
+          if r['link'] == link_name
+          and r['channels'] == c
+          and best(r, k) > 2 * best(r, 'shifted_psum')
+        ]
         switch[f'{k}/{link_name}/C={c}'] = min(over) if over else None
-  out = dict(env=_timing.environment(), links={k: dict(alpha_s=a, beta_s_per_byte=b)
-                                               for k, (a, b) in LINKS.items()},
-             hlo_check=check, switch_devices=switch, rows=rows)
+  out = dict(
+    env=_timing.environment(),
+    links={
+      k: dict(alpha_s=a, beta_s_per_byte=b) for k, (a, b) in LINKS.items()
+    },
+    hlo_check=check,
+    switch_devices=switch,
+    rows=rows,
+  )
   if not args.smoke:
     _timing.write_result('sync_model', out)
     for link_name in LINKS:
@@ -147,5 +186,16 @@ def main(argv=None):
   return out
 
 
-if __name__ == '__main__':
-  main()
+def sync_model_tables(run: dict) -> str:
+  parts = []
+  for link, c in run['links'].items():
+    parts.append(
+      f'{link} link (alpha {c["alpha_s"] * 1e6:g} µs, '
+      f'{1 / c["beta_s_per_byte"] / 1e9:g} GB/s):\n\n'
+      + table(run['rows'], link)
+    )
+  return '\n\n'.join(parts)
+
+
+def readme_blocks() -> dict[str, str]:
+  return {'sync-model': sync_model_tables(_timing.latest('sync_model'))}

@@ -3,7 +3,7 @@
 Question: how fast is PyTorch's CPU BatchNorm (``torch==2.13.0``, 2 threads)
 on the layer benchmark's shapes and modes, in both memory layouts (NCHW and
 channels_last)? Run in its own process, so its thread pool does not fight
-XLA's: ``python benchmarks/torch_layer.py`` (about 1 minute) or ``--smoke``.
+XLA's: ``python -m benchmarks run torch_layer`` (about 1 minute) or ``--smoke``.
 Writes ``results/torch_layer.json``, which ``layer.py`` reads to report
 bnjax against PyTorch's best layout. Modes as in layer.py: ``fwd`` (training
 forward), ``grad`` (gradients of <y, ct> for x, weight, bias) and ``step``
@@ -13,20 +13,17 @@ forward), ``grad`` (gradients of <y, ct> for x, weight, bias) and ``step``
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchmarks import _timing  # noqa: E402
-from benchmarks.layer import MODES, SHAPES  # noqa: E402
+from benchmarks import _timing
+from benchmarks.layer import MODES, SHAPES
 
 
 def _case(torch, shape, layout, mode):
   c = shape[-1]
-  bn = (torch.nn.BatchNorm2d(c) if len(shape) == 4 else
-        torch.nn.BatchNorm1d(c)).train()
+  bn = (
+    torch.nn.BatchNorm2d(c) if len(shape) == 4 else torch.nn.BatchNorm1d(c)
+  ).train()
   g = torch.Generator().manual_seed(0)
   nchw = (shape[0], c) + tuple(shape[1:-1])
   x = torch.randn(nchw, generator=g)
@@ -44,6 +41,7 @@ def _case(torch, shape, layout, mode):
     y = bn(x)
     gx, gw, gb = torch.autograd.grad(y, (x, bn.weight, bn.bias), ct)
     return y if mode == 'step' else gx
+
   return run
 
 
@@ -63,31 +61,36 @@ def time_case(run, rounds, inner):
 def main(argv=None):
   args = _timing.parse_args(__doc__, argv)
   import torch
+
   torch.set_num_threads(2)
   shapes = [(8, 4, 4, 8)] if args.smoke else SHAPES
   layouts = ('nchw', 'channels_last')
   rows = []
   for shape in shapes:
     for mode in MODES:
-      runs = {l: _case(torch, shape, l, mode) for l in layouts
-              if len(shape) == 4 or l == 'nchw'}
+      runs = {
+        l: _case(torch, shape, l, mode)
+        for l in layouts
+        if len(shape) == 4 or l == 'nchw'
+      }
       t = {l: [] for l in runs}
       for _ in range(2 if args.smoke else 5):  # interleave the layouts
         for l, r in runs.items():
-          t[l].append(time_case(r, 2 if args.smoke else 5,
-                                1 if args.smoke else 5))
-      row = dict(shape=list(shape), mode=mode,
-                 **{f'{l}_ms': 1e3 * sorted(v)[len(v) // 2]
-                    for l, v in t.items()})
+          t[l].append(
+            time_case(r, 2 if args.smoke else 5, 1 if args.smoke else 5)
+          )
+      row = dict(
+        shape=list(shape),
+        mode=mode,
+        **{f'{l}_ms': 1e3 * sorted(v)[len(v) // 2] for l, v in t.items()},
+      )
       row['best_ms'] = min(row[f'{l}_ms'] for l in runs)
       rows.append(row)
       print(json.dumps(row), flush=True)
   if not args.smoke:
-    out = dict(env=dict(torch=torch.__version__, threads=2,
-                        **_timing.environment()), rows=rows)
+    out = dict(
+      env=dict(torch=torch.__version__, threads=2, **_timing.environment()),
+      rows=rows,
+    )
     _timing.write_result('torch_layer', out)
   return rows
-
-
-if __name__ == '__main__':
-  main()

@@ -11,15 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from flax import nnx
 
 import bnjax
 import bnjax.linen
 import bnjax.nnx
+from benchmarks import numerics
 from bnjax import _checks, _moments
 from bnjax._moments import local
-from benchmarks import numerics
 from tests import reference as ref
 from tests._helpers import randn
 
@@ -39,6 +38,15 @@ def test_variance_error_below_1e6_at_every_ratio_one_device_and_synced(layout):
   assert not bad, bad
 
 
+@pytest.mark.parametrize('layout', ['identical', 'uneven masks', 'empty shard'])
+def test_the_benchmarks_float64_truth_is_the_oracles(layout):
+  """benchmarks/numerics.py computes its own float64 variance (it imports
+  nothing from tests/): the same as tests/reference.py's."""
+  x, mask = numerics.make_data(1e4, layout, seed=0)
+  want = ref.moments(np.float64(x), -1, mask)[1]
+  np.testing.assert_array_equal(numerics.oracle_var(x, mask, 'moments'), want)
+
+
 def _partial_around(x, shift):
   lay = _checks.layout('t', x, -1)
   return local.partial_around(x, lay, shift, jnp.asarray(lay.count, x.dtype))
@@ -56,8 +64,12 @@ def test_statistics_do_not_depend_on_the_shifts_error(ratio, offset_in_std):
   shift = jnp.asarray(m64 + offset_in_std * np.sqrt(v64), jnp.float32)
   mean, var = _moments.finalize(_partial_around(x, shift))
   np.testing.assert_allclose(var, v64, rtol=BAR)
-  np.testing.assert_allclose(mean, m64, rtol=1.2e-7,  # half an ulp, twice
-                             atol=1e-3 * float(np.sqrt(v64).max()))
+  np.testing.assert_allclose(
+    mean,
+    m64,
+    rtol=1.2e-7,  # half an ulp, twice
+    atol=1e-3 * float(np.sqrt(v64).max()),
+  )
   if offset_in_std >= 0.1:  # the test can fail: without s1 it would
     naive = jnp.sum((x - shift) ** 2, 0) / x.shape[0]
     assert np.max(np.abs(naive - v64) / v64) > 10 * BAR
@@ -75,8 +87,11 @@ def test_merge_keeps_each_parts_low_order_bits(ratio):
   for i in range(8):
     xi = jnp.asarray(x[i])
     if i == 5:  # an empty part: count 0, arbitrary shift
-      parts.append(_moments.Partial(jnp.float32(0), jnp.full(4, 7.0), jnp.zeros(4),
-                                  jnp.zeros(4)))
+      parts.append(
+        _moments.Partial(
+          jnp.float32(0), jnp.full(4, 7.0), jnp.zeros(4), jnp.zeros(4)
+        )
+      )
       continue
     m = np.asarray(xi, np.float64).mean(0)
     shift = jnp.asarray(m + rng.uniform(-1, 1, 4), jnp.float32)
@@ -94,13 +109,15 @@ def test_empty_masked_channel_is_normalized_with_running_stats():
   the input); it is now what inference gives, and its gradient too."""
   x = jnp.asarray(randn((6, 3), loc=2.0, seed=1))
   mask = jnp.array([[True, False, True]] * 6)
-  stats = bnjax.BatchStats(jnp.array([0.5, 1.5, -1.0]),
-                           jnp.array([2.0, 4.0, 0.5]))
+  stats = bnjax.BatchStats(
+    jnp.array([0.5, 1.5, -1.0]), jnp.array([2.0, 4.0, 0.5])
+  )
   g, b = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.1, 0.2, 0.3])
 
   def train(x, g):
-    return bnjax.batch_norm(x, stats, g, b, use_running_average=False,
-                            mask=mask)
+    return bnjax.batch_norm(
+      x, stats, g, b, use_running_average=False, mask=mask
+    )
 
   def infer(x, g):
     return bnjax.batch_norm(x, stats, g, b, use_running_average=True)
@@ -108,8 +125,9 @@ def test_empty_masked_channel_is_normalized_with_running_stats():
   y, new = train(x, g)
   np.testing.assert_allclose(y[:, 1], infer(x, g)[0][:, 1], rtol=1e-6)
   assert new.mean[1] == stats.mean[1] and new.var[1] == stats.var[1]
-  want = ref.batch_norm(x, stats.mean, stats.var, g, b,
-                        use_running_average=False, mask=mask)[0]
+  want = ref.batch_norm(
+    x, stats.mean, stats.var, g, b, use_running_average=False, mask=mask
+  )[0]
   np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
   gt = jax.grad(lambda x, g: jnp.sum(jnp.sin(train(x, g)[0])), (0, 1))(x, g)
   gi = jax.grad(lambda x, g: jnp.sum(jnp.sin(infer(x, g)[0])), (0, 1))(x, g)
@@ -121,28 +139,39 @@ def test_empty_masked_channel_in_renorm_ghost_and_modules():
   x = jnp.asarray(randn((8, 2), loc=3.0, seed=2))
   mask = jnp.array([[True, False]] * 8)
   rs = bnjax.RenormStats(jnp.array([0.0, 1.0]), jnp.array([1.0, 2.0]))
-  y, _ = bnjax.batch_renorm(x, rs, use_running_average=False, r_max=3.0,
-                            d_max=5.0, mask=mask)
+  y, _ = bnjax.batch_renorm(
+    x, rs, use_running_average=False, r_max=3.0, d_max=5.0, mask=mask
+  )
   np.testing.assert_allclose(y[:, 1], (x[:, 1] - 1.0) / 2.0, rtol=1e-5)
   s = bnjax.BatchStats(jnp.array([0.0, 1.0]), jnp.array([1.0, 4.0]))
-  y, _ = bnjax.batch_norm(x, s, use_running_average=False, mask=mask,
-                          virtual_batch_size=4, epsilon=1e-12)
+  y, _ = bnjax.batch_norm(
+    x,
+    s,
+    use_running_average=False,
+    mask=mask,
+    virtual_batch_size=4,
+    epsilon=1e-12,
+  )
   np.testing.assert_allclose(y[:, 1], (x[:, 1] - 1.0) / 2.0, rtol=1e-5)
   lin = bnjax.linen.BatchNorm(use_running_average=False)
   v = lin.init(jax.random.key(0), x)
   y, _ = lin.apply(v, x, mask=mask, mutable=['batch_stats'])
   np.testing.assert_allclose(y[:, 1], x[:, 1] / np.sqrt(1 + 1e-5), rtol=1e-5)
   m = bnjax.nnx.BatchNorm(2, rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(m(x, mask=mask)[:, 1], x[:, 1] / np.sqrt(1 + 1e-5),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    m(x, mask=mask)[:, 1], x[:, 1] / np.sqrt(1 + 1e-5), rtol=1e-5
+  )
 
 
 # Unequal and interleaved axis_index_groups under pmap, against the oracle.
-@pytest.mark.parametrize('groups', [
+@pytest.mark.parametrize(
+  'groups',
+  [
     [[0, 1, 2], [3, 4, 5, 6, 7]],
     [[0, 2, 4, 6], [1, 3, 5, 7]],
     [[5], [0, 7, 1], [2, 3, 4, 6]],
-])
+  ],
+)
 def test_axis_index_groups_equal_the_oracle_per_group(groups):
   """Regression: with groups [[0, 1, 2], [3..7]] device 3's mean was 122.5
   where its group's is 50.2 (the row buffer was sized from the first group);
@@ -151,32 +180,46 @@ def test_axis_index_groups_equal_the_oracle_per_group(groups):
   x = randn((8, 3, 2), loc=50.0, scale=40.0, seed=7)
   x += np.arange(8)[:, None, None] * 10.0
   stats = bnjax.init_batch_stats(2)
-  f = jax.pmap(lambda x: bnjax.batch_norm(
-      x, stats, use_running_average=False, momentum=0.0, axis_name='i',
-      axis_index_groups=groups), axis_name='i')
+  f = jax.pmap(
+    lambda x: bnjax.batch_norm(
+      x,
+      stats,
+      use_running_average=False,
+      momentum=0.0,
+      axis_name='i',
+      axis_index_groups=groups,
+    ),
+    axis_name='i',
+  )
   y, new = f(jnp.asarray(x))
   for grp in groups:
     xs = x[grp].reshape(-1, 2)
-    ry, rm, rv = ref.batch_norm(xs, stats.mean, stats.var,
-                                use_running_average=False, momentum=0.0)
-    np.testing.assert_allclose(np.asarray(y)[grp].reshape(-1, 2), ry,
-                               rtol=2e-5, atol=2e-5)
+    ry, rm, rv = ref.batch_norm(
+      xs, stats.mean, stats.var, use_running_average=False, momentum=0.0
+    )
+    np.testing.assert_allclose(
+      np.asarray(y)[grp].reshape(-1, 2), ry, rtol=2e-5, atol=2e-5
+    )
     for i in grp:
       np.testing.assert_allclose(new.mean[i], rm, rtol=1e-6)
       np.testing.assert_allclose(new.var[i], rv, rtol=1e-5)
 
 
-@pytest.mark.parametrize('groups, pieces', [
+@pytest.mark.parametrize(
+  'groups, pieces',
+  [
     ([[0, 1, 2], [3, 4, 5, 6]], ['must partition', 'missing: [7]']),
     ([[0, 1, 2, 3], [3, 4, 5, 6, 7]], ['repeated or out of range: [3]']),
     ([[0, 1, 2, 3], [4, 5, 6, 7, 8]], ['repeated or out of range: [8]']),
     ([[0, 1, 2, 3, 4, 5, 6, 7], []], ['non-empty']),
-])
+  ],
+)
 def test_groups_that_do_not_partition_the_axis_raise(groups, pieces):
   """Regression: groups not covering every device crashed inside XLA."""
-  f = jax.pmap(lambda x: bnjax.moments(x, axis_name='i',
-                                       axis_index_groups=groups)[0],
-               axis_name='i')
+  f = jax.pmap(
+    lambda x: bnjax.moments(x, axis_name='i', axis_index_groups=groups)[0],
+    axis_name='i',
+  )
   with pytest.raises(ValueError) as info:
     f(jnp.ones((8, 3, 2)))
   for p in pieces + ['axis_index_groups']:
@@ -186,15 +229,30 @@ def test_groups_that_do_not_partition_the_axis_raise(groups, pieces):
 def test_sync_backward_gradients_match_the_oracle_at_a_large_offset():
   """Gradients under shard_map at |mean|/std = 1e4 against BN's float64
   closed-form gradient (no bnjax in the reference)."""
-  from jax.sharding import Mesh, PartitionSpec as P
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
+
   mesh = Mesh(np.array(jax.devices()[:8]), ('d',))
   x = randn((64, 3), loc=1e4, seed=11)
   w = randn((64, 3), seed=12)
   stats = bnjax.init_batch_stats(3)
 
-  f = jax.shard_map(lambda x, w: jax.grad(lambda x: jax.lax.psum(jnp.sum(
-      bnjax.batch_norm(x, stats, use_running_average=False, axis_name='d')[0]
-      * w), 'd'))(x), mesh=mesh, in_specs=(P('d'), P('d')), out_specs=P('d'))
+  f = jax.shard_map(
+    lambda x, w: jax.grad(
+      lambda x: jax.lax.psum(
+        jnp.sum(
+          bnjax.batch_norm(x, stats, use_running_average=False, axis_name='d')[
+            0
+          ]
+          * w
+        ),
+        'd',
+      )
+    )(x),
+    mesh=mesh,
+    in_specs=(P('d'), P('d')),
+    out_specs=P('d'),
+  )
   got = np.asarray(jax.jit(f)(jnp.asarray(x), jnp.asarray(w)))
   # d/dx of sum(w * xhat) for BN: (w - mean(w) - xhat mean(w xhat)) r / ...
   x64 = np.asarray(x, np.float64)
@@ -202,7 +260,9 @@ def test_sync_backward_gradients_match_the_oracle_at_a_large_offset():
   r = 1 / np.sqrt(var + 1e-5)
   xhat = (x64 - mean) * r
   want = r * (w - w.mean(0) - xhat * (w * xhat).mean(0))
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  np.testing.assert_allclose(
+    got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()
+  )
 
 
 @pytest.mark.parametrize('ratio', [1e4, 1e6])
@@ -215,9 +275,20 @@ def test_two_pass_exact_on_sorted_and_outlier_batches(ratio):
   for xs in (x, x[::-1].copy()):
     _, v64, _ = ref.moments(xs)
     for fast in (True, False):
-      _, var = bnjax.moments(jnp.asarray(xs)) if fast else (None, bnjax.batch_norm(
-          jnp.asarray(xs), bnjax.init_batch_stats(3), use_running_average=False,
-          momentum=0.0, use_fast_variance=False)[1].var)
+      _, var = (
+        bnjax.moments(jnp.asarray(xs))
+        if fast
+        else (
+          None,
+          bnjax.batch_norm(
+            jnp.asarray(xs),
+            bnjax.init_batch_stats(3),
+            use_running_average=False,
+            momentum=0.0,
+            use_fast_variance=False,
+          )[1].var,
+        )
+      )
       np.testing.assert_allclose(var, v64, rtol=BAR)
 
 
@@ -229,8 +300,9 @@ def test_variance_exact_at_large_mean_over_std(ratio, fast, shape):
   # Flax's default (E[x^2] - E[x]^2) gives relative errors of 25 to 3.7e3.
   x = randn(shape, np.float32, loc=ratio * 1.7, scale=1.7, seed=3)
   stats = bnjax.init_batch_stats(shape[-1])
-  _, new = bnjax.batch_norm(x, stats, use_running_average=False, momentum=0.0,
-                            use_fast_variance=fast)
+  _, new = bnjax.batch_norm(
+    x, stats, use_running_average=False, momentum=0.0, use_fast_variance=fast
+  )
   _, rv, _ = ref.moments(x.astype(np.float64))
   assert np.max(np.abs(np.asarray(new.var, np.float64) / rv - 1)) <= 1e-5
   _, v = bnjax.moments(x)

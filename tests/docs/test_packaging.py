@@ -30,19 +30,26 @@ def test_declared_floors_are_the_versions_the_floor_job_installs():
   the library's test files."""
   project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
   extras = project['optional-dependencies']
-  reqs = (project['dependencies'] + extras['test'] + extras['equinox']
-          + extras['haiku'] + [r for r in extras['experiments']
-                               if r.startswith('optax')])
-  floors = dict(re.match(r'([\w-]+)>=([\w.]+)$', r).groups() for r in reqs
-                if '>=' in r)
+  reqs = (
+    project['dependencies']
+    + extras['test']
+    + extras['equinox']
+    + extras['haiku']
+    + [r for r in extras['experiments'] if r.startswith('optax')]
+  )
+  floors = dict(
+    re.match(r'([\w-]+)>=([\w.]+)$', r).groups() for r in reqs if '>=' in r
+  )
   pins = _pins('.ci/floor.txt')
   for name, version in pins.items():
     assert floors.get(name) == version, (name, floors.get(name), version)
   floor_job = (ROOT / '.ci' / 'floor').read_text()
-  assert re.search(r'^run tests/core tests/modules tests/interop$', floor_job,
-                   re.M)
-  assert re.search(r'^BNJAX_STATS_PATH=accelerator run tests/core', floor_job,
-                   re.M)
+  assert re.search(
+    r'^run tests/core tests/modules tests/interop$', floor_job, re.M
+  )
+  assert re.search(
+    r'^BNJAX_STATS_PATH=accelerator run tests/core', floor_job, re.M
+  )
 
 
 def test_committed_results_are_strict_json():
@@ -52,8 +59,10 @@ def test_committed_results_are_strict_json():
 
   def reject(name):
     raise ValueError(f'non-strict JSON constant {name}')
+
   paths = sorted((ROOT / 'experiments' / 'results').glob('*.json')) + sorted(
-      (ROOT / 'benchmarks' / 'results').glob('*.json'))
+    (ROOT / 'benchmarks' / 'results').glob('*.json')
+  )
   assert paths
   for path in paths:
     json.loads(path.read_text(), parse_constant=reject)

@@ -21,15 +21,22 @@ def test_readme_numerics_figures_are_the_committed_measurement():
   |mean|/std 1e4 on one device (the table itself is in
   docs/guides/numerics.md, checked by tests/docs/test_docs.py)."""
   from benchmarks import _timing
+
   rows = _timing.latest('numerics')['rows']
   text = README.read_text()
   worst = max(r['rel_err'] for r in rows if r['impl'] == 'bnjax')
   assert worst <= 1e-5
   assert f'(worst {worst:.1e})'.replace('e-0', 'e-') in text
-  flax = [r['rel_err'] for r in rows
-          if r['impl'] == 'flax' and r['ratio'] == 1e4 and r['synced'] is False
-          and r['layout'] == 'identical' and r['fn'] == 'fast_variance=True'
-          and r.get('shape', '2-D') == '2-D']
+  flax = [
+    r['rel_err']
+    for r in rows
+    if r['impl'] == 'flax'
+    and r['ratio'] == 1e4
+    and r['synced'] is False
+    and r['layout'] == 'identical'
+    and r['fn'] == 'fast_variance=True'
+    and r.get('shape', '2-D') == '2-D'
+  ]
   assert len(flax) == 1, flax
   assert f'off by a factor of {flax[0]:.0f} at 1e4' in text
 
@@ -44,32 +51,48 @@ def test_ci_runs_the_readme_commands():
   """`.ci/run` runs the README's test command and its docs command as
   written, so what a reader runs is what CI checks."""
   ci = (README.parent / '.ci' / 'run').read_text()
-  commands = re.findall(r'```\n(pip install -e "\.\[(?:test|docs)[^\n]*)\n```',
-                        README.read_text())
+  commands = re.findall(
+    r'```\n(pip install -e "\.\[(?:test|docs)[^\n]*)\n```', README.read_text()
+  )
   assert len(commands) == 2, commands
   for command in commands:
     assert command.replace('pip install', 'python -m pip install -q') in ci, (
-      command)
+      command
+    )
 
 
 GENERATED = re.compile(r'<!-- ([\w-]+):start -->.*?<!-- \1:end -->', re.S)
-FIGURE = re.compile(r'(?<![\w.])(?:\d+\.\d+(?:e[+-]?\d+)?|\d+e[+-]\d+)'
-                    r'(?![\w.]*\d)')
+FIGURE = re.compile(
+  r'(?<![\w.])(?:\d+\.\d+(?:e[+-]?\d+)?|\d+e[+-]\d+)'
+  r'(?![\w.]*\d)'
+)
 # Figures that may stand in prose: versions, settings and targets, not
 # measurements. Every measured figure lives in a generated block or is
 # checked against the committed results by a test of its own.
 NOT_MEASURED = {
-  'README.md': {'3.11': 'Python version', '3.13': 'Python version',
-                '0.11': 'a JAX version', '0.99': "flax's default momentum",
-                '1e-5': 'the old exactness bar', '1e-6': 'the exactness bar',
-                '1e-4': 'a test tolerance'},
-  'benchmarks/README.md': {'0.9': "the PyTorch goal's fraction",
-                           '1e4': 'a |mean|/std ratio', '1e2': 'ratio',
-                           '1e6': 'ratio', '1e-5': 'the old exactness bar',
-                           '1e-6': 'the exactness bar',
-                           '0.1': 'a layout setting: means 0.1% apart'},
-  'docs/index.md': {'3.11': 'Python version', '1e-5': 'the old exactness bar',
-                    '1e-6': 'the exactness bar'},
+  'README.md': {
+    '3.11': 'Python version',
+    '3.13': 'Python version',
+    '0.11': 'a JAX version',
+    '0.99': "flax's default momentum",
+    '1e-5': 'the old exactness bar',
+    '1e-6': 'the exactness bar',
+    '1e-4': 'a test tolerance',
+  },
+  'benchmarks/README.md': {
+    '0.9': "the PyTorch goal's fraction",
+    '1e4': 'a |mean|/std ratio',
+    '1e2': 'ratio',
+    '1e6': 'ratio',
+    '1e-5': 'the old exactness bar',
+    '1e-6': 'the exactness bar',
+    '0.1': 'a layout setting: means 0.1% apart',
+  },
+  'docs/index.md': {
+    '3.11': 'Python version',
+    '1e-5': 'the old exactness bar',
+    '1e-6': 'the exactness bar',
+  },
 }
 
 
@@ -81,20 +104,23 @@ def prose_figures(path):
 
 
 def test_benchmarks_readme_blocks_are_generated_from_the_committed_runs():
-  from benchmarks import report
-  text = (README.parent / 'benchmarks' / 'README.md').read_text()
-  for name, body in report.blocks().items():
-    m = re.search(report.block_pattern(name), text, re.S)
-    assert m, f'benchmarks/README.md has no {name} block'
-    assert m.group(2) == body, (
-      f'the {name} block is stale: run python benchmarks/report.py')
+  from benchmarks import _readme
+  from benchmarks.__main__ import blocks
+
+  for name, body in blocks().items():
+    path, text = _readme.find(name)  # exactly one block of each name
+    assert text == body, (
+      f'the {name} block of {path.name} is stale: run python -m benchmarks '
+      'report'
+    )
 
 
 def test_speed_figures_quoted_in_prose_are_computed_from_the_runs():
   """The README's and the docs' "train step X to Yx" is the range of the
   layer benchmark's step ratio over its two latest runs."""
-  from benchmarks import report
-  lo, hi = report.layer_range('step', last=2)
+  from benchmarks import layer
+
+  lo, hi = layer.layer_range('step', last=2)
   for path in ('README.md', 'docs/index.md'):
     text = ' '.join((README.parent / path).read_text().split())
     assert f'train step {lo:.2f} to {hi:.2f}x' in text, path
@@ -104,10 +130,14 @@ def test_no_unrecorded_figure_in_readme_prose():
   """A number in the READMEs' prose is a setting or a target (listed above),
   a figure a test computes from results/*.json (the speed range, the worst
   error), or it sits in a generated block."""
-  from benchmarks import _timing, report
-  lo, hi = report.layer_range('step', last=2)
-  worst = max(r['rel_err'] for r in _timing.latest('numerics')['rows']
-              if r['impl'] == 'bnjax')
+  from benchmarks import _timing, layer
+
+  lo, hi = layer.layer_range('step', last=2)
+  worst = max(
+    r['rel_err']
+    for r in _timing.latest('numerics')['rows']
+    if r['impl'] == 'bnjax'
+  )
   checked = {f'{lo:.2f}', f'{hi:.2f}', f'{worst:.1e}'.replace('e-0', 'e-')}
   for path, allowed in NOT_MEASURED.items():
     stray = set(prose_figures(path)) - set(allowed) - checked
@@ -118,8 +148,11 @@ def _pin(path, name, python):
   """The version .ci/<path> pins for ``name`` on ``python`` (X.Y)."""
   for line in (README.parent / '.ci' / path).read_text().splitlines():
     line = line.split('#')[0].strip()
-    m = re.match(rf'{name}==([\w.]+)(?:;\s*python_version\s*([<>=]+)\s*'
-                 r'"([\d.]+)")?$', line)
+    m = re.match(
+      rf'{name}==([\w.]+)(?:;\s*python_version\s*([<>=]+)\s*'
+      r'"([\d.]+)")?$',
+      line,
+    )
     if m:
       op, bound = m.group(2), m.group(3)
       key = tuple(map(int, python.split('.')))
@@ -129,8 +162,9 @@ def _pin(path, name, python):
 
 
 def _job_python(script):
-  return re.search(r'find-python (3\.\d+)', (README.parent / '.ci' /
-                                             script).read_text()).group(1)
+  return re.search(
+    r'find-python (3\.\d+)', (README.parent / '.ci' / script).read_text()
+  ).group(1)
 
 
 def versions_table():
@@ -138,22 +172,37 @@ def versions_table():
   readme_py = '3.11'  # .ci/run's own interpreter: the image's default
   newest, floor = _job_python('newest'), _job_python('floor')
   rows = [
-    ('the README\'s test command', readme_py, 'newest.txt',
-     'the whole suite, with the PyTorch oracle'),
-    ('newest (`bash .ci/newest`)', newest, 'newest.txt',
-     f"the whole suite (tests/peer: flax {_pin('newest.txt', 'flax', newest)}"
-     "'s own tests)"),
-    ('floor (`bash .ci/floor`)', floor, 'floor.txt',
-     'tests/core, tests/modules, tests/interop against the built wheel; '
-     'tests/core again on the GPU/TPU statistics path'),
+    (
+      "the README's test command",
+      readme_py,
+      'newest.txt',
+      'the whole suite, with the PyTorch oracle',
+    ),
+    (
+      'newest (`bash .ci/newest`)',
+      newest,
+      'newest.txt',
+      f'the whole suite (tests/peer: flax {_pin("newest.txt", "flax", newest)}'
+      "'s own tests)",
+    ),
+    (
+      'floor (`bash .ci/floor`)',
+      floor,
+      'floor.txt',
+      'tests/core, tests/modules, tests/interop against the built wheel; '
+      'tests/core again on the GPU/TPU statistics path',
+    ),
   ]
-  lines = ['| job | Python | jax, jaxlib | flax | what runs |',
-           '|---|---|---|---|---|']
+  lines = [
+    '| job | Python | jax, jaxlib | flax | what runs |',
+    '|---|---|---|---|---|',
+  ]
   for job, py, pins, what in rows:
     jax_v, jaxlib_v = _pin(pins, 'jax', py), _pin(pins, 'jaxlib', py)
     assert jax_v == jaxlib_v, (pins, py)
-    lines.append(f"| {job} | {py} | {jax_v} | {_pin(pins, 'flax', py)} | "
-                 f'{what} |')
+    lines.append(
+      f'| {job} | {py} | {jax_v} | {_pin(pins, "flax", py)} | {what} |'
+    )
   return '\n'.join(lines)
 
 
@@ -163,8 +212,13 @@ def test_versions_matrix_is_the_pinned_one():
   own job runs on the interpreter .ci/run starts with (3.11 here)."""
   want = versions_table()
   for path in (README, README.parent / 'docs' / 'index.md'):
-    block = re.search(r'<!-- versions:start -->\n(.*?)\n<!-- versions:end -->',
-                      path.read_text(), re.S).group(1)
-    assert block == want, f'{path.name}: replace the versions block with\n{want}'
+    block = re.search(
+      r'<!-- versions:start -->\n(.*?)\n<!-- versions:end -->',
+      path.read_text(),
+      re.S,
+    ).group(1)
+    assert block == want, (
+      f'{path.name}: replace the versions block with\n{want}'
+    )
   pyproject = (README.parent / 'pyproject.toml').read_text()
   assert 'requires-python = ">=3.11"' in pyproject
