@@ -17,15 +17,15 @@ import jax
 jax.config.update('jax_num_cpu_devices', 8)
 
 EXPERIMENTS = {
-    'with_without': 'e1_with_without',
-    'lr_tolerance': 'e2_lr_tolerance',
-    'init': 'e3_init',
-    'batch_size': 'e4_batch_size',
-    'sync': 'e5_sync',
-    'running_stats': 'e6_running_stats',
-    'landscape': 'e7_landscape',
-    'non_iid': 'e8_non_iid',
-    'exact_stats': 'e9_exact_stats',
+  'with_without': 'e1_with_without',
+  'lr_tolerance': 'e2_lr_tolerance',
+  'init': 'e3_init',
+  'batch_size': 'e4_batch_size',
+  'sync': 'e5_sync',
+  'running_stats': 'e6_running_stats',
+  'landscape': 'e7_landscape',
+  'non_iid': 'e8_non_iid',
+  'exact_stats': 'e9_exact_stats',
 }
 
 
@@ -41,11 +41,15 @@ def main(argv=None):
   r.add_argument('name', choices=list(EXPERIMENTS) + ['all'])
   r.add_argument('--quick', action='store_true')
   r.add_argument('--seeds', type=int, default=3)
-  sub.add_parser('table', help="write experiments/README.md's claims table "
-                 'from results/*.json (runs nothing)')
+  sub.add_parser(
+    'table',
+    help="write experiments/README.md's claims table "
+    'from results/*.json (runs nothing)',
+  )
   a = p.parse_args(argv)
   if a.cmd == 'table':
     from experiments._common import claims
+
     print(f'filled {claims.fill({n: load(n) for n in EXPERIMENTS})}')
     return
   if a.cmd == 'list':
@@ -67,8 +71,11 @@ def report(name, path, summary, seconds, quick):
   kind = 'quick' if quick else 'full'
   print(f'== {name} ({kind} run, {seconds:.0f} s)')
   print('config: ' + ', '.join(f'{k}={v}' for k, v in config.items()))
-  final = {k[len('test_acc_final['):-1]: v for k, v in summary.items()
-           if k.startswith('test_acc_final[')}
+  final = {
+    k[len('test_acc_final[') : -1]: v
+    for k, v in summary.items()
+    if k.startswith('test_acc_final[')
+  }
   if final:
     width = max(map(len, final))
     print(f'{"arm":{width}}  final test accuracy (mean ± std over seeds)')
@@ -77,9 +84,11 @@ def report(name, path, summary, seconds, quick):
   png = pathlib.Path(path).with_suffix('.png')
   print(f'files: {path}' + (f', {png}' if png.exists() else ''))
   if quick:
-    print('This quick run is a smoke check with fewer steps: its numbers and '
-          'holds_* verdicts differ from the full run, whose results are in '
-          'experiments/README.md.')
+    print(
+      'This quick run is a smoke check with fewer steps: its numbers and '
+      'holds_* verdicts differ from the full run, whose results are in '
+      'experiments/README.md.'
+    )
   print('summary: ' + json.dumps(summary, indent=1, ensure_ascii=False))
 
 

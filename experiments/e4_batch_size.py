@@ -56,9 +56,15 @@ def setup_for(net, batch: int, epochs: float, sampler=None) -> train.Setup:
   """Linear scaling rule and warm-up, evaluated once at the end."""
   d = data.mnist1d()
   steps = int(epochs * len(d[0][1])) // batch
-  return train.Setup(net, d, steps=steps, batch=batch, eval_every=steps,
-                     optimizer=train.warmup_sgd(max(1, steps // 10)),
-                     sampler=sampler)
+  return train.Setup(
+    net,
+    d,
+    steps=steps,
+    batch=batch,
+    eval_every=steps,
+    optimizer=train.warmup_sgd(max(1, steps // 10)),
+    sampler=sampler,
+  )
 
 
 def lr_for(batch: int) -> float:
@@ -71,24 +77,36 @@ def error_by_batch(norms, batches, epochs, seeds):
   for name in norms:
     errs = []
     for b in batches:
-      r = train.run(setup_for(model(NORMS[name]), b, epochs), seeds,
-                    [lr_for(b)], desc=f'{name} N={b}')
+      r = train.run(
+        setup_for(model(NORMS[name]), b, epochs),
+        seeds,
+        [lr_for(b)],
+        desc=f'{name} N={b}',
+      )
       errs.append(1 - np.nan_to_num(r['test_acc'][0, :, -1]))
     out[name] = np.stack(errs)
   return out
 
 
 CLAIMS = (
-  Claim("BN's error grows at batch 2, GN's does not", 'Wu & He 2018, Table 2',
-        'holds',
-        lambda s: 'MNIST-1D CNN with BN in a dense layer (values per channel '
-        f"at N = 2: {s['values_per_channel[N=2]']}), error at N = 32 -> 2: "
-        f"BN {points(s['error[BN, N=32]'])} -> {points(s['error[BN, N=2]'])}, "
-        f"GN {points(s['error[GN, N=32]'])} -> {points(s['error[GN, N=2]'])}"
-        + (f", LN {points(s['error[LN, N=32]'])} -> "
-           f"{points(s['error[LN, N=2]'])}, IN {points(s['error[IN, N=32]'])}"
-           f" -> {points(s['error[IN, N=2]'])}" if 'error[IN, N=2]' in s
-           else '')),
+  Claim(
+    "BN's error grows at batch 2, GN's does not",
+    'Wu & He 2018, Table 2',
+    'holds',
+    lambda s: (
+      'MNIST-1D CNN with BN in a dense layer (values per channel '
+      f'at N = 2: {s["values_per_channel[N=2]"]}), error at N = 32 -> 2: '
+      f'BN {points(s["error[BN, N=32]"])} -> {points(s["error[BN, N=2]"])}, '
+      f'GN {points(s["error[GN, N=32]"])} -> {points(s["error[GN, N=2]"])}'
+      + (
+        f', LN {points(s["error[LN, N=32]"])} -> '
+        f'{points(s["error[LN, N=2]"])}, IN {points(s["error[IN, N=32]"])}'
+        f' -> {points(s["error[IN, N=2]"])}'
+        if 'error[IN, N=2]' in s
+        else ''
+      )
+    ),
+  ),
 )
 
 
@@ -97,28 +115,53 @@ def run(quick: bool, seeds):
   batches = [32, 2] if quick else BATCHES
   epochs = 0.1 if quick else EPOCHS
   out = error_by_batch(norms, batches, epochs, seeds)
-  summary = {f'values_per_channel[N={b}]': values_per_channel(
-    STRIDES, 40, b, DENSE) for b in batches}
-  summary.update({f'error[{n}, N={b}]': results.mean_std(e)
-                  for n, es in out.items() for b, e in zip(batches, es)})
+  summary = {
+    f'values_per_channel[N={b}]': values_per_channel(STRIDES, 40, b, DENSE)
+    for b in batches
+  }
+  summary.update(
+    {
+      f'error[{n}, N={b}]': results.mean_std(e)
+      for n, es in out.items()
+      for b, e in zip(batches, es, strict=True)
+    }
+  )
   bn, gn = out['BN'].mean(1), out['GN'].mean(1)
   summary['bn_increase_points'] = float(100 * (bn[-1] - bn[0]))
   summary['gn_change_points'] = float(100 * abs(gn[-1] - gn[0]))
-  summary['holds'] = bool(summary['bn_increase_points'] > 3 and
-                          summary['gn_change_points'] < 2)
-  config = dict(batches=batches, epochs=epochs, base_lr=BASE_LR,
-                lr_rule='base_lr * N / 32, linear warm-up over 10% of steps',
-                optimizer='sgd momentum 0.9', strides=STRIDES, dense=DENSE,
-                norms={n: NORMS[n] for n in norms})
-  return results.save(NAME, quick, config, seeds, {'test_error': out},
-                      summary, _figure(out, batches)), summary
+  summary['holds'] = bool(
+    summary['bn_increase_points'] > 3 and summary['gn_change_points'] < 2
+  )
+  config = dict(
+    batches=batches,
+    epochs=epochs,
+    base_lr=BASE_LR,
+    lr_rule='base_lr * N / 32, linear warm-up over 10% of steps',
+    optimizer='sgd momentum 0.9',
+    strides=STRIDES,
+    dense=DENSE,
+    norms={n: NORMS[n] for n in norms},
+  )
+  return results.save(
+    NAME,
+    quick,
+    config,
+    seeds,
+    {'test_error': out},
+    summary,
+    _figure(out, batches),
+  ), summary
 
 
 def _figure(out, batches):
-  fig, ax = plots.errorbars(batches, out, xlabel='batch per device (N)',
-                            ylabel='test error (%)', scale=100,
-                            title='Batch-size dependence (MNIST-1D CNN, '
-                                  'BN in a dense layer)')
+  fig, ax = plots.errorbars(
+    batches,
+    out,
+    xlabel='batch per device (N)',
+    ylabel='test error (%)',
+    scale=100,
+    title='Batch-size dependence (MNIST-1D CNN, BN in a dense layer)',
+  )
   ax.minorticks_off()
   ax.set_xticks(batches, [str(b) for b in batches])
   ax.invert_xaxis()

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from experiments import e4_batch_size as e4
@@ -43,19 +44,31 @@ BASE_LR = 0.05
 CHUNK = 250  # steps per jitted call (a lax.scan inside shard_map)
 
 CLAIMS = (
-  Claim('synced BN recovers the global-batch result at 2 per device',
-        'Wu & He 2018, Sec. 2; PyTorch SyncBatchNorm',
-        'holds_synced_matches_global',
-        lambda s: '8 CPU devices, 2 per device: synced '
-        f"{points(s['error[synced | 2/device]'])}, one device with the "
-        f"global batch {points(s['error[global | 2/device]'])}"),
-  Claim('local BN fails at 2 per device', 'Wu & He 2018, Table 2',
-        'holds_local_fails',
-        lambda s: f"local {points(s['error[local | 2/device]'])} against "
-        f"synced {points(s['error[synced | 2/device]'])}"
-        + (f"; at 4 per device local {points(s['error[local | 4/device]'])}"
-           f", synced {points(s['error[synced | 4/device]'])}"
-           if 'error[local | 4/device]' in s else '')),
+  Claim(
+    'synced BN recovers the global-batch result at 2 per device',
+    'Wu & He 2018, Sec. 2; PyTorch SyncBatchNorm',
+    'holds_synced_matches_global',
+    lambda s: (
+      '8 CPU devices, 2 per device: synced '
+      f'{points(s["error[synced | 2/device]"])}, one device with the '
+      f'global batch {points(s["error[global | 2/device]"])}'
+    ),
+  ),
+  Claim(
+    'local BN fails at 2 per device',
+    'Wu & He 2018, Table 2',
+    'holds_local_fails',
+    lambda s: (
+      f'local {points(s["error[local | 2/device]"])} against '
+      f'synced {points(s["error[synced | 2/device]"])}'
+      + (
+        f'; at 4 per device local {points(s["error[local | 4/device]"])}'
+        f', synced {points(s["error[synced | 4/device]"])}'
+        if 'error[local | 4/device]' in s
+        else ''
+      )
+    ),
+  ),
 )
 
 
@@ -75,9 +88,14 @@ def _builder(mode: str, per_device: int, epochs: float):
     xb, yb = jnp.asarray(xtr)[ib], jnp.asarray(ytr)[ib]
 
     def loss(p):  # this device's share of the global-batch mean
-      out, new = model.apply({'params': p, 'batch_stats': stats}, xb,
-                             train=True, mutable=['batch_stats'])
+      out, new = model.apply(
+        {'params': p, 'batch_stats': stats},
+        xb,
+        train=True,
+        mutable=['batch_stats'],
+      )
       return train.xent(out, yb) / n_dev, new['batch_stats']
+
     # The params are replicated, so under shard_map's type checking their
     # gradient is already summed over devices: the global mean's gradient.
     # (Regression: a pmean of per-device mean losses' gradients gave 8x it.)
@@ -89,9 +107,14 @@ def _builder(mode: str, per_device: int, epochs: float):
   def chunk(params, stats, opt, idx):  # idx: (steps, local batch) per device
     return jax.lax.scan(step, (params, stats, opt), idx)[0]
 
-  sharded = jax.jit(jax.shard_map(
-      chunk, mesh=mesh, in_specs=(P(), P(), P(), P(None, 'd')),
-      out_specs=(P(), P(), P())))
+  sharded = jax.jit(
+    jax.shard_map(
+      chunk,
+      mesh=mesh,
+      in_specs=(P(), P(), P(), P(None, 'd')),
+      out_specs=(P(), P(), P()),
+    )
+  )
   return model, tx, mesh, gb, sharded
 
 
@@ -102,14 +125,20 @@ def train_dp(mode: str, per_device: int, epochs: float, seed: int) -> float:
   v = model.init(jax.random.key(seed), jnp.asarray(xtr[:gb]), train=False)
   params, stats = v['params'], v['batch_stats']
   opt = tx.init(params)
-  idx = train.epoch_sampler(np.random.default_rng(1000 + seed),
-                            int(epochs * len(ytr)) // gb, gb, ytr)
+  idx = train.epoch_sampler(
+    np.random.default_rng(1000 + seed), int(epochs * len(ytr)) // gb, gb, ytr
+  )
   put = lambda a: jax.device_put(a, NamedSharding(mesh, P(None, 'd')))
-  for i in tqdm(range(0, len(idx), CHUNK), desc=f'{mode} b={per_device}',
-                leave=False, disable=None):
-    params, stats, opt = sharded(params, stats, opt, put(idx[i:i + CHUNK]))
-  logits = model.apply({'params': params, 'batch_stats': stats},
-                       jnp.asarray(xte), train=False)
+  for i in tqdm(
+    range(0, len(idx), CHUNK),
+    desc=f'{mode} b={per_device}',
+    leave=False,
+    disable=None,
+  ):
+    params, stats, opt = sharded(params, stats, opt, put(idx[i : i + CHUNK]))
+  logits = model.apply(
+    {'params': params, 'batch_stats': stats}, jnp.asarray(xte), train=False
+  )
   return float(1 - jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(yte)))
 
 
@@ -120,29 +149,49 @@ def run(quick: bool, seeds):
   for b in per_devices:
     for mode in ('local', 'synced', 'global'):
       out[f'{mode} | {b}/device'] = np.array(
-          [train_dp(mode, b, epochs, s) for s in seeds])
+        [train_dp(mode, b, epochs, s) for s in seeds]
+      )
   summary = {f'error[{k}]': results.mean_std(v) for k, v in out.items()}
   m = lambda k: out[k].mean()
   summary['synced_minus_global_points[2]'] = float(
-      100 * (m('synced | 2/device') - m('global | 2/device')))
+    100 * (m('synced | 2/device') - m('global | 2/device'))
+  )
   summary['local_minus_synced_points[2]'] = float(
-      100 * (m('local | 2/device') - m('synced | 2/device')))
+    100 * (m('local | 2/device') - m('synced | 2/device'))
+  )
   summary['holds_synced_matches_global'] = bool(
-      abs(summary['synced_minus_global_points[2]']) < 1)
+    abs(summary['synced_minus_global_points[2]']) < 1
+  )
   summary['holds_local_fails'] = bool(
-      summary['local_minus_synced_points[2]'] >= 3)
-  config = dict(devices=8, per_device=per_devices, epochs=epochs,
-                base_lr=BASE_LR, model='exp 4 (strides 2, 2, 2; dense 64)',
-                lr_rule='base_lr * global_batch / 32, warm-up 10% of steps')
-  return results.save(NAME, quick, config, seeds, out, summary,
-                      _figure(out, per_devices)), summary
+    summary['local_minus_synced_points[2]'] >= 3
+  )
+  config = dict(
+    devices=8,
+    per_device=per_devices,
+    epochs=epochs,
+    base_lr=BASE_LR,
+    model='exp 4 (strides 2, 2, 2; dense 64)',
+    lr_rule='base_lr * global_batch / 32, warm-up 10% of steps',
+  )
+  return results.save(
+    NAME, quick, config, seeds, out, summary, _figure(out, per_devices)
+  ), summary
 
 
 def _figure(out, per_devices):
   groups = [f'{b} per device (x8)' for b in per_devices]
-  names = {'local': 'local BN', 'synced': 'synced BN',
-           'global': '1 device, global batch'}
-  series = {names[m]: [out[f'{m} | {b}/device'] for b in per_devices]
-            for m in names}
-  return plots.bars(groups, series, ylabel='test error (%)', scale=100,
-                    title='Synchronized BN on 8 CPU devices')[0]
+  names = {
+    'local': 'local BN',
+    'synced': 'synced BN',
+    'global': '1 device, global batch',
+  }
+  series = {
+    names[m]: [out[f'{m} | {b}/device'] for b in per_devices] for m in names
+  }
+  return plots.bars(
+    groups,
+    series,
+    ylabel='test error (%)',
+    scale=100,
+    title='Synchronized BN on 8 CPU devices',
+  )[0]

@@ -42,8 +42,8 @@ MOMENTA = [0.9, 0.99, 0.999]
 
 def convergence(steps: int, seed: int):
   (x, _), _ = data.mnist()
-  w = np.random.default_rng(seed).normal(0, 784 ** -0.5, (784, 64))
-  h = (x.astype(np.float64) @ w)
+  w = np.random.default_rng(seed).normal(0, 784**-0.5, (784, 64))
+  h = x.astype(np.float64) @ w
   pop_m, pop_s = h.mean(0), h.std(0)
   hj = jnp.asarray(h, jnp.float32)
   idx = np.random.default_rng(100 + seed).integers(0, len(h), (steps, 60))
@@ -52,13 +52,16 @@ def convergence(steps: int, seed: int):
   states['debiased EMA 0.99'] = bnjax.init_debiased_stats(64)
 
   def upd(state, ib, momentum):
-    return bnjax.batch_norm(hj[ib], state, use_running_average=False,
-                            momentum=momentum)[1]
+    return bnjax.batch_norm(
+      hj[ib], state, use_running_average=False, momentum=momentum
+    )[1]
 
   def errors(state):
     p = bnjax.population_stats(state)
-    return (np.mean(np.abs(np.asarray(p.mean) - pop_m) / pop_s),
-            np.mean(np.abs(np.sqrt(np.asarray(p.var)) - pop_s) / pop_s))
+    return (
+      np.mean(np.abs(np.asarray(p.mean) - pop_m) / pop_s),
+      np.mean(np.abs(np.sqrt(np.asarray(p.var)) - pop_s) / pop_s),
+    )
 
   curves = {k: [] for k in states}
   for name, s in states.items():
@@ -71,20 +74,30 @@ def convergence(steps: int, seed: int):
 
 
 CLAIMS = (
-  Claim("running statistics converge to the population's",
-        'Ioffe & Szegedy 2015, Sec. 3.1', 'holds_convergence',
-        lambda s: 'error of the running mean after 1000 batches (in '
-        f"population std): EMA 0.9 {mean(s['final_mean_error[EMA 0.9]'])}, "
-        f"0.99 {mean(s['final_mean_error[EMA 0.99]'])}, 0.999 "
-        f"{mean(s['final_mean_error[EMA 0.999]'])}; cumulative "
-        f"{mean(s['final_mean_error[cumulative]'])}; after one step: "
-        f"debiased EMA {mean(s['step1_mean_error[debiased EMA 0.99]'])}, "
-        f"plain EMA {mean(s['step1_mean_error[EMA 0.99]'])}"),
-  Claim('precise BN beats the EMA at large batch and few steps',
-        'Wu & Johnson 2021, Sec. 3', 'holds_precise',
-        lambda s: f"batch 500, 60 steps: test accuracy "
-        f"{mean(s['test_acc[precise BN]'])} with precise BN, "
-        f"{mean(s['test_acc[EMA]'])} with the EMA (momentum 0.99)"),
+  Claim(
+    "running statistics converge to the population's",
+    'Ioffe & Szegedy 2015, Sec. 3.1',
+    'holds_convergence',
+    lambda s: (
+      'error of the running mean after 1000 batches (in '
+      f'population std): EMA 0.9 {mean(s["final_mean_error[EMA 0.9]"])}, '
+      f'0.99 {mean(s["final_mean_error[EMA 0.99]"])}, 0.999 '
+      f'{mean(s["final_mean_error[EMA 0.999]"])}; cumulative '
+      f'{mean(s["final_mean_error[cumulative]"])}; after one step: '
+      f'debiased EMA {mean(s["step1_mean_error[debiased EMA 0.99]"])}, '
+      f'plain EMA {mean(s["step1_mean_error[EMA 0.99]"])}'
+    ),
+  ),
+  Claim(
+    'precise BN beats the EMA at large batch and few steps',
+    'Wu & Johnson 2021, Sec. 3',
+    'holds_precise',
+    lambda s: (
+      f'batch 500, 60 steps: test accuracy '
+      f'{mean(s["test_acc[precise BN]"])} with precise BN, '
+      f'{mean(s["test_acc[EMA]"])} with the EMA (momentum 0.99)'
+    ),
+  ),
 )
 
 
@@ -97,51 +110,75 @@ def run(quick: bool, seeds):
     summary[f'final_mean_error[{k}]'] = results.mean_std(v[:, -1, 0])
     summary[f'step1_mean_error[{k}]'] = results.mean_std(v[:, 0, 0])
   fin = lambda k: curves[k][:, -1, 0].mean()
-  ok_a = (fin('EMA 0.99') < min(fin('EMA 0.9'), fin('EMA 0.999')) and
-          curves['debiased EMA 0.99'][:, 0, 0].mean() < 0.15 and
-          curves['cumulative'][:, 0, 0].mean() < 0.15)
+  ok_a = (
+    fin('EMA 0.99') < min(fin('EMA 0.9'), fin('EMA 0.999'))
+    and curves['debiased EMA 0.99'][:, 0, 0].mean() < 0.15
+    and curves['cumulative'][:, 0, 0].mean() < 0.15
+  )
 
   (xtr, ytr), (xte, yte) = data.mnist()
   model = MLP(norm='bn', bn_momentum=0.99)
   steps_b = 20 if quick else 60
-  setup = train.Setup(model, data.mnist(), steps=steps_b, batch=500,
-                      eval_every=steps_b)
+  setup = train.Setup(
+    model, data.mnist(), steps=steps_b, batch=500, eval_every=steps_b
+  )
   r = train.run(setup, seeds, [2.0], desc='large batch')
   params, state = r['final_state'][0], r['final_state'][1]
   ema_acc, precise_acc = [], []
   batches = jnp.asarray(xtr[:4000].reshape(8, 500, -1))
   for i in range(len(seeds)):
-    v = {'params': jax.tree.map(lambda a: a[i], params),
-         **jax.tree.map(lambda a: a[i], state)}
-    acc = lambda v: float(jnp.mean(jnp.argmax(model.apply(
-        v, jnp.asarray(xte), train=False), -1) == jnp.asarray(yte)))
+    v = {
+      'params': jax.tree.map(lambda a: a[i], params),
+      **jax.tree.map(lambda a: a[i], state),
+    }
+    acc = lambda v: float(
+      jnp.mean(
+        jnp.argmax(model.apply(v, jnp.asarray(xte), train=False), -1)
+        == jnp.asarray(yte)
+      )
+    )
     ema_acc.append(acc(v))
-    precise_acc.append(acc(bnjax.precise.linen_batch_stats(
-        model, v, batches, train=True)))
+    precise_acc.append(
+      acc(bnjax.precise.linen_batch_stats(model, v, batches, train=True))
+    )
   summary['test_acc[EMA]'] = results.mean_std(ema_acc)
   summary['test_acc[precise BN]'] = results.mean_std(precise_acc)
   ok_b = np.mean(precise_acc) > np.mean(ema_acc)
   summary['holds_convergence'] = bool(ok_a)
   summary['holds_precise'] = bool(ok_b)
-  config = dict(a=dict(steps=steps_a, batch=60, momenta=MOMENTA,
-                       layer='fixed random Dense 784->64'),
-                b=dict(steps=steps_b, batch=500, lr=2.0, momentum=0.99,
-                       precise_batches='8 x 500'))
+  config = dict(
+    a=dict(
+      steps=steps_a,
+      batch=60,
+      momenta=MOMENTA,
+      layer='fixed random Dense 784->64',
+    ),
+    b=dict(
+      steps=steps_b, batch=500, lr=2.0, momentum=0.99, precise_batches='8 x 500'
+    ),
+  )
   runs = dict(convergence=curves, ema_acc=ema_acc, precise_acc=precise_acc)
-  return results.save(NAME, quick, config, seeds, runs, summary,
-                      _figure(curves)), summary
+  return results.save(
+    NAME, quick, config, seeds, runs, summary, _figure(curves)
+  ), summary
 
 
 def _figure(curves):
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(1, 2, figsize=(11, 4))
   for k, v in curves.items():
-    for j, what in enumerate(('mean', 'std')):
+    for j in range(2):  # mean, std
       ax[j].plot(np.arange(1, v.shape[1] + 1), v[:, :, j].mean(0), label=k)
   for j, what in enumerate(('mean', 'std')):
-    ax[j].set(xlabel='step', ylabel=f'|running {what} - population| / std',
-              yscale='log', title=f'Running {what} vs population')
+    ax[j].set(
+      xlabel='step',
+      ylabel=f'|running {what} - population| / std',
+      yscale='log',
+      title=f'Running {what} vs population',
+    )
   ax[0].legend()
   return fig

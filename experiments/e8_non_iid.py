@@ -48,8 +48,12 @@ def two_label_sampler(rng, steps, batch, y):
 
 def _label_groups(rng, steps, batch, y, groups, size):
   by_label = [np.flatnonzero(y == c) for c in range(int(y.max()) + 1)]
-  labels = np.stack([rng.choice(len(by_label), groups, replace=groups >
-                                len(by_label)) for _ in range(steps)])
+  labels = np.stack(
+    [
+      rng.choice(len(by_label), groups, replace=groups > len(by_label))
+      for _ in range(steps)
+    ]
+  )
   out = np.empty((steps, groups, size), np.int64)
   for c, idx in enumerate(by_label):
     sel = labels == c
@@ -63,41 +67,56 @@ SETTINGS = {
   '2 labels x 16 (32)': (32, two_label_sampler),
   'micro, i.i.d. 4': (4, None),
 }
-KEYS = {'16 same-label pairs (32)': 'holds_pairs',
-        '2 labels x 16 (32)': 'holds_two_labels',
-        'micro, i.i.d. 4': 'holds_micro'}
+KEYS = {
+  '16 same-label pairs (32)': 'holds_pairs',
+  '2 labels x 16 (32)': 'holds_two_labels',
+  'micro, i.i.d. 4': 'holds_micro',
+}
 
 
 def _result(setting):
   def text(s):
     gap = s[f'bn_gap_points[{setting}]']
-    out = (f"accuracy BN / renorm / ghost: i.i.d. 32 "
-           f"{_arms(s, 'i.i.d. 32')}; {setting} {_arms(s, setting)}; BN's "
-           f'gap {gap:.1f} points')
+    out = (
+      f'accuracy BN / renorm / ghost: i.i.d. 32 '
+      f"{_arms(s, 'i.i.d. 32')}; {setting} {_arms(s, setting)}; BN's "
+      f'gap {gap:.1f} points'
+    )
     share = s.get(f'recovered_share[{setting}]')
-    return out + (f', renorm recovers {share:.2f} of it' if share is not None
-                  else ' (premise absent)')
+    return out + (
+      f', renorm recovers {share:.2f} of it'
+      if share is not None
+      else ' (premise absent)'
+    )
+
   return text
 
 
 def _arms(s, setting):
-  return ' / '.join(mean(s[f'test_acc[{a} | {setting}]'])
-                    for a in ('BN', 'renorm', 'ghost BN')
-                    if f'test_acc[{a} | {setting}]' in s)
+  return ' / '.join(
+    mean(s[f'test_acc[{a} | {setting}]'])
+    for a in ('BN', 'renorm', 'ghost BN')
+    if f'test_acc[{a} | {setting}]' in s
+  )
 
 
 CLAIMS = tuple(
-  Claim(f'renorm recovers BN on {what}', 'Ioffe 2017, ' + sec, KEYS[setting],
-        _result(setting))
+  Claim(
+    f'renorm recovers BN on {what}',
+    'Ioffe 2017, ' + sec,
+    KEYS[setting],
+    _result(setting),
+  )
   for setting, what, sec in (
     ('16 same-label pairs (32)', 'non-i.i.d. batches (16 pairs)', 'Sec. 4.3'),
     ('2 labels x 16 (32)', 'non-i.i.d. batches (2 labels)', 'Sec. 4.3'),
-    ('micro, i.i.d. 4', 'micro batches of 4', 'Sec. 4.2')))
+    ('micro, i.i.d. 4', 'micro batches of 4', 'Sec. 4.2'),
+  )
+)
 
 
 def arms(batch: int, steps: int, quick: bool = False):
-  out = {'BN': e4.model('bn'), 'renorm': e4.model('renorm',
-                                                  renorm_steps=steps)}
+  out = {'BN': e4.model('bn'), 'renorm': e4.model('renorm', renorm_steps=steps)}
   if batch > 8 and not quick:
     out['ghost BN'] = e4.model('ghost', norm_kw=(('virtual_batch_size', 8),))
   return out
@@ -126,13 +145,18 @@ def run(quick: bool, seeds):
     share = float((rn - bn) / (base - bn)) if premise else None
     summary[f'recovered_share[{setting}]'] = share
     summary[KEYS[setting]] = bool(premise and share >= 0.5)
-  config = dict(epochs=epochs, settings=list(settings),
-                model='exp 4 (strides 2, 2, 2; dense 64)',
-                renorm='models.renorm_limits: BN for 5%, r_max -> 3 by 35%, '
-                       'd_max -> 5 by 25%', ghost_virtual_batch=8,
-                lr_rule='0.05 * N / 32, warm-up 10% of steps')
-  return results.save(NAME, quick, config, seeds, acc, summary,
-                      _figure(acc, settings)), summary
+  config = dict(
+    epochs=epochs,
+    settings=list(settings),
+    model='exp 4 (strides 2, 2, 2; dense 64)',
+    renorm='models.renorm_limits: BN for 5%, r_max -> 3 by 35%, '
+    'd_max -> 5 by 25%',
+    ghost_virtual_batch=8,
+    lr_rule='0.05 * N / 32, warm-up 10% of steps',
+  )
+  return results.save(
+    NAME, quick, config, seeds, acc, summary, _figure(acc, settings)
+  ), summary
 
 
 def explore_momentum(seeds):
@@ -147,26 +171,44 @@ def explore_momentum(seeds):
   steps = e4.setup_for(None, b, epochs).steps
   acc = {}
   for m in (0.9, 0.99):
-    nets = {'BN': e4.model('bn', norm_kw=(('momentum', m),)),
-            'renorm': e4.model('renorm', renorm_steps=steps,
-                               norm_kw=(('momentum', m),))}
+    nets = {
+      'BN': e4.model('bn', norm_kw=(('momentum', m),)),
+      'renorm': e4.model(
+        'renorm', renorm_steps=steps, norm_kw=(('momentum', m),)
+      ),
+    }
     for name, net in nets.items():
-      r = train.run(e4.setup_for(net, b, epochs, sampler), seeds,
-                    [e4.lr_for(b)], desc=f'{name} m={m}')
+      r = train.run(
+        e4.setup_for(net, b, epochs, sampler),
+        seeds,
+        [e4.lr_for(b)],
+        desc=f'{name} m={m}',
+      )
       acc[f'{name} | momentum {m}'] = np.nan_to_num(r['test_acc'][0, :, -1])
   summary = {f'test_acc[{k}]': results.mean_std(v) for k, v in acc.items()}
-  config = dict(setting=setting, epochs=epochs, exploratory=True,
-                note='after the full run; not a criterion of experiment 8')
-  return results.save('non_iid_momentum', False, config, seeds, acc,
-                      summary), summary
+  config = dict(
+    setting=setting,
+    epochs=epochs,
+    exploratory=True,
+    note='after the full run; not a criterion of experiment 8',
+  )
+  return results.save(
+    'non_iid_momentum', False, config, seeds, acc, summary
+  ), summary
 
 
 def _figure(acc, settings):
   names = ('BN', 'renorm', 'ghost BN')
-  series = {n: [acc.get(f'{n} | {s}', np.full(1, np.nan)) for s in settings]
-            for n in names}
-  fig, ax = plots.bars(list(settings), series, ylabel='test accuracy',
-                       title='Non-i.i.d. and micro batches (MNIST-1D)')
+  series = {
+    n: [acc.get(f'{n} | {s}', np.full(1, np.nan)) for s in settings]
+    for n in names
+  }
+  fig, ax = plots.bars(
+    list(settings),
+    series,
+    ylabel='test accuracy',
+    title='Non-i.i.d. and micro batches (MNIST-1D)',
+  )
   ax.set_ylim(0.0, 1.0)  # from 0: a fixed 0.3 once hid a 0.27 bar
   ax.tick_params(axis='x', labelsize=8)
   return fig

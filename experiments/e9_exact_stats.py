@@ -52,7 +52,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import bnjax.linen
 from experiments import e4_batch_size as e4
@@ -73,8 +74,12 @@ class InputBN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
     cls = nn.BatchNorm if self.lib == 'flax' else bnjax.linen.BatchNorm
-    x = cls(use_running_average=not train, momentum=0.9,
-            axis_name=self.axis_name, name='input_bn')(x, mask=mask)
+    x = cls(
+      use_running_average=not train,
+      momentum=0.9,
+      axis_name=self.axis_name,
+      name='input_bn',
+    )(x, mask=mask)
     if mask is not None:
       x = jnp.where(mask, x, 0.0)
     return e4.model('bn', axis_name=self.axis_name)(x, train)
@@ -85,8 +90,9 @@ def _batch_var(lib: str, **kw):
   cls = nn.BatchNorm if lib == 'flax' else bnjax.linen.BatchNorm
   bn = cls(use_running_average=False, momentum=0.0, **kw)
   v = bn.init(jax.random.key(0), jnp.ones((2, 40, 1)))
-  return lambda x, m=None: bn.apply(v, x, mask=m, mutable=['batch_stats'])[
-    1]['batch_stats']['var']
+  return lambda x, m=None: bn.apply(v, x, mask=m, mutable=['batch_stats'])[1][
+    'batch_stats'
+  ]['var']
 
 
 def input_var_error(lib: str, xs: np.ndarray) -> float:
@@ -124,7 +130,7 @@ def padded_batches(epochs: float, seed: int):
   for _ in range(int(np.ceil(epochs))):
     perm = rng.permutation(len(ytr))
     for i in range(0, len(perm), gb):
-      b = perm[i:i + gb]
+      b = perm[i : i + gb]
       b = b[np.argsort(lengths[b], kind='stable')]  # length bucketing
       pad = gb - len(b)
       steps_idx.append(np.concatenate([b, np.zeros(pad, np.int64)]))
@@ -145,19 +151,31 @@ def _sharded_step(lib: str, epochs: float):
     n = jax.lax.psum(keep.sum(), 'd')  # valid signals in the global batch
 
     def loss(p):  # this device's share of the global mean over valid signals
-      out, new = net.apply({'params': p, 'batch_stats': stats}, x, train=True,
-                           mask=m, mutable=['batch_stats'])
+      out, new = net.apply(
+        {'params': p, 'batch_stats': stats},
+        x,
+        train=True,
+        mask=m,
+        mutable=['batch_stats'],
+      )
       per = jax.nn.log_softmax(out)[jnp.arange(len(y)), y]
       return -jnp.sum(per * keep) / n, new['batch_stats']
+
     (_, new), g = jax.value_and_grad(loss, has_aux=True)(params)
     g = jax.lax.psum(g, 'd')  # the global loss's gradient, replicated
     upd, opt = tx.update(g, opt, params)
     return jax.tree.map(lambda a, u: a + u, params, upd), new, opt
 
   spec = P('d')
-  fn = jax.jit(jax.shard_map(step, mesh=mesh,
-                             in_specs=(P(), P(), P(), spec, spec, spec, spec),
-                             out_specs=(P(), P(), P()), check_vma=False))
+  fn = jax.jit(
+    jax.shard_map(
+      step,
+      mesh=mesh,
+      in_specs=(P(), P(), P(), spec, spec, spec, spec),
+      out_specs=(P(), P(), P()),
+      check_vma=False,
+    )
+  )
   return net, tx, mesh, fn
 
 
@@ -174,15 +192,24 @@ def train_padded(lib: str, epochs: float, seed: int) -> dict:
     b = idx[i]
     m = (t < lengths[b][:, None, None]) & present[i][:, None, None]
     x = np.where(m, xtr[b], 0.0).astype(np.float32)
-    params, stats, opt = fn(params, stats, opt, put(x), put(ytr[b]), put(m),
-                            put(present[i].astype(np.float32)))
+    params, stats, opt = fn(
+      params,
+      stats,
+      opt,
+      put(x),
+      put(ytr[b]),
+      put(m),
+      put(present[i].astype(np.float32)),
+    )
     # One step in flight at a time: XLA:CPU's in-process collectives on 8
     # devices over 2 cores otherwise hit its 40 s rendezvous timeout.
     jax.block_until_ready(params)
-  finite = bool(all(np.isfinite(np.asarray(a)).all()
-                    for a in jax.tree.leaves(params)))
-  logits = net.apply({'params': params, 'batch_stats': stats},
-                     jnp.asarray(xte), train=False)
+  finite = bool(
+    all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(params))
+  )
+  logits = net.apply(
+    {'params': params, 'batch_stats': stats}, jnp.asarray(xte), train=False
+  )
   acc = float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(yte)))
   return dict(acc=acc, finite_params=finite)
 
@@ -197,9 +224,15 @@ def synced_var_errors(epochs: float, n_batches: int = 20) -> dict:
   t = np.arange(40)[None, :, None]
   out = {}
   for lib in ('flax', 'bnjax'):
-    f = jax.jit(jax.shard_map(
-      _batch_var(lib, axis_name='d'), mesh=mesh, in_specs=(P('d'), P('d')),
-      out_specs=P(), check_vma=False))
+    f = jax.jit(
+      jax.shard_map(
+        _batch_var(lib, axis_name='d'),
+        mesh=mesh,
+        in_specs=(P('d'), P('d')),
+        out_specs=P(),
+        check_vma=False,
+      )
+    )
     uneven, partial = [], None
     for i in picks:
       b = idx[i]
@@ -212,36 +245,50 @@ def synced_var_errors(epochs: float, n_batches: int = 20) -> dict:
         uneven.append(e)
       else:
         partial = e
-    out[lib] = dict(uneven_max=float(max(uneven)),
-                    uneven_min=float(min(uneven)),
-                    partial=None if partial == float('inf') else float(partial),
-                    partial_nan=bool(partial == float('inf')))
+    out[lib] = dict(
+      uneven_max=float(max(uneven)),
+      uneven_min=float(min(uneven)),
+      partial=None if partial == float('inf') else float(partial),
+      partial_nan=bool(partial == float('inf')),
+    )
   return out
 
 
 CLAIMS = (
-  Claim('an input BN with a mean 1e4 times its std needs an exact variance',
-        'Chan, Golub & LeVeque 1983; docs/guides/numerics.md', 'holds_offset',
-        lambda s: 'input BN variance error (relative, vs float64): flax '
-        f"{s['input_var_error[flax | offset 10000]']:.2g}, bnjax "
-        f"{s['input_var_error[bnjax | offset 10000]']:.2g}; test accuracy "
-        f"with / without the offset: flax "
-        f"{mean(s['test_acc[flax | offset 10000]'])} / "
-        f"{mean(s['test_acc[flax | offset 0]'])}, bnjax "
-        f"{mean(s['test_acc[bnjax | offset 10000]'])} / "
-        f"{mean(s['test_acc[bnjax | offset 0]'])}"),
-  Claim('synced BN over uneven padded shards needs count weighting',
-        'PyTorch SyncBatchNorm (count-weighted); flax equal-weight pmean',
-        'holds_uneven',
-        lambda s: 'synced masked input variance error on uneven batches: flax'
-        f" up to {s['synced_var_error[flax]']['uneven_max']:.2g}, bnjax up to "
-        f"{s['synced_var_error[bnjax]']['uneven_max']:.2g}; a batch with "
-        'padding-only devices: flax '
-        + ('NaN' if s['synced_var_error[flax]']['partial_nan'] else
-           f"{s['synced_var_error[flax]']['partial']:.2g}")
-        + f"; test accuracy flax {mean(s['test_acc[flax | padded, 8 dev]'])}"
-        f" (NaN parameters in {s['nan_runs[flax]']} of {s['runs']} runs), "
-        f"bnjax {mean(s['test_acc[bnjax | padded, 8 dev]'])}"),
+  Claim(
+    'an input BN with a mean 1e4 times its std needs an exact variance',
+    'Chan, Golub & LeVeque 1983; docs/guides/numerics.md',
+    'holds_offset',
+    lambda s: (
+      'input BN variance error (relative, vs float64): flax '
+      f'{s["input_var_error[flax | offset 10000]"]:.2g}, bnjax '
+      f'{s["input_var_error[bnjax | offset 10000]"]:.2g}; test accuracy '
+      f'with / without the offset: flax '
+      f'{mean(s["test_acc[flax | offset 10000]"])} / '
+      f'{mean(s["test_acc[flax | offset 0]"])}, bnjax '
+      f'{mean(s["test_acc[bnjax | offset 10000]"])} / '
+      f'{mean(s["test_acc[bnjax | offset 0]"])}'
+    ),
+  ),
+  Claim(
+    'synced BN over uneven padded shards needs count weighting',
+    'PyTorch SyncBatchNorm (count-weighted); flax equal-weight pmean',
+    'holds_uneven',
+    lambda s: (
+      'synced masked input variance error on uneven batches: flax'
+      f' up to {s["synced_var_error[flax]"]["uneven_max"]:.2g}, bnjax up to '
+      f'{s["synced_var_error[bnjax]"]["uneven_max"]:.2g}; a batch with '
+      'padding-only devices: flax '
+      + (
+        'NaN'
+        if s['synced_var_error[flax]']['partial_nan']
+        else f'{s["synced_var_error[flax]"]["partial"]:.2g}'
+      )
+      + f'; test accuracy flax {mean(s["test_acc[flax | padded, 8 dev]"])}'
+      f' (NaN parameters in {s["nan_runs[flax]"]} of {s["runs"]} runs), '
+      f'bnjax {mean(s["test_acc[bnjax | padded, 8 dev]"])}'
+    ),
+  ),
 )
 
 
@@ -252,53 +299,83 @@ def run(quick: bool, seeds):
   summary.update({f'input_var_error[{k}]': v for k, v in err.items()})
   sv = synced_var_errors(epochs, 3 if quick else 20)
   summary.update({f'synced_var_error[{k}]': v for k, v in sv.items()})
-  padded = {lib: [train_padded(lib, epochs, s) for s in seeds]
-            for lib in ('flax', 'bnjax')}
+  padded = {
+    lib: [train_padded(lib, epochs, s) for s in seeds]
+    for lib in ('flax', 'bnjax')
+  }
   for lib, rs in padded.items():
     acc[f'{lib} | padded, 8 dev'] = np.array([r['acc'] for r in rs])
     summary[f'test_acc[{lib} | padded, 8 dev]'] = results.mean_std(
-      acc[f'{lib} | padded, 8 dev'])
+      acc[f'{lib} | padded, 8 dev']
+    )
     summary[f'nan_runs[{lib}]'] = sum(not r['finite_params'] for r in rs)
   summary['runs'] = len(seeds)
   m = lambda k: acc[k].mean() * 100
   summary['holds_offset'] = bool(
-    err['flax | offset 10000'] > 0.5 and err['bnjax | offset 10000'] < 1e-5
+    err['flax | offset 10000'] > 0.5
+    and err['bnjax | offset 10000'] < 1e-5
     and abs(m('bnjax | offset 10000') - m('bnjax | offset 0')) < 1
-    and m('flax | offset 0') - m('flax | offset 10000') >= 5)
+    and m('flax | offset 0') - m('flax | offset 10000') >= 5
+  )
   summary['holds_uneven'] = bool(
-    sv['flax']['uneven_min'] > 0.01 and sv['bnjax']['uneven_max'] < 1e-5
+    sv['flax']['uneven_min'] > 0.01
+    and sv['bnjax']['uneven_max'] < 1e-5
     and summary['nan_runs[flax]'] == len(seeds)
-    and summary['nan_runs[bnjax]'] == 0)
-  config = dict(epochs=epochs, offset=OFFSET, batch_a=32,
-                devices=DEVICES, per_device=PER_DEVICE, lengths='8 to 40',
-                partial_batch='4000 = 83 x 48 + 16, padded with empty signals')
-  return results.save(NAME, quick, config, seeds, acc, summary,
-                      _figure(acc, err, sv)), summary
+    and summary['nan_runs[bnjax]'] == 0
+  )
+  config = dict(
+    epochs=epochs,
+    offset=OFFSET,
+    batch_a=32,
+    devices=DEVICES,
+    per_device=PER_DEVICE,
+    lengths='8 to 40',
+    partial_batch='4000 = 83 x 48 + 16, padded with empty signals',
+  )
+  return results.save(
+    NAME, quick, config, seeds, acc, summary, _figure(acc, err, sv)
+  ), summary
 
 
 def _figure(acc, err, sv):
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(1, 2, figsize=(12, 4))
   keys = list(acc)
   means = [100 * acc[k].mean() for k in keys]
-  ax[0].bar(range(len(keys)), means, yerr=[100 * acc[k].std() for k in keys],
-            capsize=3, color=['C0' if k.startswith('flax') else 'C1'
-                              for k in keys])
-  short = lambda k: (k.replace(' | ', '\n').replace('offset 10000', 'offset 1e4')
-                     .replace('padded, 8 dev', 'padded,\n8 devices'))
+  ax[0].bar(
+    range(len(keys)),
+    means,
+    yerr=[100 * acc[k].std() for k in keys],
+    capsize=3,
+    color=['C0' if k.startswith('flax') else 'C1' for k in keys],
+  )
+  short = lambda k: (
+    k.replace(' | ', '\n')
+    .replace('offset 10000', 'offset 1e4')
+    .replace('padded, 8 dev', 'padded,\n8 devices')
+  )
   ax[0].set_xticks(range(len(keys)), [short(k) for k in keys], fontsize=8)
-  ax[0].set(ylabel='test accuracy (%)', ylim=(0, 100),
-            title='Training: flax BN (blue) vs bnjax BN (orange)')
+  ax[0].set(
+    ylabel='test accuracy (%)',
+    ylim=(0, 100),
+    title='Training: flax BN (blue) vs bnjax BN (orange)',
+  )
   labels = ['input BN,\noffset 1e4', 'synced, uneven\ncounts (worst)']
   for i, lib in enumerate(('flax', 'bnjax')):
     vals = [err[f'{lib} | offset 10000'], sv[lib]['uneven_max']]
-    ax[1].bar(np.arange(2) + 0.4 * i, [max(v, 1e-9) for v in vals], 0.4,
-              label=lib)
+    ax[1].bar(
+      np.arange(2) + 0.4 * i, [max(v, 1e-9) for v in vals], 0.4, label=lib
+    )
   ax[1].set_xticks(np.arange(2) + 0.2, labels)
-  ax[1].set(yscale='log', ylim=(1e-9, 1e3),
-            ylabel='relative variance error vs float64',
-            title='Statistics of the input BN')
+  ax[1].set(
+    yscale='log',
+    ylim=(1e-9, 1e3),
+    ylabel='relative variance error vs float64',
+    title='Statistics of the input BN',
+  )
   ax[1].legend()
   return fig

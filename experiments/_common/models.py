@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -14,14 +15,17 @@ import bnjax.linen
 def norm_layer(kind: str, train: bool, momentum: float = 0.9, **kw):
   """A normalization layer by name; None for 'none'."""
   if kind == 'bn':
-    return bnjax.linen.BatchNorm(use_running_average=not train,
-                                 momentum=momentum, **kw)
+    return bnjax.linen.BatchNorm(
+      use_running_average=not train, momentum=momentum, **kw
+    )
   if kind == 'ghost':
-    return bnjax.linen.BatchNorm(use_running_average=not train,
-                                 momentum=momentum, **kw)
+    return bnjax.linen.BatchNorm(
+      use_running_average=not train, momentum=momentum, **kw
+    )
   if kind == 'renorm':
-    return bnjax.linen.BatchRenorm(use_running_average=not train,
-                                   momentum=momentum, **kw)
+    return bnjax.linen.BatchRenorm(
+      use_running_average=not train, momentum=momentum, **kw
+    )
   if kind == 'gn':
     return nn.GroupNorm(num_groups=8)
   if kind == 'ln':
@@ -39,18 +43,19 @@ class MLP(nn.Module):
   widths: tuple = (100, 100, 100)
   classes: int = 10
   norm: str = 'none'
-  place: str = 'before'        # 'before' or 'after' the activation
+  place: str = 'before'  # 'before' or 'after' the activation
   act: Callable = nn.sigmoid
   init_scale: float = 1.0
   dense_bias: bool = True
-  noise: Any = None            # (n_mu, n_sigma, r): noisy BN (Santurkar et al.)
+  noise: Any = None  # (n_mu, n_sigma, r): noisy BN (Santurkar et al.)
   bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = x.reshape(x.shape[0], -1)
-    init = nn.initializers.variance_scaling(self.init_scale ** 2, 'fan_in',
-                                            'normal')
+    init = nn.initializers.variance_scaling(
+      self.init_scale**2, 'fan_in', 'normal'
+    )
     for i, w in enumerate(self.widths):
       x = nn.Dense(w, kernel_init=init, use_bias=self.dense_bias)(x)
       if self.place == 'before':
@@ -118,18 +123,19 @@ class CNN1D(nn.Module):
       if train and not self.is_initializing():
         step.value += 1
     for stride in self.strides:
-      x = nn.Conv(self.channels, (3,), strides=(stride,),
-                  use_bias=self.norm == 'none')(x)
+      x = nn.Conv(
+        self.channels, (3,), strides=(stride,), use_bias=self.norm == 'none'
+      )(x)
       layer = norm_layer(self.norm, train, **kw)
       x = x if layer is None else layer(x, **call_kw)
       x = nn.relu(x)
     x = x.mean(1)
     if self.dense:
       x = nn.Dense(self.dense, use_bias=self.norm == 'none')(x)
-      layer = norm_layer('ln' if self.norm == 'in' else self.norm, train,
-                         **kw)
+      layer = norm_layer('ln' if self.norm == 'in' else self.norm, train, **kw)
       x = nn.relu(x if layer is None else layer(x, **call_kw))
     return nn.Dense(10)(x)
+
 
 def renorm_limits(step, total: int) -> dict:
   """Ioffe 2017's schedule, scaled to ``total`` steps: plain BN (r_max 1,
@@ -141,8 +147,9 @@ def renorm_limits(step, total: int) -> dict:
   return dict(r_max=1.0 + 2.0 * ramp(0.35), d_max=5.0 * ramp(0.25))
 
 
-def values_per_channel(strides: tuple, length: int, batch: int,
-                       dense: int) -> list[int]:
+def values_per_channel(
+  strides: tuple, length: int, batch: int, dense: int
+) -> list[int]:
   """What each BN layer of CNN1D averages over: batch x positions (SAME
   padding: a stride-s conv leaves ceil(length / s) positions), then the
   batch alone for the dense layer."""

@@ -7,13 +7,23 @@ import numpy as np
 
 def _plt():
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   return plt
 
 
-def errorbars(xs, series: dict, *, xlabel: str, ylabel: str, title: str,
-              xscale: str = 'log', scale: float = 1.0):
+def errorbars(
+  xs,
+  series: dict,
+  *,
+  xlabel: str,
+  ylabel: str,
+  title: str,
+  xscale: str = 'log',
+  scale: float = 1.0,
+):
   """One line per series; each value is an (len(xs), seeds) array."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -25,18 +35,23 @@ def errorbars(xs, series: dict, *, xlabel: str, ylabel: str, title: str,
   return fig, ax
 
 
-def bars(groups, series: dict, *, ylabel: str, title: str,
-         scale: float = 1.0):
+def bars(groups, series: dict, *, ylabel: str, title: str, scale: float = 1.0):
   """Grouped bars; series maps a name to one (seeds,) array per group."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(7, 4))
   w = 0.8 / len(series)
   for i, (name, vals) in enumerate(series.items()):
-    ax.bar(np.arange(len(groups)) + i * w,
-           [scale * np.mean(v) for v in vals], w,
-           yerr=[scale * np.std(v) for v in vals], label=name, capsize=3)
-  ax.set_xticks(np.arange(len(groups)) + w * (len(series) - 1) / 2,
-                list(groups))
+    ax.bar(
+      np.arange(len(groups)) + i * w,
+      [scale * np.mean(v) for v in vals],
+      w,
+      yerr=[scale * np.std(v) for v in vals],
+      label=name,
+      capsize=3,
+    )
+  ax.set_xticks(
+    np.arange(len(groups)) + w * (len(series) - 1) / 2, list(groups)
+  )
   ax.set(ylabel=ylabel, title=title)
   ax.legend()
   return fig, ax

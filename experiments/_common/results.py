@@ -10,8 +10,11 @@ import subprocess
 import numpy as np
 
 # BNJAX_RESULTS redirects the output (the CI smoke test writes to a tmp dir).
-RESULTS = pathlib.Path(os.environ.get(
-    'BNJAX_RESULTS', pathlib.Path(__file__).resolve().parents[1] / 'results'))
+RESULTS = pathlib.Path(
+  os.environ.get(
+    'BNJAX_RESULTS', pathlib.Path(__file__).resolve().parents[1] / 'results'
+  )
+)
 
 
 def _commit() -> str:
@@ -21,13 +24,22 @@ def _commit() -> str:
   """
   here = pathlib.Path(__file__).parent
   try:
-    git = lambda *a: subprocess.run(['git', *a], capture_output=True,
-                                    text=True, cwd=here, timeout=10).stdout
+    git = lambda *a: (
+      subprocess.run(
+        ['git', *a], capture_output=True, text=True, cwd=here, timeout=10
+      ).stdout
+    )
     head = git('rev-parse', '--short', 'HEAD').strip() or 'unknown'
-    changed = [line[3:] for line in git(
-      'status', '--porcelain', '--untracked-files=no').splitlines()]
-    dirty = any(not (f.startswith('experiments/results/') or f.endswith('.md'))
-                for f in changed)
+    changed = [
+      line[3:]
+      for line in git(
+        'status', '--porcelain', '--untracked-files=no'
+      ).splitlines()
+    ]
+    dirty = any(
+      not (f.startswith('experiments/results/') or f.endswith('.md'))
+      for f in changed
+    )
     return head + ('+dirty' if dirty else '')
   except (OSError, subprocess.SubprocessError):
     return 'unknown'
@@ -46,21 +58,37 @@ def _plain(v):
   return v
 
 
-def save(name: str, quick: bool, config: dict, seeds, runs: dict,
-         summary: dict, fig=None) -> pathlib.Path:
+def save(
+  name: str,
+  quick: bool,
+  config: dict,
+  seeds,
+  runs: dict,
+  summary: dict,
+  fig=None,
+) -> pathlib.Path:
   """Writes results/<name>[_quick].json (and .png); returns the JSON path."""
   import jax
+
   RESULTS.mkdir(exist_ok=True)
   stem = name + ('_quick' if quick else '')
-  out = dict(experiment=name, quick=quick, config=config, seeds=list(seeds),
-             summary=summary, runs=runs, jax=jax.__version__,
-             commit=_commit())
+  out = dict(
+    experiment=name,
+    quick=quick,
+    config=config,
+    seeds=list(seeds),
+    summary=summary,
+    runs=runs,
+    jax=jax.__version__,
+    commit=_commit(),
+  )
   path = RESULTS / f'{stem}.json'
   path.write_text(json.dumps(_plain(out), indent=1, allow_nan=False))
   if fig is not None:
     check_axes_hold_data(fig, name)
     fig.savefig(RESULTS / f'{stem}.png', dpi=110, bbox_inches='tight')
     import matplotlib.pyplot as plt
+
     plt.close(fig)
   return path
 
@@ -73,26 +101,38 @@ def check_axes_hold_data(fig, name: str = '') -> None:
   """
   from matplotlib.collections import PathCollection
   from matplotlib.patches import Rectangle
+
   for ax in fig.get_axes():
     (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
-    marks = [(line.get_label(), line.get_xdata(), line.get_ydata())
-             for line in ax.get_lines()]
-    marks += [(c.get_label(), *np.asarray(c.get_offsets(), float).T)
-              for c in ax.collections if isinstance(c, PathCollection)
-              and len(c.get_offsets())]
-    marks += [(p.get_label(), [p.get_x() + p.get_width() / 2],
-               [p.get_y() + p.get_height()])  # a bar's top
-              for p in ax.patches if isinstance(p, Rectangle)]
+    marks = [
+      (line.get_label(), line.get_xdata(), line.get_ydata())
+      for line in ax.get_lines()
+    ]
+    marks += [
+      (c.get_label(), *np.asarray(c.get_offsets(), float).T)
+      for c in ax.collections
+      if isinstance(c, PathCollection) and len(c.get_offsets())
+    ]
+    marks += [
+      (
+        p.get_label(),
+        [p.get_x() + p.get_width() / 2],
+        [p.get_y() + p.get_height()],
+      )  # a bar's top
+      for p in ax.patches
+      if isinstance(p, Rectangle)
+    ]
     for label, x, y in marks:
       x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
       ok = np.isfinite(x) & np.isfinite(y)
       inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
       if np.any(ok & ~inside):
         raise ValueError(
-            f'{name}: {label!r} in the axes {ax.get_title()!r} has points '
-            f'outside its limits x [{x0:g}, {x1:g}], y [{y0:g}, {y1:g}] '
-            f'(data y in [{np.nanmin(y):g}, {np.nanmax(y):g}]); choose the '
-            'limits from the data')
+          f'{name}: {label!r} in the axes {ax.get_title()!r} has points '
+          f'outside its limits x [{x0:g}, {x1:g}], y [{y0:g}, {y1:g}] '
+          f'(data y in [{np.nanmin(y):g}, {np.nanmax(y):g}]); choose the '
+          'limits from the data'
+        )
 
 
 def mean_std(a) -> str:

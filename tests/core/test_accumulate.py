@@ -20,14 +20,19 @@ C = 4
 
 
 def _micro(sizes, shape=(), loc=1.0, scale=2.0, seed=0):
-  return [jnp.asarray(randn((n, *shape, C), loc=loc, scale=scale,
-                            seed=seed + i)) for i, n in enumerate(sizes)]
+  return [
+    jnp.asarray(randn((n, *shape, C), loc=loc, scale=scale, seed=seed + i))
+    for i, n in enumerate(sizes)
+  ]
 
 
 def _pool(xs, masks=None, **kw):
   pool = bnjax.init_pooled_stats(C)
-  step = jax.jit(lambda x, p, m: bnjax.batch_norm(
-      x, p, use_running_average=False, mask=m, **kw))
+  step = jax.jit(
+    lambda x, p, m: bnjax.batch_norm(
+      x, p, use_running_average=False, mask=m, **kw
+    )
+  )
   ys = []
   for i, x in enumerate(xs):
     y, pool = step(x, pool, None if masks is None else masks[i])
@@ -53,8 +58,9 @@ def test_pool_is_the_float64_moments_of_the_concatenated_batch(ratio, shape):
   pop = bnjax.population_stats(pool)
   np.testing.assert_array_equal(pool.count, n)
   assert _rel(pop.var, var) < 1e-6
-  assert np.max(np.abs(np.asarray(pop.mean, np.float64) - mean)
-                / np.sqrt(var)) < 1e-6 * max(1.0, ratio)
+  assert np.max(
+    np.abs(np.asarray(pop.mean, np.float64) - mean) / np.sqrt(var)
+  ) < 1e-6 * max(1.0, ratio)
 
 
 def test_one_update_equals_one_call_on_the_concatenated_batch():
@@ -62,35 +68,41 @@ def test_one_update_equals_one_call_on_the_concatenated_batch():
   start = bnjax.BatchStats(jnp.full(C, 0.5), jnp.full(C, 2.0))
   _, pool = _pool(xs)
   got = bnjax.apply_pooled(start, pool, momentum=0.9)
-  _, want = bnjax.batch_norm(jnp.concatenate(xs), start,
-                             use_running_average=False, momentum=0.9)
+  _, want = bnjax.batch_norm(
+    jnp.concatenate(xs), start, use_running_average=False, momentum=0.9
+  )
   for g, w in zip(got, want, strict=True):
     assert _rel(g, np.asarray(w, np.float64)) < 1e-6
   # What it replaces: four EMA steps on the micro-batches.
   k_steps = start
   for x in xs:
-    _, k_steps = bnjax.batch_norm(x, k_steps, use_running_average=False,
-                                  momentum=0.9)
+    _, k_steps = bnjax.batch_norm(
+      x, k_steps, use_running_average=False, momentum=0.9
+    )
   assert _rel(k_steps.var, np.asarray(want.var, np.float64)) > 0.05
 
 
-@pytest.mark.parametrize('state', [bnjax.init_cumulative_stats,
-                                   bnjax.init_debiased_stats],
-                         ids=['cumulative', 'debiased'])
+@pytest.mark.parametrize(
+  'state',
+  [bnjax.init_cumulative_stats, bnjax.init_debiased_stats],
+  ids=['cumulative', 'debiased'],
+)
 def test_apply_pooled_follows_the_rule_of_the_state_type(state):
   xs = _micro([6, 10])
   _, pool = _pool(xs)
   got = bnjax.apply_pooled(state(C), pool, momentum=0.9)
-  _, want = bnjax.batch_norm(jnp.concatenate(xs), state(C),
-                             use_running_average=False, momentum=0.9)
+  _, want = bnjax.batch_norm(
+    jnp.concatenate(xs), state(C), use_running_average=False, momentum=0.9
+  )
   for g, w in zip(got, want, strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
 def test_masked_micro_batches_pool_count_weighted():
   xs = _micro([6, 9, 4])
-  masks = [jnp.asarray(randn(x.shape, seed=20 + i) > 0.3) for i, x in
-           enumerate(xs)]
+  masks = [
+    jnp.asarray(randn(x.shape, seed=20 + i) > 0.3) for i, x in enumerate(xs)
+  ]
   masks[2] = masks[2].at[:, 1].set(False)  # a channel empty in one micro
   _, pool = _pool(xs, masks)
   whole = np.concatenate([np.asarray(x, np.float64) for x in xs])
@@ -105,7 +117,8 @@ def test_an_empty_pool_changes_nothing_and_normalizes_as_mean_0_var_1():
   pool = bnjax.init_pooled_stats(C)
   stats = bnjax.BatchStats(jnp.arange(C, dtype=jnp.float32), jnp.ones(C) * 3)
   np.testing.assert_array_equal(
-      bnjax.apply_pooled(stats, pool, momentum=0.5).mean, stats.mean)
+    bnjax.apply_pooled(stats, pool, momentum=0.5).mean, stats.mean
+  )
   x = _micro([4])[0]
   y, _ = bnjax.batch_norm(x, pool, use_running_average=True, epsilon=1e-3)
   np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-3), rtol=1e-6)
@@ -116,8 +129,9 @@ def test_inference_with_the_pool_normalizes_each_micro_batch_by_the_whole():
   the whole batch's statistics, exactly as one call on the whole batch."""
   xs = _micro([8, 8, 8], loc=50.0)
   _, pool = _pool(xs)
-  y_whole, _ = bnjax.batch_norm(jnp.concatenate(xs), bnjax.init_batch_stats(C),
-                                use_running_average=False)
+  y_whole, _ = bnjax.batch_norm(
+    jnp.concatenate(xs), bnjax.init_batch_stats(C), use_running_average=False
+  )
   ys = [bnjax.batch_norm(x, pool, use_running_average=True)[0] for x in xs]
   np.testing.assert_allclose(jnp.concatenate(ys), y_whole, atol=2e-5)
 
@@ -140,16 +154,21 @@ def test_lax_scan_over_micro_batches_with_gradients():
       grads, pool = carry
       (_, pool), gr = jax.value_and_grad(loss, has_aux=True)(g, x, pool)
       return (grads + gr, pool), None
+
     (grads, pool), _ = jax.lax.scan(
-        micro, (jnp.zeros_like(g), bnjax.init_pooled_stats(C)), xs)
+      micro, (jnp.zeros_like(g), bnjax.init_pooled_stats(C)), xs
+    )
     return grads, bnjax.apply_pooled(stats, pool, momentum=0.9)
 
   grads, new = step(g, stats, xs)
-  _, want = bnjax.batch_norm(xs.reshape(-1, C), stats,
-                             use_running_average=False, momentum=0.9)
+  _, want = bnjax.batch_norm(
+    xs.reshape(-1, C), stats, use_running_average=False, momentum=0.9
+  )
   np.testing.assert_allclose(new.var, want.var, rtol=1e-6)
-  per_micro = sum(jax.grad(lambda g, x: loss(g, x, bnjax.init_pooled_stats(C))
-                           [0])(g, x) for x in xs)
+  per_micro = sum(
+    jax.grad(lambda g, x: loss(g, x, bnjax.init_pooled_stats(C))[0])(g, x)
+    for x in xs
+  )
   np.testing.assert_allclose(grads, per_micro, rtol=1e-5, atol=1e-6)
 
 
@@ -161,12 +180,15 @@ def test_synced_micro_batches_pool_the_global_batch(sync):
   xs = jnp.stack(_micro([8 * 4] * 3, loc=30.0))  # (micro, global rows, C)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(None, 'd'),
-                     out_specs=P('d'))
+  @functools.partial(
+    jax.shard_map, mesh=mesh, in_specs=P(None, 'd'), out_specs=P('d')
+  )
   def run(xs):
     def micro(pool, x):
-      return bnjax.batch_norm(x, pool, use_running_average=False,
-                              axis_name='d', sync=sync)[1], None
+      return bnjax.batch_norm(
+        x, pool, use_running_average=False, axis_name='d', sync=sync
+      )[1], None
+
     pool, _ = jax.lax.scan(micro, bnjax.init_pooled_stats(C), xs)
     return jax.tree.map(lambda v: v[None], pool)
 
@@ -181,8 +203,11 @@ def test_synced_micro_batches_pool_the_global_batch(sync):
 def test_errors_name_the_argument():
   pool = bnjax.init_pooled_stats(C)
   stats = bnjax.init_batch_stats(C)
-  with pytest.raises(TypeError, match=r'apply_pooled: pooled must be a '
-                     r'bnjax.PooledStats.*init_pooled_stats'):
+  with pytest.raises(
+    TypeError,
+    match=r'apply_pooled: pooled must be a '
+    r'bnjax.PooledStats.*init_pooled_stats',
+  ):
     bnjax.apply_pooled(stats, stats)
   with pytest.raises(TypeError, match=r'batch_stats is a PooledStats'):
     bnjax.apply_pooled(pool, pool)
@@ -199,17 +224,23 @@ def test_synced_pool_is_exact_at_a_large_mean_with_either_sync_mode():
   xs = jnp.stack(_micro([8 * 4] * 3, loc=2e4))
   mean, var, _ = ref.moments(np.asarray(xs, np.float64).reshape(-1, C))
   for sync in ('gather', 'psum'):
+
     @jax.jit
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(None, 'd'), P()),
-                       out_specs=P())
+    @functools.partial(
+      jax.shard_map, mesh=mesh, in_specs=(P(None, 'd'), P()), out_specs=P()
+    )
     def run(xs, start):
       def micro(pool, x):
-        return bnjax.batch_norm(x, pool, use_running_average=False,
-                                axis_name='d', sync=sync)[1], None
+        return bnjax.batch_norm(
+          x, pool, use_running_average=False, axis_name='d', sync=sync
+        )[1], None
+
       return jax.lax.scan(micro, start, xs)[0]
+
     # A pool whose mean is already near the data's, so the psum path's
     # shift (the pool's mean) is trusted and the psum itself is used.
     start = bnjax.init_pooled_stats(C)._replace(
-        count=jnp.full(C, 1e-30), mean=jnp.asarray(mean, jnp.float32))
+      count=jnp.full(C, 1e-30), mean=jnp.asarray(mean, jnp.float32)
+    )
     pool = run(xs, start)
     assert _rel(bnjax.population_stats(pool).var, var) < 1e-6, sync

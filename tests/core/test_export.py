@@ -13,12 +13,13 @@ import re
 
 import flax.linen as nn
 import jax
-from jax import export as jax_export
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax import export as jax_export
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import bnjax
 import bnjax.linen
@@ -37,30 +38,65 @@ def _export(fn, *args, platforms=PLATFORMS):
 
 def _grad_step(layer):
   """The gradient of a scalar loss of one BN layer, and its new statistics."""
+
   def step(x, g, b):
     def loss(x, g, b):
       y, new = layer(x, g, b)
       return jnp.sum(jnp.sin(y)), new
+
     return jax.grad(loss, (0, 1, 2), has_aux=True)(x, g, b)
+
   return step
 
 
 G = B = jax.ShapeDtypeStruct((8,), jnp.float32)
 
 
-@pytest.mark.parametrize('name, layer', [
-    ('batch_norm', lambda x, g, b: bnjax.batch_norm(
-        x, bnjax.init_batch_stats(8), g, b, use_running_average=False)),
-    ('batch_norm mask', lambda x, g, b: bnjax.batch_norm(
-        x, bnjax.init_batch_stats(8), g, b, use_running_average=False,
-        mask=jnp.arange(16)[:, None, None, None] < 12)),
-    ('batch_renorm', lambda x, g, b: bnjax.batch_renorm(
-        x, bnjax.init_renorm_stats(8), g, b, use_running_average=False,
-        r_max=3.0, d_max=5.0)),
-    ('ghost', lambda x, g, b: bnjax.batch_norm(
-        x, bnjax.init_batch_stats(8), g, b, use_running_average=False,
-        virtual_batch_size=4)),
-])
+@pytest.mark.parametrize(
+  'name, layer',
+  [
+    (
+      'batch_norm',
+      lambda x, g, b: bnjax.batch_norm(
+        x, bnjax.init_batch_stats(8), g, b, use_running_average=False
+      ),
+    ),
+    (
+      'batch_norm mask',
+      lambda x, g, b: bnjax.batch_norm(
+        x,
+        bnjax.init_batch_stats(8),
+        g,
+        b,
+        use_running_average=False,
+        mask=jnp.arange(16)[:, None, None, None] < 12,
+      ),
+    ),
+    (
+      'batch_renorm',
+      lambda x, g, b: bnjax.batch_renorm(
+        x,
+        bnjax.init_renorm_stats(8),
+        g,
+        b,
+        use_running_average=False,
+        r_max=3.0,
+        d_max=5.0,
+      ),
+    ),
+    (
+      'ghost',
+      lambda x, g, b: bnjax.batch_norm(
+        x,
+        bnjax.init_batch_stats(8),
+        g,
+        b,
+        use_running_average=False,
+        virtual_batch_size=4,
+      ),
+    ),
+  ],
+)
 def test_train_step_lowers_for_gpu_and_tpu(name, layer):
   text = _export(_grad_step(layer), X, G, B)
   assert 'stablehlo' in text, name
@@ -72,19 +108,26 @@ def test_synced_step_lowers_with_one_collective_each_way():
 
   def local(x):  # scale/bias off: their gradients need their own psum
     def loss(x):
-      y, new = bnjax.batch_norm(x, stats, use_running_average=False,
-                                axis_name='d')
+      y, new = bnjax.batch_norm(
+        x, stats, use_running_average=False, axis_name='d'
+      )
       return jnp.sum(jnp.sin(y)), new
+
     return jax.grad(loss, has_aux=True)(x)
-  step = jax.shard_map(local, mesh=mesh, in_specs=P('d'),
-                       out_specs=(P('d'), P()))
+
+  step = jax.shard_map(
+    local, mesh=mesh, in_specs=P('d'), out_specs=(P('d'), P())
+  )
   assert 'stablehlo' in _export(step, X)
   # One platform at a time: a multi-platform module holds a copy of each op
   # that lowers differently per platform (the all-gather does).
   for platform in PLATFORMS:
     text = _export(step, X, platforms=(platform,))
-    ops = re.findall(r'stablehlo\.(all_reduce|all_gather|reduce_scatter|'
-                     r'collective_permute|all_to_all)\b', text)
+    ops = re.findall(
+      r'stablehlo\.(all_reduce|all_gather|reduce_scatter|'
+      r'collective_permute|all_to_all)\b',
+      text,
+    )
     assert sorted(ops) == ['all_gather', 'all_reduce'], (platform, ops)
 
 
@@ -98,15 +141,19 @@ class _LinenNet(nn.Module):
 
 def test_linen_model_step_lowers():
   model = _LinenNet()
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, False),
-                             X)
+  variables = jax.eval_shape(
+    lambda x: model.init(jax.random.key(0), x, False), X
+  )
 
   def step(variables, x):
     def loss(params):
-      logits, upd = model.apply({**variables, 'params': params}, x, True,
-                                mutable=['batch_stats'])
-      return jnp.sum(logits ** 2), upd
+      logits, upd = model.apply(
+        {**variables, 'params': params}, x, True, mutable=['batch_stats']
+      )
+      return jnp.sum(logits**2), upd
+
     return jax.grad(loss, has_aux=True)(variables['params'])
+
   assert 'stablehlo' in _export(step, variables, X)
 
 
@@ -127,22 +174,27 @@ def test_nnx_model_step_lowers():
     def loss(state):
       model = nnx.merge(graphdef, state)
       out = model(x)
-      return jnp.sum(out ** 2), nnx.state(model, nnx.BatchStat)
+      return jnp.sum(out**2), nnx.state(model, nnx.BatchStat)
+
     return jax.grad(loss, has_aux=True)(state)
+
   assert 'stablehlo' in _export(step, state, x)
 
 
 class _Deep(nn.Module):
   """20 conv + BN layers, optionally synced over a mesh axis."""
+
   axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     for _ in range(20):
       x = nn.Conv(8, (3, 3), use_bias=False)(x)
-      x = nn.relu(bnjax.linen.BatchNorm(
-          use_running_average=not train, axis_name=self.axis_name,
-          sync='gather')(x))
+      x = nn.relu(
+        bnjax.linen.BatchNorm(
+          use_running_average=not train, axis_name=self.axis_name, sync='gather'
+        )(x)
+      )
     return x.mean((1, 2)).sum(-1)
 
 
@@ -152,15 +204,19 @@ def _deep_step(axis_name):
 
   def step(v, x):
     def loss(p):
-      out, upd = model.apply({**v, 'params': p}, x, True,
-                             mutable=['batch_stats'])
+      out, upd = model.apply(
+        {**v, 'params': p}, x, True, mutable=['batch_stats']
+      )
       return out.sum(), upd
+
     return jax.grad(loss, has_aux=True)(v['params'])
+
   if axis_name is None:
     return step, v
   mesh = Mesh(np.array(jax.devices()[:8]), (axis_name,))
-  return jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis_name)),
-                       out_specs=P()), v
+  return jax.shard_map(
+    step, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=P()
+  ), v
 
 
 @pytest.mark.parametrize('synced', [False, True])

@@ -10,11 +10,11 @@ import bnjax
 from tests._helpers import full_size_residuals, randn
 
 CONFIGS = [
-    dict(shape=(5, 3), axis=-1, mask=None, affine=True),
-    dict(shape=(2, 3, 4), axis=1, mask=None, affine=True),
-    dict(shape=(3, 2, 2, 3), axis=(1, 3), mask=None, affine=False),
-    dict(shape=(6, 3), axis=-1, mask='rows', affine=True),
-    dict(shape=(4, 2, 3), axis=-1, mask='full', affine=True),
+  dict(shape=(5, 3), axis=-1, mask=None, affine=True),
+  dict(shape=(2, 3, 4), axis=1, mask=None, affine=True),
+  dict(shape=(3, 2, 2, 3), axis=(1, 3), mask=None, affine=False),
+  dict(shape=(6, 3), axis=-1, mask='rows', affine=True),
+  dict(shape=(4, 2, 3), axis=-1, mask='full', affine=True),
 ]
 
 
@@ -31,8 +31,9 @@ def _mask(cfg):
 
 def _problem(cfg):
   x = randn(cfg['shape'], np.float64, loc=1.5, scale=2.0, seed=1)
-  feat = tuple(sorted(a % len(cfg['shape']) for a in np.atleast_1d(
-      cfg['axis'])))
+  feat = tuple(
+    sorted(a % len(cfg['shape']) for a in np.atleast_1d(cfg['axis']))
+  )
   fshape = tuple(cfg['shape'][a] for a in feat)
   g = 1 + randn(fshape, np.float64, seed=2) ** 2
   b = randn(fshape, np.float64, seed=3)
@@ -41,11 +42,18 @@ def _problem(cfg):
   mask = _mask(cfg)
 
   def f(x, g, b, eps):
-    y, _ = bnjax.batch_norm(x, stats, g if cfg['affine'] else None,
-                            b if cfg['affine'] else None,
-                            use_running_average=False, axis=cfg['axis'],
-                            mask=mask, epsilon=eps)
+    y, _ = bnjax.batch_norm(
+      x,
+      stats,
+      g if cfg['affine'] else None,
+      b if cfg['affine'] else None,
+      use_running_average=False,
+      axis=cfg['axis'],
+      mask=mask,
+      epsilon=eps,
+    )
     return jnp.sum(w * y + 0.5 * jnp.sin(2.0 * y))
+
   return f, (x, g, b, jnp.float64(1e-3))
 
 
@@ -56,8 +64,9 @@ def test_check_grads_order2_fwd_and_rev(cfg):
     # check_grads steps every argument by ~1e-4; keep epsilon large next to it.
     args = (x, g, b, jnp.float64(0.5))
     # jitted: the un-jitted check ran every derivative op by op (twice the time).
-    check_grads(jax.jit(f), args, order=2, modes=('fwd', 'rev'), atol=1e-5,
-                rtol=1e-5)
+    check_grads(
+      jax.jit(f), args, order=2, modes=('fwd', 'rev'), atol=1e-5, rtol=1e-5
+    )
 
 
 def _central_difference(f, x):
@@ -66,10 +75,12 @@ def _central_difference(f, x):
   h = min(1e-4, 0.02 * float(np.max(np.abs(flat))))
   out = np.empty_like(flat)
   for i in range(flat.size):
+
     def at(d):
       z = flat.copy()
       z[i] += d
       return float(f(z.reshape(np.shape(x))))
+
     d1 = (at(h) - at(-h)) / (2 * h)
     d2 = (at(h / 2) - at(-h / 2)) / h
     out[i] = (4 * d2 - d1) / 3
@@ -84,10 +95,12 @@ def test_gradient_matches_central_difference_to_1e9(cfg):
     gx, gg, gb, geps = jax.grad(fj, (0, 1, 2, 3))(x, g, b, eps)
     for got, wrt in [(gx, 0), (gg, 1), (gb, 2), (geps, 3)]:
       args = [x, g, b, eps]
+
       def fi(v, wrt=wrt):
         a = list(args)
         a[wrt] = jnp.asarray(v)
         return fj(*a)
+
       num = _central_difference(fi, args[wrt])
       if not cfg['affine'] and wrt in (1, 2):
         assert np.all(np.asarray(got) == 0)
@@ -103,8 +116,9 @@ def test_forward_mode_jvp_jacfwd_hessian():
     jf = jax.jacfwd(f)(x, g, b, eps)
     np.testing.assert_allclose(jf, jr, rtol=1e-10, atol=1e-12)
     h = jax.hessian(f)(x, g, b, eps)
-    np.testing.assert_allclose(h.reshape(15, 15), h.reshape(15, 15).T,
-                               atol=1e-9)
+    np.testing.assert_allclose(
+      h.reshape(15, 15), h.reshape(15, 15).T, atol=1e-9
+    )
     v = randn(x.shape, np.float64, seed=9)
     _, t = jax.jvp(lambda x: f(x, g, b, eps), (x,), (v,))
     np.testing.assert_allclose(t, np.sum(jr * v), rtol=1e-10)
@@ -118,6 +132,7 @@ def test_backward_keeps_one_full_size_residual(dtype):
 
   def f(x, g, b):
     return bnjax.batch_norm(x, s, g, b, use_running_average=False)[0]
+
   res = full_size_residuals(f, x, jnp.ones(6), jnp.zeros(6))
   assert len(res) == 1, res
   assert res[0][0].dtype == dtype
@@ -136,8 +151,7 @@ def test_a_masked_out_nan_reaches_nothing(jit, bad):
   stats = bnjax.init_batch_stats(3)
 
   def loss(x, g, b):
-    y, new = bnjax.batch_norm(x, stats, g, b, use_running_average=False,
-                              mask=m)
+    y, new = bnjax.batch_norm(x, stats, g, b, use_running_average=False, mask=m)
     w = jnp.where(m, jnp.arange(1.0, 25.0).reshape(8, 3), 0.0)
     return jnp.sum(jnp.where(m, jnp.sin(y), 0.0) * w), (jnp.where(m, y, 0), new)
 

@@ -38,24 +38,41 @@ def _free_port():
 
 def test_two_processes_match_single_process_global_batch(tmp_path):
   port = _free_port()
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
-      'PYTHONPATH', ''), XLA_FLAGS='')
+  root = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
+  env = dict(
+    os.environ,
+    PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''),
+    XLA_FLAGS='',
+  )
   procs = []
   try:
     for pid in range(2):
-      procs.append(subprocess.Popen(
-          [sys.executable, '-m', 'tests._multihost_worker', str(port), str(pid),
-           str(tmp_path / f'out{pid}.npz')], cwd=root, env=env,
-          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-          start_new_session=True))
+      procs.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            '-m',
+            'tests._multihost_worker',
+            str(port),
+            str(pid),
+            str(tmp_path / f'out{pid}.npz'),
+          ],
+          cwd=root,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          start_new_session=True,
+        )
+      )
     outs = [p.communicate(timeout=TIMEOUT_S)[0].decode() for p in procs]
   finally:
     for p in procs:  # no leftovers, even on failure or timeout
       if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-  for p, out in zip(procs, outs):
+  for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out[-3000:]
 
   x, w, near = problem()
@@ -63,9 +80,11 @@ def test_two_processes_match_single_process_global_batch(tmp_path):
     stats = near if st == 'near' else FAR
 
     def loss(x, stats=stats):
-      y, new = bnjax.batch_norm(x, stats, use_running_average=False,
-                                momentum=0.9)
+      y, new = bnjax.batch_norm(
+        x, stats, use_running_average=False, momentum=0.9
+      )
       return jnp.mean(w * y), (y, new)
+
     dx, (y, new) = jax.grad(loss, has_aux=True)(x)
     for pid in range(2):
       r = np.load(tmp_path / f'out{pid}.npz')

@@ -42,6 +42,7 @@ def _step(stats, total, **kw):
   """The gradient of the global batch's mean loss; mapped (with
   axis_name), each shard's part of it, whose parameter gradients
   shard_map/smap sum over the shards."""
+
   def loss(x, g, b, w):
     y, new = bnjax.batch_norm(
       x, stats, g, b, use_running_average=False, momentum=0.9, **kw
@@ -147,10 +148,12 @@ def test_groups_as_one_axis_of_a_2d_mesh_equal_per_group_bn():
   np.testing.assert_allclose(y, y0, rtol=2e-5, atol=2e-5)
   for r in range(D // GROUP):
     mean, var = new0[r * GROUP]
-    np.testing.assert_allclose(np.asarray(new.mean)[r], mean, rtol=2e-6,
-                               atol=1e-6)
-    np.testing.assert_allclose(np.asarray(new.var)[r], var, rtol=2e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(new.mean)[r], mean, rtol=2e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+      np.asarray(new.var)[r], var, rtol=2e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize('sync', ['gather', 'psum'])
@@ -170,8 +173,11 @@ def test_groups_under_shard_map_name_the_2d_mesh_alternative(sync):
     in_specs=P('d'),
     out_specs=P('d'),
   )
-  with pytest.raises(ValueError, match=r"not supported by JAX under shard_map"
-                     r".*axis_name='bn_group'"):
+  with pytest.raises(
+    ValueError,
+    match=r'not supported by JAX under shard_map'
+    r".*axis_name='bn_group'",
+  ):
     jax.jit(f)(jax.device_put(x, NamedSharding(mesh, P('d'))))
 
 

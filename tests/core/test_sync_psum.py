@@ -26,8 +26,9 @@ def _case(loc, running_mean, seed=0, masked=False):
   g = 1 + randn((C,), seed=seed + 1) ** 2
   b = randn((C,), seed=seed + 2)
   w = randn((D * 8, C), seed=seed + 3)
-  stats = bnjax.BatchStats(jnp.full(C, running_mean, jnp.float32),
-                           jnp.full(C, 9.0, jnp.float32))
+  stats = bnjax.BatchStats(
+    jnp.full(C, running_mean, jnp.float32), jnp.full(C, 9.0, jnp.float32)
+  )
   mask = None
   if masked:
     mask = np.random.default_rng(seed).random((D * 8, 1)) < 0.6
@@ -37,9 +38,18 @@ def _case(loc, running_mean, seed=0, masked=False):
 
 def _step(mesh, stats, sync, masked):
   def bn(x, g, b, *m):
-    return bnjax.batch_norm(x, stats, g, b, use_running_average=False,
-                            axis_name='d', momentum=0.9, sync=sync,
-                            mask=m[0] if m else None)
+    return bnjax.batch_norm(
+      x,
+      stats,
+      g,
+      b,
+      use_running_average=False,
+      axis_name='d',
+      momentum=0.9,
+      sync=sync,
+      mask=m[0] if m else None,
+    )
+
   specs = (P('d'), P(), P()) + ((P('d'),) if masked else ())
   bn = jax.shard_map(bn, mesh=mesh, in_specs=specs, out_specs=(P('d'), P()))
   return bn
@@ -48,8 +58,11 @@ def _step(mesh, stats, sync, masked):
 # steady state: the running mean near the batch mean; step 0: a zero
 # running mean under |mean|/std of 1e4 / 3 (the psum check fails and the
 # exact gather runs); a shift of 2 std (the check passes, error grows).
-CASES = {'steady': (2.0, 2.1), 'step0_offset_1e4': (3e4, 0.0),
-         'shift_2_std': (2.0, 8.0)}
+CASES = {
+  'steady': (2.0, 2.1),
+  'step0_offset_1e4': (3e4, 0.0),
+  'shift_2_std': (2.0, 8.0),
+}
 
 
 @pytest.mark.parametrize('case', sorted(CASES))
@@ -66,7 +79,8 @@ def test_both_paths_equal_global_bn(case, sync, masked):
     return jnp.mean(w * y), (y, new)
 
   grads, (y, new) = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(
-      _shard(x, mesh), g, b)
+    _shard(x, mesh), g, b
+  )
   y0, new0, grads0 = _global(x, g, b, w, stats, mask)
   loc = CASES[case][0]
   if loc > 1e3:
@@ -91,8 +105,11 @@ def _ops_by_computation(hlo: str):
     if m:
       name = ('ENTRY ' if line.startswith('ENTRY') else '') + m.group(1)
       out[name] = []
-    for op in re.findall(r'= (f32\[[\d,]*\]\S*) (all-reduce|all-gather)'
-                         r'(?:-start)?\(', line):
+    for op in re.findall(
+      r'= (f32\[[\d,]*\]\S*) (all-reduce|all-gather)'
+      r'(?:-start)?\(',
+      line,
+    ):
       out[name].append(op)
   return out
 
@@ -110,23 +127,28 @@ def test_psum_forward_is_one_psum_of_2c_plus_1_floats():
   ops = _ops_by_computation(hlo)
   entry = [v for k, v in ops.items() if k.startswith('ENTRY')][0]
   assert [kind for _, kind in entry] == ['all-reduce'], ops
-  (shape, _), = entry
+  ((shape, _),) = entry
   floats = int(re.match(r'f32\[(\d+)\]', shape).group(1))
   assert floats == 2 * C + 1
-  branches = [kind for k, v in ops.items() if not k.startswith('ENTRY')
-              for _, kind in v]
+  branches = [
+    kind for k, v in ops.items() if not k.startswith('ENTRY') for _, kind in v
+  ]
   assert branches == ['all-gather'], ops
   # and the steady-state case takes the psum branch: same result as gather
   y_p = fwd(_shard(x, mesh))
   y_g = jax.jit(lambda x: _step(mesh, stats, 'gather', False)(x, g, b)[0])(
-      _shard(x, mesh))
+    _shard(x, mesh)
+  )
   _assert_same(y_p, y_g, rtol=1e-5, atol=1e-5)
 
 
 def _vmapped_psum_stats(x, per_shard):
-  return jax.vmap(lambda xi, s: bnjax.batch_norm(
-      xi, s, use_running_average=False, axis_name='v', momentum=0.0,
-      sync='psum')[1], axis_name='v')(x, per_shard)
+  return jax.vmap(
+    lambda xi, s: bnjax.batch_norm(
+      xi, s, use_running_average=False, axis_name='v', momentum=0.0, sync='psum'
+    )[1],
+    axis_name='v',
+  )(x, per_shard)
 
 
 def test_psum_detects_shards_with_different_running_means():
@@ -136,7 +158,8 @@ def test_psum_detects_shards_with_different_running_means():
   batch's, on every shard alike."""
   x = randn((D, 8, C), loc=5.0, seed=3)
   per_shard = bnjax.BatchStats(
-      jnp.asarray(randn((D, C), loc=5.0, seed=4)), jnp.ones((D, C)))
+    jnp.asarray(randn((D, C), loc=5.0, seed=4)), jnp.ones((D, C))
+  )
   got = _vmapped_psum_stats(x, per_shard)
   m, v, _ = ref.moments(x.reshape(-1, C))
   for i in range(D):
@@ -174,8 +197,11 @@ def test_exact_shift_test_on_random_adversarial_patterns():
   def same_everywhere(d):  # one compilation per shard count
     def f(ks):
       sums = jax.vmap(lambda k: P._chunks(k, 'v', None), axis_name='v')(ks)
-      return jax.vmap(lambda s: P._same_everywhere(
-          jax.lax.psum(s, 'v'), 'v', None), axis_name='v')(sums)
+      return jax.vmap(
+        lambda s: P._same_everywhere(jax.lax.psum(s, 'v'), 'v', None),
+        axis_name='v',
+      )(sums)
+
     return jax.jit(f)
 
   rng = np.random.default_rng(0)
@@ -198,14 +224,26 @@ def test_psum_payload_without_types_carries_the_exact_test():
   mesh = _mesh()
 
   def bn(x):
-    return bnjax.batch_norm(x, stats, g, b, use_running_average=False,
-                            axis_name='d', momentum=0.0, sync='psum')
-  step = jax.jit(jax.shard_map(bn, mesh=mesh, in_specs=P('d'),
-                               out_specs=(P('d'), P()), check_vma=False))
+    return bnjax.batch_norm(
+      x,
+      stats,
+      g,
+      b,
+      use_running_average=False,
+      axis_name='d',
+      momentum=0.0,
+      sync='psum',
+    )
+
+  step = jax.jit(
+    jax.shard_map(
+      bn, mesh=mesh, in_specs=P('d'), out_specs=(P('d'), P()), check_vma=False
+    )
+  )
   ops = _ops_by_computation(step.lower(_shard(x, mesh)).compile().as_text())
   entry = [v for k, v in ops.items() if k.startswith('ENTRY')][0]
   assert [kind for _, kind in entry] == ['all-reduce'], ops
-  (shape, _), = entry
+  ((shape, _),) = entry
   assert int(re.match(r'f32\[(\d+)\]', shape).group(1)) == 10 * C + 1
   _, new = step(_shard(x, mesh))
   m, v, _ = ref.moments(x)
@@ -216,10 +254,19 @@ def test_psum_with_unequal_groups_under_pmap():
   x = randn((D, 4, C), loc=1.0, seed=5)
   groups = [[0, 1, 2], [3, 4, 5, 6, 7]]
   stats = bnjax.BatchStats(jnp.ones(C), jnp.ones(C))
-  _, new = jax.pmap(lambda xi: bnjax.batch_norm(
-      xi, stats, use_running_average=False, axis_name='d', momentum=0.0,
-      axis_index_groups=groups, sync='psum'), axis_name='d',
-      devices=jax.devices()[:D])(x)
+  _, new = jax.pmap(
+    lambda xi: bnjax.batch_norm(
+      xi,
+      stats,
+      use_running_average=False,
+      axis_name='d',
+      momentum=0.0,
+      axis_index_groups=groups,
+      sync='psum',
+    ),
+    axis_name='d',
+    devices=jax.devices()[:D],
+  )(x)
   for grp in groups:
     m, v, _ = ref.moments(x[grp].reshape(-1, C))
     np.testing.assert_allclose(new.mean[grp[0]], m, rtol=1e-5, atol=1e-6)
@@ -230,33 +277,52 @@ def test_renorm_moments_and_modules_take_sync():
   x = randn((D, 8, C), loc=3.0, seed=6)
   m, v, _ = ref.moments(x.reshape(-1, C))
   for sync in ('gather', 'psum'):
-    mean, var = jax.vmap(lambda xi: bnjax.moments(
-        xi, axis_name='v', sync=sync), axis_name='v')(x)
+    mean, var = jax.vmap(
+      lambda xi: bnjax.moments(xi, axis_name='v', sync=sync), axis_name='v'
+    )(x)
     np.testing.assert_allclose(var[0], v, rtol=1e-5)
-    _, st = jax.vmap(lambda xi: bnjax.batch_renorm(
-        xi, bnjax.init_renorm_stats(C), use_running_average=False,
-        r_max=1.0, d_max=0.0, momentum=0.0, axis_name='v', sync=sync),
-        axis_name='v')(x)
+    _, st = jax.vmap(
+      lambda xi: bnjax.batch_renorm(
+        xi,
+        bnjax.init_renorm_stats(C),
+        use_running_average=False,
+        r_max=1.0,
+        d_max=0.0,
+        momentum=0.0,
+        axis_name='v',
+        sync=sync,
+      ),
+      axis_name='v',
+    )(x)
     np.testing.assert_allclose(st.mean[0], m, rtol=1e-5, atol=1e-6)
   assert bnjax.linen.BatchNorm().sync == 'auto'
   assert bnjax.nnx.BatchNorm(3, sync='psum', rngs=nnx.Rngs(0)).sync == 'psum'
   with pytest.raises(ValueError, match=r"sync='all' must be one of"):
-    bnjax.batch_norm(jnp.ones((4, 3)), bnjax.init_batch_stats(3),
-                     use_running_average=False, sync='all')
+    bnjax.batch_norm(
+      jnp.ones((4, 3)),
+      bnjax.init_batch_stats(3),
+      use_running_average=False,
+      sync='all',
+    )
 
 
 def test_auto_follows_the_cost_model():
   # The crossovers benchmarks/README.md states: the first power-of-two D
   # from which 'auto' takes the psum, per C (None: not up to 8192).
-  first = {c: next((2 ** k for k in range(1, 14)
-                    if _psum.auto_uses_psum(2 ** k, c)), None)
-           for c in (64, 256, 512, 1024, 2048)}
+  first = {
+    c: next((2**k for k in range(1, 14) if _psum.auto_uses_psum(2**k, c)), None)
+    for c in (64, 256, 512, 1024, 2048)
+  }
   assert first == {64: None, 256: 4096, 512: 2048, 1024: 1024, 2048: 256}
   # 'auto' at 8 devices lowers the gather alone: no psum, and no collective
   # inside a conditional
   x, g, b, _, stats, _ = _case(2.0, 2.1)
   mesh = _mesh()
-  text = jax.jit(lambda x: _step(mesh, stats, 'auto', False)(x, g, b)[0]
-                 ).lower(_shard(x, mesh)).as_text()
+  text = (
+    jax.jit(lambda x: _step(mesh, stats, 'auto', False)(x, g, b)[0])
+    .lower(_shard(x, mesh))
+    .as_text()
+  )
   assert re.findall(r'stablehlo\.(all_reduce|all_gather)\b', text) == [
-      'all_gather']
+    'all_gather'
+  ]

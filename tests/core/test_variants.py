@@ -12,7 +12,7 @@ nnx modules, and precise BN.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import chex
 import flax.linen as nn
@@ -37,19 +37,21 @@ EPS = 1e-3
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str
-  init: Callable            # C -> state (already stepped once where useful)
-  apply: Callable           # (x, state, g, b, train, **kw) -> (y, new)
-  oracle: Callable          # (x, state, g, b, train) -> (y, new fields)
+  init: Callable  # C -> state (already stepped once where useful)
+  apply: Callable  # (x, state, g, b, train, **kw) -> (y, new)
+  oracle: Callable  # (x, state, g, b, train) -> (y, new fields)
   sync: bool = True
   batch: int = 8
 
 
 def _stepped(init):
   """A state that has seen one batch, so every rule is past its first step."""
+
   def make(c):
     s = init(c)
     x = jnp.asarray(randn((6, c), loc=1.0, scale=2.0, seed=9))
     return bnjax.batch_norm(x, s, use_running_average=False, momentum=0.7)[1]
+
   return make
 
 
@@ -61,12 +63,14 @@ def _bn_oracle(update):
     bm, bv, _ = ref.moments(x)
     y = ref.normalize(x, bm, bv, g, b, -1, EPS)
     return y, update(s, bm, bv)
+
   return oracle
 
 
 def _bn_apply(x, s, g, b, train, **kw):
-  return bnjax.batch_norm(x, s, g, b, use_running_average=not train,
-                          momentum=0.7, epsilon=EPS, **kw)
+  return bnjax.batch_norm(
+    x, s, g, b, use_running_average=not train, momentum=0.7, epsilon=EPS, **kw
+  )
 
 
 def _np(s):
@@ -78,33 +82,61 @@ def _renorm_init(c):
   # stop-gradient is then the true derivative, so check_grads applies.
   # test_renorm_gradient_treats_r_and_d_as_constants covers the unclipped case.
   assert c == 3
-  return bnjax.RenormStats(jnp.array([-3.0, 4.0, 30.0]),
-                           jnp.array([0.2, 0.3, 10.0]))
+  return bnjax.RenormStats(
+    jnp.array([-3.0, 4.0, 30.0]), jnp.array([0.2, 0.3, 10.0])
+  )
 
 
 def _renorm_apply(x, s, g, b, train, **kw):
-  return bnjax.batch_renorm(x, s, g, b, use_running_average=not train,
-                            r_max=1.5, d_max=0.3, momentum=0.7, epsilon=EPS,
-                            **kw)
+  return bnjax.batch_renorm(
+    x,
+    s,
+    g,
+    b,
+    use_running_average=not train,
+    r_max=1.5,
+    d_max=0.3,
+    momentum=0.7,
+    epsilon=EPS,
+    **kw,
+  )
 
 
 def _renorm_oracle(x, s, g, b, train):
-  y, m, sd = ref.batch_renorm(x, *_np(s), g, b, use_running_average=not train,
-                              r_max=1.5, d_max=0.3, momentum=0.7, epsilon=EPS)
+  y, m, sd = ref.batch_renorm(
+    x,
+    *_np(s),
+    g,
+    b,
+    use_running_average=not train,
+    r_max=1.5,
+    d_max=0.3,
+    momentum=0.7,
+    epsilon=EPS,
+  )
   return y, (m, sd)
 
 
 def _ghost_apply(x, s, g, b, train, **kw):
-  return bnjax.batch_norm(x, s, g, b, use_running_average=not train,
-                          momentum=0.7, epsilon=EPS, virtual_batch_size=4,
-                          **kw)
+  return bnjax.batch_norm(
+    x,
+    s,
+    g,
+    b,
+    use_running_average=not train,
+    momentum=0.7,
+    epsilon=EPS,
+    virtual_batch_size=4,
+    **kw,
+  )
 
 
 def _ghost_oracle(x, s, g, b, train):
   if not train:
     return ref.normalize(x, s.mean, s.var, g, b, -1, EPS), tuple(s)
-  y, m, v = ref.ghost_batch_norm(x, *_np(s), g, b, virtual_batch_size=4,
-                                 momentum=0.7, epsilon=EPS)
+  y, m, v = ref.ghost_batch_norm(
+    x, *_np(s), g, b, virtual_batch_size=4, momentum=0.7, epsilon=EPS
+  )
   return y, (m, v)
 
 
@@ -119,8 +151,11 @@ def _pooled_oracle(x, s, g, b, train):
   total = count + n
   delta = bm - (mean + lo)
   return ref.normalize(x, bm, bv, g, b, -1, EPS), (
-      total, mean + lo + delta * n / total, 0 * total,
-      m2 + n * bv + delta ** 2 * count * n / total)
+    total,
+    mean + lo + delta * n / total,
+    0 * total,
+    m2 + n * bv + delta**2 * count * n / total,
+  )
 
 
 def _frozen_apply(x, s, g, b, train, **kw):
@@ -133,29 +168,53 @@ def _frozen_oracle(x, s, g, b, train):
 
 
 VARIANTS = [
-    Variant('ema', _stepped(bnjax.init_batch_stats), _bn_apply,
-            _bn_oracle(lambda s, m, v: (0.7 * np.asarray(s.mean) + 0.3 * m,
-                                        0.7 * np.asarray(s.var) + 0.3 * v))),
-    Variant('cumulative', _stepped(bnjax.init_cumulative_stats), _bn_apply,
-            _bn_oracle(lambda s, m, v: ref.cumulative_update(
-                *_np(s[:2]), np.asarray(s.count), m, v))),
-    Variant('debiased', _stepped(bnjax.init_debiased_stats), _bn_apply,
-            _bn_oracle(lambda s, m, v: ref.debiased_update(*_np(s), m, v,
-                                                           0.7))),
-    Variant('renorm', _renorm_init, _renorm_apply, _renorm_oracle),
-    Variant('ghost', _stepped(bnjax.init_batch_stats), _ghost_apply,
-            _ghost_oracle),
-    Variant('pooled', _stepped(bnjax.init_pooled_stats), _bn_apply,
-            _pooled_oracle),
-    Variant('frozen', _stepped(bnjax.init_batch_stats), _frozen_apply,
-            _frozen_oracle, sync=False),
+  Variant(
+    'ema',
+    _stepped(bnjax.init_batch_stats),
+    _bn_apply,
+    _bn_oracle(
+      lambda s, m, v: (
+        0.7 * np.asarray(s.mean) + 0.3 * m,
+        0.7 * np.asarray(s.var) + 0.3 * v,
+      )
+    ),
+  ),
+  Variant(
+    'cumulative',
+    _stepped(bnjax.init_cumulative_stats),
+    _bn_apply,
+    _bn_oracle(
+      lambda s, m, v: ref.cumulative_update(
+        *_np(s[:2]), np.asarray(s.count), m, v
+      )
+    ),
+  ),
+  Variant(
+    'debiased',
+    _stepped(bnjax.init_debiased_stats),
+    _bn_apply,
+    _bn_oracle(lambda s, m, v: ref.debiased_update(*_np(s), m, v, 0.7)),
+  ),
+  Variant('renorm', _renorm_init, _renorm_apply, _renorm_oracle),
+  Variant(
+    'ghost', _stepped(bnjax.init_batch_stats), _ghost_apply, _ghost_oracle
+  ),
+  Variant(
+    'pooled', _stepped(bnjax.init_pooled_stats), _bn_apply, _pooled_oracle
+  ),
+  Variant(
+    'frozen',
+    _stepped(bnjax.init_batch_stats),
+    _frozen_apply,
+    _frozen_oracle,
+    sync=False,
+  ),
 ]
 IDS = [v.name for v in VARIANTS]
 
 
 def _inputs(variant, n=None, seed=0):
-  x = jnp.asarray(randn((n or variant.batch, C), loc=0.5, scale=2.0,
-                        seed=seed))
+  x = jnp.asarray(randn((n or variant.batch, C), loc=0.5, scale=2.0, seed=seed))
   g = jnp.asarray(randn(C, loc=1.0, scale=0.3, seed=seed + 1))
   b = jnp.asarray(randn(C, seed=seed + 2))
   return x, variant.init(C), g, b
@@ -172,7 +231,7 @@ def test_oracle(v, train):
   y, new = v.apply(x, s, g, b, train)
   y_ref, new_ref = v.oracle(x, s, g, b, train)
   _close(y, y_ref)
-  for got, want in zip(new, new_ref):
+  for got, want in zip(new, new_ref, strict=True):
     _close(got, want)
 
 
@@ -204,8 +263,9 @@ def test_vmap_over_an_ensemble(v):
   for i in range(3):
     y, new = v.apply(xs[i], s, g, b, True)
     _close(ys[i], np.asarray(y, np.float64), 1e-6)
-    jax.tree.map(lambda a, c: _close(a[i], np.asarray(c, np.float64), 1e-6),
-                 news, new)
+    jax.tree.map(
+      lambda a, c: _close(a[i], np.asarray(c, np.float64), 1e-6), news, new
+    )
 
 
 @pytest.mark.parametrize('v', VARIANTS, ids=IDS)
@@ -213,15 +273,21 @@ def test_check_grads(v):
   with jax.enable_x64(True):
     x, s, g, b = _inputs(v)
     x, g, b = (jnp.asarray(a, jnp.float64) for a in (x, g, b))
-    s = jax.tree.map(lambda a: a.astype(jnp.float64)
-                     if jnp.issubdtype(a.dtype, jnp.floating) else a, s)
+    s = jax.tree.map(
+      lambda a: (
+        a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+      ),
+      s,
+    )
     f = lambda x, g, b: v.apply(x, s, g, b, True)[0]
-    check_grads(f, (x, g, b), order=1, modes=('fwd', 'rev'), atol=1e-6,
-                rtol=1e-6)
+    check_grads(
+      f, (x, g, b), order=1, modes=('fwd', 'rev'), atol=1e-6, rtol=1e-6
+    )
 
 
-@pytest.mark.parametrize('v', [v for v in VARIANTS if v.sync], ids=[
-    v.name for v in VARIANTS if v.sync])
+@pytest.mark.parametrize(
+  'v', [v for v in VARIANTS if v.sync], ids=[v.name for v in VARIANTS if v.sync]
+)
 def test_sync_over_shards_equals_global_batch(v):
   k = 4
   x, s, g, b = _inputs(v, n=4 * k)
@@ -229,16 +295,23 @@ def test_sync_over_shards_equals_global_batch(v):
   shard = lambda xs: v.apply(xs, s, g, b, True, axis_name='i')
   ys, news = jax.vmap(shard, axis_name='i')(x.reshape(k, 4, C))
   _close(ys.reshape(x.shape), np.asarray(y_g, np.float64), 1e-5)
-  for got, want in zip(news, new_g):
+  for got, want in zip(news, new_g, strict=True):
     for i in range(k):  # identical on every shard, and equal to global
       _close(got[i], np.asarray(want, np.float64), 1e-5)
   # Gradients of a global-mean loss, too.
   loss_g = lambda x, g, b: jnp.mean(jnp.sin(v.apply(x, s, g, b, True)[0]))
-  loss_s = lambda x, g, b: jnp.mean(jnp.sin(jax.vmap(
-      lambda xs: v.apply(xs, s, g, b, True, axis_name='i')[0],
-      axis_name='i')(x.reshape(k, 4, C))))
-  for a, c in zip(jax.grad(loss_s, (0, 1, 2))(x, g, b),
-                  jax.grad(loss_g, (0, 1, 2))(x, g, b)):
+  loss_s = lambda x, g, b: jnp.mean(
+    jnp.sin(
+      jax.vmap(
+        lambda xs: v.apply(xs, s, g, b, True, axis_name='i')[0], axis_name='i'
+      )(x.reshape(k, 4, C))
+    )
+  )
+  for a, c in zip(
+    jax.grad(loss_s, (0, 1, 2))(x, g, b),
+    jax.grad(loss_g, (0, 1, 2))(x, g, b),
+    strict=True,
+  ):
     _close(a, np.asarray(c, np.float64), 1e-5)
 
 
@@ -252,6 +325,7 @@ def _bn(x, s, **kw):
 
 
 # ---- cumulative average and zero-debiased EMA -------------------------------
+
 
 def test_cumulative_first_step_is_the_batch_and_then_the_plain_average():
   s = bnjax.init_cumulative_stats(3)
@@ -299,7 +373,7 @@ def test_debiased_first_step_is_exact_and_variance_is_not_inflated():
   # After t steps with a fixed momentum the weight is 1 - m**t (optax/haiku).
   for _ in range(4):
     _, s = _bn(X, s, momentum=0.99)
-  np.testing.assert_allclose(s.weight, 1 - 0.99 ** 5, rtol=1e-5)
+  np.testing.assert_allclose(s.weight, 1 - 0.99**5, rtol=1e-5)
   np.testing.assert_allclose(bnjax.population_stats(s).var, bv, rtol=1e-5)
 
 
@@ -309,11 +383,13 @@ def test_inference_uses_the_population_statistics():
   y, same = bnjax.batch_norm(X, s, use_running_average=True, epsilon=1e-3)
   assert same is s
   bm, bv, _ = ref.moments(X)
-  np.testing.assert_allclose(y, ref.normalize(X, bm, bv, epsilon=1e-3),
-                             atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(
+    y, ref.normalize(X, bm, bv, epsilon=1e-3), atol=2e-5, rtol=2e-5
+  )
 
 
 # ---- batch renorm -----------------------------------------------------------
+
 
 def test_renorm_errors_name_the_fix():
   s = bnjax.init_renorm_stats(3)
@@ -322,18 +398,21 @@ def test_renorm_errors_name_the_fix():
     bnjax.batch_renorm(X, s, r_max=0.5, d_max=1.0, **kw)
   with pytest.raises(ValueError, match=r'd_max=-1.0 must be >= 0'):
     bnjax.batch_renorm(X, s, r_max=2.0, d_max=-1.0, **kw)
-  with pytest.raises(TypeError, match=r'RenormStats\(mean, std\), got '
-                     r'BatchStats.*init_renorm_stats.*jnp.sqrt'):
-    bnjax.batch_renorm(X, bnjax.init_batch_stats(3), r_max=2.0, d_max=1.0,
-                       **kw)
+  with pytest.raises(
+    TypeError,
+    match=r'RenormStats\(mean, std\), got '
+    r'BatchStats.*init_renorm_stats.*jnp.sqrt',
+  ):
+    bnjax.batch_renorm(X, bnjax.init_batch_stats(3), r_max=2.0, d_max=1.0, **kw)
   with pytest.raises(TypeError, match=r'got RenormStats'):
     bnjax.batch_norm(X, s, **kw)
 
 
 def test_renorm_with_no_room_is_plain_bn():
   s = bnjax.RenormStats(jnp.array([5.0, -1, 0]), jnp.array([0.1, 3, 9]))
-  y, _ = bnjax.batch_renorm(X, s, use_running_average=False, r_max=1.0,
-                            d_max=0.0)
+  y, _ = bnjax.batch_renorm(
+    X, s, use_running_average=False, r_max=1.0, d_max=0.0
+  )
   y_bn, _ = _bn(X, bnjax.init_batch_stats(3))
   np.testing.assert_allclose(y, y_bn, atol=1e-6)
 
@@ -344,11 +423,14 @@ def test_renorm_limits_are_traced_so_a_schedule_never_retraces():
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(x, s, r_max, d_max):
-    return bnjax.batch_renorm(x, s, use_running_average=False, r_max=r_max,
-                              d_max=d_max)
+    return bnjax.batch_renorm(
+      x, s, use_running_average=False, r_max=r_max, d_max=d_max
+    )
 
-  outs = [step(X, s, jnp.float32(r), jnp.float32(d))[0]
-          for r, d in [(1, 0), (1.5, 0.5), (3, 5)]]
+  outs = [
+    step(X, s, jnp.float32(r), jnp.float32(d))[0]
+    for r, d in [(1, 0), (1.5, 0.5), (3, 5)]
+  ]
   assert not np.allclose(outs[0], outs[2])
   chex.clear_trace_counter()
 
@@ -357,8 +439,9 @@ def test_renorm_gradient_treats_r_and_d_as_constants():
   with jax.enable_x64(True):
     x = jnp.asarray(X, jnp.float64)
     g, b = jnp.array([1.0, 2, 0.5]), jnp.array([0.1, 0, -1])
-    s = bnjax.RenormStats(jnp.array([2.2, 1.5, 2.0]),
-                          jnp.array([2.5, 3.5, 3.0]))  # r, d not clipped
+    s = bnjax.RenormStats(
+      jnp.array([2.2, 1.5, 2.0]), jnp.array([2.5, 3.5, 3.0])
+    )  # r, d not clipped
 
     def direct(x, g, b):  # the paper's formula, autodiffed
       mu, var = jnp.mean(x, 0), jnp.var(x, 0)
@@ -368,32 +451,42 @@ def test_renorm_gradient_treats_r_and_d_as_constants():
       return ((x - mu) / sig * r + d) * g + b
 
     ours = lambda x, g, b: bnjax.batch_renorm(
-        x, s, g, b, use_running_average=False, r_max=3.0, d_max=5.0)[0]
+      x, s, g, b, use_running_average=False, r_max=3.0, d_max=5.0
+    )[0]
     ct = jnp.asarray(randn(X.shape, np.float64, seed=5))
     loss = lambda f: lambda *a: jnp.vdot(f(*a), ct)
     np.testing.assert_allclose(ours(x, g, b), direct(x, g, b), rtol=1e-12)
-    for a, c in zip(jax.grad(loss(ours), (0, 1, 2))(x, g, b),
-                    jax.grad(loss(direct), (0, 1, 2))(x, g, b)):
+    for a, c in zip(
+      jax.grad(loss(ours), (0, 1, 2))(x, g, b),
+      jax.grad(loss(direct), (0, 1, 2))(x, g, b),
+      strict=True,
+    ):
       np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-12)
 
 
 # ---- ghost batch norm -------------------------------------------------------
 
+
 def test_ghost_equals_batch_norm_on_each_chunk():
   x = jnp.asarray(randn((12, 2, 3), loc=1.0, seed=3))
   s = bnjax.init_batch_stats(3)
   y, new = _bn(x, s, virtual_batch_size=4, momentum=0.5)
-  chunks = [_bn(x[i:i + 4], s, momentum=0.5) for i in range(0, 12, 4)]
-  np.testing.assert_allclose(y, jnp.concatenate([c[0] for c in chunks]),
-                             atol=1e-6)
-  np.testing.assert_allclose(new.mean, np.mean([c[1].mean for c in chunks], 0),
-                             rtol=1e-6)
+  chunks = [_bn(x[i : i + 4], s, momentum=0.5) for i in range(0, 12, 4)]
+  np.testing.assert_allclose(
+    y, jnp.concatenate([c[0] for c in chunks]), atol=1e-6
+  )
+  np.testing.assert_allclose(
+    new.mean, np.mean([c[1].mean for c in chunks], 0), rtol=1e-6
+  )
 
 
 def test_ghost_errors():
   s = bnjax.init_batch_stats(3)
-  with pytest.raises(ValueError, match=r'batch size 8 on axis 0, which '
-                     r'virtual_batch_size=3 does not divide.*for example 2 or 4'):
+  with pytest.raises(
+    ValueError,
+    match=r'batch size 8 on axis 0, which '
+    r'virtual_batch_size=3 does not divide.*for example 2 or 4',
+  ):
     _bn(X, s, virtual_batch_size=3)
   with pytest.raises(ValueError, match='axis 0 is a feature axis'):
     _bn(X.T, bnjax.init_batch_stats(3), axis=0, virtual_batch_size=1)
@@ -401,13 +494,14 @@ def test_ghost_errors():
 
 # ---- frozen BN --------------------------------------------------------------
 
+
 def test_frozen_trains_the_affine_only():
   s = bnjax.BatchStats(jnp.array([1.0, 2, 3]), jnp.array([4.0, 1, 2]))
   g, b = jnp.ones(3), jnp.zeros(3)
 
   def loss(g, b, s):
     y, new = bnjax.frozen_batch_norm(X, s, g, b)
-    return jnp.sum(y ** 2), new
+    return jnp.sum(y**2), new
 
   (_, new), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(g, b, s)
   jax.tree.map(np.testing.assert_array_equal, new, s)
@@ -418,36 +512,50 @@ def test_frozen_trains_the_affine_only():
 
 # ---- modules ----------------------------------------------------------------
 
+
 def test_linen_ghost_and_renorm_modules_match_the_functions():
   v_bn = bnjax.linen.BatchNorm(virtual_batch_size=4, momentum=0.5)
   v = v_bn.init(jax.random.key(0), X, use_running_average=False)
   y, upd = v_bn.apply(v, X, use_running_average=False, mutable=['batch_stats'])
-  y2, new = _bn(X, bnjax.init_batch_stats(3), virtual_batch_size=4,
-                momentum=0.5)
+  y2, new = _bn(
+    X, bnjax.init_batch_stats(3), virtual_batch_size=4, momentum=0.5
+  )
   np.testing.assert_allclose(y, y2, atol=1e-6)
   np.testing.assert_allclose(upd['batch_stats']['mean'], new.mean, rtol=1e-6)
 
   m = bnjax.linen.BatchRenorm(use_running_average=False, r_max=2.0)
   v = m.init(jax.random.key(0), X)
   y, upd = m.apply(v, X, d_max=0.5, mutable=['batch_stats'])
-  y2, new = bnjax.batch_renorm(X, bnjax.init_renorm_stats(3),
-                               use_running_average=False, r_max=2.0, d_max=0.5)
+  y2, new = bnjax.batch_renorm(
+    X,
+    bnjax.init_renorm_stats(3),
+    use_running_average=False,
+    r_max=2.0,
+    d_max=0.5,
+  )
   np.testing.assert_allclose(y, y2, atol=1e-6)
   np.testing.assert_allclose(upd['batch_stats']['std'], new.std, rtol=1e-6)
 
 
 def test_nnx_ghost_and_renorm_modules_match_the_functions():
-  bn = bnjax.nnx.BatchNorm(3, virtual_batch_size=2, momentum=0.5,
-                           rngs=nnx.Rngs(0))
+  bn = bnjax.nnx.BatchNorm(
+    3, virtual_batch_size=2, momentum=0.5, rngs=nnx.Rngs(0)
+  )
   y = bn(X)
-  y2, new = _bn(X, bnjax.init_batch_stats(3), virtual_batch_size=2,
-                momentum=0.5)
+  y2, new = _bn(
+    X, bnjax.init_batch_stats(3), virtual_batch_size=2, momentum=0.5
+  )
   np.testing.assert_allclose(y, y2, atol=1e-6)
   np.testing.assert_allclose(bn.var[...], new.var, rtol=1e-6)
   m = bnjax.nnx.BatchRenorm(3, r_max=1.5, d_max=0.2, rngs=nnx.Rngs(0))
   y = m(X)
-  y2, new = bnjax.batch_renorm(X, bnjax.init_renorm_stats(3),
-                               use_running_average=False, r_max=1.5, d_max=0.2)
+  y2, new = bnjax.batch_renorm(
+    X,
+    bnjax.init_renorm_stats(3),
+    use_running_average=False,
+    r_max=1.5,
+    d_max=0.2,
+  )
   np.testing.assert_allclose(y, y2, atol=1e-6)
   np.testing.assert_allclose(m.mean[...], new.mean, rtol=1e-6)
   m.eval()
@@ -455,6 +563,7 @@ def test_nnx_ghost_and_renorm_modules_match_the_functions():
 
 
 # ---- precise BN -------------------------------------------------------------
+
 
 class _TwoBN(nn.Module):
   @nn.compact
@@ -485,12 +594,13 @@ def test_precise_linen_equals_f64_population_moments():
   model = _TwoBN()
   v = model.init(jax.random.key(0), batches[0], True)
   new = bnjax.precise.linen_batch_stats(model, v, batches, True)
-  for name, (m, var) in zip(('bn1', 'bn2'), _f64_population(v['params'],
-                                                            batches)):
-    np.testing.assert_allclose(new['batch_stats'][name]['mean'], m, rtol=1e-5,
-                               atol=1e-5)
-    np.testing.assert_allclose(new['batch_stats'][name]['var'], var,
-                               rtol=1e-5)
+  for name, (m, var) in zip(
+    ('bn1', 'bn2'), _f64_population(v['params'], batches), strict=True
+  ):
+    np.testing.assert_allclose(
+      new['batch_stats'][name]['mean'], m, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(new['batch_stats'][name]['var'], var, rtol=1e-5)
   assert new['params'] is v['params']
   with pytest.raises(ValueError, match='training mode'):
     bnjax.precise.linen_batch_stats(model, v, batches, False)
@@ -509,9 +619,13 @@ def test_precise_nnx_equals_f64_population_moments():
   net = Net(nnx.Rngs(0))
   net.eval()
   bnjax.precise.update_nnx_batch_stats(net, batches)
-  h = np.concatenate([np.asarray(b, np.float64) @ np.asarray(net.d.kernel[...],
-                      np.float64) + np.asarray(net.d.bias[...], np.float64)
-                      for b in batches])
+  h = np.concatenate(
+    [
+      np.asarray(b, np.float64) @ np.asarray(net.d.kernel[...], np.float64)
+      + np.asarray(net.d.bias[...], np.float64)
+      for b in batches
+    ]
+  )
   np.testing.assert_allclose(net.bn.mean[...], h.mean(0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(net.bn.var[...], h.var(0), rtol=1e-5)
   assert net.bn.momentum == 0.9 and net.bn.use_running_average  # restored

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 hk = pytest.importorskip(
-    'haiku', reason='needs the haiku extra: pip install "bnjax[haiku]"')
+  'haiku', reason='needs the haiku extra: pip install "bnjax[haiku]"'
+)
 
 import bnjax  # noqa: E402
 import bnjax.linen  # noqa: E402
@@ -21,11 +22,13 @@ C, DECAY = 4, 0.9
 def _haiku(dtype=jnp.float32):
   def f(x, is_training):
     return hk.BatchNorm(True, True, DECAY, name='bn')(x, is_training)
+
   t = hk.transform_with_state(f)
   x0 = jnp.ones((2, 3, 3, C), dtype)
   params, state = t.init(jax.random.key(0), x0, True)
   params = jax.tree.map(  # non-trivial affine
-      lambda p: p + jnp.asarray(randn(p.shape, seed=1), p.dtype), params)
+    lambda p: p + jnp.asarray(randn(p.shape, seed=1), p.dtype), params
+  )
   for i in range(3):  # a trained state: counter 3
     _, state = t.apply(params, state, None, _x(i, dtype), True)
   return t, params, state
@@ -35,8 +38,9 @@ def _x(seed, dtype=jnp.float32):
   return jnp.asarray(randn((8, 3, 3, C), loc=2.0, scale=1.5, seed=seed), dtype)
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
-                         ids=['f32', 'bf16'])
+@pytest.mark.parametrize(
+  'dtype', [jnp.float32, jnp.bfloat16], ids=['f32', 'bf16']
+)
 def test_haiku_eval_and_train_outputs_are_reproduced(dtype):
   t, params, state = _haiku(dtype)
   layer = interop.from_haiku(params, state, decay_rate=DECAY)['bn']
@@ -44,42 +48,57 @@ def test_haiku_eval_and_train_outputs_are_reproduced(dtype):
     assert jax.tree.leaves(v)[0].dtype == jnp.float32  # read into float32
   x = _x(7, dtype)
   bn = bnjax.linen.BatchNorm(momentum=DECAY, epsilon=1e-5)
-  variables = {'params': {'scale': layer['scale'], 'bias': layer['bias']},
-               'batch_stats': {'mean': layer['mean'], 'var': layer['var']}}
+  variables = {
+    'params': {'scale': layer['scale'], 'bias': layer['bias']},
+    'batch_stats': {'mean': layer['mean'], 'var': layer['var']},
+  }
   tol = 2e-5 if dtype == jnp.float32 else 3e-2  # bf16 output rounding
   y_hk, _ = t.apply(params, state, None, x, False)
   y = bn.apply(variables, x.astype(jnp.float32), use_running_average=True)
-  np.testing.assert_allclose(y, np.asarray(y_hk, np.float32), atol=tol,
-                             rtol=tol)
+  np.testing.assert_allclose(
+    y, np.asarray(y_hk, np.float32), atol=tol, rtol=tol
+  )
   # Train: batch statistics, and the next step of haiku's debiased EMA is
   # bnjax's DebiasedStats rule exactly.
   y_hk, new_state = t.apply(params, state, None, x, True)
-  y, stats = bnjax.batch_norm(x.astype(jnp.float32), layer['stats'],
-                              layer['scale'], layer['bias'],
-                              use_running_average=False, momentum=DECAY)
-  np.testing.assert_allclose(y, np.asarray(y_hk, np.float32), atol=tol,
-                             rtol=tol)
+  y, stats = bnjax.batch_norm(
+    x.astype(jnp.float32),
+    layer['stats'],
+    layer['scale'],
+    layer['bias'],
+    use_running_average=False,
+    momentum=DECAY,
+  )
+  np.testing.assert_allclose(
+    y, np.asarray(y_hk, np.float32), atol=tol, rtol=tol
+  )
   want = interop.from_haiku(params, new_state)['bn']
   pop = bnjax.population_stats(stats)
   np.testing.assert_allclose(pop.mean, want['mean'], rtol=tol, atol=tol)
   np.testing.assert_allclose(pop.var, want['var'], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
-                         ids=['f32', 'bf16'])
+@pytest.mark.parametrize(
+  'dtype', [jnp.float32, jnp.bfloat16], ids=['f32', 'bf16']
+)
 def test_round_trip_keeps_haiku_outputs_and_dtypes(dtype):
   t, params, state = _haiku(dtype)
   layers = interop.from_haiku(params, state)
   # bnjax-side training would change these; here the round trip itself.
   p2, s2 = interop.to_haiku(layers, params, state)
-  jax.tree.map(lambda a, b: np.testing.assert_equal(
-      (np.shape(a), np.asarray(a).dtype), (np.shape(b), np.asarray(b).dtype)),
-      (p2, s2), (params, state))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_equal(
+      (np.shape(a), np.asarray(a).dtype), (np.shape(b), np.asarray(b).dtype)
+    ),
+    (p2, s2),
+    (params, state),
+  )
   x = _x(9, dtype)
   want, _ = t.apply(params, state, None, x, False)
   got, _ = t.apply(p2, s2, None, x, False)
-  np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                np.asarray(want, np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(got, np.float32), np.asarray(want, np.float32)
+  )
   # A further haiku training step continues the imported statistics as a
   # converged EMA: new = d * old + (1 - d) * batch.
   _, s3 = t.apply(p2, s2, None, x, True)
@@ -87,21 +106,32 @@ def test_round_trip_keeps_haiku_outputs_and_dtypes(dtype):
   expect = DECAY * np.asarray(layers['bn']['mean']) + (1 - DECAY) * mean
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(
-      np.asarray(s3['bn/~/mean_ema']['average'], np.float32).reshape(-1),
-      expect, rtol=tol, atol=tol)
+    np.asarray(s3['bn/~/mean_ema']['average'], np.float32).reshape(-1),
+    expect,
+    rtol=tol,
+    atol=tol,
+  )
 
 
 def test_errors_name_the_fix():
   t, params, state = _haiku()
   with pytest.raises(ValueError, match=r'no hk.BatchNorm statistics'):
     interop.from_haiku(params, {'linear': {}})
-  with pytest.raises(ValueError, match=r"'conv' is not an hk.BatchNorm of "
-                     r"this model; its layers are \['bn'\]"):
-    interop.to_haiku({'conv': {'mean': np.zeros(C), 'var': np.ones(C)}},
-                     params, state)
-  with pytest.raises(ValueError, match=r'bn.mean has 3 values, but the Haiku '
-                     r'layer has 4'):
-    interop.to_haiku({'bn': {'mean': np.zeros(3), 'var': np.ones(3)}},
-                     params, state)
+  with pytest.raises(
+    ValueError,
+    match=r"'conv' is not an hk.BatchNorm of "
+    r"this model; its layers are \['bn'\]",
+  ):
+    interop.to_haiku(
+      {'conv': {'mean': np.zeros(C), 'var': np.ones(C)}}, params, state
+    )
+  with pytest.raises(
+    ValueError,
+    match=r'bn.mean has 3 values, but the Haiku '
+    r'layer has 4',
+  ):
+    interop.to_haiku(
+      {'bn': {'mean': np.zeros(3), 'var': np.ones(3)}}, params, state
+    )
   with pytest.raises(ValueError, match=r'decay_rate=1.5 must be in \[0, 1\)'):
     interop.from_haiku(params, state, decay_rate=1.5)

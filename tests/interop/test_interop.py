@@ -9,16 +9,18 @@ import pytest
 import bnjax
 import bnjax.linen
 from bnjax import interop
-from tests._helpers import randn
+from tests._helpers import import_torch, randn
 
 
 def _torch_like_state(prefix, c, seed):
   r = np.random.default_rng(seed)
-  return {f'{prefix}.weight': r.normal(size=c).astype(np.float32),
-          f'{prefix}.bias': r.normal(size=c).astype(np.float32),
-          f'{prefix}.running_mean': r.normal(size=c).astype(np.float32),
-          f'{prefix}.running_var': r.uniform(0.5, 2, c).astype(np.float32),
-          f'{prefix}.num_batches_tracked': np.array(3, np.int64)}
+  return {
+    f'{prefix}.weight': r.normal(size=c).astype(np.float32),
+    f'{prefix}.bias': r.normal(size=c).astype(np.float32),
+    f'{prefix}.running_mean': r.normal(size=c).astype(np.float32),
+    f'{prefix}.running_var': r.uniform(0.5, 2, c).astype(np.float32),
+    f'{prefix}.num_batches_tracked': np.array(3, np.int64),
+  }
 
 
 def _model_state():
@@ -42,10 +44,9 @@ def test_round_trip_is_bitwise():
   # Flax does not count batches: by default the count written is 0, which a
   # torch model with momentum=None (a cumulative average) would restart from.
   default = interop.to_torch(v, LAYERS)
-  assert {k: int(a) for k, a in default.items()
-          if k.endswith('num_batches_tracked')} == {
-            'bn1.num_batches_tracked': 0,
-            'layer1.0.bn.num_batches_tracked': 0}
+  assert {
+    k: int(a) for k, a in default.items() if k.endswith('num_batches_tracked')
+  } == {'bn1.num_batches_tracked': 0, 'layer1.0.bn.num_batches_tracked': 0}
 
 
 def test_default_layers_come_from_prefixes():
@@ -53,8 +54,9 @@ def test_default_layers_come_from_prefixes():
   sd = _model_state()
   assert interop.bn_prefixes(sd) == ['bn1', 'layer1.0.bn']
   v = interop.from_torch(sd)
-  np.testing.assert_array_equal(v['batch_stats']['layer1'][0]['bn']['mean'],
-                                sd['layer1.0.bn.running_mean'])
+  np.testing.assert_array_equal(
+    v['batch_stats']['layer1'][0]['bn']['mean'], sd['layer1.0.bn.running_mean']
+  )
 
 
 def test_affine_free_layer_has_no_params():
@@ -72,10 +74,12 @@ def test_files(tmp_path, suffix):
     np.savez(path, **sd)
   else:
     from safetensors.numpy import save_file
+
     save_file(sd, str(path))
   v = interop.from_torch(path, LAYERS)
-  np.testing.assert_array_equal(v['params']['block']['BatchNorm_0']['scale'],
-                                sd['layer1.0.bn.weight'])
+  np.testing.assert_array_equal(
+    v['params']['block']['BatchNorm_0']['scale'], sd['layer1.0.bn.weight']
+  )
 
 
 def test_errors():
@@ -83,7 +87,9 @@ def test_errors():
     interop.momentum_from_torch(None)
   with pytest.raises(ValueError, match=r'in \[0, 1\], got 1.5'):
     interop.momentum_from_torch(1.5)
-  with pytest.raises(KeyError, match=r"prefixes found: \['bn1', 'layer1.0.bn'\]"):
+  with pytest.raises(
+    KeyError, match=r"prefixes found: \['bn1', 'layer1.0.bn'\]"
+  ):
     interop.from_torch(_model_state(), {'bn2': 'x'})
   with pytest.raises(ValueError, match='found no BatchNorm layer'):
     interop.from_torch({'conv.weight': np.zeros(3)})
@@ -99,29 +105,44 @@ def test_momentum_convention():
 def test_orbax_round_trip_is_bitwise(tmp_path):
   ocp = pytest.importorskip('orbax.checkpoint')
   import optax
-  model = nn.Sequential([nn.Dense(8), bnjax.linen.BatchNorm(
-      use_running_average=False), nn.relu, nn.Dense(2)])
+
+  model = nn.Sequential(
+    [
+      nn.Dense(8),
+      bnjax.linen.BatchNorm(use_running_average=False),
+      nn.relu,
+      nn.Dense(2),
+    ]
+  )
   x = jnp.asarray(randn((16, 5), seed=0))
   v = model.init(jax.random.key(0), x)
   _, upd = model.apply(v, x, mutable=['batch_stats'])
   opt = optax.adam(1e-3)
-  state = {'params': v['params'], 'batch_stats': upd['batch_stats'],
-           'opt_state': opt.init(v['params']), 'step': jnp.asarray(5)}
+  state = {
+    'params': v['params'],
+    'batch_stats': upd['batch_stats'],
+    'opt_state': opt.init(v['params']),
+    'step': jnp.asarray(5),
+  }
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(tmp_path / 'ckpt', state)
   ckpt.wait_until_finished()
-  restored = ckpt.restore(tmp_path / 'ckpt', jax.tree.map(
-      ocp.utils.to_shape_dtype_struct, state))
+  restored = ckpt.restore(
+    tmp_path / 'ckpt', jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  )
   assert jax.tree.structure(restored) == jax.tree.structure(state)
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+  for a, b in zip(
+    jax.tree.leaves(state), jax.tree.leaves(restored), strict=True
+  ):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---- against PyTorch itself (optional extra: pip install -e ".[torch]") ----
 
+
 def _torch():
-  return pytest.importorskip('torch', reason='the torch extra is not installed: pip install -e ".[torch]"')
+  return import_torch()
 
 
 def _bn_vars(torch_bn):
@@ -157,14 +178,16 @@ def test_torch_bn_eval_and_train():
   # in-place update changed them.
   np.testing.assert_array_equal(v['batch_stats']['mean'], before)
   new = upd['batch_stats']
-  np.testing.assert_allclose(new['mean'], tbn.running_mean.numpy(),
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    new['mean'], tbn.running_mean.numpy(), atol=1e-5, rtol=1e-5
+  )
   # torch averages the unbiased batch variance: its batch term is n/(n-1)
   # times ours (documented in bnjax.interop).
   n = 8 * 5 * 5
   torch_rule = m * old_var + (new['var'] - m * old_var) * n / (n - 1)
-  np.testing.assert_allclose(torch_rule, tbn.running_var.numpy(), atol=1e-5,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    torch_rule, tbn.running_var.numpy(), atol=1e-5, rtol=1e-5
+  )
   assert int(tbn.num_batches_tracked) == 1
 
 
@@ -172,23 +195,30 @@ class _FlaxNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Conv(8, (3, 3), padding=1, use_bias=False, name='conv1')(x)
-    x = bnjax.linen.BatchNorm(use_running_average=not train, momentum=0.9,
-                              name='bn1')(x)
+    x = bnjax.linen.BatchNorm(
+      use_running_average=not train, momentum=0.9, name='bn1'
+    )(x)
     x = nn.relu(x)
     x = nn.Conv(8, (3, 3), padding=1, use_bias=False, name='conv2')(x)
-    x = bnjax.linen.BatchNorm(use_running_average=not train, momentum=0.9,
-                              name='bn2')(x)
+    x = bnjax.linen.BatchNorm(
+      use_running_average=not train, momentum=0.9, name='bn2'
+    )(x)
     x = nn.relu(x).mean((1, 2))
     return nn.Dense(3, name='fc')(x)
 
 
 def _torch_net(torch):
   return torch.nn.Sequential(
-      torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
-      torch.nn.ReLU(),
-      torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
-      torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-      torch.nn.Linear(8, 3))
+    torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+    torch.nn.BatchNorm2d(8),
+    torch.nn.ReLU(),
+    torch.nn.Conv2d(8, 8, 3, padding=1, bias=False),
+    torch.nn.BatchNorm2d(8),
+    torch.nn.ReLU(),
+    torch.nn.AdaptiveAvgPool2d(1),
+    torch.nn.Flatten(),
+    torch.nn.Linear(8, 3),
+  )
 
 
 def test_torch_conv_net_with_bn(tmp_path):
@@ -204,24 +234,33 @@ def test_torch_conv_net_with_bn(tmp_path):
   sd = interop.load_state_dict(path)  # weights_only=True
   v = interop.from_torch(sd, {'1': 'bn1', '4': 'bn2'})
   v['params'].update(
-      conv1={'kernel': interop.conv_kernel_from_torch(sd['0.weight'])},
-      conv2={'kernel': interop.conv_kernel_from_torch(sd['3.weight'])},
-      fc={'kernel': interop.dense_kernel_from_torch(sd['8.weight']),
-          'bias': jnp.asarray(sd['8.bias'])})
+    conv1={'kernel': interop.conv_kernel_from_torch(sd['0.weight'])},
+    conv2={'kernel': interop.conv_kernel_from_torch(sd['3.weight'])},
+    fc={
+      'kernel': interop.dense_kernel_from_torch(sd['8.weight']),
+      'bias': jnp.asarray(sd['8.bias']),
+    },
+  )
   x = interop.nchw_to_nhwc(x_nchw)
   net.eval()
-  np.testing.assert_allclose(_FlaxNet().apply(v, x, False),
-                             net(x_nchw).detach().numpy(), atol=1e-5,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    _FlaxNet().apply(v, x, False),
+    net(x_nchw).detach().numpy(),
+    atol=1e-5,
+    rtol=1e-5,
+  )
   net.train()
   y_t = net(x_nchw).detach().numpy()
   y, upd = _FlaxNet().apply(v, x, True, mutable=['batch_stats'])
   np.testing.assert_allclose(y, y_t, atol=1e-5, rtol=1e-5)
-  back = interop.to_torch({'params': v['params'], 'batch_stats':
-                           upd['batch_stats']}, {'1': 'bn1', '4': 'bn2'})
+  back = interop.to_torch(
+    {'params': v['params'], 'batch_stats': upd['batch_stats']},
+    {'1': 'bn1', '4': 'bn2'},
+  )
   for k in ('1.running_mean', '4.running_mean'):
-    np.testing.assert_allclose(back[k], net.state_dict()[k].numpy(),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+      back[k], net.state_dict()[k].numpy(), atol=1e-5, rtol=1e-5
+    )
 
 
 # Hardening (each of these once passed silently or crashed).
@@ -242,8 +281,10 @@ def test_to_torch_then_torch_training_leaves_jax_state_alone():
   v = interop.from_torch(_model_state(), LAYERS)
   before = np.array(v['batch_stats']['BatchNorm_0']['mean'])
   tbn = torch.nn.BatchNorm1d(4)
-  sd = {k[len('bn1.'):]: torch.from_numpy(a)
-        for k, a in interop.to_torch(v, {'bn1': 'BatchNorm_0'}).items()}
+  sd = {
+    k[len('bn1.') :]: torch.from_numpy(a)
+    for k, a in interop.to_torch(v, {'bn1': 'BatchNorm_0'}).items()
+  }
   tbn.load_state_dict(sd, assign=True)
   tbn.train()
   tbn(torch.randn(8, 4) + 5)  # in-place running-stat update
@@ -264,8 +305,9 @@ def test_half_precision_torch_tensors_and_files(tmp_path, dtype):
   path = tmp_path / 'bn.pt'
   torch.save(tbn.state_dict(), path)
   v = interop.from_torch(path, {'': 'bn'})
-  np.testing.assert_array_equal(v['batch_stats']['bn']['var'],
-                                tbn.running_var.float().numpy())
+  np.testing.assert_array_equal(
+    v['batch_stats']['bn']['var'], tbn.running_var.float().numpy()
+  )
   assert v['batch_stats']['bn']['var'].dtype == jnp.float32
 
 
@@ -275,20 +317,35 @@ def _bad(mutate):
   return sd
 
 
-@pytest.mark.parametrize('mutate, match', [
-    (lambda sd: sd.update({'bn1.bias': np.zeros(3, np.float32)}),
-     r"1-D vectors of one length.*'bn1.bias': \(3,\)"),
-    (lambda sd: sd.update({'bn1.running_var': np.ones((4, 1), np.float32)}),
-     r"'bn1.running_var': \(4, 1\)"),
-    (lambda sd: sd['bn1.running_var'].__setitem__(2, np.nan),
-     r"'bn1.running_var' has non-finite values at channels \[2\]"),
-    (lambda sd: sd['layer1.0.bn.running_mean'].__setitem__(0, np.inf),
-     r"'layer1.0.bn.running_mean' has non-finite values at channels \[0\]"),
-    (lambda sd: sd['bn1.running_var'].__setitem__(1, -0.5),
-     r"'bn1.running_var' is negative at channels \[1\]"),
-    (lambda sd: sd.pop('bn1.weight'),
-     r"'bn1.bias' is present but 'bn1.weight' is missing"),
-])
+@pytest.mark.parametrize(
+  'mutate, match',
+  [
+    (
+      lambda sd: sd.update({'bn1.bias': np.zeros(3, np.float32)}),
+      r"1-D vectors of one length.*'bn1.bias': \(3,\)",
+    ),
+    (
+      lambda sd: sd.update({'bn1.running_var': np.ones((4, 1), np.float32)}),
+      r"'bn1.running_var': \(4, 1\)",
+    ),
+    (
+      lambda sd: sd['bn1.running_var'].__setitem__(2, np.nan),
+      r"'bn1.running_var' has non-finite values at channels \[2\]",
+    ),
+    (
+      lambda sd: sd['layer1.0.bn.running_mean'].__setitem__(0, np.inf),
+      r"'layer1.0.bn.running_mean' has non-finite values at channels \[0\]",
+    ),
+    (
+      lambda sd: sd['bn1.running_var'].__setitem__(1, -0.5),
+      r"'bn1.running_var' is negative at channels \[1\]",
+    ),
+    (
+      lambda sd: sd.pop('bn1.weight'),
+      r"'bn1.bias' is present but 'bn1.weight' is missing",
+    ),
+  ],
+)
 def test_from_torch_rejects_invalid_state_naming_the_key(mutate, match):
   with pytest.raises(ValueError, match=match) as e:
     interop.from_torch(_bad(mutate), LAYERS)
@@ -299,6 +356,7 @@ def test_from_torch_reports_every_problem_at_once():
   def both(sd):
     sd['bn1.running_var'][0] = -1.0
     sd['layer1.0.bn.weight'][1] = np.nan
+
   with pytest.raises(ValueError) as e:
     interop.from_torch(_bad(both), LAYERS)
   assert 'bn1.running_var' in str(e.value)
@@ -306,15 +364,21 @@ def test_from_torch_reports_every_problem_at_once():
 
 
 def test_from_torch_rejects_two_layers_on_one_target():
-  with pytest.raises(ValueError, match="'bn1' and 'layer1.0.bn' both map to "
-                     "the Flax path 'BatchNorm_0'"):
-    interop.from_torch(_model_state(),
-                       {'bn1': 'BatchNorm_0', 'layer1.0.bn': 'BatchNorm_0'})
+  with pytest.raises(
+    ValueError,
+    match="'bn1' and 'layer1.0.bn' both map to the Flax path 'BatchNorm_0'",
+  ):
+    interop.from_torch(
+      _model_state(), {'bn1': 'BatchNorm_0', 'layer1.0.bn': 'BatchNorm_0'}
+    )
 
 
 def test_from_torch_layers_must_be_a_mapping():
-  with pytest.raises(TypeError, match=r"layers must map torch prefixes to "
-                     r"Flax paths, got list \['bn1'\]; pass e.g. \{'bn1'"):
+  with pytest.raises(
+    TypeError,
+    match=r'layers must map torch prefixes to '
+    r"Flax paths, got list \['bn1'\]; pass e.g. \{'bn1'",
+  ):
     interop.from_torch(_model_state(), ['bn1'])
 
 
@@ -322,11 +386,13 @@ def test_from_torch_layers_must_be_a_mapping():
 
 
 def _one_layer(prefix='bn', c=3, **extra):
-  sd = {f'{prefix}.weight': np.ones(c, np.float32),
-        f'{prefix}.bias': np.zeros(c, np.float32),
-        f'{prefix}.running_mean': np.arange(c, dtype=np.float32),
-        f'{prefix}.running_var': np.ones(c, np.float32),
-        f'{prefix}.num_batches_tracked': np.array(5)}
+  sd = {
+    f'{prefix}.weight': np.ones(c, np.float32),
+    f'{prefix}.bias': np.zeros(c, np.float32),
+    f'{prefix}.running_mean': np.arange(c, dtype=np.float32),
+    f'{prefix}.running_var': np.ones(c, np.float32),
+    f'{prefix}.num_batches_tracked': np.array(5),
+  }
   return {**sd, **extra}
 
 
@@ -338,12 +404,18 @@ def test_a_buffer_named_like_running_mean_is_not_a_layer():
   assert list(interop.from_torch(sd)['batch_stats']) == ['bn']
 
 
-@pytest.mark.parametrize('value, match', [
+@pytest.mark.parametrize(
+  'value, match',
+  [
     (['a', 'b', 'c'], r"entry 'bn.running_mean' has dtype <U1"),
     ({'x': np.zeros(3)}, r"entry 'bn.running_mean' is itself a mapping"),
-    (object(), r"entry 'bn.running_mean' \(object\) is not an array|"
-               r"entry 'bn.running_mean' has dtype object"),
-])
+    (
+      object(),
+      r"entry 'bn.running_mean' \(object\) is not an array|"
+      r"entry 'bn.running_mean' has dtype object",
+    ),
+  ],
+)
 def test_non_array_entries_name_their_key(value, match):
   with pytest.raises(TypeError, match=match):
     interop.from_torch(_one_layer(**{'bn.running_mean': value}))
@@ -361,8 +433,11 @@ def test_a_nested_checkpoint_says_where_the_state_dict_is():
 def test_truncated_files_name_the_path(tmp_path, content, suffix):
   path = tmp_path / f'model{suffix}'
   path.write_bytes(content)
-  with pytest.raises(ValueError, match=rf'cannot read .*model\{suffix}.*'
-                                       'is the file complete'):
+  with pytest.raises(
+    ValueError,
+    match=rf'cannot read .*model\{suffix}.*'
+    'is the file complete',
+  ):
     interop.from_torch(path)
 
 
@@ -371,10 +446,13 @@ def test_a_missing_file_names_the_path(tmp_path):
     interop.load_state_dict(tmp_path / 'nope.npz')
 
 
-@pytest.mark.parametrize('dtype, match', [
+@pytest.mark.parametrize(
+  'dtype, match',
+  [
     ('bogus', "dtype='bogus' is not a dtype"),
     (jnp.int32, 'dtype=int32 must be a floating dtype'),
-])
+  ],
+)
 def test_from_torch_dtype_must_be_floating(dtype, match):
   with pytest.raises(TypeError, match=match):
     interop.from_torch(_one_layer(), dtype=dtype)
@@ -382,8 +460,11 @@ def test_from_torch_dtype_must_be_floating(dtype, match):
 
 @pytest.mark.parametrize('path', [None, 1.5, [('a',)], {'a': 1}])
 def test_layer_paths_of_the_wrong_type_name_the_prefix(path):
-  with pytest.raises(TypeError, match=r"the Flax path of 'bn' must be a "
-                                      'string'):
+  with pytest.raises(
+    TypeError,
+    match=r"the Flax path of 'bn' must be a "
+    'string',
+  ):
     interop.from_torch(_one_layer(), {'bn': path})
 
 
@@ -395,16 +476,24 @@ def test_a_complex_running_mean_keeps_its_imaginary_part():
     interop.from_torch(_one_layer(c=2, **{'bn.running_var': mean}))
 
 
-@pytest.mark.parametrize('field, value, match', [
-    ('mean', np.nan, r"'bn.running_mean' has non-finite values at channels "
-                     r'\[1\]'),
+@pytest.mark.parametrize(
+  'field, value, match',
+  [
+    (
+      'mean',
+      np.nan,
+      r"'bn.running_mean' has non-finite values at channels "
+      r'\[1\]',
+    ),
     ('var', -1.0, r"'bn.running_var' is negative at channels \[1\]"),
     ('mean', 1j, r"'bn.running_mean' \(bn/mean\) is complex"),
-])
+  ],
+)
 def test_to_torch_validates_what_it_exports(field, value, match):
   v = interop.from_torch(_one_layer())
   bad = np.asarray(v['batch_stats']['bn'][field]).astype(
-      np.complex64 if isinstance(value, complex) else np.float32)
+    np.complex64 if isinstance(value, complex) else np.float32
+  )
   bad[1] = value
   v['batch_stats']['bn'][field] = bad
   with pytest.raises(ValueError, match=match):
@@ -437,7 +526,7 @@ def test_nnx_model_with_list_held_layers_round_trips():
       self.blocks = nnx.List([Block(rngs), Block(rngs)])
 
   sd = {**_one_layer('blocks.0.bn0'), **_one_layer('blocks.1.bn0')}
-  sd['blocks.1.bn0.running_mean'] = np.array([7., 8., 9.], np.float32)
+  sd['blocks.1.bn0.running_mean'] = np.array([7.0, 8.0, 9.0], np.float32)
   to_pure = getattr(nnx, 'to_pure_dict', lambda s: s.to_pure_dict())
   model = Net(nnx.Rngs(0))
   v = interop.from_torch(sd)
@@ -448,15 +537,19 @@ def test_nnx_model_with_list_held_layers_round_trips():
       pure['blocks'][i]['bn0'].update(v[coll]['blocks'][i]['bn0'])
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(model, state)
-  np.testing.assert_array_equal(model.blocks[1].bn0.mean[...], [7., 8., 9.])
+  np.testing.assert_array_equal(model.blocks[1].bn0.mean[...], [7.0, 8.0, 9.0])
   # Back: the nnx state read as flax variables, with int list indices.
   pure = to_pure(nnx.state(model))
   tree = {'batch_stats': pure, 'params': pure}
   layers = {f'blocks.{i}.bn0': f'blocks/{i}/bn0' for i in (0, 1)}
-  back = interop.to_torch(tree, layers,
-                          num_batches_tracked=interop.batches_tracked(sd))
+  back = interop.to_torch(
+    tree, layers, num_batches_tracked=interop.batches_tracked(sd)
+  )
   for k, a in sd.items():
     np.testing.assert_array_equal(back[k], a, err_msg=k)
-  with pytest.raises(KeyError, match=r"at blocks/0 there is no 'bn1', only "
-                                     r"\['bn0'\]"):
+  with pytest.raises(
+    KeyError,
+    match=r"at blocks/0 there is no 'bn1', only "
+    r"\['bn0'\]",
+  ):
     interop.to_torch(tree, {'x': 'blocks/0/bn1'})

@@ -13,8 +13,9 @@ from flax import nnx
 
 from bnjax import interop
 from examples import resnet18 as R
+from tests._helpers import import_torch
 
-torch = pytest.importorskip('torch', reason='the torch extra is not installed: pip install -e ".[torch]"')
+torch = import_torch()
 
 CLASSES = 10
 
@@ -58,9 +59,14 @@ def _torchvision_resnet18_keys(classes):
   keys = {'conv1.weight': (64, 3, 7, 7)}
 
   def bn(prefix, c):
-    keys.update({f'{prefix}.{n}': (c,) for n in
-                 ('weight', 'bias', 'running_mean', 'running_var')})
+    keys.update(
+      {
+        f'{prefix}.{n}': (c,)
+        for n in ('weight', 'bias', 'running_mean', 'running_var')
+      }
+    )
     keys[f'{prefix}.num_batches_tracked'] = ()
+
   bn('bn1', 64)
   cin = 64
   for i, c in enumerate((64, 128, 256, 512), 1):
@@ -79,11 +85,14 @@ def _torchvision_resnet18_keys(classes):
 
 
 def test_plain_torch_model_has_torchvisions_state_dict():
-  ours = {k: tuple(v.shape)
-          for k, v in R._plain_torch_resnet18(CLASSES).state_dict().items()}
+  ours = {
+    k: tuple(v.shape)
+    for k, v in R._plain_torch_resnet18(CLASSES).state_dict().items()
+  }
   assert ours == _torchvision_resnet18_keys(CLASSES)
   try:  # and against torchvision itself, where it imports
     import torchvision
+
     ref = torchvision.models.resnet18(weights=None, num_classes=CLASSES)
   except Exception:  # noqa: BLE001, S110  # absent, or a CUDA build
     return
@@ -110,8 +119,9 @@ def test_back_to_torch_strict_and_same_logits(torch_model, x, frontend):
     v = R.nnx_variables(R.nnx_from_variables(v, CLASSES))
   sd = R.to_torch(v)
   fresh = R.torch_resnet18(CLASSES)
-  fresh.load_state_dict({k: torch.from_numpy(a) for k, a in sd.items()},
-                        strict=True)
+  fresh.load_state_dict(
+    {k: torch.from_numpy(a) for k, a in sd.items()}, strict=True
+  )
   fresh.eval()
   np.testing.assert_array_equal(_logits(fresh, x), _logits(torch_model, x))
   for k, t in torch_model.state_dict().items():
@@ -122,8 +132,9 @@ def test_back_to_torch_strict_and_same_logits(torch_model, x, frontend):
 def test_train_mode_matches_torch(torch_model, x):
   # One training-mode forward: batch statistics in every BN layer.
   v = R.from_torch(torch_model.state_dict())
-  y, upd = R.ResNet18(CLASSES).apply(v, interop.nchw_to_nhwc(x), train=True,
-                                     mutable=['batch_stats'])
+  y, upd = R.ResNet18(CLASSES).apply(
+    v, interop.nchw_to_nhwc(x), train=True, mutable=['batch_stats']
+  )
   net = R.torch_resnet18(CLASSES)
   net.load_state_dict(torch_model.state_dict())
   net.train()
@@ -133,8 +144,9 @@ def test_train_mode_matches_torch(torch_model, x):
   back = R.to_torch({'params': v['params'], 'batch_stats': upd['batch_stats']})
   for k, t in net.state_dict().items():
     if k.endswith('running_mean'):
-      np.testing.assert_allclose(back[k], t.numpy(), rtol=1e-4, atol=1e-5,
-                                 err_msg=k)
+      np.testing.assert_allclose(
+        back[k], t.numpy(), rtol=1e-4, atol=1e-5, err_msg=k
+      )
 
 
 def test_fold_keeps_logits(torch_model, x):
@@ -148,24 +160,33 @@ def test_fold_keeps_logits(torch_model, x):
   _rel_close(y_f, _logits(torch_model, x))
   # and it agrees with torch's own fusion
   from torch.nn.utils.fusion import fuse_conv_bn_eval
-  fused = fuse_conv_bn_eval(torch_model.layer2[0].conv1,
-                            torch_model.layer2[0].bn1)
+
+  fused = fuse_conv_bn_eval(
+    torch_model.layer2[0].conv1, torch_model.layer2[0].bn1
+  )
   k = folded['params']['layer2_0']['conv1']
-  np.testing.assert_allclose(k['kernel'],
-                             interop.conv_kernel_from_torch(fused.weight),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(k['bias'], fused.bias.detach().numpy(),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    k['kernel'],
+    interop.conv_kernel_from_torch(fused.weight),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  np.testing.assert_allclose(
+    k['bias'], fused.bias.detach().numpy(), rtol=1e-5, atol=1e-6
+  )
   assert jnp.asarray(k['kernel']).dtype == jnp.float32
 
 
+@pytest.mark.heavy
 def test_equinox_resnet18_reproduces_torch_both_ways(torch_model, x):
   """The Equinox ResNet-18 (examples/resnet18_equinox.py, per-example
   convention): torch's eval logits and train-mode logits and running means,
   and back to a torch state dict that loads strictly with the same logits."""
   eqx = pytest.importorskip(
-      'equinox', reason='needs the equinox extra: pip install "bnjax[equinox]"')
+    'equinox', reason='needs the equinox extra: pip install "bnjax[equinox]"'
+  )
   from examples import resnet18_equinox as E
+
   model, state = E.make(jax.random.key(0), CLASSES)
   model, state = E.from_torch(model, state, torch_model.state_dict())
   xs = jnp.asarray(x.numpy())
@@ -173,8 +194,9 @@ def test_equinox_resnet18_reproduces_torch_both_ways(torch_model, x):
   _rel_close(y, _logits(torch_model, x))
   sd = E.to_torch(model, state)
   fresh = R.torch_resnet18(CLASSES)
-  fresh.load_state_dict({k: torch.from_numpy(np.array(a)) for k, a in
-                         sd.items()}, strict=True)
+  fresh.load_state_dict(
+    {k: torch.from_numpy(np.array(a)) for k, a in sd.items()}, strict=True
+  )
   fresh.eval()
   np.testing.assert_array_equal(_logits(fresh, x), _logits(torch_model, x))
   # Train mode: batch statistics in every layer, torch's running means.
@@ -187,5 +209,6 @@ def test_equinox_resnet18_reproduces_torch_both_ways(torch_model, x):
   back = E.to_torch(model, new)
   for k, t in net.state_dict().items():
     if k.endswith('running_mean'):
-      np.testing.assert_allclose(back[k], t.numpy(), rtol=1e-4, atol=1e-5,
-                                 err_msg=k)
+      np.testing.assert_allclose(
+        back[k], t.numpy(), rtol=1e-4, atol=1e-5, err_msg=k
+      )

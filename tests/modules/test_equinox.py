@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 eqx = pytest.importorskip(
-    'equinox', reason='needs the equinox extra: pip install "bnjax[equinox]"')
+  'equinox', reason='needs the equinox extra: pip install "bnjax[equinox]"'
+)
 
 import bnjax  # noqa: E402
 import bnjax.equinox  # noqa: E402
@@ -29,16 +31,22 @@ def _x(shape=(8, C, 4, 4), loc=5.0, seed=0):
 
 
 def _per_example(bn, x, state, **kw):
-  return jax.vmap(functools.partial(bn, **kw), axis_name='batch',
-                  in_axes=(0, None), out_axes=(0, None))(x, state)
+  return jax.vmap(
+    functools.partial(bn, **kw),
+    axis_name='batch',
+    in_axes=(0, None),
+    out_axes=(0, None),
+  )(x, state)
 
 
 def _oracle(x, w, b, momentum=0.99, mask=None):
   """float64 BN over every axis but the channel axis 1, its EMA step."""
   mean, var, _ = ref.moments(x, axis=1, mask=mask)
   y = ref.normalize(x, mean, var, w, b, axis=1, epsilon=EPS)
-  return y, (momentum * 0 + (1 - momentum) * mean,
-             momentum * 1 + (1 - momentum) * var)
+  return y, (
+    momentum * 0 + (1 - momentum) * mean,
+    momentum * 1 + (1 - momentum) * var,
+  )
 
 
 @pytest.mark.parametrize('shape', [(8, C), (8, C, 4, 4)], ids=['2d', '4d'])
@@ -47,11 +55,13 @@ def test_both_conventions_equal_the_float64_global_batch(shape, convention):
   x = _x(shape, loc=20.0)
   if convention == 'per_example':
     bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
-        C, axis_name='batch', momentum=0.9)
+      C, axis_name='batch', momentum=0.9
+    )
     call = lambda bn, x, state: _per_example(bn, x, state)
   else:
     bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
-        C, momentum=0.9, batch_axis=0)
+      C, momentum=0.9, batch_axis=0
+    )
     call = lambda bn, x, state: bn(x, state)
   w = jnp.asarray(randn(C, loc=1.0, seed=3))
   bn = eqx.tree_at(lambda m: m.weight, bn, w)
@@ -63,17 +73,22 @@ def test_both_conventions_equal_the_float64_global_batch(shape, convention):
   np.testing.assert_allclose(stats.var, v_ref, rtol=1e-5)
   # Gradients with respect to x and the weight, against the oracle's.
   g = jnp.asarray(randn(shape, seed=7))
-  loss = lambda x, w: jnp.sum(g * call(eqx.tree_at(lambda m: m.weight, bn, w),
-                                       x, state)[0])
+  loss = lambda x, w: jnp.sum(
+    g * call(eqx.tree_at(lambda m: m.weight, bn, w), x, state)[0]
+  )
   with jax.enable_x64(True):
+
     def loss64(x, w):
       mean = jnp.mean(x, ref.canonical_axes(x.ndim, 1)[1], keepdims=True)
       var = jnp.var(x, ref.canonical_axes(x.ndim, 1)[1], keepdims=True)
       wb = w.reshape((1, C) + (1,) * (x.ndim - 2))
-      return jnp.sum(jnp.asarray(g, jnp.float64)
-                     * (x - mean) / jnp.sqrt(var + EPS) * wb)
-    want = jax.grad(loss64, (0, 1))(np.asarray(x, np.float64),
-                                    np.asarray(w, np.float64))
+      return jnp.sum(
+        jnp.asarray(g, jnp.float64) * (x - mean) / jnp.sqrt(var + EPS) * wb
+      )
+
+    want = jax.grad(loss64, (0, 1))(
+      np.asarray(x, np.float64), np.asarray(w, np.float64)
+    )
   for got, exp in zip(jax.grad(loss, (0, 1))(x, w), want, strict=True):
     np.testing.assert_allclose(got, exp, rtol=2e-4, atol=2e-5)
 
@@ -85,13 +100,18 @@ def test_batched_calls_sync_over_a_mesh_and_under_sharded_jit():
   x = _x((16, C, 2, 2))
   mask = jnp.asarray(randn((16, 1, 2, 2), seed=5) > -0.5)
   bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
-      C, axis_name='d', momentum=0.0, batch_axis=0)
+    C, axis_name='d', momentum=0.0, batch_axis=0
+  )
 
   # The layer is closed over (its bool field stays static); the state
   # enters as a replicated argument, so old and new values have one type.
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P('d'), P('d'), P()), out_specs=(P('d'), P()))
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P('d'), P('d'), P()),
+    out_specs=(P('d'), P()),
+  )
   def synced(x, mask, state):
     y, new = bn(x, state, mask=mask)
     return y, new.get(bn.state_index)
@@ -101,18 +121,23 @@ def test_batched_calls_sync_over_a_mesh_and_under_sharded_jit():
   np.testing.assert_allclose(stats.mean, mean, rtol=1e-6)
   np.testing.assert_allclose(stats.var, var, rtol=1e-5)
   local, lstate = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
-      C, momentum=0.0, batch_axis=0)
+    C, momentum=0.0, batch_axis=0
+  )
   xs = jax.device_put(x, NamedSharding(mesh, P('d')))
   _, new = eqx.filter_jit(lambda x: local(x, lstate))(xs)
-  np.testing.assert_allclose(new.get(local.state_index).var,
-                             ref.moments(x, axis=1)[1], rtol=1e-5)
+  np.testing.assert_allclose(
+    new.get(local.state_index).var, ref.moments(x, axis=1)[1], rtol=1e-5
+  )
 
 
 def test_sequential_threads_state_and_inference_mode_uses_it():
-  model, state = eqx.nn.make_with_state(eqx.nn.Sequential)([
+  model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+    [
       eqx.nn.Linear(4, C, key=jax.random.key(0)),
       bnjax.equinox.BatchNorm(C, 'batch', momentum=0.5),
-      eqx.nn.Lambda(jax.nn.relu)])
+      eqx.nn.Lambda(jax.nn.relu),
+    ]
+  )
   x = _x((8, 4), loc=0.0)
   _, state = _per_example(model, x, state)
   stats = state.get(model.layers[1].state_index)
@@ -122,11 +147,13 @@ def test_sequential_threads_state_and_inference_mode_uses_it():
   h = jax.vmap(model.layers[0])(x)
   want = (h - stats.mean) / jnp.sqrt(stats.var + EPS)
   np.testing.assert_allclose(y, jax.nn.relu(want), atol=1e-5)
-  np.testing.assert_array_equal(same.get(model.layers[1].state_index).var,
-                                stats.var)
+  np.testing.assert_array_equal(
+    same.get(model.layers[1].state_index).var, stats.var
+  )
 
 
 # ---- regressions: equinox's BatchNorm issues -------------------------------
+
 
 def test_training_normalizes_by_the_batch_statistics_by_default():
   """equinox#659: equinox's default mode normalizes training batches by a
@@ -137,8 +164,11 @@ def test_training_normalizes_by_the_batch_statistics_by_default():
   y, _ = _per_example(bn, x, state)
   mean, var, _ = ref.moments(x, axis=1)
   np.testing.assert_allclose(y, ref.normalize(x, mean, var, axis=1), atol=1e-5)
-  with pytest.raises(ValueError, match=r'bnjax.equinox.BatchNorm: mode="ema" '
-                     r'normalizes.*equinox#659.*mode="batch".*debias=True'):
+  with pytest.raises(
+    ValueError,
+    match=r'bnjax.equinox.BatchNorm: mode="ema" '
+    r'normalizes.*equinox#659.*mode="batch".*debias=True',
+  ):
     bnjax.equinox.BatchNorm(C, 'batch', mode='ema')
 
 
@@ -158,8 +188,9 @@ def test_higher_rank_input_and_two_vmaps():
   y, _ = _per_example(bn, x, state)
   mean, var, _ = ref.moments(x, axis=1)
   np.testing.assert_allclose(y, ref.normalize(x, mean, var, axis=1), atol=2e-5)
-  outer = jax.vmap(lambda x: _per_example(
-      eqx.nn.inference_mode(bn, False), x, state)[0])
+  outer = jax.vmap(
+    lambda x: _per_example(eqx.nn.inference_mode(bn, False), x, state)[0]
+  )
   assert outer(jnp.stack([x, x])).shape == (2, *x.shape)
 
 
@@ -168,14 +199,15 @@ def test_debiased_running_variance_is_not_inflated():
   if it started at 0, so inference reads var + m^t/(1 - m^t): +9.5 after 10
   steps at m = 0.99. debias=True is exact from the first step."""
   bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
-      C, 'batch', debias=True, momentum=0.99)
+    C, 'batch', debias=True, momentum=0.99
+  )
   x = _x((16, C), loc=2.0)
   for _ in range(10):
     _, state = _per_example(bn, x, state)
   pop = bnjax.population_stats(state.get(bn.state_index))
   _, var, _ = ref.moments(x, axis=1)
   np.testing.assert_allclose(pop.var, var, rtol=1e-5)
-  inflated = var + 0.99 ** 10 / (1 - 0.99 ** 10)
+  inflated = var + 0.99**10 / (1 - 0.99**10)
   assert np.all(inflated - var > 9.4)
 
 
@@ -184,7 +216,8 @@ def test_inference_before_training_uses_mean_0_var_1():
   0.11) at inference before any training step."""
   for debias in (False, True):
     bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
-        C, 'batch', inference=True, debias=debias)
+      C, 'batch', inference=True, debias=debias
+    )
     x = _x((4, C))
     y, _ = _per_example(bn, x, state)
     np.testing.assert_allclose(y, x / np.sqrt(1 + EPS), rtol=1e-6)
@@ -192,8 +225,11 @@ def test_inference_before_training_uses_mean_0_var_1():
 
 def test_errors_name_the_layer_and_the_fix():
   bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(4, 'batch')
-  with pytest.raises(ValueError, match=r'bnjax.equinox.BatchNorm: x of shape '
-                     r'\(3, 5\) has \(3,\) channels on axis 0.*input_size=4'):
+  with pytest.raises(
+    ValueError,
+    match=r'bnjax.equinox.BatchNorm: x of shape '
+    r'\(3, 5\) has \(3,\) channels on axis 0.*input_size=4',
+  ):
     _per_example(bn, _x((8, 3, 5)), state)
   with pytest.raises(TypeError, match='input_size must be a positive int'):
     bnjax.equinox.BatchNorm(0, 'batch')
@@ -205,21 +241,30 @@ def test_errors_name_the_layer_and_the_fix():
 
 def test_batch_renorm_layer_matches_the_functional_core():
   rn, state = eqx.nn.make_with_state(bnjax.equinox.BatchRenorm)(
-      C, batch_axis=0, momentum=0.9)
+    C, batch_axis=0, momentum=0.9
+  )
   x = _x((8, C))
   y, state = rn(x, state, r_max=1.5, d_max=0.5)
-  want, rs = bnjax.batch_renorm(x, bnjax.init_renorm_stats(C), axis=1,
-                                use_running_average=False, r_max=1.5,
-                                d_max=0.5, momentum=0.9)
+  want, rs = bnjax.batch_renorm(
+    x,
+    bnjax.init_renorm_stats(C),
+    axis=1,
+    use_running_average=False,
+    r_max=1.5,
+    d_max=0.5,
+    momentum=0.9,
+  )
   np.testing.assert_allclose(y, want, atol=1e-6)
   np.testing.assert_allclose(state.get(rn.state_index).std, rs.std, rtol=1e-6)
 
 
 # ---- PyTorch state -----------------------------------------------------------
 
+
 def test_torch_state_dict_round_trip_reproduces_torch_eval_outputs():
   torch = pytest.importorskip(
-      'torch', reason='needs the torch extra: pip install "bnjax[torch]"')
+    'torch', reason='needs the torch extra: pip install "bnjax[torch]"'
+  )
   tbn = torch.nn.BatchNorm2d(C)
   with torch.no_grad():
     tbn.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
@@ -234,10 +279,15 @@ def test_torch_state_dict_round_trip_reproduces_torch_eval_outputs():
     bn: bnjax.equinox.BatchNorm
 
   net, state = eqx.nn.make_with_state(Net)(
-      bnjax.equinox.BatchNorm(C, 'batch', inference=True))
+    bnjax.equinox.BatchNorm(C, 'batch', inference=True)
+  )
   where = {'bn': lambda m: m.bn}
-  net, state = bnjax.equinox.from_torch(net, state, tbn.state_dict() and {
-      f'bn.{k}': v for k, v in tbn.state_dict().items()}, where)
+  net, state = bnjax.equinox.from_torch(
+    net,
+    state,
+    tbn.state_dict() and {f'bn.{k}': v for k, v in tbn.state_dict().items()},
+    where,
+  )
   y, _ = jax.vmap(net.bn, in_axes=(0, None), out_axes=(0, None))(x, state)
   np.testing.assert_allclose(y, want, atol=1e-5)
   back = bnjax.equinox.to_torch(net, state, where)
@@ -248,22 +298,34 @@ def test_torch_state_dict_round_trip_reproduces_torch_eval_outputs():
 
 def test_from_torch_errors_name_the_key():
   bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(C, 'b')
-  sd = {'bn.weight': np.ones(4), 'bn.bias': np.zeros(4),
-        'bn.running_mean': np.zeros(4), 'bn.running_var': np.ones(4)}
-  with pytest.raises(ValueError, match=r'bn.weight has shape \(4,\), but the '
-                     r'layer has input_size=3'):
+  sd = {
+    'bn.weight': np.ones(4),
+    'bn.bias': np.zeros(4),
+    'bn.running_mean': np.zeros(4),
+    'bn.running_var': np.ones(4),
+  }
+  with pytest.raises(
+    ValueError,
+    match=r'bn.weight has shape \(4,\), but the '
+    r'layer has input_size=3',
+  ):
     bnjax.equinox.from_torch(bn, state, sd, {'bn': lambda m: m})
-  with pytest.raises(ValueError, match=r"no 'conv.weight'.*prefixes are "
-                     r"\['bn'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"no 'conv.weight'.*prefixes are "
+    r"\['bn'\]",
+  ):
     bnjax.equinox.from_torch(bn, state, sd, {'conv': lambda m: m})
 
 
 # ---- a CNN trained on load_digits --------------------------------------------
 
+
 def _digits():
   datasets = pytest.importorskip(
-      'sklearn.datasets',
-      reason='needs the experiments extra: pip install "bnjax[experiments]"')
+    'sklearn.datasets',
+    reason='needs the experiments extra: pip install "bnjax[experiments]"',
+  )
   load_digits = datasets.load_digits
   x, y = load_digits(return_X_y=True)
   perm = np.random.default_rng(0).permutation(len(x))
@@ -280,11 +342,15 @@ class _EqxCNN(eqx.Module):
   def __init__(self, key, batched):
     k = jax.random.split(key, 3)
     self.batched = batched
-    self.convs = [eqx.nn.Conv2d(1, 8, 3, padding=1, key=k[0]),
-                  eqx.nn.Conv2d(8, 16, 3, padding=1, key=k[1])]
+    self.convs = [
+      eqx.nn.Conv2d(1, 8, 3, padding=1, key=k[0]),
+      eqx.nn.Conv2d(8, 16, 3, padding=1, key=k[1]),
+    ]
     kw = dict(batch_axis=0) if batched else dict(axis_name='batch')
-    self.bns = [bnjax.equinox.BatchNorm(8, momentum=0.9, **kw),
-                bnjax.equinox.BatchNorm(16, momentum=0.9, **kw)]
+    self.bns = [
+      bnjax.equinox.BatchNorm(8, momentum=0.9, **kw),
+      bnjax.equinox.BatchNorm(16, momentum=0.9, **kw),
+    ]
     self.head = eqx.nn.Linear(16 * 8 * 8, 10, key=k[2])
 
   def __call__(self, x, state):
@@ -294,8 +360,10 @@ class _EqxCNN(eqx.Module):
       x, state = bn(x, state)
       x = jax.nn.relu(x)
     flat = x.reshape(x.shape[0], -1) if self.batched else x.reshape(-1)
-    return (jax.vmap(self.head)(flat) if self.batched else self.head(flat),
-            state)
+    return (
+      jax.vmap(self.head)(flat) if self.batched else self.head(flat),
+      state,
+    )
 
 
 _OPT = None  # optax.sgd(0.1, momentum=0.9), made on first use
@@ -305,6 +373,7 @@ def _opt():
   global _OPT
   if _OPT is None:
     import optax
+
     _OPT = optax.sgd(0.1, momentum=0.9)
   return _OPT
 
@@ -312,8 +381,9 @@ def _opt():
 def _eqx_forward(model, x, state):
   if model.batched:
     return model(x, state)
-  return jax.vmap(model, axis_name='batch', in_axes=(0, None),
-                  out_axes=(0, None))(x, state)
+  return jax.vmap(
+    model, axis_name='batch', in_axes=(0, None), out_axes=(0, None)
+  )(x, state)
 
 
 @eqx.filter_jit
@@ -324,6 +394,7 @@ def _eqx_step(model, state, opt_state, x, y):
     logits, new = _eqx_forward(model, x, state)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return ce.mean(), new
+
   (_, state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
   updates, opt_state = _opt().update(grads, opt_state)
   return eqx.apply_updates(model, updates), state, opt_state
@@ -331,14 +402,14 @@ def _eqx_step(model, state, opt_state, x, y):
 
 def _train_eqx(seed, batched, data, epochs=4):
   xtr, ytr, xte, yte = data
-  model, state = eqx.nn.make_with_state(_EqxCNN)(jax.random.key(seed),
-                                                  batched)
+  model, state = eqx.nn.make_with_state(_EqxCNN)(jax.random.key(seed), batched)
   opt_state = _opt().init(eqx.filter(model, eqx.is_array))
   order = np.random.default_rng(seed)
   for _ in range(epochs):
     for b in order.permutation(len(xtr)).reshape(-1, 64):
-      model, state, opt_state = _eqx_step(model, state, opt_state, xtr[b],
-                                          ytr[b])
+      model, state, opt_state = _eqx_step(
+        model, state, opt_state, xtr[b], ytr[b]
+      )
   logits, _ = _eqx_forward(eqx.nn.inference_mode(model), xte, state)
   return float(np.mean(np.argmax(logits, -1) == yte))
 
@@ -355,6 +426,7 @@ def _flax_cnn():
         x = nn.relu(x)
       # Channel-major flattening, as the Equinox model's (C, H, W).
       return nn.Dense(10)(jnp.moveaxis(x, -1, 1).reshape(x.shape[0], -1))
+
   return CNN()
 
 
@@ -363,10 +435,15 @@ def _flax_step(net, params, stats, opt_state, x, y):
   import optax
 
   def loss(p):
-    logits, upd = net.apply({'params': p, 'batch_stats': stats}, x,
-                            train=True, mutable=['batch_stats'])
+    logits, upd = net.apply(
+      {'params': p, 'batch_stats': stats},
+      x,
+      train=True,
+      mutable=['batch_stats'],
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return ce.mean(), upd['batch_stats']
+
   (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
   updates, opt_state = _opt().update(grads, opt_state)
   return optax.apply_updates(params, updates), stats, opt_state
@@ -381,22 +458,27 @@ def _train_flax(seed, data, net, epochs=4):
   order = np.random.default_rng(seed)
   for _ in range(epochs):
     for b in order.permutation(len(xtr)).reshape(-1, 64):
-      params, stats, opt_state = _flax_step(net, params, stats, opt_state,
-                                            nhwc(xtr[b]), ytr[b])
-  logits = net.apply({'params': params, 'batch_stats': stats}, nhwc(xte),
-                     train=False)
+      params, stats, opt_state = _flax_step(
+        net, params, stats, opt_state, nhwc(xtr[b]), ytr[b]
+      )
+  logits = net.apply(
+    {'params': params, 'batch_stats': stats}, nhwc(xte), train=False
+  )
   return float(np.mean(np.argmax(logits, -1) == yte))
 
 
+@pytest.mark.heavy
 def test_cnn_trains_on_digits_to_flax_accuracy_both_conventions():
   """A linen-free Equinox CNN with bnjax.equinox.BatchNorm, per example
   (vmap, axis_name) and batched, against the same CNN in linen with
   flax.linen.BatchNorm: three seeds each, mean test accuracy within seed
   noise (twice the larger spread across seeds, at least 2 points)."""
   data, net = _digits(), _flax_cnn()
-  runs = {'per_example': [_train_eqx(s, False, data) for s in range(3)],
-          'batched': [_train_eqx(s, True, data) for s in range(3)],
-          'flax': [_train_flax(s, data, net) for s in range(3)]}
+  runs = {
+    'per_example': [_train_eqx(s, False, data) for s in range(3)],
+    'batched': [_train_eqx(s, True, data) for s in range(3)],
+    'flax': [_train_flax(s, data, net) for s in range(3)],
+  }
   flax_mean = np.mean(runs['flax'])
   assert flax_mean > 0.85, runs
   for name in ('per_example', 'batched'):

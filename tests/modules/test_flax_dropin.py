@@ -22,8 +22,10 @@ from tests._helpers import cpu_path_only, randn
 
 
 @pytest.mark.parametrize('fast', [True, False])
-@pytest.mark.parametrize('shape, axis', [((10, 5), -1), ((4, 6, 6, 8), -1),
-                                         ((3, 7, 5), 1), ((64, 33), -1)])
+@pytest.mark.parametrize(
+  'shape, axis',
+  [((10, 5), -1), ((4, 6, 6, 8), -1), ((3, 7, 5), 1), ((64, 33), -1)],
+)
 @pytest.mark.parametrize('jit', [False, True])
 @cpu_path_only
 def test_linen_train_bit_identical_to_flax(fast, shape, axis, jit):
@@ -35,8 +37,9 @@ def test_linen_train_bit_identical_to_flax(fast, shape, axis, jit):
   x = jnp.asarray(randn(shape, loc=0.5, seed=sum(shape)))
   outs = []
   for cls in (nn.BatchNorm, bnjax.linen.BatchNorm):
-    m = cls(use_running_average=False, axis=axis, use_fast_variance=fast,
-            momentum=0.0)  # momentum 0: the stored stats are the batch's
+    m = cls(
+      use_running_average=False, axis=axis, use_fast_variance=fast, momentum=0.0
+    )  # momentum 0: the stored stats are the batch's
     v = m.init(jax.random.key(1), x)
     v = jax.tree.map(lambda a: a + 0.25, v)  # non-trivial scale and bias
     f = lambda v, x, m=m: m.apply(v, x, mutable=['batch_stats'])
@@ -59,7 +62,9 @@ def test_masked_channels_bit_identical_to_flax_except_empty_ones():
     ys.append(m.apply(v, x, mask=mask, mutable=['batch_stats']))
   (y0, s0), (y1, s1) = ys
   keep = np.asarray(mask)
-  np.testing.assert_array_equal(np.asarray(y1)[:, keep], np.asarray(y0)[:, keep])
+  np.testing.assert_array_equal(
+    np.asarray(y1)[:, keep], np.asarray(y0)[:, keep]
+  )
   assert np.isnan(np.asarray(y0)[:, ~keep]).all()  # flax's
   assert np.isfinite(np.asarray(y1)).all()  # bnjax's: running statistics
   np.testing.assert_array_equal(s1['batch_stats']['mean'][~keep], 0.0)
@@ -68,15 +73,18 @@ def test_masked_channels_bit_identical_to_flax_except_empty_ones():
 
 def test_complex_modules():
   x = (randn((8, 3), seed=13) + 1j * randn((8, 3), seed=14)).astype(
-      np.complex64)
-  m = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.9,
-                            dtype=jnp.complex64)
+    np.complex64
+  )
+  m = bnjax.linen.BatchNorm(
+    use_running_average=False, momentum=0.9, dtype=jnp.complex64
+  )
   v = m.init(jax.random.key(0), x)
   assert v['batch_stats']['mean'].dtype == jnp.complex64
   y, upd = m.apply(v, x, mutable=['batch_stats'])
   assert upd['batch_stats']['mean'].dtype == jnp.complex64
-  np.testing.assert_allclose(upd['batch_stats']['mean'], 0.1 * x.mean(0),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    upd['batch_stats']['mean'], 0.1 * x.mean(0), rtol=1e-5, atol=1e-6
+  )
   bn = bnjax.nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
   y2 = bn(jnp.asarray(x))
   np.testing.assert_allclose(y2, y, rtol=1e-6, atol=1e-6)
@@ -91,27 +99,36 @@ def test_modules_train_on_a_batch_of_one_like_flax():
     v['params']['bias'] = jnp.array([1.0, 2.0, 3.0])
     y, upd = m.apply(v, x, mutable=['batch_stats'])
     np.testing.assert_array_equal(y, [[1.0, 2.0, 3.0]])  # the bias
-    np.testing.assert_allclose(upd['batch_stats']['mean'], 0.1 * x[0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      upd['batch_stats']['mean'], 0.1 * x[0], rtol=1e-6
+    )
     np.testing.assert_allclose(upd['batch_stats']['var'], 0.9, rtol=1e-6)
   bn = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(bn(x), jnp.zeros((1, 3)))
-  g = jax.grad(lambda x: jnp.sum(bnjax.linen.BatchNorm(
-      use_running_average=False).init_with_output(jax.random.key(0), x)[0]
-      * jnp.arange(3.0)))(x)
+  g = jax.grad(
+    lambda x: jnp.sum(
+      bnjax.linen.BatchNorm(use_running_average=False).init_with_output(
+        jax.random.key(0), x
+      )[0]
+      * jnp.arange(3.0)
+    )
+  )(x)
   assert np.isfinite(np.asarray(g)).all()
 
 
 def test_functional_api_keeps_its_error_on_one_value():
   with pytest.raises(ValueError, match='more than one value per channel'):
-    bnjax.batch_norm(jnp.ones((1, 3)), bnjax.init_batch_stats(3),
-                     use_running_average=False)
+    bnjax.batch_norm(
+      jnp.ones((1, 3)), bnjax.init_batch_stats(3), use_running_average=False
+    )
   # and the module's permission does not leak out of the module call
   bnjax.linen.BatchNorm(use_running_average=False).init(
-      jax.random.key(0), jnp.ones((1, 3)))
+    jax.random.key(0), jnp.ones((1, 3))
+  )
   with pytest.raises(ValueError, match='more than one value per channel'):
-    bnjax.batch_norm(jnp.ones((1, 3)), bnjax.init_batch_stats(3),
-                     use_running_average=False)
+    bnjax.batch_norm(
+      jnp.ones((1, 3)), bnjax.init_batch_stats(3), use_running_average=False
+    )
 
 
 def test_flax_shape_only_flows_with_a_batch_of_one():
@@ -125,8 +142,9 @@ def test_flax_shape_only_flows_with_a_batch_of_one():
   v = jax.eval_shape(Net().init, jax.random.key(0), x)
   assert v['batch_stats']['BatchNorm_0']['mean'].shape == (4,)
 
-  model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
-                         bnjax.nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+  model = nnx.Sequential(
+    nnx.Linear(3, 4, rngs=nnx.Rngs(0)), bnjax.nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+  )
   assert 'BatchNorm' in nnx.tabulate(model, x)
   assert nnx.eval_shape(lambda m, x: m(x), model, x).shape == (1, 4)
 
@@ -134,8 +152,10 @@ def test_flax_shape_only_flows_with_a_batch_of_one():
 def test_view_info_reads_set_view_docstrings():
   if not hasattr(nnx, 'view_info'):
     pytest.skip('this flax has no nnx.view_info (flax 0.12.8 has)')
-  model = nnx.Sequential(bnjax.nnx.BatchNorm(2, rngs=nnx.Rngs(0)),
-                         bnjax.nnx.BatchRenorm(2, rngs=nnx.Rngs(0)))
+  model = nnx.Sequential(
+    bnjax.nnx.BatchNorm(2, rngs=nnx.Rngs(0)),
+    bnjax.nnx.BatchRenorm(2, rngs=nnx.Rngs(0)),
+  )
   info = str(nnx.view_info(model))
   assert 'use_running_average' in info
   assert 'stored batch statistics will be' in info
@@ -159,7 +179,7 @@ class _Net(nnx.Module):
 
 
 def _set_state(model):
-  for path, bn in nnx.iter_graph(model):
+  for _path, bn in nnx.iter_graph(model):
     if isinstance(bn, nnx.BatchNorm):
       bn.mean[...] = jnp.arange(4.0) * 0.3
       bn.var[...] = jnp.linspace(0.5, 2.0, 4)
@@ -182,11 +202,13 @@ def test_convert_keeps_outputs_and_state_in_both_modes():
   for mode in ('eval', 'train'):
     getattr(ref, mode)(), getattr(model, mode)()
     np.testing.assert_allclose(model(x), ref(x), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(model.blocks[0].var[...], ref.blocks[0].var[...],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    model.blocks[0].var[...], ref.blocks[0].var[...], rtol=1e-6
+  )
   # same state tree as flax's, so checkpoints load both ways
   assert jax.tree.structure(nnx.to_pure_dict(nnx.state(model))) == (
-      jax.tree.structure(nnx.to_pure_dict(nnx.state(ref))))
+    jax.tree.structure(nnx.to_pure_dict(nnx.state(ref)))
+  )
 
 
 def test_convert_for_synced_training_equals_global_batch():
@@ -200,16 +222,20 @@ def test_convert_for_synced_training_equals_global_batch():
 
   y = jax.vmap(shard, in_axes=(None, 0), axis_name='d')(state, x)
   ref = _Net(nnx.Rngs(0))
-  np.testing.assert_allclose(np.asarray(y).reshape(32, 4),
-                             ref(x.reshape(32, 3)), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(
+    np.asarray(y).reshape(32, 4), ref(x.reshape(32, 3)), rtol=2e-5, atol=2e-5
+  )
 
 
 def test_convert_a_bare_batchnorm_and_overrides():
-  bn = bnjax.nnx.convert(nnx.BatchNorm(3, rngs=nnx.Rngs(0)),
-                         virtual_batch_size=2, momentum=0.5)
+  bn = bnjax.nnx.convert(
+    nnx.BatchNorm(3, rngs=nnx.Rngs(0)), virtual_batch_size=2, momentum=0.5
+  )
   assert isinstance(bn, bnjax.nnx.BatchNorm)
   assert bn.virtual_batch_size == 2 and bn.momentum == 0.5
-  with pytest.raises(TypeError, match=r"unknown BatchNorm arguments \['momentun'\]"):
+  with pytest.raises(
+    TypeError, match=r"unknown BatchNorm arguments \['momentun'\]"
+  ):
     bnjax.nnx.convert(nnx.BatchNorm(3, rngs=nnx.Rngs(0)), momentun=0.5)
 
 

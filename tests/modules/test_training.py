@@ -40,7 +40,8 @@ class Net(nn.Module):
     x = bnjax.linen.BatchNorm(**bnjax.training.mode_fields(self.bn_mode))(x)
     x = nn.Dense(3)(nn.relu(x))
     return bnjax.linen.BatchNorm(
-        **bnjax.training.mode_fields(self.bn_mode, momentum=0.9))(x)
+      **bnjax.training.mode_fields(self.bn_mode, momentum=0.9)
+    )(x)
 
 
 def _rel(a, b):
@@ -50,11 +51,14 @@ def _rel(a, b):
 def _pooled_oracle(inputs, old_mean, old_var, momentum):
   """One EMA step towards the float64 moments of all micro-batches' inputs."""
   mean, var, _ = ref.moments(np.concatenate(inputs))
-  return (momentum * np.asarray(old_mean, np.float64) + (1 - momentum) * mean,
-          momentum * np.asarray(old_var, np.float64) + (1 - momentum) * var)
+  return (
+    momentum * np.asarray(old_mean, np.float64) + (1 - momentum) * mean,
+    momentum * np.asarray(old_var, np.float64) + (1 - momentum) * var,
+  )
 
 
 # ---- accumulation ------------------------------------------------------------
+
 
 def test_linen_accumulation_is_one_update_from_every_micro_batch():
   """Each layer pools its own input over the k micro-batches (the input the
@@ -66,12 +70,16 @@ def test_linen_accumulation_is_one_update_from_every_micro_batch():
   moments, inputs = {}, {0: [], 1: []}
   for x in xs:
     _, upd = model.apply(
-        {**v, MOMENTS: moments}, x, capture_intermediates=True,
-        mutable=['batch_stats', MOMENTS, 'intermediates'])
+      {**v, MOMENTS: moments},
+      x,
+      capture_intermediates=True,
+      mutable=['batch_stats', MOMENTS, 'intermediates'],
+    )
     moments = upd[MOMENTS]
     np.testing.assert_array_equal(  # batch_stats untouched while pooling
-        upd['batch_stats']['BatchNorm_0']['var'],
-        v['batch_stats']['BatchNorm_0']['var'])
+      upd['batch_stats']['BatchNorm_0']['var'],
+      v['batch_stats']['BatchNorm_0']['var'],
+    )
     inter = upd['intermediates']
     inputs[0].append(np.asarray(inter['Dense_0']['__call__'][0], np.float64))
     inputs[1].append(np.asarray(inter['Dense_1']['__call__'][0], np.float64))
@@ -83,8 +91,11 @@ def test_linen_accumulation_is_one_update_from_every_micro_batch():
     np.testing.assert_allclose(new['mean'], mean, rtol=1e-6, atol=1e-7)
     assert _rel(new['var'], var) < 1e-6
     assert not np.any(emptied[f'BatchNorm_{i}']['count'])
-  jax.tree.map(lambda a, b: np.testing.assert_equal(a.dtype, b.dtype),
-               stats, v['batch_stats'])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_equal(a.dtype, b.dtype),
+    stats,
+    v['batch_stats'],
+  )
 
 
 def test_linen_single_layer_accumulation_equals_one_call_on_the_whole_batch():
@@ -93,13 +104,16 @@ def test_linen_single_layer_accumulation_equals_one_call_on_the_whole_batch():
   v = bn.init(jax.random.key(0), xs[0])
   moments = {}
   for x in xs:
-    _, upd = bn.apply({**v, MOMENTS: moments}, x,
-                      mutable=['batch_stats', MOMENTS])
+    _, upd = bn.apply(
+      {**v, MOMENTS: moments}, x, mutable=['batch_stats', MOMENTS]
+    )
     moments = upd[MOMENTS]
   stats, _ = bnjax.linen.apply_pooled(v['batch_stats'], moments)
   _, whole = bn.apply(v, xs.reshape(-1, F), mutable=['batch_stats'])
   for k in ('mean', 'var'):
-    assert _rel(stats[k], np.asarray(whole['batch_stats'][k], np.float64)) < 1e-6
+    assert (
+      _rel(stats[k], np.asarray(whole['batch_stats'][k], np.float64)) < 1e-6
+    )
 
 
 def test_linen_accumulation_under_optax_multisteps_in_one_jitted_step():
@@ -111,17 +125,21 @@ def test_linen_accumulation_under_optax_multisteps_in_one_jitted_step():
   v = model.init(jax.random.key(0), xs[0])
   opt = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=K)
   params, stats = v['params'], v['batch_stats']
-  moments = jax.tree.map(jnp.zeros_like, model.apply(
-      v, xs[0], mutable=[MOMENTS])[1][MOMENTS])
+  moments = jax.tree.map(
+    jnp.zeros_like, model.apply(v, xs[0], mutable=[MOMENTS])[1][MOMENTS]
+  )
   opt_state = opt.init(params)
 
   @jax.jit
   def step(params, stats, moments, opt_state, x):
     def loss(params):
-      y, upd = model.apply({'params': params, 'batch_stats': stats,
-                            MOMENTS: moments}, x,
-                           mutable=['batch_stats', MOMENTS])
-      return jnp.mean(y ** 2), upd[MOMENTS]
+      y, upd = model.apply(
+        {'params': params, 'batch_stats': stats, MOMENTS: moments},
+        x,
+        mutable=['batch_stats', MOMENTS],
+      )
+      return jnp.mean(y**2), upd[MOMENTS]
+
     grads, moments = jax.grad(loss, has_aux=True)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     applies = opt.has_updated(opt_state)
@@ -130,13 +148,15 @@ def test_linen_accumulation_under_optax_multisteps_in_one_jitted_step():
 
   history = []
   for x in xs:
-    params, stats, moments, opt_state = step(params, stats, moments,
-                                             opt_state, x)
+    params, stats, moments, opt_state = step(
+      params, stats, moments, opt_state, x
+    )
     history.append(stats['BatchNorm_0']['mean'])
   # Unchanged within each group of K, one step at its end.
   for i in (0, 1, 2):
-    np.testing.assert_array_equal(history[i], v['batch_stats'][
-        'BatchNorm_0']['mean'])
+    np.testing.assert_array_equal(
+      history[i], v['batch_stats']['BatchNorm_0']['mean']
+    )
   assert not np.array_equal(history[3], history[2])
   np.testing.assert_array_equal(history[4], history[3])
 
@@ -155,13 +175,16 @@ def _nnx_net(seed=0):
       h = self.d1(nnx.relu(self.bn0(h)))
       self.seen1 = nnx.Intermediate(h)
       return self.bn1(h)
+
   return N(nnx.Rngs(seed))
 
 
 def test_nnx_accumulation_in_nnx_jit_is_one_update_from_every_micro_batch():
   model = _nnx_net()
-  old = {n: (getattr(model, n).mean[...], getattr(model, n).var[...])
-         for n in ('bn0', 'bn1')}
+  old = {
+    n: (getattr(model, n).mean[...], getattr(model, n).var[...])
+    for n in ('bn0', 'bn1')
+  }
   bnjax.training.start_pooling(model)
 
   @nnx.jit
@@ -192,35 +215,53 @@ def test_nnx_accumulation_in_nnx_jit_is_one_update_from_every_micro_batch():
 
 def test_nnx_pooling_errors_name_the_fix():
   flax_model = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
-  with pytest.raises(TypeError, match=r'only bnjax.nnx.BatchNorm layers pool'
-                     r'.*BatchNorm.*bnjax.nnx.convert'):
+  with pytest.raises(
+    TypeError,
+    match=r'only bnjax.nnx.BatchNorm layers pool'
+    r'.*BatchNorm.*bnjax.nnx.convert',
+  ):
     bnjax.training.start_pooling(flax_model)
   model = _nnx_net()
-  with pytest.raises(ValueError, match=r'no BatchNorm layer of the model is '
-                     r'pooling; call bnjax.training.start_pooling'):
+  with pytest.raises(
+    ValueError,
+    match=r'no BatchNorm layer of the model is '
+    r'pooling; call bnjax.training.start_pooling',
+  ):
     bnjax.training.apply_pooled(model)
   bnjax.training.start_pooling(model)
   with pytest.raises(ValueError, match='pooling already'):
     bnjax.training.start_pooling(model)
-  with pytest.raises(ValueError, match=r"mode must be one of \('train', "
-                     r"'eval', 'frozen'\), got 'test'"):
+  with pytest.raises(
+    ValueError,
+    match=r"mode must be one of \('train', "
+    r"'eval', 'frozen'\), got 'test'",
+  ):
     bnjax.training.set_mode(model, 'test')
-  with pytest.raises(TypeError, match=r'model must be an nnx.Module, got '
-                     r'Net.*mode_fields'):
+  with pytest.raises(
+    TypeError,
+    match=r'model must be an nnx.Module, got '
+    r'Net.*mode_fields',
+  ):
     bnjax.training.set_mode(Net(), 'eval')
 
 
 # ---- freezing ----------------------------------------------------------------
+
 
 class _Mixed(nnx.Module):
   """A backbone with a flax and a bnjax BN, and a head with its own BN."""
 
   def __init__(self, rngs):
     self.backbone = nnx.Sequential(
-        nnx.Linear(F, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs), nnx.relu,
-        nnx.Linear(6, 6, rngs=rngs), bnjax.nnx.BatchNorm(6, rngs=rngs))
-    self.head = nnx.Sequential(nnx.Linear(6, 2, rngs=rngs),
-                               bnjax.nnx.BatchNorm(2, rngs=rngs))
+      nnx.Linear(F, 6, rngs=rngs),
+      nnx.BatchNorm(6, rngs=rngs),
+      nnx.relu,
+      nnx.Linear(6, 6, rngs=rngs),
+      bnjax.nnx.BatchNorm(6, rngs=rngs),
+    )
+    self.head = nnx.Sequential(
+      nnx.Linear(6, 2, rngs=rngs), bnjax.nnx.BatchNorm(2, rngs=rngs)
+    )
 
   def __call__(self, x):
     return self.head(nnx.relu(self.backbone(x)))
@@ -249,9 +290,11 @@ def test_a_frozen_sub_model_keeps_its_statistics_bitwise(mode):
   head = np.asarray(model.head.layers[1].mean[...])
   params = np.asarray(model.backbone.layers[0].kernel[...])
   _train_steps(model)
-  jax.tree.map(np.testing.assert_array_equal, frozen,
-               jax.tree.map(np.asarray, nnx.state(model.backbone,
-                                                  nnx.BatchStat)))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    frozen,
+    jax.tree.map(np.asarray, nnx.state(model.backbone, nnx.BatchStat)),
+  )
   assert not np.array_equal(model.head.layers[1].mean[...], head)
   assert not np.array_equal(model.backbone.layers[0].kernel[...], params)
   bnjax.training.set_mode(model, 'train')
@@ -262,17 +305,24 @@ def test_a_frozen_sub_model_keeps_its_statistics_bitwise(mode):
 
 def test_frozen_mode_uses_batch_statistics_and_they_get_no_gradient():
   model = _Mixed(nnx.Rngs(0))
-  bnjax.training.set_mode(model, 'frozen',
-                          only=lambda path, m: 'head' not in path)
+  bnjax.training.set_mode(
+    model, 'frozen', only=lambda path, m: 'head' not in path
+  )
   assert model.head.layers[1].momentum == 0.99  # not picked
   x = _xs()[0]
   bn = model.backbone.layers[4]
-  h = model.backbone.layers[3](nnx.relu(model.backbone.layers[2](
-      model.backbone.layers[1](model.backbone.layers[0](x)))))
+  h = model.backbone.layers[3](
+    nnx.relu(
+      model.backbone.layers[2](
+        model.backbone.layers[1](model.backbone.layers[0](x))
+      )
+    )
+  )
   mean, var, _ = ref.moments(h)
   np.testing.assert_allclose(bn(h), ref.normalize(h, mean, var), atol=2e-5)
-  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2),
-                   argnums=nnx.DiffState(0, nnx.BatchStat))(model)
+  grads = nnx.grad(
+    lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.BatchStat)
+  )(model)
   assert all(not np.any(g) for g in jax.tree.leaves(grads))
   # A non-finite batch does not reach frozen statistics either (1 * old +
   # 0 * NaN would be NaN): momentum 1 returns them as they were.
@@ -291,14 +341,17 @@ def test_bn_param_mask_freezes_or_trains_only_bn_affine_with_optax():
   grads = jax.tree.map(jnp.ones_like, v['params'])
   updates, _ = tx.update(grads, tx.init(v['params']), v['params'])
   new = optax.apply_updates(v['params'], updates)
-  np.testing.assert_array_equal(new['BatchNorm_0']['scale'],
-                                v['params']['BatchNorm_0']['scale'])
-  assert not np.array_equal(new['Dense_0']['kernel'],
-                            v['params']['Dense_0']['kernel'])
+  np.testing.assert_array_equal(
+    new['BatchNorm_0']['scale'], v['params']['BatchNorm_0']['scale']
+  )
+  assert not np.array_equal(
+    new['Dense_0']['kernel'], v['params']['Dense_0']['kernel']
+  )
   # nnx state trees give the same mask.
   m = _nnx_net()
-  mask = bnjax.training.bn_param_mask(nnx.state(m, nnx.Param),
-                                      nnx.state(m, nnx.BatchStat))
+  mask = bnjax.training.bn_param_mask(
+    nnx.state(m, nnx.Param), nnx.state(m, nnx.BatchStat)
+  )
   assert mask['bn0'] == {'scale': True, 'bias': True}
   assert mask['d0'] == {'kernel': False, 'bias': False}
 
@@ -309,13 +362,15 @@ def test_linen_frozen_mode_keeps_statistics_bitwise_and_eval_uses_them():
   _, upd = Net().apply(v, xs[0], mutable=['batch_stats'])  # a trained state
   v = {**v, **upd}
   _, frozen = Net('frozen').apply(v, xs[1], mutable=['batch_stats'])
-  jax.tree.map(np.testing.assert_array_equal, frozen['batch_stats'],
-               v['batch_stats'])
+  jax.tree.map(
+    np.testing.assert_array_equal, frozen['batch_stats'], v['batch_stats']
+  )
   y = Net('eval').apply(v, xs[1])
   assert np.all(np.isfinite(y))
 
 
 # ---- averaging per-device statistics -----------------------------------------
+
 
 def test_average_stats_over_a_mesh_axis_count_weighted():
   """Local-BN data parallelism on 8 devices: each device's running
@@ -323,16 +378,23 @@ def test_average_stats_over_a_mesh_axis_count_weighted():
   (a hand average), one collective for the whole tree; integer counts are
   kept."""
   mesh = _mesh()
-  per = {'bn': bnjax.BatchStats(jnp.asarray(randn((8, 3), seed=1)),
-                                jnp.asarray(randn((8, 3), seed=2)) ** 2),
-         'cum': bnjax.CumulativeStats(jnp.asarray(randn((8, 2), seed=3)),
-                                      jnp.ones((8, 2)),
-                                      jnp.full((8, 2), 7, jnp.int32))}
+  per = {
+    'bn': bnjax.BatchStats(
+      jnp.asarray(randn((8, 3), seed=1)),
+      jnp.asarray(randn((8, 3), seed=2)) ** 2,
+    ),
+    'cum': bnjax.CumulativeStats(
+      jnp.asarray(randn((8, 2), seed=3)),
+      jnp.ones((8, 2)),
+      jnp.full((8, 2), 7, jnp.int32),
+    ),
+  }
   w = jnp.arange(1.0, 9.0)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P('d'), P('d')),
-                     out_specs=P('d'))
+  @functools.partial(
+    jax.shard_map, mesh=mesh, in_specs=(P('d'), P('d')), out_specs=P('d')
+  )
   def sync(per, w):
     local = jax.tree.map(lambda v: v[0], per)
     out = bnjax.training.average_stats(local, 'd', weight=w[0])
@@ -345,22 +407,26 @@ def test_average_stats_over_a_mesh_axis_count_weighted():
   np.testing.assert_array_equal(got['cum'].count, per['cum'].count)
   # Equal weights: the plain mean; stacked statistics (no axis_name) agree.
   plain = bnjax.training.average_stats(per)
-  np.testing.assert_allclose(plain['bn'].var, np.mean(per['bn'].var, 0),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    plain['bn'].var, np.mean(per['bn'].var, 0), rtol=1e-6
+  )
   stacked = bnjax.training.average_stats(per, weight=w)
   np.testing.assert_allclose(stacked['bn'].mean, want, rtol=1e-6)
 
 
 def test_average_stats_errors_name_the_fix():
-  with pytest.raises(ValueError, match=r'weight of shape \(3,\) must have '
-                     r'one entry per device, \(2,\)'):
-    bnjax.training.average_stats({'m': jnp.ones((2, 4))},
-                                 weight=jnp.ones(3))
+  with pytest.raises(
+    ValueError,
+    match=r'weight of shape \(3,\) must have '
+    r'one entry per device, \(2,\)',
+  ):
+    bnjax.training.average_stats({'m': jnp.ones((2, 4))}, weight=jnp.ones(3))
   with pytest.raises(ValueError, match='stacked along a leading device axis'):
     bnjax.training.average_stats({'m': jnp.ones(())})
 
 
 # ---- recalibration -----------------------------------------------------------
+
 
 def test_recalibrate_functional_linen_and_nnx_against_the_float64_oracle():
   """The three APIs: each layer's statistics become the float64 moments of
@@ -375,7 +441,8 @@ def test_recalibrate_functional_linen_and_nnx_against_the_float64_oracle():
     return y, {'bn': s}
 
   got = bnjax.training.recalibrate(
-      net, batches, variables={'bn': bnjax.init_batch_stats(F)})['bn']
+    net, batches, variables={'bn': bnjax.init_batch_stats(F)}
+  )['bn']
   bn = bnjax.linen.BatchNorm(use_running_average=False)
   v = bn.init(jax.random.key(0), batches[0])
   lin = bnjax.training.recalibrate(bn, batches, variables=v)['batch_stats']
@@ -383,8 +450,11 @@ def test_recalibrate_functional_linen_and_nnx_against_the_float64_oracle():
   m.eval()
   assert bnjax.training.recalibrate(m, batches) is m
   assert m.use_running_average  # mode restored
-  for g in (got, bnjax.BatchStats(lin['mean'], lin['var']),
-            bnjax.BatchStats(m.mean[...], m.var[...])):
+  for g in (
+    got,
+    bnjax.BatchStats(lin['mean'], lin['var']),
+    bnjax.BatchStats(m.mean[...], m.var[...]),
+  ):
     np.testing.assert_allclose(g.mean, mean, rtol=1e-6)
     assert _rel(g.var, var) < 1e-6
 

@@ -61,8 +61,9 @@ def test_nnx_vmap_with_axis_name_twice_equals_global_batch():
   statistics the same for every member, so they can be written back."""
   model = _Net(bnjax.nnx.BatchNorm, nnx.Rngs(0), axis_name='members')
   x = jnp.asarray(randn((16, 5, 3), loc=1.0, seed=1))
-  f = nnx.vmap(lambda m, x: m(x), in_axes=(None, 1), out_axes=1,
-               axis_name='members')
+  f = nnx.vmap(
+    lambda m, x: m(x), in_axes=(None, 1), out_axes=1, axis_name='members'
+  )
   h = np.asarray(model.lin(x))
   y1 = f(model, x)
   mean1 = np.asarray(model.bn.mean[...])
@@ -71,8 +72,9 @@ def test_nnx_vmap_with_axis_name_twice_equals_global_batch():
   np.testing.assert_allclose(y2, y1, rtol=0, atol=0)
   m64, _, _ = ref.moments(h)
   np.testing.assert_allclose(mean1, 0.01 * m64, rtol=2e-5, atol=1e-7)
-  np.testing.assert_allclose(model.bn.mean[...], 0.0199 * m64, rtol=2e-5,
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    model.bn.mean[...], 0.0199 * m64, rtol=2e-5, atol=1e-7
+  )
 
 
 def test_nnx_vmap_without_axis_name_fails_at_the_first_call():
@@ -88,10 +90,12 @@ def test_nnx_vmap_without_axis_name_fails_at_the_first_call():
 def test_nnx_vmap_over_an_ensemble_matches_flax():
   """An ensemble: state split along the member axis (in_axes 0), each
   member normalizing its own batch."""
+
   def make(bn):
     @nnx.vmap(in_axes=0, out_axes=0)
     def create(key):
       return _Net(bn, nnx.Rngs(key))
+
     return create(jax.random.split(jax.random.key(0), 3))
 
   x = jnp.asarray(randn((3, 8, 3), seed=2))
@@ -118,6 +122,7 @@ def _stacked(bn, n=3):
   @nnx.vmap(in_axes=0, out_axes=0)
   def create(key):
     return _Block(bn, nnx.Rngs(key))
+
   return create(jax.random.split(jax.random.key(1), n))
 
 
@@ -158,9 +163,11 @@ def test_nnx_remat_equals_the_plain_call_with_gradients():
     call = wrap(lambda m, x: m(x))
     grads = nnx.grad(lambda m, x: jnp.sum(call(m, x) ** 3))(model, x)
     got.append((nnx.state(grads, nnx.Param), model.bn.mean[...]))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
-                                                       atol=1e-6),
-               got[1], got[0])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+    got[1],
+    got[0],
+  )
 
 
 def test_nnx_jit_with_donated_state_trains_like_the_undonated_step():
@@ -210,6 +217,7 @@ def _modes():
         yield
       finally:
         flax.config.update(name, old)
+
     return ctx
 
   modes = {}
@@ -268,8 +276,12 @@ def test_linen_scan_over_stacked_blocks_matches_flax():
   x = jnp.asarray(randn((8, C), seed=7))
   outs = []
   for bn in (nn.BatchNorm, bnjax.linen.BatchNorm):
-    scanned = nn.scan(_LBlock, variable_axes={'params': 0, 'batch_stats': 0},
-                      split_rngs={'params': True}, length=3)(bn)
+    scanned = nn.scan(
+      _LBlock,
+      variable_axes={'params': 0, 'batch_stats': 0},
+      split_rngs={'params': True},
+      length=3,
+    )(bn)
     (y, _), upd = _linen_run(scanned, x)
     assert upd['batch_stats']['BatchNorm_0']['mean'].shape == (3, C)
     outs.append((y, upd))
@@ -284,9 +296,11 @@ def test_linen_remat_matches_flax_with_gradients():
     variables = block.init(jax.random.key(0), x)
 
     def loss(params, variables=variables, block=block):
-      (y, _), upd = block.apply({**variables, 'params': params}, x,
-                                mutable=['batch_stats'])
-      return jnp.sum(y ** 3), upd
+      (y, _), upd = block.apply(
+        {**variables, 'params': params}, x, mutable=['batch_stats']
+      )
+      return jnp.sum(y**3), upd
+
     grads, upd = jax.grad(loss, has_aux=True)(variables['params'])
     outs.append((grads, upd))
   _close(outs[1][0], outs[0][0], per_leaf=False)
@@ -298,20 +312,31 @@ class _Synced(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return bnjax.linen.BatchNorm(use_running_average=False,
-                                 axis_name=self.axis_name)(x)
+    return bnjax.linen.BatchNorm(
+      use_running_average=False, axis_name=self.axis_name
+    )(x)
 
 
 def test_linen_vmap_with_axis_name_equals_global_batch():
   x = randn((5, 6, C), loc=2.0, seed=9)
-  vm = nn.vmap(_Synced, variable_axes={'params': None, 'batch_stats': None},
-               split_rngs={'params': False}, in_axes=0, axis_name='b')('b')
+  vm = nn.vmap(
+    _Synced,
+    variable_axes={'params': None, 'batch_stats': None},
+    split_rngs={'params': False},
+    in_axes=0,
+    axis_name='b',
+  )('b')
   y, upd = vm.apply(vm.init(jax.random.key(0), x), x, mutable=['batch_stats'])
   flat = x.reshape(-1, C)
-  np.testing.assert_allclose(np.asarray(y).reshape(-1, C), _oracle_y(flat),
-                             rtol=2e-5, atol=2e-5)
-  np.testing.assert_allclose(upd['batch_stats']['BatchNorm_0']['mean'],
-                             0.01 * ref.moments(flat)[0], rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    np.asarray(y).reshape(-1, C), _oracle_y(flat), rtol=2e-5, atol=2e-5
+  )
+  np.testing.assert_allclose(
+    upd['batch_stats']['BatchNorm_0']['mean'],
+    0.01 * ref.moments(flat)[0],
+    rtol=2e-5,
+    atol=1e-7,
+  )
 
 
 def test_nested_linen_vmap_with_a_tuple_axis_name():
@@ -323,15 +348,26 @@ def test_nested_linen_vmap_with_a_tuple_axis_name():
     def __call__(self, x):
       return _Synced(('outer', 'inner'))(x)
 
-  inner = nn.vmap(Inner, variable_axes={'params': None, 'batch_stats': None},
-                  split_rngs={'params': False}, axis_name='inner')
-  outer = nn.vmap(inner, variable_axes={'params': None, 'batch_stats': None},
-                  split_rngs={'params': False}, axis_name='outer')()
-  y, upd = outer.apply(outer.init(jax.random.key(0), x), x,
-                       mutable=['batch_stats'])
+  inner = nn.vmap(
+    Inner,
+    variable_axes={'params': None, 'batch_stats': None},
+    split_rngs={'params': False},
+    axis_name='inner',
+  )
+  outer = nn.vmap(
+    inner,
+    variable_axes={'params': None, 'batch_stats': None},
+    split_rngs={'params': False},
+    axis_name='outer',
+  )()
+  y, upd = outer.apply(
+    outer.init(jax.random.key(0), x), x, mutable=['batch_stats']
+  )
   flat = x.reshape(-1, C)
-  np.testing.assert_allclose(np.asarray(y).reshape(-1, C), _oracle_y(flat),
-                             rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(
+    np.asarray(y).reshape(-1, C), _oracle_y(flat), rtol=2e-5, atol=2e-5
+  )
   stats = upd['batch_stats']['_Synced_0']['BatchNorm_0']
-  np.testing.assert_allclose(stats['mean'], 0.01 * ref.moments(flat)[0],
-                             rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    stats['mean'], 0.01 * ref.moments(flat)[0], rtol=2e-5, atol=1e-7
+  )

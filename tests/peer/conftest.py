@@ -61,5 +61,6 @@ def pytest_collection_modifyitems(config, items):
     nodeid = item.nodeid.split('tests/peer/')[-1]
     for pattern, (title, reason) in DIFFERENCES.items():
       if re.search(pattern, nodeid):
-        item.add_marker(pytest.mark.skip(reason=f'deliberate: {title}: '
-                                         f'{reason}'))
+        item.add_marker(
+          pytest.mark.skip(reason=f'deliberate: {title}: {reason}')
+        )

@@ -39,11 +39,11 @@ SWAP = {
   'linen': (r'\bnn\.BatchNorm\b', 'bnjax.linen.BatchNorm'),
   'nnx': (r'(?<![\w.])nnx\.BatchNorm\b', 'bnjax.nnx.BatchNorm'),
 }
-HEADER = '''\
+HEADER = """\
 # Ported from flax {version} tests/{rel} by tests/peer/port_flax.py: only the
 # test methods that use BatchNorm, with Flax's BatchNorm swapped for bnjax's.
 # Do not edit by hand; regenerate. Original copyright notice follows.
-'''
+"""
 
 
 def _is_testcase(node: ast.ClassDef) -> bool:
@@ -73,9 +73,7 @@ def port(root: pathlib.Path, rel: str, kind: str) -> tuple[str, int]:
       for f in node.body
       if isinstance(f, ast.FunctionDef) and f.name.startswith('test')
     ]
-    keep = [
-      f for f in tests if 'BatchNorm' in ast.get_source_segment(src, f)
-    ]
+    keep = [f for f in tests if 'BatchNorm' in ast.get_source_segment(src, f)]
     if not keep:
       start = min([node.lineno] + [d.lineno for d in node.decorator_list])
       drop.append((start, node.end_lineno))
@@ -94,7 +92,7 @@ def port(root: pathlib.Path, rel: str, kind: str) -> tuple[str, int]:
   imports = 'import bnjax.linen\n' if kind == 'linen' else 'import bnjax.nnx\n'
   # after the license header (the first non-comment line)
   m = re.search(r'^(?!#)', body, flags=re.M)
-  body = body[: m.start()] + imports + body[m.start():]
+  body = body[: m.start()] + imports + body[m.start() :]
   version = re.search(
     r"__version__ = ['\"](.*)['\"]", (root / 'flax/version.py').read_text()
   )[1]

@@ -15,13 +15,15 @@ import pytest
 
 import bnjax
 from bnjax import interop
+from tests._helpers import import_torch
 
-torch = pytest.importorskip('torch', reason='the torch extra is not installed: pip install -e ".[torch]"')
+torch = import_torch()
 
 
 def _bn_stats(tbn):
-  return bnjax.BatchStats(jnp.asarray(tbn.running_mean.numpy()),
-                          jnp.asarray(tbn.running_var.numpy()))
+  return bnjax.BatchStats(
+    jnp.asarray(tbn.running_mean.numpy()), jnp.asarray(tbn.running_var.numpy())
+  )
 
 
 def _unbiased_to_biased(v_torch_batch, n):
@@ -37,15 +39,17 @@ def test_batchnorm_simple_average():
   t(d1), t(d2)
   s = bnjax.init_cumulative_stats(3)
   for d in (d1, d2):
-    _, s = bnjax.batch_norm(jnp.asarray(d.numpy()), s,
-                            use_running_average=False)
+    _, s = bnjax.batch_norm(
+      jnp.asarray(d.numpy()), s, use_running_average=False
+    )
   np.testing.assert_allclose(s.mean, t.running_mean.numpy(), rtol=1e-6)
   m1, m2 = d1.mean(0), d2.mean(0)
   np.testing.assert_allclose(s.mean, ((m1 + m2) / 2).numpy(), rtol=1e-6)
   v = (d1.var(0, unbiased=False) + d2.var(0, unbiased=False)) / 2
   np.testing.assert_allclose(s.var, v.numpy(), rtol=1e-5)
-  np.testing.assert_allclose(s.var, _unbiased_to_biased(
-      t.running_var.numpy(), 4), rtol=1e-5)
+  np.testing.assert_allclose(
+    s.var, _unbiased_to_biased(t.running_var.numpy(), 4), rtol=1e-5
+  )
   np.testing.assert_array_equal(s.count, int(t.num_batches_tracked))
   assert int(t.num_batches_tracked) == 2
 
@@ -59,17 +63,19 @@ def test_batchnorm_update_stats():
   t.train()
   y_t = t(x).detach().numpy()
   xj = interop.nchw_to_nhwc(x.numpy())
-  y, s = bnjax.batch_norm(xj, s0, use_running_average=False,
-                          momentum=interop.momentum_from_torch(0.3))
-  np.testing.assert_allclose(interop.nhwc_to_nchw(y), y_t, rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(s.mean, t.running_mean.numpy(), rtol=1e-6,
-                             atol=1e-7)
+  y, s = bnjax.batch_norm(
+    xj, s0, use_running_average=False, momentum=interop.momentum_from_torch(0.3)
+  )
+  np.testing.assert_allclose(interop.nhwc_to_nchw(y), y_t, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    s.mean, t.running_mean.numpy(), rtol=1e-6, atol=1e-7
+  )
   n = 6 * 9
   batch_var = x.var((0, 2, 3), unbiased=False).numpy()
   np.testing.assert_allclose(s.var, 0.7 * 1.0 + 0.3 * batch_var, rtol=1e-5)
   np.testing.assert_allclose(
-      t.running_var.numpy(), 0.7 + 0.3 * batch_var * n / (n - 1), rtol=1e-5)
+    t.running_var.numpy(), 0.7 + 0.3 * batch_var * n / (n - 1), rtol=1e-5
+  )
   t.eval()
   before = t.running_mean.clone()
   t(x)
@@ -84,29 +90,48 @@ def test_batchnorm_raises_error_if_less_than_one_value_per_channel():
   with pytest.raises(ValueError):
     torch.nn.BatchNorm1d(10)(torch.randn(1, 10))
   with pytest.raises(ValueError, match='more than one value per channel'):
-    bnjax.batch_norm(jnp.ones((1, 10)), bnjax.init_batch_stats(10),
-                     use_running_average=False)
+    bnjax.batch_norm(
+      jnp.ones((1, 10)), bnjax.init_batch_stats(10), use_running_average=False
+    )
 
 
-@pytest.mark.parametrize('arg', ['running_mean', 'running_var', 'weight',
-                                 'bias'])
+@pytest.mark.parametrize(
+  'arg', ['running_mean', 'running_var', 'weight', 'bias']
+)
 def test_batchnorm_raises_error_if_arg_is_not_same_size_as_input(arg):
   # torch's four test_batchnorm_raises_error_if_*_is_not_same_size_as_input.
   x = torch.rand(2, 10)
-  args = dict(running_mean=torch.rand(10), running_var=torch.rand(10),
-              weight=torch.rand(10), bias=torch.rand(10))
+  args = dict(
+    running_mean=torch.rand(10),
+    running_var=torch.rand(10),
+    weight=torch.rand(10),
+    bias=torch.rand(10),
+  )
   args[arg] = torch.rand(11)
   with pytest.raises(RuntimeError):
-    torch.nn.functional.batch_norm(x, args['running_mean'],
-                                   args['running_var'], args['weight'],
-                                   args['bias'], training=True)
+    torch.nn.functional.batch_norm(
+      x,
+      args['running_mean'],
+      args['running_var'],
+      args['weight'],
+      args['bias'],
+      training=True,
+    )
   j = {k: jnp.asarray(v.numpy()) for k, v in args.items()}
-  name = {'running_mean': 'batch_stats.mean', 'running_var': 'batch_stats.var',
-          'weight': 'scale', 'bias': 'bias'}[arg]
+  name = {
+    'running_mean': 'batch_stats.mean',
+    'running_var': 'batch_stats.var',
+    'weight': 'scale',
+    'bias': 'bias',
+  }[arg]
   with pytest.raises(ValueError, match=rf'{name} has shape \(11,\)'):
-    bnjax.batch_norm(jnp.asarray(x.numpy()),
-                     bnjax.BatchStats(j['running_mean'], j['running_var']),
-                     j['weight'], j['bias'], use_running_average=False)
+    bnjax.batch_norm(
+      jnp.asarray(x.numpy()),
+      bnjax.BatchStats(j['running_mean'], j['running_var']),
+      j['weight'],
+      j['bias'],
+      use_running_average=False,
+    )
 
 
 def test_batchnorm_eval():
@@ -136,8 +161,9 @@ def test_batchnorm_eval():
   np.testing.assert_allclose(g, g_t.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('shape', [(5, 3), (4, 3, 6), (3, 3, 4, 5),
-                                   (2, 3, 2, 3, 2)])
+@pytest.mark.parametrize(
+  'shape', [(5, 3), (4, 3, 6), (3, 3, 4, 5), (2, 3, 2, 3, 2)]
+)
 def test_batchnorm_grad(shape):
   # torch's gradcheck of F.batch_norm in training mode (float64): bnjax's
   # gradients for x, weight and bias equal torch's autograd.
@@ -149,10 +175,18 @@ def test_batchnorm_grad(shape):
   y_t = torch.nn.functional.batch_norm(xt, None, None, wt, bt, training=True)
   g_t = torch.autograd.grad(y_t, (xt, wt, bt), torch.tensor(ct))
   with jax.enable_x64(True):
+
     def f(x, w, b):
-      y, _ = bnjax.batch_norm(x, bnjax.init_batch_stats(3, jnp.float64), w, b,
-                              axis=1, use_running_average=False)
+      y, _ = bnjax.batch_norm(
+        x,
+        bnjax.init_batch_stats(3, jnp.float64),
+        w,
+        b,
+        axis=1,
+        use_running_average=False,
+      )
       return jnp.sum(y * ct)
+
     g = jax.grad(f, (0, 1, 2))(*(jnp.asarray(a) for a in (x, w, b)))
   for a, b_ in zip(g, g_t, strict=True):
     np.testing.assert_allclose(a, b_.numpy(), rtol=1e-9, atol=1e-10)
@@ -164,20 +198,27 @@ def test_batchnorm_nhwc():
   t = torch.nn.BatchNorm2d(4)
   x = torch.randn(4, 4, 5, 5)
   y_t = t(x.contiguous(memory_format=torch.channels_last)).detach().numpy()
-  y, _ = bnjax.batch_norm(interop.nchw_to_nhwc(x.numpy()),
-                          bnjax.init_batch_stats(4), use_running_average=False)
-  np.testing.assert_allclose(interop.nhwc_to_nchw(y), y_t, rtol=1e-5,
-                             atol=1e-5)
+  y, _ = bnjax.batch_norm(
+    interop.nchw_to_nhwc(x.numpy()),
+    bnjax.init_batch_stats(4),
+    use_running_average=False,
+  )
+  np.testing.assert_allclose(interop.nhwc_to_nchw(y), y_t, rtol=1e-5, atol=1e-5)
 
 
 def test_batchnorm_large_batch():
   # torch: a batch of 2**16 examples (its CPU kernel switches algorithm).
   torch.manual_seed(4)
-  x = torch.randn(2 ** 16, 3, 2) * 5 + 3
+  x = torch.randn(2**16, 3, 2) * 5 + 3
   t = torch.nn.BatchNorm1d(3)
   y_t = t(x).detach().numpy()
-  y, s = bnjax.batch_norm(jnp.asarray(x.numpy()), bnjax.init_batch_stats(3),
-                          axis=1, use_running_average=False, momentum=0.9)
+  y, s = bnjax.batch_norm(
+    jnp.asarray(x.numpy()),
+    bnjax.init_batch_stats(3),
+    axis=1,
+    use_running_average=False,
+    momentum=0.9,
+  )
   np.testing.assert_allclose(y, y_t, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(s.mean, t.running_mean.numpy(), rtol=1e-5)
 
@@ -190,8 +231,9 @@ def test_batchnorm_buffer_update_when_stats_are_not_tracked():
   t = torch.nn.BatchNorm1d(3, track_running_stats=False).eval()
   assert t.running_mean is None
   x = torch.randn(8, 3)
-  y, _ = bnjax.batch_norm(jnp.asarray(x.numpy()), bnjax.init_batch_stats(3),
-                          use_running_average=False)
+  y, _ = bnjax.batch_norm(
+    jnp.asarray(x.numpy()), bnjax.init_batch_stats(3), use_running_average=False
+  )
   np.testing.assert_allclose(y, t(x).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -202,10 +244,12 @@ def test_batchnorm_load_state_dict():
   t = torch.nn.BatchNorm2d(3)
   t(torch.randn(4, 3, 2, 2))
   v = interop.from_torch(t.state_dict(), {'': 'bn'})
-  back = interop.to_torch(v, {'': 'bn'},
-                          num_batches_tracked=int(t.num_batches_tracked))
+  back = interop.to_torch(
+    v, {'': 'bn'}, num_batches_tracked=int(t.num_batches_tracked)
+  )
   fresh = torch.nn.BatchNorm2d(3)
-  fresh.load_state_dict({k: torch.from_numpy(a) for k, a in back.items()},
-                        strict=True)
+  fresh.load_state_dict(
+    {k: torch.from_numpy(a) for k, a in back.items()}, strict=True
+  )
   for k, a in t.state_dict().items():
     assert torch.equal(a, fresh.state_dict()[k]), k

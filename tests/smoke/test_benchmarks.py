@@ -1,5 +1,7 @@
 """Keeps the benchmark scripts working: a seconds-long smoke run of each."""
 
+import pytest
+
 from benchmarks import layer
 
 
@@ -13,6 +15,7 @@ def test_layer_benchmark_smoke():
 def test_reductions_benchmark_smoke():
   """Every single-read form computes the same two sums (checked inside)."""
   from benchmarks import reductions
+
   out = reductions.main(['--smoke'])
   assert {r['form'] for r in out['rows']} >= {'two_sums', 'variadic_reduce'}
   assert out['compile_s']['with_cond'] > 0
@@ -20,18 +23,22 @@ def test_reductions_benchmark_smoke():
 
 def test_sync_benchmark_smoke():
   from benchmarks import sync
+
   rows = sync.main(['--smoke'])
   assert rows and all(r['step_sync_ms'] > 0 for r in rows)
 
 
 def test_sync_model_matches_the_hlo():
   from benchmarks import sync_model
+
   out = sync_model.main(['--smoke'])
   assert out['hlo_check']['agrees'], out['hlo_check']
 
 
+@pytest.mark.heavy
 def test_model_benchmark_smoke():
   from benchmarks import model
+
   row = model.main(['--smoke'])
   assert row['bnjax_ms'] > 0 and row['bnjax_mem']['peak_mb'] > 0
   # The profiler breakdown found both kinds of op in both models.
@@ -44,7 +51,8 @@ def test_model_benchmark_smoke():
 
 def test_profile_labels_instructions_by_what_they_fuse():
   from benchmarks import _profile
-  hlo = '''
+
+  hlo = """
 %fused_conv (p: f32[4]) -> f32[4] {
   %c = f32[4] convolution(%p, %p), window={}
 }
@@ -56,21 +64,25 @@ ENTRY %main (x: f32[4]) -> f32[4] {
   %b = f32[4] fusion(%a), kind=kLoop, calls=%fused_bn
   ROOT %r = f32[4] add(%a, %b)
 }
-'''
+"""
   kinds = _profile.instruction_kinds(hlo)
   assert (kinds['a'], kinds['b'], kinds['r']) == ('conv', 'bn', 'other')
 
 
 def test_torch_layer_benchmark_smoke():
-  import pytest
-  pytest.importorskip('torch', reason='the torch extra is not installed: pip install -e ".[torch]"')
+  from tests._helpers import import_torch
+
+  import_torch()
   from benchmarks import torch_layer
+
   rows = torch_layer.main(['--smoke'])
   assert all(r['best_ms'] > 0 for r in rows)
 
 
+@pytest.mark.heavy
 def test_fold_benchmark_smoke():
   from benchmarks import fold
+
   (row,) = fold.main(['--smoke'])['rows']
   assert row['bn_ms'] > 0 and row['folded_ms'] > 0
   assert row['max_rel_logit_diff'] < 1e-4
@@ -82,24 +94,32 @@ def test_sync_lowering_smoke():
   types prove the shift replicated) and the all-gather inside one; both one
   all-reduce of 2C backward."""
   from benchmarks import sync_lowering
+
   rows = sync_lowering.main(['--smoke'])
   for r in rows:
     c = r['channels']
-    ops = [(o['kind'], o['operand_floats'], o['conditional'])
-           for o in r['collectives']]
+    ops = [
+      (o['kind'], o['operand_floats'], o['conditional'])
+      for o in r['collectives']
+    ]
     if r['sync'] == 'gather':
-      assert ops == [('all_gather', 3 * c + 1, False),
-                     ('all_reduce', 2 * c, False)], ops
+      assert ops == [
+        ('all_gather', 3 * c + 1, False),
+        ('all_reduce', 2 * c, False),
+      ], ops
     else:
-      assert ops == [('all_reduce', 2 * c + 1, False),
-                     ('all_gather', 3 * c + 1, True),
-                     ('all_reduce', 2 * c, False)], ops
+      assert ops == [
+        ('all_reduce', 2 * c + 1, False),
+        ('all_gather', 3 * c + 1, True),
+        ('all_reduce', 2 * c, False),
+      ], ops
 
 
 def test_benchmarks_readme_sync_tables_are_the_committed_results():
   import pathlib
 
   from benchmarks import _timing, sync_lowering, sync_model
+
   root = pathlib.Path(__file__).resolve().parents[2] / 'benchmarks'
   text = (root / 'README.md').read_text()
   low = _timing.latest('sync_lowering')
@@ -110,8 +130,10 @@ def test_benchmarks_readme_sync_tables_are_the_committed_results():
 
 
 def test_write_result_appends_a_run_and_keeps_the_earlier_ones(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   from benchmarks import _timing
+
   monkeypatch.setattr(_timing, 'RESULTS', tmp_path)
   for i in range(3):
     _timing.write_result('x', dict(env=dict(commit=f'c{i}'), value=i))
@@ -123,8 +145,11 @@ def test_every_committed_benchmark_run_records_its_commit_and_date():
   import pathlib
 
   from benchmarks import _timing
-  names = [p.stem for p in (pathlib.Path(_timing.__file__).parent /
-                            'results').glob('*.json')]
+
+  names = [
+    p.stem
+    for p in (pathlib.Path(_timing.__file__).parent / 'results').glob('*.json')
+  ]
   assert 'layer' in names
   for name in names:
     recorded = _timing.runs(name)
@@ -137,6 +162,9 @@ def test_every_committed_benchmark_run_records_its_commit_and_date():
 
 def test_compile_benchmark_smoke():
   from benchmarks import compile as compile_bench
+
   out = compile_bench.main(['--smoke'])
   (row,) = out['rows']
-  assert row['flax_s'] > 0 and row['bnjax_s'] > 0 and len(row['pair_ratios']) == 1
+  assert (
+    row['flax_s'] > 0 and row['bnjax_s'] > 0 and len(row['pair_ratios']) == 1
+  )

@@ -2,15 +2,16 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
-import pathlib
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.heavy(130)  # CPU-seconds on 2 cores
 def test_all_quick_configs_run(tmp_path):
   pytest.importorskip('mnist1d')
   pytest.importorskip('mlxtend')
@@ -18,9 +19,22 @@ def test_all_quick_configs_run(tmp_path):
   # No wall-clock timeout: the work is bounded (each quick config runs a
   # fixed number of steps), and a fixed limit turned a loaded machine into
   # a failure (the run took 294 s alone and hit 900 s under load).
-  r = subprocess.run([sys.executable, '-m', 'experiments', 'run', 'all',
-                      '--quick', '--seeds', '2'], cwd=ROOT, env=env,
-                     capture_output=True, text=True)
+  r = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'experiments',
+      'run',
+      'all',
+      '--quick',
+      '--seeds',
+      '2',
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   files = sorted(p.name for p in tmp_path.glob('*_quick.json'))
   assert len(files) == 9, files
@@ -31,8 +45,12 @@ def test_all_quick_configs_run(tmp_path):
 
 
 def test_list():
-  r = subprocess.run([sys.executable, '-m', 'experiments', 'list'], cwd=ROOT,
-                     capture_output=True, text=True)
+  r = subprocess.run(
+    [sys.executable, '-m', 'experiments', 'list'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert r.returncode == 0 and 'with_without' in r.stdout
 
 
@@ -42,10 +60,12 @@ def test_figures_must_show_every_arm():
   (so the quick run above checks all nine); a hidden curve or bar raises."""
   pytest.importorskip('matplotlib')
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   from experiments._common import results
+
   fig, ax = plt.subplots()
   ax.plot([0, 1], [0.11, 0.445], label='no BN')
   results.check_axes_hold_data(fig)  # autoscaled: fine
@@ -67,14 +87,17 @@ def test_readme_claims_table_is_generated_from_the_committed_results():
   pytest.importorskip('optax')
   from experiments import __main__ as cli
   from experiments._common import claims
+
   modules = {n: cli.load(n) for n in cli.EXPERIMENTS}
   assert all(m.CLAIMS for m in modules.values())
   assert claims.written() == claims.table(modules), (
-    'stale: run python -m experiments table')
+    'stale: run python -m experiments table'
+  )
 
 
 def test_every_module_states_claim_setup_and_criterion():
   import ast
+
   for path in sorted((ROOT / 'experiments').glob('e*_*.py')):
     doc = ast.get_docstring(ast.parse(path.read_text()))
     for label in ('Claim', 'Source', 'Setup', 'Criterion', 'Command', 'Time'):
