@@ -1,0 +1,128 @@
+"""The shape of the code, read from its imports: one layer per room, no
+cycles, private names private (the done-when of the seams issue)."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# namedtuple's public API starts with an underscore
+NAMEDTUPLE = {'_fields', '_asdict', '_replace', '_make', '_field_defaults'}
+
+
+def _modules(package):
+  for path in sorted((ROOT / package).rglob('*.py')):
+    parts = path.relative_to(ROOT).with_suffix('').parts
+    name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+    yield name, path, ast.parse(path.read_text())
+
+
+def _is_module(name):
+  path = ROOT / name.replace('.', '/')
+  return path.with_suffix('.py').exists() or (path / '__init__.py').exists()
+
+
+def _bnjax_imports(name, path, tree):
+  """(imported module, imported name or None, line) for each bnjax import;
+  plus {alias: module} for the names bound to bnjax modules."""
+  package = name if path.name == '__init__.py' else name.rsplit('.', 1)[0]
+  found, aliases = [], {}
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom):
+      base = node.module or ''
+      if node.level:
+        up = package.split('.')[: len(package.split('.')) - node.level + 1]
+        base = '.'.join(up + ([node.module] if node.module else []))
+      if not base.startswith('bnjax'):
+        continue
+      for a in node.names:
+        if _is_module(f'{base}.{a.name}'):
+          found.append((f'{base}.{a.name}', None, node.lineno))
+          aliases[a.asname or a.name] = f'{base}.{a.name}'
+        else:
+          found.append((base, a.name, node.lineno))
+    elif isinstance(node, ast.Import):
+      for a in node.names:
+        if a.name.startswith('bnjax'):
+          found.append((a.name, None, node.lineno))
+          if a.asname:
+            aliases[a.asname] = a.name
+  return found, aliases
+
+
+def _in_engine(module):
+  return module.startswith('bnjax._moments')
+
+
+def test_no_import_cycle_in_bnjax():
+  graph = {}
+  for name, path, tree in _modules('bnjax'):
+    found, _ = _bnjax_imports(name, path, tree)
+    graph[name] = {m for m, _, _ in found if m != name}
+
+  def visit(node, stack):
+    for nxt in sorted(graph.get(node, ())):
+      if nxt in stack:
+        cycle = stack[stack.index(nxt) :] + [nxt]
+        if nxt != 'bnjax' and node != 'bnjax':  # the package's own re-exports
+          raise AssertionError(f'import cycle: {" -> ".join(cycle)}')
+        continue
+      visit(nxt, stack + [nxt])
+
+  for name in graph:
+    if name != 'bnjax':
+      visit(name, [name])
+
+
+def test_no_module_uses_another_modules_private_names():
+  """Outside the statistics engine (bnjax/_moments/, one layer), a module
+  uses only the public names of the modules it imports; private modules
+  export unprefixed names for that."""
+  bad = []
+  for name, path, tree in _modules('bnjax'):
+    found, aliases = _bnjax_imports(name, path, tree)
+    for module, imported, line in found:
+      if (
+        imported
+        and imported.startswith('_')
+        and not (_in_engine(name) and _in_engine(module))
+      ):
+        bad.append(f'{path.name}:{line} imports {module}.{imported}')
+    for node in ast.walk(tree):
+      if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+        and node.attr.startswith('_')
+        and not node.attr.startswith('__')
+        and node.attr not in NAMEDTUPLE
+        and not (_in_engine(name) and _in_engine(aliases[node.value.id]))
+      ):
+        bad.append(
+          f'{path.name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}'
+        )
+  assert not bad, bad
+
+
+def test_no_context_variables_in_bnjax():
+  """The adapters pass what they mean (the caller's name, whether one value
+  per channel is fine) as arguments, not through ambient state."""
+  for _, path, _ in _modules('bnjax'):
+    assert 'ContextVar' not in path.read_text(), path.name
+
+
+def test_benchmarks_edit_no_path_and_import_nothing_from_tests():
+  """Run as ``python -m benchmarks``: no script-style sys.path edits or
+  fallback imports, and the float64 truth computed without tests/."""
+  siblings = {p.stem for p in (ROOT / 'benchmarks').glob('*.py')}
+  for _, path, tree in _modules('benchmarks'):
+    assert 'sys.path' not in path.read_text(), path.name
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom):
+        assert not (node.module or '').startswith('tests'), (
+          f'{path.name}:{node.lineno} imports from tests'
+        )
+      if isinstance(node, ast.Import):
+        names = {a.name for a in node.names}
+        assert not names & siblings, (
+          f'{path.name}:{node.lineno}: import {names & siblings} as a script'
+        )
