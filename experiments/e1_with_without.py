@@ -19,7 +19,8 @@ most 0.005 at every evaluation and seed (the bias gets zero gradient). The
 bias criterion was written down on 2026-11-22, after earlier full runs had
 reported "identical curves" without a computed test; it restates that claim.
 Command: ``python -m experiments run with_without [--quick]``.
-Time on 2 CPU cores (measured): quick about 20 s, full about 2 minutes (109 s).
+Time on 2 CPU cores (measured): quick about 20 s, full about 1 minute (63 s
+on 2026-12-02; 109 s on a slower machine before).
 """
 
 from __future__ import annotations
