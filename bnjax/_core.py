@@ -160,10 +160,11 @@ def normalize(
 
   Args:
     x: floating input.
-    mean, var: per-channel statistics of shape ``x.shape[axis]`` (or the shape
+    mean: the per-channel mean, of shape ``x.shape[axis]`` (or the shape
       of the feature axes when ``axis`` is a tuple).
-    scale, bias: optional per-channel :math:`\gamma`, :math:`\beta`; None
-      switches that part of the affine transform off.
+    var: the per-channel variance, of the same shape.
+    scale: optional per-channel :math:`\gamma`; None switches it off.
+    bias: optional per-channel :math:`\beta`; None switches it off.
     axis: the feature axis or a tuple of feature axes.
     epsilon: added to the variance, > 0.
     dtype: output dtype (default: x's dtype). Arithmetic is at least float32.
@@ -291,7 +292,8 @@ def batch_norm(
       average of all batches, ``momentum`` unused) or
       :class:`DebiasedStats` (zero-debiased EMA). Inference normalizes with
       :func:`population_stats` of it.
-    scale, bias: optional per-channel affine parameters (None: off).
+    scale: optional per-channel scale (gamma); None switches it off.
+    bias: optional per-channel bias (beta); None switches it off.
     use_running_average: keyword-only and required; True for inference.
     axis: the feature axis, or a tuple of feature axes.
     momentum: EMA decay of the running statistics, in [0, 1].
@@ -389,7 +391,8 @@ def frozen_batch_norm(
     x: floating input.
     batch_stats: any running-statistics state (:class:`BatchStats`,
       :class:`CumulativeStats`, :class:`DebiasedStats`).
-    scale, bias: optional per-channel affine parameters (None: off).
+    scale: optional per-channel scale (gamma); None switches it off.
+    bias: optional per-channel bias (beta); None switches it off.
     axis: the feature axis, or a tuple of feature axes.
     epsilon: added to the variance, > 0.
     dtype: output dtype (default: x's dtype).

@@ -43,8 +43,9 @@ def fold(
     bias: that layer's bias of shape ``(out,)``, or None (``use_bias=False``).
     batch_stats: the BN layer's running statistics: a ``bnjax.BatchStats``
       (or another bnjax state type), or a Flax ``{'mean', 'var'}`` mapping.
-    scale, bn_bias: the BN layer's ``scale`` and ``bias``, or None where it
-      has none (``use_scale=False``, ``use_bias=False``).
+    scale: the BN layer's ``scale``, or None where it has none
+      (``use_scale=False``).
+    bn_bias: the BN layer's ``bias``, or None (``use_bias=False``).
     epsilon: the BN layer's epsilon.
 
   Returns:

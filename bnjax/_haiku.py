@@ -116,8 +116,9 @@ def to_haiku(
     layers: ``{haiku module name: {'mean', 'var'[, 'scale', 'bias']}}``
       (:func:`from_haiku`'s layout; ``mean``/``var`` may come from a Flax
       ``batch_stats`` collection or :func:`bnjax.population_stats`).
-    params, state: the Haiku model's (from its ``init``): the template whose
+    params: the Haiku model's params (from its ``init``): the template whose
       shapes and dtypes are kept.
+    state: the Haiku model's state (from its ``init``), likewise.
 
   Returns:
     ``(params, state)``, new dicts. Each EMA's ``average`` and ``hidden`` is

@@ -107,7 +107,8 @@ def batch_renorm(
   Args:
     x: real floating input.
     renorm_stats: a :class:`RenormStats` (running mean and std).
-    scale, bias: optional per-channel affine parameters (None: off).
+    scale: optional per-channel scale (gamma); None switches it off.
+    bias: optional per-channel bias (beta); None switches it off.
     use_running_average: keyword-only and required; True for inference.
     r_max: clip of r, >= 1 (1 with ``d_max=0`` is plain BN); may be traced.
     d_max: clip of d, >= 0; may be traced.

@@ -190,7 +190,8 @@ class BatchNorm(_Base):
     sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
 
   Attributes:
-    weight, bias: the affine parameters, shape ``(input_size,)``, or None.
+    weight: the affine scale, shape ``(input_size,)``, or None.
+    bias: the affine shift, shape ``(input_size,)``, or None.
     state_index: the ``eqx.nn.StateIndex`` of the running statistics (a
       :class:`bnjax.BatchStats`, or :class:`bnjax.DebiasedStats`).
 
@@ -353,7 +354,8 @@ class BatchRenorm(_Base):
       key: ignored.
       inference: overrides the field.
       mask: as :meth:`BatchNorm.__call__`.
-      r_max, d_max: override the fields (traced values allowed).
+      r_max: overrides the field (a traced value allowed).
+      d_max: overrides the field (a traced value allowed).
 
     Returns:
       ``(y, state)``.

@@ -353,8 +353,10 @@ class BatchRenorm(_Base):
       x: the input; statistics reduce over every axis except ``axis``.
       use_running_average: overrides the field of the same name.
       mask: optional boolean array broadcastable to x.
-      r_max, d_max: override the fields (traced values allowed), for the
-        paper's schedule: plain BN (1, 0) for a warm-up, then ramp up.
+      r_max: overrides the field (a traced value allowed), for the paper's
+        schedule: 1 (plain BN) for a warm-up, then ramped up.
+      d_max: overrides the field (a traced value allowed): 0 for the
+        warm-up, then ramped up.
 
     Returns:
       The normalized x. In training the ``mean``

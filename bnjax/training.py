@@ -221,11 +221,7 @@ def _to_dict(tree):
 
 def _poolable(fn, model, only):
   layers = _layers(fn, model, only, _NNX_LAYERS)
-  bad = [
-    type(m).__name__
-    for m in layers
-    if not isinstance(m, _bnnx.BatchNorm)
-  ]
+  bad = [type(m).__name__ for m in layers if not isinstance(m, _bnnx.BatchNorm)]
   if bad:
     raise TypeError(
       f'{fn}: only bnjax.nnx.BatchNorm layers pool their moments; the model '

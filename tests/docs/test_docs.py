@@ -59,6 +59,11 @@ def test_every_public_name_has_arguments_and_an_example(qualname, obj):
   doc = inspect.getdoc(obj) or ''
   assert re.search(r'^(Args|Attributes):$', doc, re.M), qualname
   assert re.search(r'^Example:\n\s+>>> ', doc, re.M), qualname
+  # One argument per entry: "a, b: ..." renders as one parameter named "a, b"
+  call = vars(obj).get('__call__') if inspect.isclass(obj) else None
+  for d in (doc, inspect.getdoc(call) or ''):
+    shared = re.findall(r'^ {2}(\w+, \w+):', d, re.M)
+    assert not shared, (qualname, shared)
 
 
 def test_public_modules_export_only_what_they_define_or_reexport_deliberately():
