@@ -1,7 +1,11 @@
-"""The README's Python examples run as written."""
+"""The READMEs: their Python examples run as written, and every generated
+block or quoted figure (benchmark tables, the experiments claims table, the
+versions table, speed ranges) is what the committed results give."""
 
 import pathlib
 import re
+
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[2] / 'README.md'
 
@@ -222,3 +226,18 @@ def test_versions_matrix_is_the_pinned_one():
     )
   pyproject = (README.parent / 'pyproject.toml').read_text()
   assert 'requires-python = ">=3.11"' in pyproject
+
+
+def test_experiments_claims_table_is_generated_from_the_committed_results():
+  """The table's rows, "our result" and "holds?" come from each module's
+  CLAIMS and results/NAME.json (the criterion the run computed), and every
+  experiment has at least one claim with a boolean criterion."""
+  pytest.importorskip('optax')
+  from experiments import __main__ as cli
+  from experiments._common import claims
+
+  modules = {n: cli.load(n) for n in cli.EXPERIMENTS}
+  assert all(m.CLAIMS for m in modules.values())
+  assert claims.written() == claims.table(modules), (
+    'stale: run python -m experiments table'
+  )

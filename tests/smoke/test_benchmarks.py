@@ -115,20 +115,6 @@ def test_sync_lowering_smoke():
       ], ops
 
 
-def test_benchmarks_readme_sync_tables_are_the_committed_results():
-  import pathlib
-
-  from benchmarks import _timing, sync_lowering, sync_model
-
-  root = pathlib.Path(__file__).resolve().parents[2] / 'benchmarks'
-  text = (root / 'README.md').read_text()
-  low = _timing.latest('sync_lowering')
-  assert sync_lowering.table(low['rows']) in text
-  model = _timing.latest('sync_model')
-  for link in ('nvlink-like', 'ethernet-like'):
-    assert sync_model.table(model['rows'], link) in text
-
-
 def test_write_result_appends_a_run_and_keeps_the_earlier_ones(
   tmp_path, monkeypatch
 ):
