@@ -16,25 +16,25 @@ import sys
 
 from benchmarks import _readme
 
-# name -> module of benchmarks/; each has main(argv) and may have
-# readme_blocks() (the README blocks it owns).
-BENCHMARKS = {
-  'layer': 'layer',
-  'torch_layer': 'torch_layer',
-  'reductions': 'reductions',
-  'numerics': 'numerics',
-  'sync': 'sync',
-  'sync_lowering': 'sync_lowering',
-  'sync_model': 'sync_model',
-  'model': 'model',
-  'compile': 'compile',
-  'fold': 'fold',
-  'device': 'device',
-}
+# The modules of benchmarks/, one per question: each has main(argv), and
+# readme_blocks() where it owns README blocks.
+BENCHMARKS = (
+  'layer',
+  'torch_layer',
+  'reductions',
+  'numerics',
+  'sync',
+  'sync_lowering',
+  'sync_model',
+  'model',
+  'compile',
+  'fold',
+  'device',
+)
 
 
 def load(name: str):
-  return importlib.import_module(f'benchmarks.{BENCHMARKS[name]}')
+  return importlib.import_module(f'benchmarks.{name}')
 
 
 def blocks() -> dict[str, str]:

@@ -74,12 +74,11 @@ def op_time_breakdown(compiled, args, calls: int = 3) -> dict:
   import jax
 
   kinds = instruction_kinds(compiled.as_text())
-  jitted = compiled
-  jax.block_until_ready(jitted(*args))
+  jax.block_until_ready(compiled(*args))
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d, create_perfetto_trace=True)
     for _ in range(calls):
-      jax.block_until_ready(jitted(*args))
+      jax.block_until_ready(compiled(*args))
     jax.profiler.stop_trace()
     (path,) = glob.glob(f'{d}/**/perfetto_trace.json.gz', recursive=True)
     with gzip.open(path) as f:

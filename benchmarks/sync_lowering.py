@@ -23,8 +23,6 @@ import sys
 
 from benchmarks import _readme, _timing
 
-ROOT = _readme.ROOT
-
 DEVICES = (8, 64, 256, 1024)
 CHANNELS = (64, 2048)
 _OP = re.compile(
@@ -164,7 +162,7 @@ def main(argv=None):
       capture_output=True,
       text=True,
       check=True,
-      cwd=ROOT,
+      cwd=_readme.ROOT,
     )
     rows += json.loads(out.stdout.strip().splitlines()[-1])
   print(table(rows))
