@@ -163,7 +163,12 @@ def _tangent(
     )
   g = jnp.ones_like(rstd) if scale is None else scale.astype(f)
   gr = g * rstd
-  gr_n = gr / jnp.maximum(count, 1.0)
+  if mask is None and sync.axis_name is None:
+    # The count is the layout's: a constant XLA folds (the traced one has
+    # passed the checkpoint's barrier and costs a kernel of its own).
+    gr_n = gr / max(lay.count, 1)
+  else:
+    gr_n = gr / jnp.maximum(count, 1.0)
   v1 = -gr_n * s2 - 0.5 * gr * rstd * deps
   if dscale is not None:
     v1 = v1 + dscale.astype(f)

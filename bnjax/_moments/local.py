@@ -13,40 +13,45 @@ around a float32 ``shift`` K,
 on the order the compiler picks (it differs between JAX versions and between
 CPU, GPU and TPU). Two things bound it here by construction:
 
-1. *Blocked sums.* Every sum is taken in levels of at most ``BLOCK`` = 256
+1. *Blocked sums.* Every sum is taken in levels of at most ``BLOCK`` = 512
    values, with an optimization barrier between levels so that XLA cannot
-   merge them back into one long reduction. A sum of n non-negative terms
-   then has a relative error of at most
-   :math:`\gamma = L (B - 1) u` (L levels of B values, u = 2^{-24}) in any
-   order within a level: :math:`\gamma \le 3 \cdot 255 u = 4.6 \cdot 10^{-5}`
-   up to :math:`n = 2^{24}`, against :math:`(n - 1) u` for one long sum;
-   rounding errors of random sign make it :math:`\sqrt{L B / 3}\, u`
-   in practice (about 1e-6 at three levels; benchmarks/numerics.py
-   measures the worst case of its sweep).
+   merge them back into one long reduction: the fewest levels (two up to
+   :math:`n = 2^{18}`, three up to :math:`2^{27}`), of balanced sizes. A
+   sum of n non-negative terms then has a relative error of at most
+   :math:`\gamma = \sum_l (B_l - 1)\, u` (levels of :math:`B_l` values,
+   u = 2^{-24}) in any order within a level: :math:`\gamma \le 2 \cdot 511
+   u = 6.1 \cdot 10^{-5}` up to :math:`n = 2^{24}`
+   (tests/core/test_exactness.py reads the levels off the traced
+   program), against
+   :math:`(n - 1) u` for one long sum; rounding errors of random sign make
+   it about :math:`\sqrt{\sum_l B_l / 3}\, u` in practice (about 1e-6;
+   benchmarks/numerics.py measures the worst case of its sweep).
 2. *A shift near the mean.* K is the pivot-corrected mean
    :math:`K = p + \sum (x - p) / n`, where the pivot p is one of the
-   channel's own values (or, with a mask, its plain float32 mean). Its
+   channel's own values (or, with a mask, its blocked float32 mean). Its
    error is :math:`\gamma` times the *spread* :math:`\sum |x - p| / n`, not
    :math:`\gamma |\mu|` as for a plain mean, and any value is within
    :math:`\sqrt{n - 1}\,\sigma` of the mean (Samuelson), so
-   :math:`|K - \mu| \le \gamma (1 + \sqrt{n})\, \sigma`, below
-   :math:`0.19\sigma` up to :math:`n = 2^{24}` whatever |mean|/std is.
+   :math:`|K - \mu| \le \gamma (1 + \sqrt{n})\, \sigma`: below
+   :math:`0.04\sigma` up to :math:`n = 2^{18}` and :math:`0.25\sigma` up to
+   :math:`2^{24}` (where :math:`\gamma \le 979 u`), whatever |mean|/std is.
 
 The main pass then sums :math:`d = x - K` and :math:`d^2`. Since K is
-within :math:`0.19\sigma` of the mean, :math:`\sum d^2 \le 1.04\, n
+within :math:`0.25\sigma` of the mean, :math:`\sum d^2 \le 1.07\, n
 \sigma^2`: nothing overflows where :math:`n \sigma^2` fits in float32
 (a mean of 1e20 with a std of 1e18, where ``x * x`` overflows and flax's
 variance is NaN). The variance's relative error is at most
 :math:`\gamma (1 + 3 \delta^2) + 2 \gamma \delta \sqrt{1 + \delta^2}` with
-:math:`\delta = |K - \mu| / \sigma \le 0.19`: at most :math:`1.5 \gamma`.
+:math:`\delta = |K - \mu| / \sigma \le 0.25`: at most :math:`1.7 \gamma`.
 This costs two reads of x (the refinement of K, and the sums); the mean
 carries the low-order bits that a float32 mean alone rounds away.
 
 :func:`flax_moments` is the CPU path of unsynced statistics: plain sums
 (what XLA:CPU reduces fastest, and flax's own formulas, so ordinary input
 gets flax's numbers bit for bit), trusted only where every channel has
-``mean**2 <= 8 var`` and otherwise replaced by :func:`exact_partial` in a
-``lax.cond`` (cheap on the CPU, which is the host).
+``mean**2 <= 8 var`` and otherwise replaced by :func:`exact_sums` in a
+``lax.cond`` (cheap to run on the CPU, which is the host; its compile cost
+is in docs/guides/performance.md).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from bnjax._types import Layout
 
 Array = jax.Array
 
-BLOCK = 256
+BLOCK = 512
 
 
 class Partial(NamedTuple):
@@ -99,11 +104,15 @@ def real_dtype(dtype) -> jnp.dtype:
 def blocked_sums(vs: Sequence[Array], axes: Sequence[int]) -> list[Array]:
   """Sums of same-shaped arrays over ``axes``, in levels of <= BLOCK values.
 
-  Each level reduces at most ``BLOCK`` values per output (splitting an axis
-  into ``(q, BLOCK)``, zero-padded where BLOCK does not divide it); the
-  arrays of one level pass an optimization barrier together, so XLA keeps
-  the levels apart (it merges a reduce of a reduce into one otherwise) and
-  still fuses the sibling sums of one level into one read.
+  With m values per output, the sums take the fewest levels of at most
+  ``BLOCK`` values (L = ceil(log_BLOCK m)), of balanced sizes near
+  m ** (1/L): the error bound is the sum of the level sizes, which
+  balance minimizes. A level splits an axis into ``(q, b)`` with b a
+  divisor of it where one is at least half the target (a bitcast), else
+  zero-pads it. The arrays of one level pass an optimization barrier
+  together, so XLA keeps the levels apart (it merges a reduce of a reduce
+  into one otherwise) and still fuses the sibling sums of one level into
+  one read.
   """
   vs = list(vs)
   out_shape = tuple(s for a, s in enumerate(vs[0].shape) if a not in axes)
@@ -111,27 +120,50 @@ def blocked_sums(vs: Sequence[Array], axes: Sequence[int]) -> list[Array]:
   vs = [v.reshape(shape) for v in vs]
   while True:
     size = {a: vs[0].shape[a] for a in red}
-    if math.prod(size.values()) <= BLOCK:
+    m = math.prod(size.values())
+    if m <= BLOCK:
       return [jnp.sum(v, tuple(red)).reshape(out_shape) for v in vs]
+    target = _level_size(m)
     a = red[-1]
-    if size[a] <= BLOCK:
-      inner, n = [a], size[a]
+    if size[a] <= target:
+      inner, k = [a], size[a]
       for b in reversed(red[:-1]):
-        if n * size[b] > BLOCK:
+        if k * size[b] > target:
           break
         inner.append(b)
-        n *= size[b]
+        k *= size[b]
       vs = [jnp.sum(v, tuple(inner)) for v in vs]
       red = [r - sum(i < r for i in inner) for r in red if r not in inner]
     else:
-      q = -(-size[a] // BLOCK)
-      if size[a] % BLOCK:
+      blk = _divisor_near(size[a], target)
+      q = -(-size[a] // blk)
+      if q * blk != size[a]:
         pad = [(0, 0)] * vs[0].ndim
-        pad[a] = (0, q * BLOCK - size[a])
+        pad[a] = (0, q * blk - size[a])
         vs = [jnp.pad(v, pad) for v in vs]
-      split = vs[0].shape[:a] + (q, BLOCK) + vs[0].shape[a + 1 :]
+      split = vs[0].shape[:a] + (q, blk) + vs[0].shape[a + 1 :]
       vs = [jnp.sum(v.reshape(split), a + 1) for v in vs]
     vs = list(lax.optimization_barrier(tuple(vs)))
+
+
+def _level_size(m: int) -> int:
+  """The balanced level size for m values: ceil(m ** (1/L)), L levels."""
+  levels = 1
+  while BLOCK**levels < m:
+    levels += 1
+  b = max(2, math.ceil(m ** (1 / levels)))
+  while b ** (levels - 1) * BLOCK < m:  # float rounding of the root
+    b += 1
+  return min(b, BLOCK)
+
+
+def _divisor_near(size: int, target: int) -> int:
+  """The largest divisor of size <= target if it is >= target / 2, else
+  target (then the axis is zero-padded to a multiple of it)."""
+  for d in range(target, (target + 1) // 2 - 1, -1):
+    if size % d == 0:
+      return d
+  return target
 
 
 def _merge_runs(shape, red) -> tuple[tuple[int, ...], list[int]]:
@@ -155,21 +187,31 @@ def exact_partial(xf: Array, lay: Layout, mask: Array | None = None) -> Partial:
   shape) selects the values that count; masked-out values never enter the
   arithmetic, so NaN or inf padding there is harmless.
   """
+  n, shift, s1, s2 = exact_sums(xf, lay, mask)
+  return Partial(n, shift, s1, _m2(n, s1, s2))
+
+
+def exact_sums(
+  xf: Array, lay: Layout, mask: Array | None = None, *, split: bool = False
+) -> tuple[Array, Array, Array, Array]:
+  """``(count, shift, s1, s2)``: the sums of ``d = x - shift`` and ``d**2``
+  around the pivot-corrected mean (the module docstring), before any
+  per-channel arithmetic on them (:func:`finalize_sums` does that).
+  ``split``: see :func:`sums_around`."""
   red = lay.reduction_axes
-  b = lay.broadcast
   if mask is None:
     n = jnp.asarray(lay.count, xf.dtype)
     pivot = _first(xf, red)
-    dev = xf - b(pivot)
+    dev = xf - pivot
   else:
     n = jnp.sum(mask, red, dtype=jnp.int32).astype(xf.dtype)
     xf = jnp.where(mask, xf, 0.0)
     (total,) = blocked_sums([xf], red)
-    pivot = total / jnp.maximum(n, 1.0)
-    dev = jnp.where(mask, xf - b(pivot), 0.0)
+    pivot = lay.broadcast(total / jnp.maximum(n, 1.0))
+    dev = jnp.where(mask, xf - pivot, 0.0)
   (total_dev,) = blocked_sums([dev], red)
-  shift = pivot + total_dev / jnp.maximum(n, 1.0)
-  return partial_around(xf, lay, shift, n, mask)
+  shift = jnp.squeeze(pivot, red) + total_dev / jnp.maximum(n, 1.0)
+  return (n, shift, *sums_around(xf, lay, shift, mask, split=split))
 
 
 def partial_around(
@@ -181,19 +223,51 @@ def partial_around(
 ) -> Partial:
   """The corrected two-pass around any ``shift`` (exact to first order in
   its distance from the mean; tests feed it a perturbed one)."""
-  d = xf - lay.broadcast(shift)
+  s1, s2 = sums_around(xf, lay, shift, mask)
+  return Partial(n, shift, s1, _m2(n, s1, s2))
+
+
+def sums_around(
+  xf: Array,
+  lay: Layout,
+  shift: Array,
+  mask: Array | None = None,
+  *,
+  split: bool = False,
+) -> tuple[Array, Array]:
+  """Blocked sums of ``d = x - shift`` and ``d**2``.
+
+  ``split`` (the CPU path's): the shift passes an optimization barrier as
+  two copies, so that each sum subtracts it inside its own reduction and
+  no full-size ``d`` is written (CSE merges the two subtractions into one
+  temporary otherwise). Without it the two sums share one read of x per
+  level, which is what XLA:GPU and TPU fuse.
+  """
+  red = lay.reduction_axes
+  if split:
+    k1, k2 = lax.optimization_barrier((shift, shift))
+    d1, d2 = xf - lay.broadcast(k1), xf - lay.broadcast(k2)
+  else:
+    d1 = d2 = xf - lay.broadcast(shift)
   if mask is not None:
-    d = jnp.where(mask, d, 0.0)
-  s1, s2 = blocked_sums([d, d * d], lay.reduction_axes)
-  m2 = jnp.maximum(s2 - s1 * s1 / jnp.maximum(n, 1.0), 0.0)
-  return Partial(n, shift, s1, m2)
+    d1, d2 = jnp.where(mask, d1, 0.0), jnp.where(mask, d2, 0.0)
+  if split:
+    ((s1,), (s2,)) = blocked_sums([d1], red), blocked_sums([d2 * d2], red)
+    return s1, s2
+  s1, s2 = blocked_sums([d1, d2 * d2], red)
+  return s1, s2
+
+
+def _m2(n: Array, s1: Array, s2: Array) -> Array:
+  return jnp.maximum(s2 - s1 * s1 / jnp.maximum(n, 1.0), 0.0)
 
 
 def _first(xf: Array, red: Sequence[int]) -> Array:
-  """The value at index 0 of every reduction axis: one of each channel's."""
+  """The value at index 0 of every reduction axis: one of each channel's,
+  kept broadcastable against xf (so the slice fuses into its consumers)."""
   start = [0] * xf.ndim
   limit = [1 if a in red else s for a, s in enumerate(xf.shape)]
-  return jnp.squeeze(lax.slice(xf, start, limit), tuple(red))
+  return lax.slice(xf, start, limit)
 
 
 # ------------------------------------------------------------- CPU path ---
@@ -211,12 +285,18 @@ def flax_moments(
   xf: Array, lay: Layout, mask: Array | None, fast: bool
 ) -> tuple[Array, Array, Array, Array]:
   """``(count, mean, var, mean_lo)`` by flax's formulas where they are exact to the
-  ratio bound above, else by :func:`exact_partial` (a ``lax.cond``).
+  ratio bound above, else by :func:`exact_sums` (a ``lax.cond``).
 
   With ``fast``, ``mean(x**2) - mean(x)**2``; else ``mean((x - mean)**2)``;
   ``where=mask`` either way: the jnp operations flax runs, so such input
   gets flax's float32 results bit for bit. A channel with no masked-in value
   gets mean 0 and var 0 (flax's: NaN).
+
+  Both branches of the conditional return sums ``(shift, s1, s2)`` and
+  :func:`finalize_sums` runs once, after it: the branch holds only the
+  exact path's reductions, and the per-channel arithmetic fuses with the
+  layer's own (XLA:CPU compiles each fusion into a kernel of its own;
+  docs/guides/performance.md has what the conditional costs to compile).
   """
   red = lay.reduction_axes
   if mask is None:
@@ -225,24 +305,53 @@ def flax_moments(
     n = jnp.sum(mask, red, dtype=jnp.int32).astype(xf.dtype)
     # Masked-out values never reach the arithmetic (NaN padding is harmless).
     xf = jnp.where(mask, xf, 0.0)
-  mean = jnp.mean(xf, red, where=mask)
+  safe_n = jnp.maximum(n, 1.0)
+  # jnp.mean is sum / count: the same divisions give flax's numbers.
+  s1 = jnp.sum(xf, red, where=mask)
+  mean = s1 / safe_n
+  # A scalar zero: a literal that broadcasts inside the kernels using it.
+  zero = jnp.zeros((), xf.dtype)
+  plain: tuple[Array, Array, Array]
   if fast:
-    var = jnp.maximum(0.0, jnp.mean(xf * xf, red, where=mask) - mean * mean)
+    plain = (zero, s1, jnp.sum(xf * xf, red, where=mask))
   else:
-    var = jnp.mean(jnp.square(xf - lay.broadcast(mean)), red, where=mask)
-  if mask is not None:  # 0/0 in an empty channel
-    mean, var = (jnp.where(n > 0, v, 0.0) for v in (mean, var))
+    sq = jnp.sum(jnp.square(xf - lay.broadcast(mean)), red, where=mask)
+    plain = (mean, zero, sq)
+  _, var, _ = finalize_sums(n, *plain)
   # "not <=" so that an overflowed (inf or NaN) one-pass variance, as from
-  # x * x at a mean of 1e20, takes the exact path too.
+  # x * x at a mean of 1e20, takes the exact path too. (An empty channel
+  # has mean 0 and var 0 here.)
   inexact = jnp.any(~(mean * mean <= ONE_PASS_MAX_RATIO * var))
-  # mean_lo is 0 on the plain path: there |mean| <= 2.9 std, so the float32
-  # mean's rounding is far below the statistics' own error.
-  mean, var, lo = lax.cond(
+  # The plain branch passes existing arrays through (no kernel; a zero
+  # array would be one), and the selects after the conditional, which
+  # fuse into finalize_sums, put the plain path's sums back.
+  *exact, taken = lax.cond(
     inexact,
-    lambda: finalize_lo(exact_partial(xf, lay, mask)),
-    lambda: (mean, var, jnp.zeros_like(mean)),
+    lambda: (*exact_sums(xf, lay, mask, split=True)[1:], True),
+    lambda: (s1, s1, plain[2], False),
   )
-  return n, mean, var, lo
+  shift, s1, s2 = (
+    jnp.where(taken, e, p) for e, p in zip(exact, plain, strict=True)
+  )
+  return (n, *finalize_sums(n, shift, s1, s2))
+
+
+def finalize_sums(
+  n: Array, shift: Array, s1: Array, s2: Array
+) -> tuple[Array, Array, Array]:
+  """``(mean, var, mean_lo)`` from sums around ``shift``: with ``a = s1/n``,
+  ``mean = shift + a`` and ``var = s2/n - a**2``. At ``shift = 0`` these
+  are flax's one-pass formulas, op for op; at ``s1 = 0``, its two-pass.
+  mean_lo is as in :func:`finalize_lo` (0 on the plain paths, where
+  |mean| <= 2.9 std and the float32 mean's rounding is far below the
+  statistics' own error)."""
+  safe_n = jnp.maximum(n, 1.0)
+  seen = n > 0
+  a = s1 / safe_n
+  mean = jnp.where(seen, shift + a, 0.0)
+  var = jnp.where(seen, jnp.maximum(0.0, s2 / safe_n - a * a), 0.0)
+  lo = jnp.where(seen, (shift - mean) + a, 0.0)
+  return mean, var, lo
 
 
 # ----------------------------------------------------------------- merge ---

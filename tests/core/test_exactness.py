@@ -332,3 +332,46 @@ def test_one_pass_bound_holds_up_to_the_ratio_the_cpu_path_allows(rows, fast):
       )
       err = np.max(np.abs(np.asarray(new.var, np.float64) / v64 - 1))
       assert err <= bar, (ratio, seed, err)
+
+
+def _levels(shape, axes):
+  """The values each level of blocked_sums adds per output, read off the
+  traced program (one reduce_sum per level)."""
+  jaxpr = jax.make_jaxpr(lambda v: local.blocked_sums([v], axes))(
+    jax.ShapeDtypeStruct(shape, jnp.float32)
+  )
+  sizes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'reduce_sum':
+      in_shape = eqn.invars[0].aval.shape
+      sizes.append(int(np.prod([in_shape[a] for a in eqn.params['axes']])))
+  return sizes
+
+
+@pytest.mark.parametrize(
+  'rows',
+  [2, 511, 512, 513, 8192, 100003, 131072, 2**18, 2**18 + 1, 802816, 2**24],
+)
+@pytest.mark.parametrize('layout', ['nc', 'nhwc', 'nchw'])
+def test_blocked_sums_levels_keep_the_documented_bound(rows, layout):
+  """The module docstring's gamma = sum over levels of (B_l - 1) u: every
+  level adds at most BLOCK values, the levels cover every value (with
+  padding), two levels suffice up to 2**18 rows and gamma <= 1022 u up to
+  2**24 (<= 979 u above 2**18, so that |K - mu| <= gamma (1 + sqrt n) sigma
+  stays below 0.25 sigma)."""
+  if layout == 'nc':
+    shape, axes = (rows, 3), (0,)
+  else:
+    n = next(d for d in (64, 8, 4, 2, 1) if rows % d == 0)
+    hw = rows // n
+    shape, axes = (
+      ((n, hw, 1, 3), (0, 1, 2)) if layout == 'nhwc' else ((n, 3, hw), (0, 2))
+    )
+  sizes = _levels(shape, axes)
+  assert max(sizes) <= local.BLOCK, sizes
+  assert np.prod(sizes) >= rows, sizes
+  gamma = sum(b - 1 for b in sizes)
+  assert gamma <= (979 if rows > 2**18 else 1022), sizes
+  if rows <= 2**18 and layout != 'nchw':
+    assert len(sizes) <= 2, sizes
+  assert gamma * 2.0**-24 * (1 + np.sqrt(rows)) <= 0.25
