@@ -292,10 +292,10 @@ def flax_moments(
   gets flax's float32 results bit for bit. A channel with no masked-in value
   gets mean 0 and var 0 (flax's: NaN).
 
-  Both branches of the conditional return sums ``(shift, s1, s2)`` and
-  :func:`finalize_sums` runs once, after it: the branch holds only the
-  exact path's reductions, and the per-channel arithmetic fuses with the
-  layer's own (XLA:CPU compiles each fusion into a kernel of its own;
+  The conditional's exact branch returns sums ``(shift, s1, s2)`` and
+  :func:`finalize_sums` runs after it: the branch holds only the exact
+  path's reductions, and the per-channel arithmetic fuses with the layer's
+  own (XLA:CPU compiles each fusion into a kernel of its own;
   docs/guides/performance.md has what the conditional costs to compile).
   """
   red = lay.reduction_axes
@@ -305,35 +305,40 @@ def flax_moments(
     n = jnp.sum(mask, red, dtype=jnp.int32).astype(xf.dtype)
     # Masked-out values never reach the arithmetic (NaN padding is harmless).
     xf = jnp.where(mask, xf, 0.0)
-  safe_n = jnp.maximum(n, 1.0)
-  # jnp.mean is sum / count: the same divisions give flax's numbers.
+  # flax's own jnp operations (jnp.mean is the sum over the count, and XLA
+  # reduces once for both), so that such input gets its float32 results
+  # bit for bit. These arrays are what the plain path returns: a mean and
+  # var refinalized from the sums after the conditional differed from
+  # flax's by 1 ulp on jax 0.8.1 (tests/modules/test_flax_dropin.py, in
+  # CI's floor job).
   s1 = jnp.sum(xf, red, where=mask)
-  mean = s1 / safe_n
-  # A scalar zero: a literal that broadcasts inside the kernels using it.
-  zero = jnp.zeros((), xf.dtype)
-  plain: tuple[Array, Array, Array]
+  mean = jnp.mean(xf, red, where=mask)
+  sq = xf * xf if fast else jnp.square(xf - lay.broadcast(mean))
+  s2 = jnp.sum(sq, red, where=mask)
+  var = jnp.mean(sq, red, where=mask)
   if fast:
-    plain = (zero, s1, jnp.sum(xf * xf, red, where=mask))
-  else:
-    sq = jnp.sum(jnp.square(xf - lay.broadcast(mean)), red, where=mask)
-    plain = (mean, zero, sq)
-  _, var, _ = finalize_sums(n, *plain)
+    var = jnp.maximum(0.0, var - mean * mean)
+  if mask is not None:  # 0/0 in an empty channel
+    mean, var = (jnp.where(n > 0, v, 0.0) for v in (mean, var))
   # "not <=" so that an overflowed (inf or NaN) one-pass variance, as from
-  # x * x at a mean of 1e20, takes the exact path too. (An empty channel
-  # has mean 0 and var 0 here.)
+  # x * x at a mean of 1e20, takes the exact path too.
   inexact = jnp.any(~(mean * mean <= ONE_PASS_MAX_RATIO * var))
-  # The plain branch passes existing arrays through (no kernel; a zero
-  # array would be one), and the selects after the conditional, which
-  # fuse into finalize_sums, put the plain path's sums back.
-  *exact, taken = lax.cond(
+  # The plain branch passes the sums through (no kernel: they exist; a zero
+  # array would be one). finalize_sums runs after the conditional, on
+  # whichever sums it returned, and the selects keep the plain path's
+  # arrays where it was taken; mean_lo is 0 there: |mean| <= 2.9 std, so
+  # the float32 mean's rounding is far below the statistics' own error.
+  *sums, taken = lax.cond(
     inexact,
     lambda: (*exact_sums(xf, lay, mask, split=True)[1:], True),
-    lambda: (s1, s1, plain[2], False),
+    lambda: (s1, s1, s2, False),
   )
-  shift, s1, s2 = (
-    jnp.where(taken, e, p) for e, p in zip(exact, plain, strict=True)
+  exact = finalize_sums(n, *sums)
+  plain = (mean, var, jnp.zeros((), xf.dtype))
+  return (
+    n,
+    *(jnp.where(taken, e, p) for e, p in zip(exact, plain, strict=True)),
   )
-  return (n, *finalize_sums(n, shift, s1, s2))
 
 
 def finalize_sums(
