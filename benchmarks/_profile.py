@@ -38,6 +38,17 @@ def _computations(hlo: str) -> dict:
   return comps
 
 
+_FUSION = re.compile(r'^\s*(?:ROOT )?%[\w.\-]+ = .*? fusion\(', re.M)
+
+
+def program_counts(hlo: str) -> dict:
+  """Fusions (each a kernel XLA:CPU compiles) and conditionals in a
+  compiled program's text."""
+  return dict(
+    fusions=len(_FUSION.findall(hlo)), conditionals=hlo.count(' conditional(')
+  )
+
+
 def instruction_kinds(hlo: str) -> dict:
   """Instruction name -> 'conv', 'bn' or 'other', for every instruction."""
   comps = _computations(hlo)

@@ -151,6 +151,11 @@ def main(argv=None):
     temp_ratio=mem['bnjax']['temp_mb'] / mem['flax']['temp_mb'],
     flax_compile_s=comp['flax'],
     bnjax_compile_s=comp['bnjax'],
+    **{
+      f'{impl}_{k}': v
+      for impl in ('flax', 'bnjax')
+      for k, v in _profile.program_counts(fns[impl].as_text()).items()
+    },
   )
   print(json.dumps(row, indent=1))
   if not args.smoke:
@@ -198,6 +203,18 @@ def model_table(run: dict) -> str:
       f'{r["flax_compile_s"]:.2f}',
       f'{r["bnjax_compile_s"]:.2f}',
       f'{r["bnjax_compile_s"] / r["flax_compile_s"]:.2f}',
+    ),
+    *(
+      [
+        (
+          'fusions / conditionals in the compiled step',
+          f'{r["flax_fusions"]} / {r["flax_conditionals"]}',
+          f'{r["bnjax_fusions"]} / {r["bnjax_conditionals"]}',
+          f'{r["bnjax_fusions"] / r["flax_fusions"]:.2f} (fusions)',
+        )
+      ]
+      if 'bnjax_fusions' in r
+      else []
     ),
     (
       'op time in conv fusions (ms per step)',

@@ -7,9 +7,10 @@ two plain ``jnp.sum``s (what bnjax's forward runs); ``sum(x - s)`` with a
 per-channel ``s`` fused in (the shifted and two-pass forms); one variadic
 ``lax.reduce`` of both; one reduction over ``stack([x, x*x])``; a dot with a
 ones vector; one complex sum of ``x + i x*x``; and an L2-sized chunk loop
-(``lax.scan``). Also the compile time of a toy reduce-and-normalize with and
-without a ``lax.cond`` whose branch only doubles a vector: the price of
-bnjax's exact fallback at compile time.
+(``lax.scan``). Also the compile time of a chain of reduce-and-normalize
+layers without and with a ``lax.cond`` per layer (branches that pass
+through, hold one kernel, or hold bnjax's exact fallback): the price of
+the CPU path's fallback at compile time.
 
 Run: ``python -m benchmarks run reductions`` (about 1 minute) or ``--smoke``.
 Appends a run to ``results/reductions.json``; the README's table is filled
@@ -78,8 +79,16 @@ def forms():
   }
 
 
-def cond_compile(repeats: int) -> dict:
-  """Compile seconds of a toy reduce-and-normalize, without and with a cond.
+LAYERS = 20
+
+
+def cond_compile(repeats: int, layers: int = LAYERS) -> dict:
+  """Compile seconds of a chain of reduce-and-normalize layers, each with:
+  no conditional (``plain``); a ``lax.cond`` whose taken branch passes its
+  operands through (``cond_pass``); one whose branch doubles a vector, one
+  kernel (``cond_kernel``); and one whose branch is bnjax's exact fallback
+  (``cond_exact``, ``local.exact_sums``). The difference over ``plain``,
+  divided by ``layers``, is what one conditional costs to compile.
 
   Each compile is of a freshly made function, so JAX's caches never answer.
   """
@@ -87,20 +96,38 @@ def cond_compile(repeats: int) -> dict:
   import jax.numpy as jnp
   from jax import lax
 
-  def make(cond: bool):
+  from bnjax._moments import local
+  from bnjax._types import Layout
+
+  x = jnp.ones((64, 8, 8, 16))
+  red = (0, 1, 2)
+  lay = Layout(4, (3,), red, (16,), 64 * 8 * 8, x.shape)
+  branches = dict(
+    cond_pass=lambda x, s1: s1,
+    cond_kernel=lambda x, s1: 2 * s1,
+    cond_exact=lambda x, s1: sum(local.exact_sums(x, lay, split=True)[1:3]),
+  )
+
+  def layer(x, branch):
+    s1, s2 = jnp.sum(x, red), jnp.sum(x * x, red)
+    if branch is not None:
+      pred = jnp.any(s1 > 1e30)
+      s1 = lax.cond(pred, lambda: branch(x, s1), lambda: s1)
+    m = s1 / lay.count
+    return (x - m) * lax.rsqrt(s2 / lay.count - m * m + 1e-5)
+
+  def make(branch):
     def f(x):
-      m = jnp.mean(x, 0)
-      if cond:
-        m = lax.cond(jnp.any(m > 1e3), lambda v: 2 * v, lambda v: v, m)
-      return (x - m) * lax.rsqrt(jnp.mean(x * x, 0) - m * m + 1e-5)
+      for _ in range(layers):
+        x = layer(x, branch)
+      return x
 
     return jax.jit(f)
 
-  x = jnp.ones((256, 64))
-  return {
-    name: _timing.compile_seconds(lambda c=c: make(c), (x,), repeats)
-    for name, c in dict(plain=False, with_cond=True).items()
-  }
+  out = {'layers': layers}
+  for name, branch in dict(plain=None, **branches).items():
+    out[name] = _timing.compile_seconds(lambda b=branch: make(b), (x,), repeats)
+  return out
 
 
 def main(argv=None):
@@ -134,7 +161,7 @@ def main(argv=None):
         vs_q75=q75,
       )
     )
-  compile_s = cond_compile(1 if args.smoke else 5)
+  compile_s = cond_compile(1, layers=2) if args.smoke else cond_compile(5)
   out = dict(
     env=_timing.environment(),
     shape=list(shape),
@@ -167,11 +194,22 @@ def reductions_table(run: dict) -> str:
       f'({r["vs_q25"]:.2f}-{r["vs_q75"]:.2f}) |'
     )
   c = run['compile_s']
-  lines.append(
-    f'\nCompile of a toy reduce-and-normalize: {c["plain"] * 1e3:.0f}'
-    f' ms, and {c["with_cond"] * 1e3:.0f} ms with a `lax.cond` whose '
-    'branch only doubles a vector.'
-  )
+  if 'cond_exact' in c:
+    per = {k: (c[k] - c['plain']) / c['layers'] * 1e3 for k in c if 'cond' in k}
+    lines.append(
+      f'\nCompile of {c["layers"]} reduce-and-normalize layers: '
+      f"{c['plain'] * 1e3:.0f} ms; each layer's `lax.cond` adds "
+      f'{per["cond_pass"]:.1f} ms when its branch passes its operands '
+      f'through, {per["cond_kernel"]:.1f} ms when the branch holds one '
+      f"kernel, and {per['cond_exact']:.1f} ms when it holds bnjax's "
+      'exact fallback.'
+    )
+  else:  # runs from before the chain
+    lines.append(
+      f'\nCompile of a toy reduce-and-normalize: {c["plain"] * 1e3:.0f}'
+      f' ms, and {c["with_cond"] * 1e3:.0f} ms with a `lax.cond` whose '
+      'branch only doubles a vector.'
+    )
   return '\n'.join(lines)
 
 
