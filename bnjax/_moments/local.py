@@ -196,7 +196,8 @@ def exact_sums(
 ) -> tuple[Array, Array, Array, Array]:
   """``(count, shift, s1, s2)``: the sums of ``d = x - shift`` and ``d**2``
   around the pivot-corrected mean (the module docstring), before any
-  per-channel arithmetic on them (:func:`finalize_sums` does that).
+  per-channel arithmetic on them (:func:`finalize_lo` of the
+  :class:`Partial` does that).
   ``split``: see :func:`sums_around`."""
   red = lay.reduction_axes
   if mask is None:
@@ -293,7 +294,7 @@ def flax_moments(
   gets mean 0 and var 0 (flax's: NaN).
 
   The conditional's exact branch returns sums ``(shift, s1, s2)`` and
-  :func:`finalize_sums` runs after it: the branch holds only the exact
+  :func:`finalize_lo` runs after it: the branch holds only the exact
   path's reductions, and the per-channel arithmetic fuses with the layer's
   own (XLA:CPU compiles each fusion into a kernel of its own;
   docs/guides/performance.md has what the conditional costs to compile).
@@ -324,7 +325,7 @@ def flax_moments(
   # x * x at a mean of 1e20, takes the exact path too.
   inexact = jnp.any(~(mean * mean <= ONE_PASS_MAX_RATIO * var))
   # The plain branch passes the sums through (no kernel: they exist; a zero
-  # array would be one). finalize_sums runs after the conditional, on
+  # array would be one). finalize_lo runs after the conditional, on
   # whichever sums it returned, and the selects keep the plain path's
   # arrays where it was taken; mean_lo is 0 there: |mean| <= 2.9 std, so
   # the float32 mean's rounding is far below the statistics' own error.
@@ -333,30 +334,13 @@ def flax_moments(
     lambda: (*exact_sums(xf, lay, mask, split=True)[1:], True),
     lambda: (s1, s1, s2, False),
   )
-  exact = finalize_sums(n, *sums)
+  shift, e1, e2 = sums
+  exact = finalize_lo(Partial(n, shift, e1, _m2(n, e1, e2)))
   plain = (mean, var, jnp.zeros((), xf.dtype))
   return (
     n,
     *(jnp.where(taken, e, p) for e, p in zip(exact, plain, strict=True)),
   )
-
-
-def finalize_sums(
-  n: Array, shift: Array, s1: Array, s2: Array
-) -> tuple[Array, Array, Array]:
-  """``(mean, var, mean_lo)`` from sums around ``shift``: with ``a = s1/n``,
-  ``mean = shift + a`` and ``var = s2/n - a**2``. At ``shift = 0`` these
-  are flax's one-pass formulas, op for op; at ``s1 = 0``, its two-pass.
-  mean_lo is as in :func:`finalize_lo` (0 on the plain paths, where
-  |mean| <= 2.9 std and the float32 mean's rounding is far below the
-  statistics' own error)."""
-  safe_n = jnp.maximum(n, 1.0)
-  seen = n > 0
-  a = s1 / safe_n
-  mean = jnp.where(seen, shift + a, 0.0)
-  var = jnp.where(seen, jnp.maximum(0.0, s2 / safe_n - a * a), 0.0)
-  lo = jnp.where(seen, (shift - mean) + a, 0.0)
-  return mean, var, lo
 
 
 # ----------------------------------------------------------------- merge ---
