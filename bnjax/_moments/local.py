@@ -196,8 +196,7 @@ def exact_sums(
 ) -> tuple[Array, Array, Array, Array]:
   """``(count, shift, s1, s2)``: the sums of ``d = x - shift`` and ``d**2``
   around the pivot-corrected mean (the module docstring), before any
-  per-channel arithmetic on them (:func:`finalize_lo` of the
-  :class:`Partial` does that).
+  per-channel arithmetic on them (:func:`finalize_sums` does that).
   ``split``: see :func:`sums_around`."""
   red = lay.reduction_axes
   if mask is None:
@@ -294,7 +293,7 @@ def flax_moments(
   gets mean 0 and var 0 (flax's: NaN).
 
   The conditional's exact branch returns sums ``(shift, s1, s2)`` and
-  :func:`finalize_lo` runs after it: the branch holds only the exact
+  :func:`finalize_sums` runs after it: the branch holds only the exact
   path's reductions, and the per-channel arithmetic fuses with the layer's
   own (XLA:CPU compiles each fusion into a kernel of its own;
   docs/guides/performance.md has what the conditional costs to compile).
@@ -306,41 +305,58 @@ def flax_moments(
     n = jnp.sum(mask, red, dtype=jnp.int32).astype(xf.dtype)
     # Masked-out values never reach the arithmetic (NaN padding is harmless).
     xf = jnp.where(mask, xf, 0.0)
-  # flax's own jnp operations (jnp.mean is the sum over the count, and XLA
-  # reduces once for both), so that such input gets its float32 results
-  # bit for bit. These arrays are what the plain path returns: a mean and
-  # var refinalized from the sums after the conditional differed from
-  # flax's by 1 ulp on jax 0.8.1 (tests/modules/test_flax_dropin.py, in
-  # CI's floor job).
-  s1 = jnp.sum(xf, red, where=mask)
+  # flax's own jnp operations, so that such input gets its float32 results
+  # bit for bit. These arrays are what the plain path returns, and its
+  # branch of the conditional passes them through: how XLA:CPU rounds a
+  # sum depends on how it is fused, and a mean and var refinalized from
+  # sums after the conditional were 1 ulp off flax's on jax 0.8.1, as were
+  # plain sums passed through on jax 0.10.2 under flax's ref_variables mode
+  # (tests/modules/test_flax_dropin.py, test_transforms.py).
   mean = jnp.mean(xf, red, where=mask)
-  sq = xf * xf if fast else jnp.square(xf - lay.broadcast(mean))
-  s2 = jnp.sum(sq, red, where=mask)
-  var = jnp.mean(sq, red, where=mask)
   if fast:
-    var = jnp.maximum(0.0, var - mean * mean)
+    var = jnp.maximum(0.0, jnp.mean(xf * xf, red, where=mask) - mean * mean)
+  else:
+    var = jnp.mean(jnp.square(xf - lay.broadcast(mean)), red, where=mask)
   if mask is not None:  # 0/0 in an empty channel
     mean, var = (jnp.where(n > 0, v, 0.0) for v in (mean, var))
   # "not <=" so that an overflowed (inf or NaN) one-pass variance, as from
   # x * x at a mean of 1e20, takes the exact path too.
   inexact = jnp.any(~(mean * mean <= ONE_PASS_MAX_RATIO * var))
-  # The plain branch passes the sums through (no kernel: they exist; a zero
-  # array would be one). finalize_lo runs after the conditional, on
+  # The plain branch passes existing arrays through (no kernel; a zero
+  # array would be one). finalize_sums runs after the conditional, on
   # whichever sums it returned, and the selects keep the plain path's
   # arrays where it was taken; mean_lo is 0 there: |mean| <= 2.9 std, so
   # the float32 mean's rounding is far below the statistics' own error.
   *sums, taken = lax.cond(
     inexact,
     lambda: (*exact_sums(xf, lay, mask, split=True)[1:], True),
-    lambda: (s1, s1, s2, False),
+    lambda: (mean, mean, var, False),
   )
-  shift, e1, e2 = sums
-  exact = finalize_lo(Partial(n, shift, e1, _m2(n, e1, e2)))
+  exact = finalize_sums(n, *sums)
   plain = (mean, var, jnp.zeros((), xf.dtype))
   return (
     n,
     *(jnp.where(taken, e, p) for e, p in zip(exact, plain, strict=True)),
   )
+
+
+def finalize_sums(
+  n: Array, shift: Array, s1: Array, s2: Array
+) -> tuple[Array, Array, Array]:
+  """``(mean, var, mean_lo)`` from the sums of ``d = x - shift`` and
+  ``d**2``: with ``a = s1/n``, ``mean = shift + a`` and ``var = s2/n -
+  a**2``; mean_lo as in :func:`finalize_lo`. Empty channels get zeros.
+  (The sync paths finalize a :class:`Partial` with :func:`finalize_lo`;
+  this one takes raw sums, so that it fuses after flax_moments's
+  conditional: finalizing through a Partial there changed how XLA fused
+  the plain path and its bits under flax's ref_variables mode.)"""
+  safe_n = jnp.maximum(n, 1.0)
+  seen = n > 0
+  a = s1 / safe_n
+  mean = jnp.where(seen, shift + a, 0.0)
+  var = jnp.where(seen, jnp.maximum(0.0, s2 / safe_n - a * a), 0.0)
+  lo = jnp.where(seen, (shift - mean) + a, 0.0)
+  return mean, var, lo
 
 
 # ----------------------------------------------------------------- merge ---
