@@ -334,10 +334,10 @@ def flax_moments(
   )
   exact = finalize_sums(n, *sums)
   plain = (mean, var, jnp.zeros((), xf.dtype))
-  return (
-    n,
-    *(jnp.where(taken, e, p) for e, p in zip(exact, plain, strict=True)),
+  mean, var, lo = (
+    jnp.where(taken, e, p) for e, p in zip(exact, plain, strict=True)
   )
+  return n, mean, var, lo
 
 
 def finalize_sums(

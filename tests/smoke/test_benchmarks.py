@@ -20,7 +20,9 @@ def test_reductions_benchmark_smoke():
   assert {r['form'] for r in out['rows']} >= {'two_sums', 'variadic_reduce'}
   c = out['compile_s']
   assert c['layers'] == 2
-  assert all(c[k] > 0 for k in ('plain', 'cond_pass', 'cond_kernel', 'cond_exact'))
+  assert all(
+    c[k] > 0 for k in ('plain', 'cond_pass', 'cond_kernel', 'cond_exact')
+  )
 
 
 def test_sync_benchmark_smoke():
