@@ -5,7 +5,7 @@ path cost and give, next to flax's BatchNorm? In one process, interleaved
 (A B A B) after warm-up:
 
 - the layer: forward and train step (forward, backward, new statistics) at
-  the three 4-D NHWC shapes of ``layer.py``;
+  the three 4-D NHWC shapes of ``layer.py`` and one bandwidth-bound one;
 - a ResNet-50 train step (batch 64, 224 x 224 by default, SGD momentum):
   step time, compile time, XLA's peak-memory estimate, and the number of
   conditionals in the compiled program (each would copy its predicate to
@@ -29,7 +29,11 @@ import jax.numpy as jnp
 
 from benchmarks import _models, _readme, _timing, layer
 
-SHAPES = layer.SHAPES[:3]
+# The layer benchmark's three 4-D shapes (16 MB each: on an H200 a pass over
+# one takes about 4 us, so their times are mostly dispatch) and a ResNet-50
+# stem activation at batch 128 (411 MB: about 0.1 ms a pass, so its ratio
+# is the memory traffic's).
+SHAPES = [*layer.SHAPES[:3], (128, 112, 112, 64)]
 RATIOS = (1e2, 1e4, 1e6)
 
 
