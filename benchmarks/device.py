@@ -11,7 +11,10 @@ path cost and give, next to flax's BatchNorm? In one process, interleaved
   conditionals in the compiled program (each would copy its predicate to
   the host and drain the stream, per step);
 - the variance error against float64 at |mean|/std 1e2 to 1e6 of random and
-  sorted data, 2-D and 4-D, on this device's own summation order.
+  sorted data, 2-D and 4-D, on this device's own summation order;
+- the statistics alone at the bandwidth-bound shape, by each path (flax's
+  one-pass formula, bnjax's exact partial in two reads and in one, at three
+  tile sizes), in GB/s.
 
 Run on the device: ``python -m benchmarks run device`` (about 4 minutes on one
 H100, most of it compiling ResNet-50 twice); ``--smoke`` runs seconds-long
@@ -62,6 +65,55 @@ def layer_rows(shapes, rounds, inner):
         )
       )
       print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def stats_rows(shape, rounds, inner, tiles=(8, 16, 32)):
+  """The statistics alone (mean and variance, no normalize) at one shape,
+  by each path: flax's one-pass formula (one read of x), bnjax's exact
+  partial in two reads (local.py, the CPU's) and in one read (tiled.py, at
+  each tile size). GB/s = x's bytes over the time."""
+  import jax
+
+  from bnjax import _checks
+  from bnjax._moments import local, tiled
+
+  x = jax.random.normal(jax.random.key(0), shape) + 3.0
+  lay = _checks.layout('device', x, -1)
+  red = lay.reduction_axes
+
+  def flax_formula(x):
+    mean = jnp.mean(x, red)
+    return mean, jnp.maximum(0.0, jnp.mean(x * x, red) - mean * mean)
+
+  fns = {
+    'flax one-pass': flax_formula,
+    'bnjax two reads': lambda x: local.finalize(local.exact_partial(x, lay)),
+  }
+  for b in tiles:
+    fns[f'bnjax one read, tile {b}'] = lambda x, b=b: local.finalize(
+      tiled.tiled_partial(x, lay, tile=b)
+    )
+  fns = {k: jax.jit(f) for k, f in fns.items()}
+  samples = _timing.interleaved_samples(
+    fns, {k: (x,) for k in fns}, rounds, inner
+  )
+  t = _timing.medians(samples)
+  rows = []
+  for k in fns:
+    q25, q75 = _timing.ratio_quartiles(samples[k], samples['flax one-pass'])
+    rows.append(
+      dict(
+        shape=list(shape),
+        path=k,
+        ms=t[k] * 1e3,
+        gbs=x.size * 4 / t[k] / 1e9,
+        vs_flax=t[k] / t['flax one-pass'],
+        vs_flax_q25=q25,
+        vs_flax_q75=q75,
+      )
+    )
+    print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
@@ -230,10 +282,12 @@ def main(argv=None):
         _models.resnet20, batch=2, size=8, rounds=1, inner=1, classes=10
       ),
       numerics=lambda: numerics_rows(seeds=(0,)),
+      stats=lambda: stats_rows((8, 4, 4, 8), rounds=2, inner=1),
       cond=lambda: cond_cost(layers=4, rounds=2, inner=1),
     )
   else:
     plan = dict(
+      stats=lambda: stats_rows(SHAPES[-1], rounds=21, inner=10),
       layer=lambda: layer_rows(SHAPES, rounds=21, inner=10),
       numerics=numerics_rows,
       cond=cond_cost,
