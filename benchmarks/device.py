@@ -68,11 +68,12 @@ def layer_rows(shapes, rounds, inner):
   return rows
 
 
-def stats_rows(shape, rounds, inner, tiles=(8, 16, 32)):
+def stats_rows(shape, rounds, inner, tiles=(16, 32)):
   """The statistics alone (mean and variance, no normalize) at one shape,
   by each path: flax's one-pass formula (one read of x), bnjax's exact
   partial in two reads (local.py, the CPU's) and in one read (tiled.py, at
-  each tile size). GB/s = x's bytes over the time."""
+  each tile size, with a tile's values strided or adjacent). GB/s = x's
+  bytes over the time."""
   import jax
 
   from bnjax import _checks
@@ -91,9 +92,11 @@ def stats_rows(shape, rounds, inner, tiles=(8, 16, 32)):
     'bnjax two reads': lambda x: local.finalize(local.exact_partial(x, lay)),
   }
   for b in tiles:
-    fns[f'bnjax one read, tile {b}'] = lambda x, b=b: local.finalize(
-      tiled.tiled_partial(x, lay, tile=b)
-    )
+    for strided in (True, False):
+      name = f'bnjax one read, tile {b}' + ('' if strided else ' adjacent')
+      fns[name] = lambda x, b=b, s=strided: local.finalize(
+        tiled.tiled_partial(x, lay, tile=b, strided=s)
+      )
   fns = {k: jax.jit(f) for k, f in fns.items()}
   samples = _timing.interleaved_samples(
     fns, {k: (x,) for k in fns}, rounds, inner

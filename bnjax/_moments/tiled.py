@@ -78,7 +78,12 @@ def tile_size(run: int, tile: int = TILE) -> int | None:
 
 
 def tiled_partial(
-  xf: Array, lay: Layout, mask: Array | None = None, *, tile: int = TILE
+  xf: Array,
+  lay: Layout,
+  mask: Array | None = None,
+  *,
+  tile: int = TILE,
+  strided: bool = True,
 ) -> local.Partial:
   """Exact partial moments of xf (float32 or wider) in one read of x.
 
@@ -90,11 +95,16 @@ def tiled_partial(
   if mask is not None or b is None:
     return local.exact_partial(xf, lay, mask)
   a = red[-1]
-  tiles = xf.reshape(shape[:a] + (shape[a] // b, b) + shape[a + 1 :])
-  pivot = _median_of_three(tiles, a + 1, b)
+  # A tile's b values are T apart (strided) or adjacent: the same
+  # arithmetic, but XLA:GPU reduces a major axis of b far faster than a
+  # minor one (benchmarks/results/device.json, the statistics rows).
+  split = (b, shape[a] // b) if strided else (shape[a] // b, b)
+  tiles = xf.reshape(shape[:a] + split + shape[a + 1 :])
+  t = a if strided else a + 1
+  pivot = _median_of_three(tiles, t, b)
   d = tiles - pivot
-  a_t, q_t = jnp.sum(d, a + 1), jnp.sum(d * d, a + 1)  # one read of x
-  pivot = jnp.squeeze(pivot, a + 1)
+  a_t, q_t = jnp.sum(d, t), jnp.sum(d * d, t)  # one read of x
+  pivot = jnp.squeeze(pivot, t)
   mean_dev = a_t / b  # the tile mean's distance from its pivot
   m2_t = jnp.maximum(q_t - a_t * mean_dev, 0.0)
   count = math.prod(pivot.shape[i] for i in red)  # T tiles a channel
