@@ -13,8 +13,8 @@ path cost and give, next to flax's BatchNorm? In one process, interleaved
 - the variance error against float64 at |mean|/std 1e2 to 1e6 of random and
   sorted data, 2-D and 4-D, on this device's own summation order;
 - the statistics alone at the bandwidth-bound shape, by each path (flax's
-  one-pass formula, bnjax's exact partial in two reads and in one, at three
-  tile sizes), in GB/s.
+  one-pass formula, bnjax's exact partial in two reads, and the one-read
+  variant of ``_tiled.py``), in GB/s.
 
 Run on the device: ``python -m benchmarks run device`` (about 4 minutes on one
 H100, most of it compiling ResNet-50 twice); ``--smoke`` runs seconds-long
@@ -30,7 +30,7 @@ import time
 
 import jax.numpy as jnp
 
-from benchmarks import _models, _readme, _timing, layer
+from benchmarks import _models, _readme, _tiled, _timing, layer
 
 # The layer benchmark's three 4-D shapes (16 MB each: on an H200 a pass over
 # one takes about 4 us, so their times are mostly dispatch) and a ResNet-50
@@ -71,13 +71,14 @@ def layer_rows(shapes, rounds, inner):
 def stats_rows(shape, rounds, inner, tiles=(16, 32)):
   """The statistics alone (mean and variance, no normalize) at one shape,
   by each path: flax's one-pass formula (one read of x), bnjax's exact
-  partial in two reads (local.py, the CPU's) and in one read (tiled.py, at
-  each tile size, with a tile's values strided or adjacent). GB/s = x's
+  partial in two reads (local.py: the path bnjax takes on accelerators)
+  and the one-read variant of ``benchmarks/_tiled.py`` (tried and dropped),
+  at each tile size with a tile's values strided or adjacent. GB/s = x's
   bytes over the time."""
   import jax
 
   from bnjax import _checks
-  from bnjax._moments import local, tiled
+  from bnjax._moments import local
 
   x = jax.random.normal(jax.random.key(0), shape) + 3.0
   lay = _checks.layout('device', x, -1)
@@ -95,7 +96,7 @@ def stats_rows(shape, rounds, inner, tiles=(16, 32)):
     for strided in (True, False):
       name = f'bnjax one read, tile {b}' + ('' if strided else ' adjacent')
       fns[name] = lambda x, b=b, s=strided: local.finalize(
-        tiled.tiled_partial(x, lay, tile=b, strided=s)
+        _tiled.tiled_partial(x, lay, tile=b, strided=s)
       )
   fns = {k: jax.jit(f) for k, f in fns.items()}
   samples = _timing.interleaved_samples(
@@ -351,5 +352,29 @@ def device_table(run: dict) -> str:
   return '\n'.join(lines)
 
 
+def stats_table(run: dict) -> str:
+  env, shape = run['env'], 'x'.join(map(str, run['stats'][0]['shape']))
+  lines = [
+    f'Run of {env.get("date")} at {_readme.commit(env)} on {env.get("devices")} '
+    f'(jax {env.get("jax")}), mean and variance of a {shape} float32 input:',
+    '',
+    '| path | ms | GB/s | vs flax (quartiles) |',
+    '|---|---|---|---|',
+  ]
+  for r in run['stats']:
+    lines.append(
+      f'| {r["path"]} | {r["ms"]:.3f} | {r["gbs"]:.0f} | **{r["vs_flax"]:.2f}**'
+      f' ({r["vs_flax_q25"]:.2f}-{r["vs_flax_q75"]:.2f}) |'
+    )
+  return '\n'.join(lines)
+
+
 def readme_blocks() -> dict[str, str]:
-  return {'device': device_table(_timing.latest('device'))}
+  # The statistics rows of the last run that has them (the runs with the
+  # one-read variant as bnjax's path are kept apart, in device_tiled.json).
+  runs = [r for name in ('device_tiled', 'device') for r in _timing.runs(name)]
+  with_stats = [r for r in runs if 'stats' in r]
+  return {
+    'device': device_table(_timing.latest('device')),
+    'device-stats': stats_table(with_stats[-1]),
+  }

@@ -5,11 +5,10 @@
   the exact path in a ``lax.cond`` where some channel has
   ``mean**2 > 8 var``. On the CPU the host evaluates the predicate in place.
   Synced statistics take the exact path on every platform.
-- **GPU, TPU and anything else:** the exact, branch-free path in one read
-  of x (``tiled.tiled_partial``): a conditional there copies its predicate
-  to the host and drains the stream, once per layer, and sibling
-  reductions with a fused subtraction cost no extra read. Synced
-  statistics merge the same partials.
+- **GPU, TPU and anything else:** the exact, branch-free path
+  (``local.exact_partial``): a conditional there copies its predicate to the
+  host and drains the stream, once per layer, and sibling reductions with a
+  fused subtraction cost no extra read.
 
 The choice is made when the program is lowered for a platform
 (``lax.platform_dependent``), so one jitted or exported function carries
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._moments import collectives, gather, local, psum, tiled
+from bnjax._moments import collectives, gather, local, psum
 from bnjax._types import Layout
 
 Array = jax.Array
@@ -105,16 +104,7 @@ def _counted(p: local.Partial):
 def _local_stats_impl(xf, m, lay: Layout, fast: bool):
   return on_platform(
     lambda: local.flax_moments(xf, lay, m, fast),
-    lambda: _counted(tiled.tiled_partial(xf, lay, m)),
-  )
-
-
-def _exact_partial_impl(xf, lay: Layout, m):
-  """One shard's exact partial: two reads of x on the CPU (whose fused
-  reductions are slow, local.py), one on accelerators (tiled.py)."""
-  return on_platform(
-    lambda: local.exact_partial(xf, lay, m),
-    lambda: tiled.tiled_partial(xf, lay, m),
+    lambda: _counted(local.exact_partial(xf, lay, m)),
   )
 
 
@@ -124,7 +114,7 @@ def _exact_partial_impl(xf, lay: Layout, m):
 # are costly to trace and to partially evaluate under autodiff (XLA inlines
 # the calls). Eagerly they run op by op, as flax's do, for flax's numbers.
 _local_stats = jax.jit(_local_stats_impl, static_argnames=('lay', 'fast'))
-_exact_partial = jax.jit(_exact_partial_impl, static_argnames=('lay',))
+_exact_partial = jax.jit(local.exact_partial, static_argnames=('lay',))
 
 
 def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
@@ -157,7 +147,7 @@ def _traced(x) -> bool:
 def _gathered(xf, lay, m, sync: Sync):
   # Exact partials on every platform: synced statistics are not flax's
   # anyway (flax averages per-shard means), so exactness wins here.
-  p = (_exact_partial if _traced(xf) else _exact_partial_impl)(xf, lay, m)
+  p = (_exact_partial if _traced(xf) else local.exact_partial)(xf, lay, m)
   return _counted(gather.gather_merge(p, sync.axis_name, sync.groups, sync.fn))
 
 

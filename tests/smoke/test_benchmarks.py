@@ -158,3 +158,47 @@ def test_compile_benchmark_smoke():
   assert (
     row['flax_s'] > 0 and row['bnjax_s'] > 0 and len(row['pair_ratios']) == 1
   )
+
+
+@pytest.mark.heavy
+def test_device_benchmark_smoke():
+  """The GPU benchmark's code on the CPU at seconds-long sizes: every part
+  runs (smoke mode raises on any error) and each path's statistics are
+  timed, the dropped one-read variant's too."""
+  from benchmarks import device
+
+  out = device.main(['--smoke'])
+  assert {r['mode'] for r in out['layer']} == {'fwd', 'step'}
+  paths = {r['path'] for r in out['stats']}
+  assert {'flax one-pass', 'bnjax two reads'} < paths, paths
+  assert any(p.endswith('adjacent') for p in paths), paths
+  assert max(r['err'] for r in out['numerics'] if r['impl'] != 'flax') < 1e-6
+  assert out['cond']['conditionals_compiled'] == 4
+  assert out['resnet50']['flax']['conditionals'] == 0
+
+
+@pytest.mark.parametrize('strided', [True, False])
+@pytest.mark.parametrize('shape', ['2-D', '4-D'])
+def test_the_dropped_one_read_variant_is_exact(shape, strided):
+  """benchmarks/_tiled.py's docstring: within 1e-6 of float64 (measured
+  2.9e-7) at |mean|/std 1e2 to 1e6, on sorted data and an outlier first,
+  whichever way its tiles take their values. Its speed is what dropped it
+  (results/device_tiled.json), not its numbers."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import _tiled, numerics
+  from bnjax import _checks
+  from bnjax._moments import local
+
+  for layout in ('identical', 'sorted', 'outlier first'):
+    for ratio in (1e2, 1e4, 1e6):
+      x, _ = numerics.make_data(ratio, layout, seed=0, shape=shape)
+      lay = _checks.layout('t', jnp.asarray(x), -1)
+      p = jax.jit(
+        lambda v, lay=lay: _tiled.tiled_partial(v, lay, strided=strided)
+      )(jnp.asarray(x))
+      want = np.float64(x).reshape(-1, x.shape[-1]).var(0)
+      err = np.max(np.abs(np.float64(local.finalize(p)[1]) - want) / want)
+      assert err <= 1e-6, (layout, ratio, err)
