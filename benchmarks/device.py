@@ -390,7 +390,7 @@ def readme_blocks() -> dict[str, str]:
   return {
     'device': device_table(_timing.latest('device')),
     'device-stats': stats_table(with_stats[-1])
-    + f'\n\nWith the one-read variant as bnjax\'s path '
+    + f"\n\nWith the one-read variant as bnjax's path "
     f'(`results/device_tiled.json`), the ResNet-50 step was {steps} of '
     f"flax's; with the two reads, bnjax's step took {two:.1f} ms.",
   }
