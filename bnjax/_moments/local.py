@@ -292,11 +292,9 @@ def flax_moments(
   gets flax's float32 results bit for bit. A channel with no masked-in value
   gets mean 0 and var 0 (flax's: NaN).
 
-  The conditional's exact branch returns sums ``(shift, s1, s2)`` and
-  :func:`finalize_sums` runs after it: the branch holds only the exact
-  path's reductions, and the per-channel arithmetic fuses with the layer's
-  own (XLA:CPU compiles each fusion into a kernel of its own;
-  docs/guides/performance.md has what the conditional costs to compile).
+  The conditional returns the finished ``(mean, var, mean_lo)`` from
+  either branch (the exact one finalizes its sums inside it), so the
+  layer's arithmetic after it is the same whichever ran.
   """
   red = lay.reduction_axes
   if mask is None:
@@ -322,20 +320,16 @@ def flax_moments(
   # "not <=" so that an overflowed (inf or NaN) one-pass variance, as from
   # x * x at a mean of 1e20, takes the exact path too.
   inexact = jnp.any(~(mean * mean <= ONE_PASS_MAX_RATIO * var))
-  # The plain branch passes existing arrays through (no kernel; a zero
-  # array would be one). finalize_sums runs after the conditional, on
-  # whichever sums it returned, and the selects keep the plain path's
-  # arrays where it was taken; mean_lo is 0 there: |mean| <= 2.9 std, so
-  # the float32 mean's rounding is far below the statistics' own error.
-  *sums, taken = lax.cond(
+  # The plain branch passes flax's arrays through; mean_lo is 0 there:
+  # |mean| <= 2.9 std, so the float32 mean's rounding is far below the
+  # statistics' own error. The exact branch finalizes inside, so nothing
+  # after the conditional depends on which branch ran (selects there kept
+  # XLA:CPU from fusing the per-channel arithmetic across it:
+  # docs/guides/performance.md has the compile cost).
+  mean, var, lo = lax.cond(
     inexact,
-    lambda: (*exact_sums(xf, lay, mask, split=True)[1:], True),
-    lambda: (mean, mean, var, False),
-  )
-  exact = finalize_sums(n, *sums)
-  plain = (mean, var, jnp.zeros((), xf.dtype))
-  mean, var, lo = (
-    jnp.where(taken, e, p) for e, p in zip(exact, plain, strict=True)
+    lambda: finalize_sums(n, *exact_sums(xf, lay, mask, split=True)[1:]),
+    lambda: (mean, var, jnp.zeros_like(mean)),
   )
   return n, mean, var, lo
 
@@ -347,9 +341,8 @@ def finalize_sums(
   ``d**2``: with ``a = s1/n``, ``mean = shift + a`` and ``var = s2/n -
   a**2``; mean_lo as in :func:`finalize_lo`. Empty channels get zeros.
   (The sync paths finalize a :class:`Partial` with :func:`finalize_lo`;
-  this one takes raw sums, so that it fuses after flax_moments's
-  conditional: finalizing through a Partial there changed how XLA fused
-  the plain path and its bits under flax's ref_variables mode.)"""
+  this one takes the raw sums of :func:`exact_sums`, as flax_moments's
+  exact branch has them.)"""
   safe_n = jnp.maximum(n, 1.0)
   seen = n > 0
   a = s1 / safe_n
