@@ -379,9 +379,8 @@ def stats_table(run: dict) -> str:
 def readme_blocks() -> dict[str, str]:
   # The statistics rows of the last run that has them (the runs with the
   # one-read variant as bnjax's path are kept apart, in device_tiled.json).
-  runs = [r for name in ('device_tiled', 'device') for r in _timing.runs(name)]
-  with_stats = [r for r in runs if 'stats' in r]
   tried = _timing.runs('device_tiled')
+  with_stats = [r for r in tried + _timing.runs('device') if 'stats' in r]
   steps = ' and '.join(
     f'{r["resnet50"]["step_ratio"]:.2f}x ({r["resnet50"]["bnjax_ms"]:.1f} ms)'
     for r in tried
