@@ -134,10 +134,19 @@ def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
 
   feat = PartitionSpec(*(spec[a] for a in lay.feature_axes))
   count = PartitionSpec() if m is None else feat
-  return jax.sharding.auto_axes(
-    lambda xf, m: stats(xf, m, lay, fast),
-    out_sharding=(count, feat, feat, feat),
-  )(xf, m)
+  # The mesh comes from x's type: a sharded jit needs no context mesh
+  # (jax.set_mesh) around it, as flax's BatchNorm needs none. Eagerly, x's
+  # concrete mesh, since the call compiles for real devices.
+  mesh = getattr(getattr(xf, 'sharding', None), 'mesh', None)
+  if isinstance(mesh, jax.sharding.Mesh):
+    context = jax.set_mesh(mesh)
+  else:
+    context = jax.sharding.use_abstract_mesh(jax.typeof(xf).sharding.mesh)
+  with context:
+    return jax.sharding.auto_axes(
+      lambda xf, m: stats(xf, m, lay, fast),
+      out_sharding=(count, feat, feat, feat),
+    )(xf, m)
 
 
 def _traced(x) -> bool:
