@@ -28,6 +28,7 @@ BENCHMARKS = (
   'sync_model',
   'model',
   'compile',
+  'sync_compile',
   'fold',
   'device',
 )

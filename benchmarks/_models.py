@@ -12,8 +12,12 @@ from __future__ import annotations
 import functools
 
 
-def resnet20(norm_cls, widths=(16, 32, 64), blocks=3):
+def resnet20(norm_cls, widths=(16, 32, 64), blocks=3, axis_name=None):
+  import functools
+
   import flax.linen as nn
+
+  norm_cls = functools.partial(norm_cls, axis_name=axis_name)
 
   class Block(nn.Module):
     width: int
@@ -83,6 +87,49 @@ def resnet50(norm_cls, axis_name=None, num_classes=1000):
       return nn.Dense(num_classes)(x.mean((1, 2)))
 
   return ResNet50()
+
+
+def resnet18(norm_cls, axis_name=None, num_classes=1000):
+  """flax's ImageNet example ResNet-18 (examples/imagenet/models.py):
+  basic blocks of stages (2, 2, 2, 2), 20 BN layers."""
+  import flax.linen as nn
+
+  conv = functools.partial(nn.Conv, use_bias=False)
+
+  class Block(nn.Module):
+    filters: int
+    strides: tuple = (1, 1)
+
+    @nn.compact
+    def __call__(self, x, norm):
+      y = nn.relu(norm()(conv(self.filters, (3, 3), self.strides)(x)))
+      y = norm(scale_init=nn.initializers.zeros_init())(
+        conv(self.filters, (3, 3))(y)
+      )
+      if x.shape != y.shape:
+        x = conv(self.filters, (1, 1), self.strides, name='conv_proj')(x)
+        x = norm(name='norm_proj')(x)
+      return nn.relu(x + y)
+
+  class ResNet18(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+      norm = functools.partial(
+        norm_cls,
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=axis_name,
+      )
+      x = conv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)])(x)
+      x = nn.max_pool(nn.relu(norm()(x)), (3, 3), (2, 2), padding='SAME')
+      for i in range(4):
+        for j in range(2):
+          strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+          x = Block(64 * 2**i, strides)(x, norm)
+      return nn.Dense(num_classes)(x.mean((1, 2)))
+
+  return ResNet18()
 
 
 def train_step(model, variables, tx, axis_name=None):

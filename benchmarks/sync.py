@@ -3,11 +3,12 @@
 Question: what does syncing cost per layer, by each of bnjax's two sync
 paths? Times a shard_map'd training step (forward + backward w.r.t. x) with
 local statistics, with ``sync='gather'`` (one all-gather of K = 3C + 1
-floats per shard), with ``sync='psum'`` in its steady state (running mean
-near the batch mean: one psum of 2C + 1 floats) and with ``sync='psum'``
-when its check fails every step (running mean 100 std away: the psum, then
-the gather), and the bare collectives (all-gather and psum-gather of K
-floats, psum of 2C + 1), interleaved, medians. Run: ``python -m benchmarks run sync``
+floats per shard), with ``sync='psum'`` (a pmax of C floats and one psum
+of 3C + 1; the ``psum_fallback`` column is the same step with the running
+mean 100 std away, where the running-mean psum of before 0.2.0 fell back
+to the gather: it now costs the same), and the bare collectives
+(all-gather and psum-gather of K floats, psum of 3C + 1), interleaved,
+medians. Run: ``python -m benchmarks run sync``
 (about 1 minute) or ``--smoke``. Writes ``results/sync.json``.
 """
 
@@ -71,7 +72,7 @@ def main(argv=None):
       )
 
     k = 3 * c + 1
-    k_psum = 2 * c + 1
+    k_psum = 3 * c + 1
     part = jax.device_put(jnp.ones((8, k)), NamedSharding(mesh, P('d')))
     small = jax.device_put(jnp.ones((8, k_psum)), NamedSharding(mesh, P('d')))
 
@@ -81,7 +82,7 @@ def main(argv=None):
       )
       return lax.psum(rows_, 'd')[None]
 
-    def psum_small(v):  # sync='psum''s collective: 2C + 1 shifted sums
+    def psum_small(v):  # sync='psum''s sums: 3C + 1 floats
       return lax.psum(v, 'd')
 
     def all_gather(v):

@@ -7,7 +7,7 @@ process with ``jax_num_cpu_devices=D``) and C in (64, 2048), the train step
 ``axis_name``) is lowered for TPU with ``jax.export`` and every collective is
 read from the module: its kind, per-shard operand floats, the bytes it
 delivers to each device, and whether it sits inside a conditional branch
-(the psum path's exact fallback). Beside it: which path ``sync='auto'``
+(none does: no sync path branches). Beside it: which path ``sync='auto'``
 takes there (``bnjax._moments.psum.auto_uses_psum``, the alpha-beta model of
 ``sync_model.py``). Run: ``python -m benchmarks run sync_lowering`` (about 1
 minute) or ``--smoke`` (8 devices). Writes ``results/sync_lowering.json``.
@@ -112,8 +112,8 @@ def worker(d: int) -> list[dict]:
 
 def table(rows) -> str:
   lines = [
-    '| D | C | auto | gather: forward bytes/device | psum: steady '
-    'bytes/device | psum: fallback adds | backward (both) |',
+    '| D | C | auto | gather: forward bytes/device | psum: forward '
+    'bytes/device | in a conditional | backward (both) |',
     '|---|---|---|---|---|---|---|',
   ]
   key = lambda r: (r['devices'], r['channels'])
@@ -121,13 +121,13 @@ def table(rows) -> str:
     g = next(r for r in rows if key(r) == (d, c) and r['sync'] == 'gather')
     p = next(r for r in rows if key(r) == (d, c) and r['sync'] == 'psum')
     gf, gb = g['collectives'][0], g['collectives'][-1]
-    steady = [o for o in p['collectives'][:-1] if not o['conditional']]
-    fall = [o for o in p['collectives'] if o['conditional']]
+    fwd = p['collectives'][:-1]
+    cond = [o for r in (g, p) for o in r['collectives'] if o['conditional']]
     lines.append(
       f'| {d} | {c} | {g["auto"]} | {gf["bytes_per_device"]:,} '
-      f'({gf["kind"]}) | {sum(o["bytes_per_device"] for o in steady):,} '
-      f'({len(steady)} {steady[0]["kind"]}) | '
-      f'{sum(o["bytes_per_device"] for o in fall):,} | '
+      f'({gf["kind"]}) | {sum(o["bytes_per_device"] for o in fwd):,} '
+      f'({len(fwd)} {fwd[0]["kind"]}) | '
+      f'{len(cond)} collectives | '
       f'{gb["bytes_per_device"]:,} ({gb["kind"]}) |'
     )
   return '\n'.join(lines)

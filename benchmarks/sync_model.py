@@ -11,10 +11,9 @@ exact merge needs). bnjax ships two ways to combine them:
 - with ``axis_index_groups``, under pmap and vmap: a psum of a (D, K) buffer
   in which each shard fills its own row ("psum-gather").
 
-and ``sync='psum'``: a psum of 2C + 1 floats, shifted sums around the
-replicated running mean (constant in D; where the shift is too far from the
-batch mean, at the first steps, the gather runs as well; 8C more floats
-where types cannot prove every shard has the same shift).
+and ``sync='psum'``: two all-reduces of constant size, a pmax of C floats
+(the shared reference, the largest shard shift) and a psum of 3C + 1 (the
+sums around it).
 ``sync='auto'`` takes the psum where this model, on its faster link, prices
 the gather above it (``bnjax._moments.psum.auto_uses_psum``; each row
 records the choice). An alpha-beta model: a collective costs
@@ -59,9 +58,9 @@ def designs(d: int, c: int):
 
   k = _psum.gather_payload(c, masked=False)
   return {
-    'psum_gather': ('all_reduce', 4 * d * k),
-    'all_gather': ('all_gather', 4 * d * k),
-    'shifted_psum': ('all_reduce', 4 * _psum.psum_payload(c, False)),
+    'psum_gather': [('all_reduce', 4 * d * k)],
+    'all_gather': [('all_gather', 4 * d * k)],
+    'psum': [('all_reduce', 4 * n) for n in _psum.psum_payload(c, False)],
   }
 
 
@@ -99,7 +98,7 @@ def hlo_check(d: int = 8, c: int = 64) -> dict:
     channels=c,
     hlo=sizes,
     model_input_bytes=per_shard,
-    model_output_bytes=designs(d, c)['all_gather'][1],
+    model_output_bytes=designs(d, c)['all_gather'][0][1],
     agrees=sizes == [('all_gather', per_shard)],
   )
 
@@ -107,7 +106,7 @@ def hlo_check(d: int = 8, c: int = 64) -> dict:
 def table(rows, link):
   lines = [
     '| C | D | psum-gather (ring / tree) µs | all-gather (ring / tree) µs '
-    '| shifted psum (ring / tree) µs |',
+    '| psum: pmax + psum (ring / tree) µs |',
     '|---|---|---|---|---|',
   ]
   for r in rows:
@@ -115,7 +114,7 @@ def table(rows, link):
       continue
     cells = [
       f'{r[f"{k}_ring_us"]:.0f} / {r[f"{k}_tree_us"]:.0f}'
-      for k in ('psum_gather', 'all_gather', 'shifted_psum')
+      for k in ('psum_gather', 'all_gather', 'psum')
     ]
     lines.append(
       f'| {r["channels"]} | {r["devices"]} | ' + ' | '.join(cells) + ' |'
@@ -147,13 +146,15 @@ def main(argv=None):
           devices=d,
           auto='psum' if _psum.auto_uses_psum(d, c) else 'gather',
         )
-        for name, (kind, n) in designs(d, c).items():
-          row[f'{name}_bytes'] = n
+        for name, ops in designs(d, c).items():
+          row[f'{name}_bytes'] = sum(n for _, n in ops)
           for algo in ('ring', 'tree'):
-            row[f'{name}_{algo}_us'] = cost(kind, algo, d, n, link) * 1e6
+            row[f'{name}_{algo}_us'] = 1e6 * sum(
+              cost(kind, algo, d, n, link) for kind, n in ops
+            )
         rows.append(row)
   # Switch point: the smallest D where the psum-gather (best algorithm)
-  # costs more than twice the shifted psum (best algorithm); same for the
+  # costs more than twice the psum path (best algorithm); same for the
   # all-gather.
   switch = {}
   for link_name in LINKS:
@@ -165,7 +166,7 @@ def main(argv=None):
           for r in rows
           if r['link'] == link_name
           and r['channels'] == c
-          and best(r, k) > 2 * best(r, 'shifted_psum')
+          and best(r, k) > 2 * best(r, 'psum')
         ]
         switch[f'{k}/{link_name}/C={c}'] = min(over) if over else None
   out = dict(
@@ -181,7 +182,7 @@ def main(argv=None):
     _timing.write_result('sync_model', out)
     for link_name in LINKS:
       print(f'\n{link_name}\n' + table(rows, link_name))
-    print('\nswitch points (D where it costs > 2x the shifted psum):', switch)
+    print('\nswitch points (D where it costs > 2x the psum path):', switch)
     print('HLO check at 8 devices:', check)
   return out
 

@@ -91,8 +91,7 @@ def normalize_batch(
     mean, rstd = _running.inference_params(state, epsilon)
     y = _train.affine(x, mean.astype(f), rstd, scale, bias, lay, out_dtype)
     return y, state
-  shift = state.mean if axis_name is not None else None
-  mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask, shift)
+  mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask)
   shards = 1 if axis_name is None else _moments.num_shards(axis_name, groups)
   if not single_value_ok:
     _checks.check_training_count(
@@ -121,7 +120,6 @@ def normalize_batch(
       cfg,
       fix=fix,
       fallback=fallback,
-      shift=shift if mode == 'psum' else None,
     )
   valid = None if mask is None else count > 0
   new = _running.update(state, mean, var, momentum, valid, epsilon, (count, lo))
@@ -132,14 +130,11 @@ def _is_complex(x) -> bool:
   return jnp.iscomplexobj(x)
 
 
-def _sync_mode(fn, sync, axis_name, groups, x, lay, mask, shift) -> str:
+def _sync_mode(fn, sync, axis_name, groups, x, lay, mask) -> str:
   """The synced path, 'gather' or 'psum', resolved at trace time."""
   channels = math.prod(lay.feature_shape) * (2 if jnp.iscomplexobj(x) else 1)
-  proven = axis_name is None or _moments.shift_replicated(
-    shift, x, _moments.Sync(axis_name, groups)
-  )
   return _moments.resolve(
-    fn, sync, axis_name, groups, channels, mask is not None, proven
+    fn, sync, axis_name, groups, channels, mask is not None
   )
 
 
@@ -209,9 +204,8 @@ def moments(
   Reduces over every axis except ``axis``. With ``mask``, only masked-in
   entries count; a channel with none gets mean 0 and var 0. With
   ``axis_name``, the statistics are those of the global batch over that
-  mapped axis (one collective; ``sync`` as in :func:`batch_norm`, with a
-  zero shift for the psum path); an unbound name raises JAX's
-  ``NameError``. Results are at least float32:
+  mapped axis (``sync`` as in :func:`batch_norm`); an unbound name raises
+  JAX's ``NameError``. Results are at least float32:
 
   .. math:: \mu = \tfrac1n \sum_i x_i, \qquad
      \sigma^2 = \tfrac1n \sum_i (x_i - \mu)^2
@@ -240,7 +234,7 @@ def moments(
   lay = _checks.layout(fn, x, axis)
   mask = _checks.check_mask(fn, mask, x)
   groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
-  mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask, None)
+  mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask)
   _, mean, var, _ = _moments.batch_moments(
     x, lay, mask, sync=_moments.Sync(axis_name, groups, mode, fn)
   )
@@ -319,11 +313,12 @@ def batch_norm(
       running statistics get the mean over chunks. Must divide the batch.
       With ``axis_name`` chunks are per shard, and only the running-stat
       average is synced.
-    sync: how statistics combine over ``axis_name``, with one collective
-      either way: ``'gather'`` (every shard's exact partial), ``'psum'``
-      (sums around the running mean, constant size, with the gather as an
-      in-step fallback) or ``'auto'`` (by a cost model, at trace time). See
-      the sync guide.
+    sync: how the shards' exact partials combine over ``axis_name``,
+      branch-free and exact either way: ``'gather'`` (one all-gather of
+      every shard's partial, bytes growing with the shard count),
+      ``'psum'`` (a pmax of C floats for a shared reference, then one psum
+      of sums around it: constant size) or ``'auto'`` (by a cost model, at
+      trace time). See the sync guide.
 
   Returns:
     ``(y, new_batch_stats)``.

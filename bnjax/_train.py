@@ -73,9 +73,9 @@ def _safe(x, mask, mean, lay: Layout):
   return jnp.where(m, x, lay.broadcast(mean).astype(x.dtype))
 
 
-def _forward(x, scale, bias, epsilon, mask, fix, fallback, shift, cfg: Cfg):
+def _forward(x, scale, bias, epsilon, mask, fix, fallback, cfg: Cfg):
   count, mean, var, lo = _moments.batch_moments(
-    x, cfg.lay, mask, fast=cfg.fast, sync=cfg.sync, shift=shift
+    x, cfg.lay, mask, fast=cfg.fast, sync=cfg.sync
   )
   norm_mean, var_eps = mean, var + epsilon
   if fallback is not None:
@@ -106,20 +106,20 @@ def fold_affine(scale, bias, rd, f):
   return g * r, g * d + b
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(8,))
-def _bn_train(x, scale, bias, epsilon, mask, fix, fallback, shift, cfg):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
+def _bn_train(x, scale, bias, epsilon, mask, fix, fallback, cfg):
   y, stats, _, _, _ = _forward(
-    x, scale, bias, epsilon, mask, fix, fallback, shift, cfg
+    x, scale, bias, epsilon, mask, fix, fallback, cfg
   )
   return y, *stats
 
 
 @_bn_train.defjvp
 def _bn_train_jvp(cfg, primals, tangents):
-  x, scale, bias, epsilon, mask, fix, fallback, shift = primals
+  x, scale, bias, epsilon, mask, fix, fallback = primals
   dx, dscale, dbias, deps = tangents[:4]
   y, stats, norm_mean, rstd, folded = _forward(
-    x, scale, bias, epsilon, mask, fix, fallback, shift, cfg
+    x, scale, bias, epsilon, mask, fix, fallback, cfg
   )
   count = stats[2]
   if folded is not None:
@@ -211,16 +211,14 @@ def train(
   cfg: Cfg,
   fix=(),
   fallback=None,
-  shift=None,
 ):
   """Training-mode BN: (y, batch mean, batch var, count, mean_lo).
 
   ``fix``: the arrays ``cfg.correction`` takes after (mean, var + eps).
   ``fallback``: the (mean, var) that channels with no masked-in value are
-  normalized with (the running statistics), or None. ``shift``: the
-  replicated running mean, the psum path's shared shift (None: zero).
+  normalized with (the running statistics), or None.
   """
   f = _moments.real_dtype(_moments.stats_dtype(x.dtype))
   return _bn_train(
-    x, scale, bias, jnp.asarray(epsilon, f), mask, fix, fallback, shift, cfg
+    x, scale, bias, jnp.asarray(epsilon, f), mask, fix, fallback, cfg
   )

@@ -2,8 +2,8 @@
 
 Run by tests/core/test_multihost.py as ``python -m tests._multihost_worker PORT ID
 OUT``. Builds the 4-device global mesh, runs synced BN forward and backward
-under shard_map by both sync paths (the psum path in its steady state and
-with its exact fallback), and writes its results to OUT (.npz).
+under shard_map by both sync paths (the psum path with the running mean
+near the data and far from it), and writes its results to OUT (.npz).
 """
 
 import sys

@@ -26,7 +26,6 @@ from bnjax._moments.dispatch import (
   forced_path,
   on_platform,
   psum_stacked,
-  shift_replicated,
 )
 from bnjax._moments.local import (
   Partial,
@@ -61,6 +60,5 @@ __all__ = [
   'psum_stacked',
   'real_dtype',
   'resolve',
-  'shift_replicated',
   'stats_dtype',
 ]

@@ -1,5 +1,5 @@
-"""The collectives bnjax uses, in one place: psum, the replicated all-gather,
-and shard_map's varying cast. Every other module calls these.
+"""The collectives bnjax uses, in one place: psum, pmax, the replicated
+all-gather, and shard_map's varying cast. Every other module calls these.
 """
 
 from __future__ import annotations
@@ -21,9 +21,18 @@ def psum(v, axis_name: AxisName, groups, fn: str):
   """``lax.psum`` over each name in turn (one collective per name), with
   JAX's bare NotImplementedError for groups under shard_map/vmap replaced
   by bnjax's error naming the supported alternative."""
+  return _reduce(lax.psum, v, axis_name, groups, fn)
+
+
+def pmax(v, axis_name: AxisName, groups, fn: str):
+  """``lax.pmax``, as :func:`psum`."""
+  return _reduce(lax.pmax, v, axis_name, groups, fn)
+
+
+def _reduce(op, v, axis_name: AxisName, groups, fn: str):
   for name in axes.names(axis_name):
     try:
-      v = lax.psum(v, name, axis_index_groups=axes.groups_arg(groups))
+      v = op(v, name, axis_index_groups=axes.groups_arg(groups))
     except NotImplementedError:
       if groups is None:
         raise

@@ -75,26 +75,21 @@ def batch_moments(
   *,
   fast: bool = True,
   sync: Sync = LOCAL,
-  shift: Array | None = None,
 ) -> tuple[Array, Array, Array, Array]:
   """``(count, mean, biased var, mean_lo)`` of x over the (global) batch.
 
   ``count`` is a scalar, or per channel with a mask; statistics are at
   least float32; ``mean + mean_lo`` is the mean to twice the precision
   (``local.finalize_lo``; 0 where the float32 mean is all there is).
-  ``shift``: the replicated running mean, the psum path's shared shift
-  (None: zero).
   """
   if jnp.iscomplexobj(x):
-    return _complex_moments(x, lay, mask, fast, sync, shift)
+    return _complex_moments(x, lay, mask, fast, sync)
   xf = x.astype(local.stats_dtype(x.dtype))
   m = None if mask is None else jnp.broadcast_to(mask, x.shape)
   if sync.axis_name is None:
     stats = _local_stats if _traced(xf) else _local_stats_impl
     return _auto_axes(stats, xf, m, lay, fast)
-  if sync.mode == 'psum':
-    return _psum_or_gather(xf, lay, m, sync, shift)
-  return _gathered(xf, lay, m, sync)
+  return _synced(xf, lay, m, sync)
 
 
 def _counted(p: local.Partial):
@@ -138,10 +133,11 @@ def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
   # (jax.set_mesh) around it, as flax's BatchNorm needs none. Eagerly, x's
   # concrete mesh, since the call compiles for real devices.
   mesh = getattr(getattr(xf, 'sharding', None), 'mesh', None)
-  if isinstance(mesh, jax.sharding.Mesh):
-    context = jax.set_mesh(mesh)
-  else:
-    context = jax.sharding.use_abstract_mesh(jax.typeof(xf).sharding.mesh)
+  context: Any = (
+    jax.set_mesh(mesh)
+    if isinstance(mesh, jax.sharding.Mesh)
+    else jax.sharding.use_abstract_mesh(jax.typeof(xf).sharding.mesh)
+  )
   with context:
     return jax.sharding.auto_axes(
       lambda xf, m: stats(xf, m, lay, fast),
@@ -153,30 +149,16 @@ def _traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-def _gathered(xf, lay, m, sync: Sync):
+def _synced(xf, lay, m, sync: Sync):
   # Exact partials on every platform: synced statistics are not flax's
-  # anyway (flax averages per-shard means), so exactness wins here.
+  # anyway (flax averages per-shard means), so exactness wins here. Both
+  # merges are branch-free.
   p = (_exact_partial if _traced(xf) else local.exact_partial)(xf, lay, m)
-  return _counted(gather.gather_merge(p, sync.axis_name, sync.groups, sync.fn))
+  merge = psum.psum_merge if sync.mode == 'psum' else gather.gather_merge
+  return _counted(merge(p, sync.axis_name, sync.groups, sync.fn))
 
 
-def _psum_or_gather(xf, lay, m, sync: Sync, shift):
-  """One psum of sums around the running mean; where its result cannot be
-  trusted (the first steps from a zero running mean, a distribution shift,
-  shards with different running means) the exact gather runs instead. The
-  predicate is computed from the psum's result, so all shards agree."""
-  k = jnp.zeros(lay.feature_shape, xf.dtype) if shift is None else shift
-  n, mean, m2, ok, lo = psum.psum_moments(
-    xf, lay, m, k, sync.axis_name, sync.groups, sync.fn
-  )
-  return lax.cond(
-    ok,
-    lambda: (n, mean, m2 / jnp.maximum(n, 1.0), lo),
-    lambda: _gathered(xf, lay, m, sync),
-  )
-
-
-def _complex_moments(x, lay: Layout, mask, fast, sync: Sync, shift):
+def _complex_moments(x, lay: Layout, mask, fast, sync: Sync):
   """A complex channel as two real ones: its mean is mean(Re) + i mean(Im)
   and its variance E|x - mean|^2 = var(Re) + var(Im) (flax's definition),
   so complex input gets the same exact, synced statistics as real input."""
@@ -190,22 +172,10 @@ def _complex_moments(x, lay: Layout, mask, fast, sync: Sync, shift):
     tuple(xr.shape),
   )
   m = None if mask is None else jnp.broadcast_to(mask, x.shape)[..., None]
-  if shift is not None:
-    shift = jnp.stack([jnp.real(shift), jnp.imag(shift)], axis=-1)
-  count, mean, var, lo = batch_moments(
-    xr, rlay, m, fast=fast, sync=sync, shift=shift
-  )
+  count, mean, var, lo = batch_moments(xr, rlay, m, fast=fast, sync=sync)
   count = count[..., 0] if count.ndim else count
   mean, lo = (lax.complex(v[..., 0], v[..., 1]) for v in (mean, lo))
   return count, mean, jnp.sum(var, -1), lo
-
-
-def shift_replicated(shift: Array | None, x: Array, sync: Sync) -> bool:
-  """Whether shard_map's types prove the psum path's shift equal on every
-  shard (then the psum carries no equality test)."""
-  if shift is None or sync.axis_name is None:
-    return True
-  return collectives.replicated_by_type(shift, x, sync.axis_name)
 
 
 # The backward's collectives and the sharding cast, re-exported here so that

@@ -1,5 +1,6 @@
 """Two processes on 127.0.0.1 through jax.distributed: synced BN equals global
-BN, by both sync paths (and the psum path's fallback)."""
+BN, by both sync paths (the psum path with a near and a far running
+mean, which it no longer uses)."""
 
 import os
 import signal
@@ -16,8 +17,8 @@ import bnjax
 TIMEOUT_S = 120
 
 
-# (sync, running stats): 'near' is problem()'s (the psum's check passes),
-# FAR is 25 std from the data (the psum path falls back to the gather).
+# (sync, running stats): 'near' is problem()'s, FAR is 25 std from the data
+# (where the former running-mean psum fell back to the gather).
 CASES = [('gather', 'near'), ('psum', 'near'), ('psum', 'far')]
 FAR = bnjax.BatchStats(jnp.full(3, 55.0), jnp.full(3, 2.0))
 

@@ -94,9 +94,9 @@ def test_fold_benchmark_smoke():
 
 def test_sync_lowering_smoke():
   """At 8 devices: the gather path lowers one all-gather forward; the psum
-  path one all-reduce of 2C + 1 floats outside any conditional (shard_map's
-  types prove the shift replicated) and the all-gather inside one; both one
-  all-reduce of 2C backward."""
+  path two all-reduces, C floats (the shared reference) and 3C + 1 (the
+  sums), neither inside a conditional; both one all-reduce of 2C
+  backward."""
   from benchmarks import sync_lowering
 
   rows = sync_lowering.main(['--smoke'])
@@ -113,8 +113,8 @@ def test_sync_lowering_smoke():
       ], ops
     else:
       assert ops == [
-        ('all_reduce', 2 * c + 1, False),
-        ('all_gather', 3 * c + 1, True),
+        ('all_reduce', c, False),
+        ('all_reduce', 3 * c + 1, False),
         ('all_reduce', 2 * c, False),
       ], ops
 
