@@ -85,7 +85,9 @@ def normalize_batch(
   groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
   _moments.check_mode(fn, sync)
   if virtual_batch_size is not None:
-    _ghost.check(fn, x, lay, virtual_batch_size)
+    _ghost.check(
+      fn, x, lay, virtual_batch_size, single_value_ok or use_running_average
+    )
   if use_running_average:
     _checks.check_running_values(fn, state)
     mean, rstd = _running.inference_params(state, epsilon)
@@ -124,7 +126,16 @@ def normalize_batch(
       shift=shift if mode == 'psum' else None,
     )
   valid = None if mask is None else count > 0
-  new = _running.update(state, mean, var, momentum, valid, epsilon, (count, lo))
+  new = _running.update(
+    state,
+    mean,
+    var,
+    momentum,
+    valid,
+    epsilon,
+    (count, lo),
+    spread=virtual_batch_size is None,
+  )
   return y, new
 
 
