@@ -357,10 +357,12 @@ def out_dtype(fn: str, x: jax.Array, dtype: Any):
 
 
 def check_running_values(fn: str, state: Any, arg: str = 'batch_stats') -> None:
-  """Where the running statistics are concrete (eager inference calls,
-  fold), their values must be usable: finite, a variance >= 0, a renorm
-  std > 0. Under ``jit`` they are traced and not checked (a NaN or negative
-  variance there gives NaN outputs; see the numerics guide)."""
+  """Where the running statistics are concrete (eager calls, fold,
+  apply_pooled), their values must be usable: finite, a variance >= 0, a
+  renorm std > 0. Under ``jit`` they are traced and not checked (a NaN or
+  negative variance there gives NaN outputs; see the numerics guide).
+  ``arg``: the argument's name in the message (empty: the fields are the
+  arguments, as normalize's mean and var)."""
   if any(isinstance(v, jax.core.Tracer) for v in state):
     return
   for name, v in zip(type(state)._fields, state, strict=True):
@@ -369,7 +371,7 @@ def check_running_values(fn: str, state: Any, arg: str = 'batch_stats') -> None:
     a = np.asarray(v)
     bad = ~np.isfinite(a)
     why = 'is not finite'
-    if not bad.any() and name in ('var', 'm2', 'count'):
+    if not bad.any() and name in ('var', 'm2', 'count', 'weight'):
       bad, why = a < 0, f'is negative ({name} is >= 0)'
     if not bad.any() and name == 'std':
       bad, why = a <= 0, 'is <= 0 (a standard deviation is > 0)'
@@ -380,7 +382,8 @@ def check_running_values(fn: str, state: Any, arg: str = 'batch_stats') -> None:
       ]
       raise ValueError(
         f'{fn}: the running statistic {name} {why} at channels {where}: '
-        f'{a[bad][:5].tolist()} ({arg}.{name}). It normalizes every output '
+        f'{a[bad][:5].tolist()} ({f"{arg}." if arg else ""}{name}). It '
+        'normalizes every output '
         'in inference; '
         'reinitialize it (init_batch_stats) or reload a checkpoint, and '
         'look for non-finite input in training (NaN or inf poisons the '

@@ -217,8 +217,14 @@ def apply_pooled_as(fn: str, batch_stats, pooled, momentum, epsilon=0.0):
   _checks.check_momentum(fn, momentum)
   if isinstance(batch_stats, RenormStats):
     _checks.check_epsilon(fn, epsilon)
-  else:
+  else:  # unused, but a wrong one is a sign of a mistake
     _checks.check_scalar(fn, 'epsilon', epsilon)
+    e = _checks.concrete(epsilon)
+    if e is not None and not 0 <= e < float('inf'):
+      raise ValueError(
+        f'{fn}: epsilon={e} must be finite and >= 0 (only a RenormStats '
+        'batch_stats reads it); leave it out'
+      )
   for arg, state in (('pooled', pooled), ('batch_stats', batch_stats)):
     _checks.check_running_values(fn, state, arg)
   pop = population_stats(pooled)
@@ -272,6 +278,11 @@ def population_stats(state: RunningStats) -> BatchStats:
     >>> bnjax.population_stats(s)  # exactly the first batch's statistics
     BatchStats(mean=Array([2., 6.], dtype=float32), var=Array([1., 4.], dtype=float32))
   """
+  fn = 'population_stats'
+  if isinstance(state, STATE_TYPES):
+    lay = _checks.stats_layout(fn, 'state.mean', state.mean)
+    _checks.check_stats(fn, state, lay, STATE_TYPES, 'state')
+    _checks.check_running_values(fn, state, 'state')
   if isinstance(state, (BatchStats, CumulativeStats)):
     return BatchStats(state.mean, state.var)
   if isinstance(state, DebiasedStats):
