@@ -391,6 +391,19 @@ def check_running_values(fn: str, state: Any, arg: str = 'batch_stats') -> None:
       )
 
 
+def check_when(fn: str, when: Any) -> None:
+  """A bool scalar, Python or array (traced is fine): where to apply."""
+  dtype = getattr(when, 'dtype', None)
+  ok = isinstance(when, (bool, np.bool_)) or (
+    dtype is not None and dtype == jnp.bool_ and jnp.ndim(when) == 0
+  )
+  if not ok:
+    raise TypeError(
+      f'{fn}: when must be a bool or a 0-d bool array (e.g. step % k == '
+      f'k - 1), got {when!r:.60}'
+    )
+
+
 def check_stacked(fn: str, batches: Any) -> None:
   """Batches stacked along a leading axis (for a scan over them)."""
   leaves = jax.tree.leaves(batches)

@@ -300,6 +300,6 @@ def population_stats(state: RunningStats) -> BatchStats:
       jnp.where(seen, state.m2 / n, 1).astype(state.m2.dtype),
     )
   raise TypeError(
-    f'population_stats: expected BatchStats, CumulativeStats, '
+    f'population_stats: state must be a BatchStats, CumulativeStats, '
     f'DebiasedStats or PooledStats, got {type(state).__name__}'
   )

@@ -24,10 +24,13 @@ training-mode* (batch-statistics) normalization, exactly as during training.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import linen as _fl
 from flax import nnx as _nnx
 
 from bnjax import _checks
@@ -79,7 +82,17 @@ def linen_batch_stats(
     >>> v['batch_stats']['BatchNorm_0']['mean'], v['batch_stats']['BatchNorm_0']['var']
     (Array([3.5], dtype=float32), Array([5.25], dtype=float32))
   """
-  _checks.check_stacked('linen_batch_stats', batches)
+  fn = 'linen_batch_stats'
+  if not isinstance(model, _fl.Module):
+    raise TypeError(
+      f'{fn}: model must be a flax.linen Module, got {type(model).__name__}'
+    )
+  if not isinstance(variables, Mapping) or 'batch_stats' not in variables:
+    raise TypeError(
+      f"{fn}: variables must be the model's variables, a mapping with a "
+      f"'batch_stats' collection, got {_describe(variables)}"
+    )
+  _checks.check_stacked(fn, batches)
 
   def pool(moments, batch):
     _, upd = model.apply(
@@ -104,6 +117,7 @@ def linen_batch_stats(
     return _pairs(jax.lax.scan(lambda m, b: (pool(m, b), None), first, rest)[0])
 
   pooled = jax.jit(all_batches)(batches)
+  check_finite(fn, {'/'.join(map(str, p)): v for p, v in pooled.items()})
   stats = dict(variables['batch_stats'])  # copied along each path below
   for path, (mean, var) in pooled.items():
     if not path:  # the model is one BatchNorm: its statistics at the top
@@ -115,6 +129,22 @@ def linen_batch_stats(
       node = node[p]
     node[path[-1]] = dict(node[path[-1]], mean=mean, var=var)
   return {**variables, 'batch_stats': stats}
+
+
+def check_finite(fn: str, pooled: dict) -> None:
+  """Recomputed statistics ``{layer: (mean, var)}`` are finite, or the
+  batches (or the layers before) hold NaN or inf: raise, naming them."""
+  for where, stats in pooled.items():
+    if not all(np.all(np.isfinite(np.asarray(v))) for v in stats):
+      raise ValueError(
+        f'{fn}: the batches gave the BatchNorm at {where or "the top"} '
+        'non-finite statistics; look for NaN or inf in batches (or in the '
+        'layers before it)'
+      )
+
+
+def _describe(v: Any) -> str:
+  return type(v).__name__
 
 
 def _pairs(tree, path=()):
@@ -166,6 +196,10 @@ def update_nnx_batch_stats(
     (Array([3.5], dtype=float32), Array([5.25], dtype=float32), True)
   """
   fn = 'update_nnx_batch_stats'
+  if not isinstance(model, _nnx.Module):
+    raise TypeError(
+      f'{fn}: model must be an nnx.Module, got {type(model).__name__}'
+    )
   _checks.check_stacked(fn, batches)
   layers = [
     m for _, m in _nnx.iter_modules(model) if isinstance(m, _bnnx.BatchNorm)
@@ -202,6 +236,7 @@ def update_nnx_batch_stats(
     for m, ura in zip(layers, saved, strict=True):
       m.use_running_average = ura
       _bnnx.drop_pool(m)
+  check_finite(fn, {i: (p.mean, p.m2) for i, p in enumerate(pooled)})
   for m, pool in zip(layers, pooled, strict=True):
     pop, seen = population_stats(pool), pool.count > 0
     # A layer (or channel) the batches never reach keeps its statistics.

@@ -37,7 +37,7 @@ from jax.experimental import checkify
 from bnjax import _checks, _moments, _running, precise
 from bnjax import nnx as _bnnx
 from bnjax._moments.gather import gather_merge
-from bnjax._types import BatchStats, PooledStats
+from bnjax._types import BatchStats, PooledStats, RenormStats
 
 __all__ = [
   'apply_pooled',
@@ -68,12 +68,16 @@ def _check_mode(fn, mode):
     )
 
 
-def _layers(fn, model, only, types):
+def _check_model(fn, model):
   if not isinstance(model, _nnx.Module):
     raise TypeError(
       f'{fn}: model must be an nnx.Module, got {type(model).__name__}; for '
       'linen, see bnjax.training.mode_fields and bnjax.linen.apply_pooled'
     )
+
+
+def _layers(fn, model, only, types):
+  _check_model(fn, model)
   pick = (lambda path, m: True) if only is None else _predicate(fn, only)
   found = [
     m
@@ -184,6 +188,7 @@ def mode_fields(mode: str, momentum: float = 0.99) -> dict[str, Any]:
     {'use_running_average': False, 'momentum': 1.0}
   """
   _check_mode('bnjax.training.mode_fields', mode)
+  _checks.check_momentum('bnjax.training.mode_fields', momentum)
   return {
     'use_running_average': mode == 'eval',
     'momentum': 1.0 if mode == 'frozen' else momentum,
@@ -251,6 +256,13 @@ def bn_param_mask(params: Any, batch_stats: Any) -> Any:
     _to_dict(fn, 'batch_stats', batch_stats),
   )
   mask = mark(p, s)
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError(
+      f'{fn}: no module of params has running statistics in batch_stats, so '
+      'nothing is a BN layer; pass the batch_stats of the same model (for '
+      "linen variables['batch_stats'], for nnx nnx.state(model, "
+      'nnx.BatchStat))'
+    )
   if isinstance(params, _nnx.State):
     return _nnx.State(mask)
   if isinstance(params, FrozenDict):
@@ -327,13 +339,14 @@ def start_pooling(model: _nnx.Module, *, only: Any = None) -> None:
   for m in _poolable(fn, model, only):
     if hasattr(m, _bnnx.POOL[0]):
       raise ValueError(
-        f'{fn}: a layer is pooling already; call apply_pooled or '
+        f'{fn}: a layer of model is pooling already; call apply_pooled or '
         'stop_pooling first'
       )
     _bnnx.add_pool(m)
 
 
 def _pooling(fn, model):
+  _check_model(fn, model)
   layers = [
     m
     for _, m in _nnx.iter_modules(model)
@@ -375,7 +388,9 @@ def apply_pooled(model: _nnx.Module, *, when: Any = True) -> None:
     >>> bn.mean[...], bn.var[...]
     (Array([0.4], dtype=float32), Array([1.4], dtype=float32))
   """
-  for m in _pooling('bnjax.training.apply_pooled', model):
+  fn = 'bnjax.training.apply_pooled'
+  _checks.check_when(fn, when)
+  for m in _pooling(fn, model):
     pool = _bnnx.pool_of(m)
     old = BatchStats(m.mean[...], m.var[...])
     new = _running.apply_pooled_as(
@@ -465,11 +480,13 @@ def average_stats(
   """
   fn = 'bnjax.training.average_stats'
   is_pool = lambda t: isinstance(t, PooledStats)
+  _check_stats_values(fn, stats)
   leaves, treedef = jax.tree.flatten(stats, is_leaf=is_pool)
   floats = [
     not is_pool(v) and jnp.issubdtype(jnp.result_type(v), jnp.inexact)
     for v in leaves
   ]
+  groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
   if axis_name is None:
     return jax.tree.unflatten(
       treedef,
@@ -482,7 +499,6 @@ def average_stats(
         for v, f in zip(leaves, floats, strict=True)
       ],
     )
-  groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
   w = _check_weight(fn, weight, ())
   picked = [jnp.ravel(v) for v, f in zip(leaves, floats, strict=True) if f]
   dtype = jnp.result_type(jnp.float32, *picked)
@@ -508,6 +524,31 @@ def average_stats(
     else:
       out.append(v)
   return jax.tree.unflatten(treedef, out)
+
+
+_STATES = (*_running.STATE_TYPES, RenormStats)
+
+
+def _check_stats_values(fn, stats) -> None:
+  """Numeric leaves; concrete states usable (finite, variances >= 0)."""
+  is_state = lambda t: isinstance(t, _STATES)
+  for leaf in jax.tree.leaves(stats, is_leaf=is_state):
+    if is_state(leaf):
+      _checks.check_running_values(fn, leaf, 'stats')
+      continue
+    ok = hasattr(leaf, 'dtype') or isinstance(leaf, (int, float))
+    if not ok or not jnp.issubdtype(jnp.result_type(leaf), jnp.number):
+      raise TypeError(
+        f'{fn}: stats must be a pytree of arrays (running statistics), got '
+        f'a leaf {leaf!r:.40} of type {type(leaf).__name__}'
+      )
+    if not isinstance(leaf, jax.core.Tracer) and not np.all(
+      np.isfinite(np.asarray(leaf))
+    ):
+      raise ValueError(
+        f'{fn}: stats holds a non-finite statistic ({np.asarray(leaf)!r:.60})'
+        '; reinitialize or reload it before averaging'
+      )
 
 
 def _check_weight(fn, weight, shape) -> jax.Array:
@@ -658,6 +699,10 @@ def _recalibrate_fn(f: Callable, batch_stats, batches, args, kwargs):
 
   pool, _ = jax.jit(lambda p, b: jax.lax.scan(step, p, b))(empty, batches)
   pools = [p for p in jax.tree.leaves(pool, is_leaf=_is_pool) if _is_pool(p)]
+  precise.check_finite(
+    'bnjax.training.recalibrate',
+    {i: (p.mean, p.m2) for i, p in enumerate(pools)},
+  )
   if not any(np.any(np.asarray(p.count) > 0) for p in pools):
     raise ValueError(
       'bnjax.training.recalibrate: no BatchStats of variables reached '
