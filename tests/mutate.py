@@ -151,13 +151,13 @@ MUTANTS = {
     ['tests/core/test_errors.py'],
   ),
   'average_stats averages pools field by field': (
-    'bnjax/training.py',
+    'bnjax/_average.py',
     '_running.merge_pools(v)',
     'jax.tree.map(lambda a: jnp.mean(a, 0), v)',
     ['tests/modules/test_training_rigour.py'],
   ),
   'average_stats takes weights summing to 0': (
-    'bnjax/training.py',
+    'bnjax/_average.py',
     '  total = jnp.sum(w)\n  _check_total(fn, total)',
     '  total = jnp.sum(w)',
     [
