@@ -199,6 +199,7 @@ def apply_pooled(
     >>> stats['mean'], stats['var']         # one step to mean 4, var 5
     (Array([0.4], dtype=float32), Array([1.4], dtype=float32))
   """
+  _checks.check_when('bnjax.linen.apply_pooled', when)
   return _apply_pooled_tree(batch_stats, batch_moments, when, ())
 
 

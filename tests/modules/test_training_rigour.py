@@ -340,3 +340,18 @@ def test_linen_pooling_stores_float16_statistics_as_float32():
     assert stats[k].dtype == plain['batch_stats'][k].dtype == jnp.float32
     np.testing.assert_array_equal(stats[k], plain['batch_stats'][k])
   assert stats['var'][0] == 160000.0
+
+
+def test_apply_pooled_when_is_a_bool_scalar_in_linen_and_nnx():
+  """A per-channel or float ``when`` broadcast silently into the update; a
+  string failed inside jnp.where. Both helpers check it the same way."""
+  bn = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  bnjax.training.start_pooling(bn)
+  for bad in ('yes', jnp.ones(3, bool), jnp.float32(1)):
+    with pytest.raises(TypeError, match=r'when must be a bool or a 0-d bool'):
+      bnjax.training.apply_pooled(bn, when=bad)
+    with pytest.raises(
+      TypeError, match=r'linen.apply_pooled: when must be a bool'
+    ):
+      bnjax.linen.apply_pooled({}, {}, when=bad)
+  jax.jit(lambda w: bnjax.linen.apply_pooled({}, {}, when=w))(True)
