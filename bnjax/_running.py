@@ -270,6 +270,11 @@ def population_stats(state: RunningStats) -> BatchStats:
   Returns:
     A :class:`BatchStats`.
 
+  Raises:
+    TypeError: not a running-statistics state, or float16 fields.
+    ValueError: fields of different shapes; concrete NaN or inf values, a
+      negative variance, m2, count or weight.
+
   Example:
     >>> import jax.numpy as jnp, bnjax
     >>> s = bnjax.init_debiased_stats(2)
