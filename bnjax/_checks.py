@@ -36,10 +36,10 @@ _RENORM_TYPE_MSG = (
   'create one with bnjax.init_renorm_stats(feature_shape){conv}.'
 )
 _HALF_STATS_MSG = (
-  '{fn}: batch_stats.{field} has dtype {dtype}, which overflows past 65504: '
+  '{fn}: {name}.{field} has dtype {dtype}, which overflows past 65504: '
   'a variance of 1e5 would be stored as inf and inference would then output '
   'the bias. Keep running statistics in float32, e.g. jax.tree.map(lambda '
-  'v: v.astype(jnp.float32), batch_stats) (bfloat16 also works, with 3 '
+  'v: v.astype(jnp.float32), {name}) (bfloat16 also works, with 3 '
   'significant digits); the input x may stay float16.'
 )
 _TRACED_FLAG_MSG = (
@@ -169,7 +169,15 @@ def _per_channel_fix(name: str, shape: tuple[int, ...], lay: Layout) -> str:
   return f'pass {name} of shape {lay.feature_shape}'
 
 
-def check_stats(fn: str, stats: Any, lay: Layout, types: Any = BatchStats):
+def check_stats(
+  fn: str,
+  stats: Any,
+  lay: Layout,
+  types: Any = BatchStats,
+  name: str = 'batch_stats',
+):
+  """A state of ``types`` whose fields have the feature shape; no float16
+  (a variance past 65504 would be stored as inf)."""
   if not isinstance(stats, types):
     if isinstance(types, type) and issubclass(types, RenormStats):
       conv = (
@@ -184,11 +192,21 @@ def check_stats(fn: str, stats: Any, lay: Layout, types: Any = BatchStats):
     raise TypeError(_STATS_TYPE_MSG.format(fn=fn, got=_describe(stats)))
   for field, v in zip(stats._fields, stats, strict=True):
     v = check_per_channel(
-      fn, f'batch_stats.{field}', v, lay, floating=field != 'count'
+      fn, f'{name}.{field}', v, lay, floating=field != 'count'
     )
     if field != 'count' and v.dtype == jnp.float16:
-      raise TypeError(_HALF_STATS_MSG.format(fn=fn, field=field, dtype=v.dtype))
+      raise TypeError(
+        _HALF_STATS_MSG.format(fn=fn, name=name, field=field, dtype=v.dtype)
+      )
   return stats
+
+
+def stats_layout(fn: str, name: str, v: Any) -> Layout:
+  """The layout of a state alone (no x): its features are ``v``'s shape,
+  so the other states are checked against it with :func:`check_stats`."""
+  v = check_floating(fn, v, name, complex_ok=True)
+  shape = tuple(v.shape)
+  return Layout(len(shape), tuple(range(len(shape))), (), shape, 1, shape, name)
 
 
 def check_mask(fn: str, mask: Any, x: jax.Array):
@@ -217,8 +235,13 @@ def check_hyper(fn: str, momentum: Any, epsilon: Any, dtype: Any = None):
   """momentum in [0, 1]; epsilon > 0 and a normal number of ``dtype`` (the
   statistics' real dtype), where a smaller one is 0 or flushed to 0 and a
   constant channel gives NaN. Traced values get a checkify.debug_check."""
+  check_momentum(fn, momentum)
+  check_epsilon(fn, epsilon, dtype)
+
+
+def check_momentum(fn: str, momentum: Any):
+  """A real scalar in [0, 1] (NaN is outside): the EMA decay."""
   check_scalar(fn, 'momentum', momentum)
-  check_scalar(fn, 'epsilon', epsilon)
   m = concrete(momentum)
   if m is not None and not 0.0 <= m <= 1.0:
     raise ValueError(
@@ -227,6 +250,17 @@ def check_hyper(fn: str, momentum: Any, epsilon: Any, dtype: Any = None):
       '(1 - momentum) * batch. PyTorch momentum p is bnjax momentum 1 - p '
       '(torch 0.1 is bnjax 0.9).'
     )
+  if m is None:
+    checkify.debug_check(
+      (momentum >= 0) & (momentum <= 1),
+      f'{fn}: momentum must be in [0, 1] (got {{m}})',
+      m=momentum,
+    )
+
+
+def check_epsilon(fn: str, epsilon: Any, dtype: Any = None):
+  """A real scalar, finite and a normal number of ``dtype`` (> 0)."""
+  check_scalar(fn, 'epsilon', epsilon)
   tiny = float(jnp.finfo(dtype or jnp.float32).tiny)
   e = concrete(epsilon)
   if e is not None and not tiny <= e < float('inf'):
@@ -238,12 +272,6 @@ def check_hyper(fn: str, momentum: Any, epsilon: Any, dtype: Any = None):
       else 'must be finite and > 0 to keep rsqrt(var + epsilon) finite'
     )
     raise ValueError(f'{fn}: epsilon={e} {what}; pass e.g. epsilon=1e-5')
-  if m is None:
-    checkify.debug_check(
-      (momentum >= 0) & (momentum <= 1),
-      f'{fn}: momentum must be in [0, 1] (got {{m}})',
-      m=momentum,
-    )
   if e is None:
     checkify.debug_check(
       epsilon >= tiny,
@@ -274,11 +302,18 @@ def check_scalar(fn: str, name: str, v: Any):
 
 
 def check_training_count(
-  fn: str, x, axis, global_count: int, axis_name: Any = None, shards: int = 1
+  fn: str,
+  x,
+  axis,
+  global_count: int,
+  axis_name: Any = None,
+  shards: int = 1,
+  fix: str | None = None,
 ):
-  """More than one value per channel over the (smallest) synced group."""
+  """More than one value per channel over the (smallest) synced group (or
+  the ghost chunk, with ``fix`` saying how to grow it)."""
   if global_count <= 1:
-    fix = (
+    fix = fix or (
       'pass axis_name to take statistics over the global batch'
       if axis_name is None
       else f'sync over more devices: with axis_name={axis_name!r} the '
@@ -321,11 +356,13 @@ def out_dtype(fn: str, x: jax.Array, dtype: Any):
   return dt
 
 
-def check_running_values(fn: str, state: Any) -> None:
-  """Where the running statistics are concrete (eager inference calls,
-  fold), their values must be usable: finite, a variance >= 0, a renorm
-  std > 0. Under ``jit`` they are traced and not checked (a NaN or negative
-  variance there gives NaN outputs; see the numerics guide)."""
+def check_running_values(fn: str, state: Any, arg: str = 'batch_stats') -> None:
+  """Where the running statistics are concrete (eager calls, fold,
+  apply_pooled), their values must be usable: finite, a variance >= 0, a
+  renorm std > 0. Under ``jit`` they are traced and not checked (a NaN or
+  negative variance there gives NaN outputs; see the numerics guide).
+  ``arg``: the argument's name in the message (empty: the fields are the
+  arguments, as normalize's mean and var)."""
   if any(isinstance(v, jax.core.Tracer) for v in state):
     return
   for name, v in zip(type(state)._fields, state, strict=True):
@@ -334,7 +371,7 @@ def check_running_values(fn: str, state: Any) -> None:
     a = np.asarray(v)
     bad = ~np.isfinite(a)
     why = 'is not finite'
-    if not bad.any() and name in ('var', 'm2', 'count'):
+    if not bad.any() and name in ('var', 'm2', 'count', 'weight'):
       bad, why = a < 0, f'is negative ({name} is >= 0)'
     if not bad.any() and name == 'std':
       bad, why = a <= 0, 'is <= 0 (a standard deviation is > 0)'
@@ -345,11 +382,26 @@ def check_running_values(fn: str, state: Any) -> None:
       ]
       raise ValueError(
         f'{fn}: the running statistic {name} {why} at channels {where}: '
-        f'{a[bad][:5].tolist()}. It normalizes every output in inference; '
+        f'{a[bad][:5].tolist()} ({f"{arg}." if arg else ""}{name}). It '
+        'normalizes every output '
+        'in inference; '
         'reinitialize it (init_batch_stats) or reload a checkpoint, and '
         'look for non-finite input in training (NaN or inf poisons the '
         'running average)'
       )
+
+
+def check_when(fn: str, when: Any) -> None:
+  """A bool scalar, Python or array (traced is fine): where to apply."""
+  dtype = getattr(when, 'dtype', None)
+  ok = isinstance(when, (bool, np.bool_)) or (
+    dtype is not None and dtype == jnp.bool_ and jnp.ndim(when) == 0
+  )
+  if not ok:
+    raise TypeError(
+      f'{fn}: when must be a bool or a 0-d bool array (e.g. step % k == '
+      f'k - 1), got {when!r:.60}'
+    )
 
 
 def check_stacked(fn: str, batches: Any) -> None:

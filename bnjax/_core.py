@@ -22,6 +22,7 @@ from bnjax._types import (
   Axis,
   AxisIndexGroups,
   AxisName,
+  BatchStats,
   DType,
   Layout,
   RunningStats,
@@ -85,9 +86,13 @@ def normalize_batch(
   groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
   _moments.check_mode(fn, sync)
   if virtual_batch_size is not None:
-    _ghost.check(fn, x, lay, virtual_batch_size)
+    _ghost.check(
+      fn, x, lay, virtual_batch_size, single_value_ok or use_running_average
+    )
+  # Eagerly, a corrupt state raises in training too: an EMA step would
+  # carry its NaN (or a negative variance) on, silently.
+  _checks.check_running_values(fn, state)
   if use_running_average:
-    _checks.check_running_values(fn, state)
     mean, rstd = _running.inference_params(state, epsilon)
     y = _train.affine(x, mean.astype(f), rstd, scale, bias, lay, out_dtype)
     return y, state
@@ -122,7 +127,16 @@ def normalize_batch(
       fallback=fallback,
     )
   valid = None if mask is None else count > 0
-  new = _running.update(state, mean, var, momentum, valid, epsilon, (count, lo))
+  new = _running.update(
+    state,
+    mean,
+    var,
+    momentum,
+    valid,
+    epsilon,
+    (count, lo),
+    spread=virtual_batch_size is None,
+  )
   return y, new
 
 
@@ -184,6 +198,7 @@ def normalize(
   bias = _checks.check_per_channel(fn, 'bias', bias, lay, real=real)
   f = _moments.stats_dtype(x.dtype)
   _checks.check_hyper(fn, 0.0, epsilon, _moments.real_dtype(f))
+  _checks.check_running_values(fn, BatchStats(mean, var), '')
   rstd = lax.rsqrt(var.astype(_moments.real_dtype(f)) + epsilon)
   return _train.affine(
     x, mean.astype(f), rstd, scale, bias, lay, _checks.out_dtype(fn, x, dtype)

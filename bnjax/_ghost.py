@@ -30,8 +30,10 @@ _NOT_DIVISIBLE = (
 )
 
 
-def check(fn, x, lay, v):
-  """virtual_batch_size: a positive int dividing axis 0, a batch axis."""
+def check(fn, x, lay, v, single_value_ok=False):
+  """virtual_batch_size: a positive int dividing axis 0, a batch axis, and
+  (unless ``single_value_ok``) giving each chunk more than one value per
+  channel."""
   if 0 in lay.feature_axes:
     raise ValueError(
       f'{fn}: virtual_batch_size chunks axis 0, but axis 0 is a feature '
@@ -50,10 +52,25 @@ def check(fn, x, lay, v):
     divisors = [d for d in range(1, b + 1) if b % d == 0 and d > 1]
     hint = ' or '.join(map(str, divisors[-3:-1] or divisors)) or '1'
     raise ValueError(_NOT_DIVISIBLE.format(fn=fn, b=b, v=v, hint=hint))
+  per_chunk = lay.count // b * v
+  if not single_value_ok:
+    _checks.check_training_count(
+      fn,
+      x,
+      lay.feature_axes,
+      per_chunk,
+      fix=f'pass a virtual_batch_size > {v} (each chunk of {v} row(s) '
+      f'holds {per_chunk} value(s) per channel)',
+    )
 
 
 def train(x, scale, bias, epsilon, mask, cfg, v, fallback=None):
-  """Ghost-batch training: (y, chunk-mean batch mean, var, count, 0)."""
+  """Ghost-batch training: (y, chunk-mean batch mean, var, chunks, 0).
+
+  ``chunks`` (per channel, chunks with values) is the weight of these
+  averages: a pool merges them by it without their spread (see
+  ``bnjax._running.pool``), so pooled ghost micro-batches give what one
+  ghost call on their concatenation stores."""
   lay, fn = cfg.lay, cfg.sync.fn
   k = x.shape[0] // v
   xr = x.reshape((k, v) + x.shape[1:])
@@ -70,15 +87,14 @@ def train(x, scale, bias, epsilon, mask, cfg, v, fallback=None):
     xr, per_chunk(scale), per_chunk(bias), epsilon, mr, gcfg, fallback=fb
   )
   w = jnp.broadcast_to((count_k > 0).astype(mean_k.dtype), mean_k.shape)
-  count = jnp.sum(jnp.broadcast_to(count_k, mean_k.shape), 0)
-  sums = [jnp.sum(w * mean_k, 0), jnp.sum(w * var_k, 0), jnp.sum(w, 0), count]
+  sums = [jnp.sum(w * mean_k, 0), jnp.sum(w * var_k, 0), jnp.sum(w, 0)]
   sync = cfg.sync
   if sync.axis_name is not None:
-    # The count is global too, so that a shard whose values are all masked
-    # out still updates its running statistics like every other shard.
+    # The chunk count is global too, so that a shard whose values are all
+    # masked out still updates its running statistics like every other one.
     sums = list(
       _moments.psum_stacked(sums, sync.axis_name, sync.groups, sync.fn)
     )
   n = jnp.maximum(sums[2], 1.0)
   mean = sums[0] / n
-  return y.reshape(x.shape), mean, sums[1] / n, sums[3], jnp.zeros_like(mean)
+  return y.reshape(x.shape), mean, sums[1] / n, sums[2], jnp.zeros_like(mean)

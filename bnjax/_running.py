@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax import _moments
+from bnjax import _checks, _moments
 from bnjax._types import (
   BatchStats,
   CumulativeStats,
@@ -70,15 +70,17 @@ def update(
   valid: jax.Array | None = None,
   epsilon=0.0,
   count_lo: tuple[jax.Array, jax.Array] | None = None,
+  spread: bool = True,
 ):
   """New running state after one batch, by the rule of ``type(old)``.
 
   ``count_lo``: ``(values per channel, mean_lo)`` of the batch (see
-  ``bnjax._moments.finalize_lo``); only :class:`PooledStats` reads it."""
+  ``bnjax._moments.finalize_lo``); only :class:`PooledStats` reads it, and
+  ``spread`` (see :func:`pool`)."""
   if isinstance(old, PooledStats):
     if count_lo is None:
       raise TypeError('update: a PooledStats update needs count_lo')
-    return pool(old, mean, var, count_lo, valid)
+    return pool(old, mean, var, count_lo, valid, spread)
   if not isinstance(old, CumulativeStats) and _is_one(momentum):
     # momentum 1 is "never update" (a frozen model's BN): the state comes
     # back bitwise, where 1 * old + 0 * batch would let a NaN batch in.
@@ -105,28 +107,47 @@ def update(
   raise TypeError(f'unknown running-statistics type {type(old).__name__}')
 
 
-def pool(old: PooledStats, mean, var, count_lo, valid=None) -> PooledStats:
+def merge_pools(pools: PooledStats, axis: int = 0) -> PooledStats:
+  """Pools stacked along ``axis`` merged into the pool of their union:
+  exact and count-weighted (``bnjax._moments.merge``, each mean with its
+  low-order part); pools with nothing in a channel weigh 0 there."""
+  return from_partial(_moments.merge(as_partial(pools), axis))
+
+
+def as_partial(p: PooledStats) -> _moments.Partial:
+  """The pool as the engine's partial moments around its mean (at least
+  float32), for ``bnjax._moments.merge`` and the gather."""
+  f = jnp.promote_types(p.mean.dtype, jnp.float32)
+  count = p.count.astype(f)
+  return _moments.Partial(
+    count, p.mean.astype(f), count * p.mean_lo.astype(f), p.m2.astype(f)
+  )
+
+
+def from_partial(p: _moments.Partial) -> PooledStats:
+  """The pool of merged partial moments (inverse of :func:`as_partial`)."""
+  mean, var, lo = _moments.finalize_lo(p)
+  return PooledStats(p.count, mean, lo, var * p.count)
+
+
+def pool(
+  old: PooledStats, mean, var, count_lo, valid=None, spread=True
+) -> PooledStats:
   """The pool merged with one batch: exact and count-weighted
-  (``bnjax._moments.merge`` of the two partials, each mean with its
-  low-order part)."""
+  (:func:`merge_pools` of the two). ``spread=False`` (ghost batches:
+  ``count`` chunks of averaged ``mean`` and ``var``) leaves out the spread
+  of the means, as one ghost call's running-statistics average does."""
   count, lo = count_lo
   f = jnp.promote_types(jnp.result_type(old.mean, mean), jnp.float32)
   mean, var, lo = (lax.stop_gradient(v).astype(f) for v in (mean, var, lo))
   n = jnp.broadcast_to(lax.stop_gradient(count), mean.shape).astype(f)
-  parts = _moments.Partial(
-    *(
-      jnp.stack([a.astype(f), b])
-      for a, b in [
-        (old.count, n),
-        (old.mean, mean),
-        (old.count * old.mean_lo, n * lo),
-        (old.m2, n * var),
-      ]
-    )
+  batch = PooledStats(n, mean, lo, n * var)
+  both = PooledStats(
+    *(jnp.stack([a.astype(f), b]) for a, b in zip(old, batch, strict=True))
   )
-  merged = _moments.merge(parts)
-  new_mean, new_var, new_lo = _moments.finalize_lo(merged)
-  new = PooledStats(merged.count, new_mean, new_lo, new_var * merged.count)
+  new = merge_pools(both)
+  if not spread:
+    new = new._replace(m2=old.m2.astype(f) + batch.m2)
   if valid is not None:
     new = PooledStats(
       *(jnp.where(valid, a, b) for a, b in zip(new, old, strict=True))
@@ -171,17 +192,41 @@ def apply_pooled(
     >>> bnjax.apply_pooled(bnjax.init_batch_stats(1), pool, momentum=0.9)
     BatchStats(mean=Array([0.4], dtype=float32), var=Array([1.4], dtype=float32))
   """
+  return apply_pooled_as('apply_pooled', batch_stats, pooled, momentum, epsilon)
+
+
+def apply_pooled_as(fn: str, batch_stats, pooled, momentum, epsilon=0.0):
+  """:func:`apply_pooled` for the public function ``fn`` (the linen and
+  nnx helpers), every error prefixed by its name."""
   if not isinstance(pooled, PooledStats):
     raise TypeError(
-      'apply_pooled: pooled must be a bnjax.PooledStats (train the '
+      f'{fn}: pooled must be a bnjax.PooledStats (train the '
       'micro-batches with bnjax.init_pooled_stats(feature_shape) as their '
       f'batch_stats), got {type(pooled).__name__}'
     )
   if isinstance(batch_stats, PooledStats):
     raise TypeError(
-      'apply_pooled: batch_stats is a PooledStats; pass the running '
+      f'{fn}: batch_stats is a PooledStats; pass the running '
       'statistics the pool updates (e.g. a bnjax.BatchStats)'
     )
+  # The checks batch_norm makes of its state and hyperparameters, with the
+  # pool's feature shape in place of x's.
+  lay = _checks.stats_layout(fn, 'pooled.mean', pooled.mean)
+  _checks.check_stats(fn, pooled, lay, PooledStats, 'pooled')
+  _checks.check_stats(fn, batch_stats, lay, STATE_TYPES + (RenormStats,))
+  _checks.check_momentum(fn, momentum)
+  if isinstance(batch_stats, RenormStats):
+    _checks.check_epsilon(fn, epsilon)
+  else:  # unused, but a wrong one is a sign of a mistake
+    _checks.check_scalar(fn, 'epsilon', epsilon)
+    e = _checks.concrete(epsilon)
+    if e is not None and not 0 <= e < float('inf'):
+      raise ValueError(
+        f'{fn}: epsilon={e} must be finite and >= 0 (only a RenormStats '
+        'batch_stats reads it); leave it out'
+      )
+  for arg, state in (('pooled', pooled), ('batch_stats', batch_stats)):
+    _checks.check_running_values(fn, state, arg)
   pop = population_stats(pooled)
   return update(
     batch_stats, pop.mean, pop.var, momentum, pooled.count > 0, epsilon
@@ -225,6 +270,11 @@ def population_stats(state: RunningStats) -> BatchStats:
   Returns:
     A :class:`BatchStats`.
 
+  Raises:
+    TypeError: not a running-statistics state, or float16 fields.
+    ValueError: fields of different shapes; concrete NaN or inf values, a
+      negative variance, m2, count or weight.
+
   Example:
     >>> import jax.numpy as jnp, bnjax
     >>> s = bnjax.init_debiased_stats(2)
@@ -233,6 +283,11 @@ def population_stats(state: RunningStats) -> BatchStats:
     >>> bnjax.population_stats(s)  # exactly the first batch's statistics
     BatchStats(mean=Array([2., 6.], dtype=float32), var=Array([1., 4.], dtype=float32))
   """
+  fn = 'population_stats'
+  if isinstance(state, STATE_TYPES):
+    lay = _checks.stats_layout(fn, 'state.mean', state.mean)
+    _checks.check_stats(fn, state, lay, STATE_TYPES, 'state')
+    _checks.check_running_values(fn, state, 'state')
   if isinstance(state, (BatchStats, CumulativeStats)):
     return BatchStats(state.mean, state.var)
   if isinstance(state, DebiasedStats):
@@ -250,6 +305,6 @@ def population_stats(state: RunningStats) -> BatchStats:
       jnp.where(seen, state.m2 / n, 1).astype(state.m2.dtype),
     )
   raise TypeError(
-    f'population_stats: expected BatchStats, CumulativeStats, '
+    f'population_stats: state must be a BatchStats, CumulativeStats, '
     f'DebiasedStats or PooledStats, got {type(state).__name__}'
   )

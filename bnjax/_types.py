@@ -67,7 +67,9 @@ def _is_int(d) -> bool:
   )
 
 
-def _feature_shape(feature_shape: int | Sequence[int]) -> tuple[int, ...]:
+def _feature_shape(
+  feature_shape: int | Sequence[int], fn: str = 'init_batch_stats'
+) -> tuple[int, ...]:
   """A tuple of int sizes. Floats and bools are refused, not truncated
   (``(2.5,)`` was shape (2,), ``True`` shape (1,))."""
   dims: Any = (
@@ -81,14 +83,14 @@ def _feature_shape(feature_shape: int | Sequence[int]) -> tuple[int, ...]:
     or not (all(_is_int(d) for d in dims))
   ):
     raise TypeError(
-      f'init_batch_stats: feature_shape must be an int or a tuple of ints '
+      f'{fn}: feature_shape must be an int or a tuple of ints '
       f'(the sizes of the feature axes), got {feature_shape!r}; pass e.g. '
-      'init_batch_stats(64) or init_batch_stats((8, 64))'
+      f'{fn}(64) or {fn}((8, 64))'
     )
   shape = tuple(int(d) for d in dims)
   if any(d < 0 for d in shape):
     raise ValueError(
-      f'init_batch_stats: feature_shape has a negative size: {shape}'
+      f'{fn}: feature_shape has a negative size: {shape}; pass sizes >= 0'
     )
   return shape
 
@@ -115,14 +117,23 @@ def init_batch_stats(
     >>> bnjax.init_batch_stats(3)
     BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
   """
-  shape = _feature_shape(feature_shape)
-  if not jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.float16:
+  return _init_batch_stats(feature_shape, dtype, 'init_batch_stats')
+
+
+def _init_batch_stats(feature_shape, dtype, fn: str) -> BatchStats:
+  """init_batch_stats for the public function ``fn`` (its errors' name)."""
+  shape = _feature_shape(feature_shape, fn)
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating) or dt == jnp.float16:
     raise TypeError(
-      f'init_batch_stats: dtype must be float32, float64 or bfloat16, got '
-      f'{jnp.dtype(dtype)} (float16 overflows past 65504); pass '
-      'dtype=jnp.float32'
+      f'{fn}: dtype must be float32, float64 or bfloat16, got '
+      f'{dtype if dt is None else dt} (float16 overflows past 65504); '
+      'pass dtype=jnp.float32'
     )
-  return BatchStats(jnp.zeros(shape, dtype), jnp.ones(shape, dtype))
+  return BatchStats(jnp.zeros(shape, dt), jnp.ones(shape, dt))
 
 
 class CumulativeStats(NamedTuple):
@@ -267,7 +278,7 @@ def init_cumulative_stats(
     >>> bnjax.init_cumulative_stats(2).count
     Array([0, 0], dtype=int32)
   """
-  s = init_batch_stats(feature_shape, dtype)
+  s = _init_batch_stats(feature_shape, dtype, 'init_cumulative_stats')
   return CumulativeStats(s.mean, s.var, jnp.zeros(s.mean.shape, jnp.int32))
 
 
@@ -286,7 +297,7 @@ def init_debiased_stats(
     >>> bnjax.population_stats(bnjax.init_debiased_stats(2))  # weight 0
     BatchStats(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32))
   """
-  s = init_batch_stats(feature_shape, dtype)
+  s = _init_batch_stats(feature_shape, dtype, 'init_debiased_stats')
   z = jnp.zeros_like(s.mean)
   return DebiasedStats(z, z, z)
 
@@ -306,7 +317,7 @@ def init_pooled_stats(
     >>> bnjax.population_stats(bnjax.init_pooled_stats(2))   # nothing pooled
     BatchStats(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32))
   """
-  s = init_batch_stats(feature_shape, dtype)
+  s = _init_batch_stats(feature_shape, dtype, 'init_pooled_stats')
   z = jnp.zeros_like(s.mean)
   return PooledStats(z.astype(jnp.promote_types(dtype, jnp.float32)), z, z, z)
 
@@ -326,5 +337,5 @@ def init_renorm_stats(
     >>> bnjax.init_renorm_stats((2, 3)).std.shape
     (2, 3)
   """
-  s = init_batch_stats(feature_shape, dtype)
+  s = _init_batch_stats(feature_shape, dtype, 'init_renorm_stats')
   return RenormStats(s.mean, s.var)

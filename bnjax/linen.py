@@ -183,7 +183,8 @@ def apply_pooled(
 
   Returns:
     ``(new batch_stats, batch_moments)``, the pool emptied where applied,
-    with the structure, shapes and dtypes of the inputs.
+    with the structure, shapes and dtypes of the inputs (half-precision
+    statistics come back float32, as a plain training step stores them).
 
   Example:
     >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -198,6 +199,7 @@ def apply_pooled(
     >>> stats['mean'], stats['var']         # one step to mean 4, var 5
     (Array([0.4], dtype=float32), Array([1.4], dtype=float32))
   """
+  _checks.check_when('bnjax.linen.apply_pooled', when)
   return _apply_pooled_tree(batch_stats, batch_moments, when, ())
 
 
@@ -211,8 +213,19 @@ def _apply_pooled_tree(stats, moments, when, path):
         'model'
       )
     pool = PooledStats(*(moments[f] for f in PooledStats._fields))
-    old = BatchStats(stats['mean'], stats['var'])
-    new = _running.apply_pooled(old, pool, momentum=moments['momentum'])
+    # Stored in at least the pool's float32, as a plain training step
+    # stores them (a float16 param_dtype's variance past 65504 is inf).
+    old = BatchStats(
+      *(
+        jnp.asarray(stats[k]).astype(
+          jnp.promote_types(jnp.result_type(stats[k]), pool.m2.dtype)
+        )
+        for k in BatchStats._fields
+      )
+    )
+    new = _running.apply_pooled_as(
+      'bnjax.linen.apply_pooled', old, pool, moments['momentum']
+    )
     new = BatchStats(
       *(jnp.where(when, a, b) for a, b in zip(new, old, strict=True))
     )

@@ -52,6 +52,23 @@ class PooledMoment(nnx.BatchStat):
 POOL = tuple(f'pooled_{f}' for f in PooledStats._fields)
 
 
+def add_pool(m: Any) -> None:
+  """Gives a BatchNorm an empty pool (:class:`PooledMoment` variables):
+  its training calls then merge their moments there, count-weighted."""
+  for name in POOL:
+    setattr(m, name, PooledMoment(jnp.zeros_like(m.mean[...])))
+
+
+def pool_of(m: Any) -> PooledStats:
+  """The pool a BatchNorm holds."""
+  return PooledStats(*(getattr(m, n)[...] for n in POOL))
+
+
+def drop_pool(m: Any) -> None:
+  for name in POOL:
+    delattr(m, name)
+
+
 class _Base(nnx.Module):
   """The constructor arguments and the call both nnx modules share (flax's
   BatchNorm's arguments, then bnjax's ``sync``)."""

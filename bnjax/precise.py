@@ -13,7 +13,8 @@ variance,
 
 .. math:: \sigma^2 = \tfrac1N \sum_b \sigma_b^2 + \tfrac1N \sum_b (\mu_b - \mu)^2,
 
-accumulated with Chan's exact merge, so it equals the biased variance of all
+accumulated with Chan's exact merge, count-weighted and with each mean's
+low-order part (a :class:`bnjax.PooledStats` per layer), so it equals the biased variance of all
 N batches' inputs pooled together. (fvcore instead averages the batch
 variances, which leaves out the second term, the spread of the batch means:
 it underestimates the population variance, most at small batches.)
@@ -23,13 +24,16 @@ training-mode* (batch-statistics) normalization, exactly as during training.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import linen as _fl
 from flax import nnx as _nnx
 
-from bnjax import _checks, _moments
+from bnjax import _checks
 from bnjax import linen as _linen
 from bnjax import nnx as _bnnx
 from bnjax._running import population_stats
@@ -39,47 +43,6 @@ __all__ = [
   'linen_batch_stats',
   'update_nnx_batch_stats',
 ]
-
-
-def _accumulate(step_moments, batches):
-  """Scans step_moments over batches; returns {leaf: exact pooled stats}."""
-
-  def step(acc, batch):
-    moments = step_moments(batch)
-    new = jax.tree.map(
-      lambda a, m: _merge_one(a, m),
-      acc,
-      moments,
-      is_leaf=lambda t: isinstance(t, _moments.Partial),
-    )
-    return new, None
-
-  first = jax.tree.map(lambda leaf: leaf[0], batches)
-  init = jax.tree.map(
-    lambda m: _moments.Partial(
-      jnp.zeros((), m[0].dtype),
-      jnp.zeros_like(m[0]),
-      jnp.zeros_like(m[0]),
-      jnp.zeros_like(m[1]),
-    ),
-    jax.eval_shape(step_moments, first),
-    is_leaf=lambda t: isinstance(t, tuple),
-  )
-  acc, _ = jax.lax.scan(step, init, batches)
-  return jax.tree.map(
-    lambda p: _moments.finalize(p),
-    acc,
-    is_leaf=lambda t: isinstance(t, _moments.Partial),
-  )
-
-
-def _merge_one(acc: _moments.Partial, mv):
-  """The exact merge of the running pool with one batch (weight 1, m2 = var)."""
-  mean, var = mv
-  one = _moments.Partial(
-    jnp.ones_like(acc.count), mean, jnp.zeros_like(mean), var
-  )
-  return _moments.merge(jax.tree.map(lambda a, b: jnp.stack([a, b]), acc, one))
 
 
 def linen_batch_stats(
@@ -119,7 +82,17 @@ def linen_batch_stats(
     >>> v['batch_stats']['BatchNorm_0']['mean'], v['batch_stats']['BatchNorm_0']['var']
     (Array([3.5], dtype=float32), Array([5.25], dtype=float32))
   """
-  _checks.check_stacked('linen_batch_stats', batches)
+  fn = 'linen_batch_stats'
+  if not isinstance(model, _fl.Module):
+    raise TypeError(
+      f'{fn}: model must be a flax.linen Module, got {type(model).__name__}'
+    )
+  if not isinstance(variables, Mapping) or 'batch_stats' not in variables:
+    raise TypeError(
+      f"{fn}: variables must be the model's variables, a mapping with a "
+      f"'batch_stats' collection, got {_describe(variables)}"
+    )
+  _checks.check_stacked(fn, batches)
 
   def pool(moments, batch):
     _, upd = model.apply(
@@ -144,6 +117,7 @@ def linen_batch_stats(
     return _pairs(jax.lax.scan(lambda m, b: (pool(m, b), None), first, rest)[0])
 
   pooled = jax.jit(all_batches)(batches)
+  check_finite(fn, {'/'.join(map(str, p)): v for p, v in pooled.items()})
   stats = dict(variables['batch_stats'])  # copied along each path below
   for path, (mean, var) in pooled.items():
     if not path:  # the model is one BatchNorm: its statistics at the top
@@ -155,6 +129,22 @@ def linen_batch_stats(
       node = node[p]
     node[path[-1]] = dict(node[path[-1]], mean=mean, var=var)
   return {**variables, 'batch_stats': stats}
+
+
+def check_finite(fn: str, pooled: dict) -> None:
+  """Recomputed statistics ``{layer: (mean, var)}`` are finite, or the
+  batches (or the layers before) hold NaN or inf: raise, naming them."""
+  for where, stats in pooled.items():
+    if not all(np.all(np.isfinite(np.asarray(v))) for v in stats):
+      raise ValueError(
+        f'{fn}: the batches gave the BatchNorm at {where or "the top"} '
+        'non-finite statistics; look for NaN or inf in batches (or in the '
+        'layers before it)'
+      )
+
+
+def _describe(v: Any) -> str:
+  return type(v).__name__
 
 
 def _pairs(tree, path=()):
@@ -174,11 +164,13 @@ def update_nnx_batch_stats(
   """Precise BN for an nnx model: sets every bnjax.nnx.BatchNorm's stats.
 
   Runs ``model(batch, *args, **kwargs)`` in training mode (each layer's
-  ``use_running_average`` is set to False and its momentum to 0 for the
-  duration, and restored after) over N stacked batches under one
-  ``jax.jit`` and ``lax.scan``, then writes the pooled population mean and
-  biased variance into each layer (the estimator of
-  :func:`linen_batch_stats`).
+  ``use_running_average`` is set to False for the duration, and restored
+  after) over N stacked batches under one ``jax.jit`` and ``lax.scan``,
+  each layer pooling its input's exact moments (a :class:`bnjax.PooledStats`,
+  count-weighted, as :func:`bnjax.training.start_pooling`), then writes the
+  pooled population mean and biased variance into each layer (the
+  estimator of :func:`linen_batch_stats`). A layer the batches never reach
+  keeps its statistics.
 
   Args:
     model: an nnx module holding :class:`bnjax.nnx.BatchNorm` layers; it is
@@ -190,6 +182,9 @@ def update_nnx_batch_stats(
   Returns:
     None: the layers' ``mean`` and ``var`` are set in place.
 
+  Raises:
+    ValueError: no bnjax.nnx.BatchNorm, or a layer pooling already.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -200,35 +195,50 @@ def update_nnx_batch_stats(
     >>> bn.mean[...], bn.var[...], bn.use_running_average   # mode restored
     (Array([3.5], dtype=float32), Array([5.25], dtype=float32), True)
   """
-  _checks.check_stacked('update_nnx_batch_stats', batches)
+  fn = 'update_nnx_batch_stats'
+  if not isinstance(model, _nnx.Module):
+    raise TypeError(
+      f'{fn}: model must be an nnx.Module, got {type(model).__name__}'
+    )
+  _checks.check_stacked(fn, batches)
   layers = [
     m for _, m in _nnx.iter_modules(model) if isinstance(m, _bnnx.BatchNorm)
   ]
   if not layers:
+    raise ValueError(f'{fn}: the model has no bnjax.nnx.BatchNorm layer')
+  if any(hasattr(m, _bnnx.POOL[0]) for m in layers):
     raise ValueError(
-      'update_nnx_batch_stats: the model has no bnjax.nnx.BatchNorm layer'
+      f'{fn}: a layer is pooling (bnjax.training.start_pooling); call '
+      'bnjax.training.apply_pooled or stop_pooling first'
     )
-  saved = [(m.momentum, m.use_running_average) for m in layers]
+  # Each layer pools its input over all N batches (bnjax.PooledStats: exact
+  # and count-weighted, each mean with its low-order part), as the linen
+  # and function paths do.
+  saved = [m.use_running_average for m in layers]
   for m in layers:
-    m.momentum, m.use_running_average = 0.0, False
+    m.use_running_average = False
+    _bnnx.add_pool(m)
   try:
-    graphdef, state = _nnx.split(model)
+    graphdef, pools, rest = _nnx.split(model, _bnnx.PooledMoment, ...)  # type: ignore[misc]
 
-    def moments(batch):
+    def step(pools, batch):
       # Fresh Variables at this trace level (nnx forbids mutating
-      # Variables created outside the current trace).
-      m = _nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+      # Variables created outside the current trace); only the pools are
+      # carried, the rest of the model's state is left as it was.
+      m = _nnx.merge(graphdef, pools, jax.tree.map(jnp.asarray, rest))
       m(batch, *args, **kwargs)
-      bns = [
-        mod
-        for _, mod in _nnx.iter_modules(m)
-        if isinstance(mod, _bnnx.BatchNorm)
-      ]
-      return {i: (bn.mean[...], bn.var[...]) for i, bn in enumerate(bns)}
+      return _nnx.state(m, _bnnx.PooledMoment), None
 
-    pooled = jax.jit(lambda b: _accumulate(moments, b))(batches)
+    scan = jax.jit(lambda p, b: jax.lax.scan(step, p, b)[0])
+    _nnx.update(model, scan(pools, batches))
+    pooled = [_bnnx.pool_of(m) for m in layers]
   finally:
-    for m, (mom, ura) in zip(layers, saved, strict=True):
-      m.momentum, m.use_running_average = mom, ura
-  for i, m in enumerate(layers):
-    m.mean[...], m.var[...] = pooled[i]
+    for m, ura in zip(layers, saved, strict=True):
+      m.use_running_average = ura
+      _bnnx.drop_pool(m)
+  check_finite(fn, {i: (p.mean, p.m2) for i, p in enumerate(pooled)})
+  for m, pool in zip(layers, pooled, strict=True):
+    pop, seen = population_stats(pool), pool.count > 0
+    # A layer (or channel) the batches never reach keeps its statistics.
+    m.mean[...] = jnp.where(seen, pop.mean, m.mean[...]).astype(m.mean.dtype)
+    m.var[...] = jnp.where(seen, pop.var, m.var[...]).astype(m.var.dtype)

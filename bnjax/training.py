@@ -23,16 +23,19 @@ See the guide "BN in training loops".
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as _fl
 from flax import nnx as _nnx
+from flax.core import FrozenDict
 
-from bnjax import _checks, _moments, _running, precise
+from bnjax import _checks, _running, precise
 from bnjax import nnx as _bnnx
+from bnjax._average import average_stats
 from bnjax._types import BatchStats, PooledStats
 
 __all__ = [
@@ -64,17 +67,17 @@ def _check_mode(fn, mode):
     )
 
 
-def _layers(fn, model, only, types):
+def _check_model(fn, model):
   if not isinstance(model, _nnx.Module):
     raise TypeError(
       f'{fn}: model must be an nnx.Module, got {type(model).__name__}; for '
       'linen, see bnjax.training.mode_fields and bnjax.linen.apply_pooled'
     )
-  pick = (
-    (lambda path, m: True)
-    if only is None
-    else _nnx.filterlib.to_predicate(only)
-  )
+
+
+def _layers(fn, model, only, types):
+  _check_model(fn, model)
+  pick = (lambda path, m: True) if only is None else _predicate(fn, only)
   found = [
     m
     for path, m in _nnx.iter_modules(model)
@@ -86,6 +89,19 @@ def _layers(fn, model, only, types):
       + ('' if only is None else f' selected by only={only!r}')
     )
   return found
+
+
+def _predicate(fn, only):
+  """nnx's predicate of the Filter ``only``; anything else is refused here,
+  not inside flax (which fails formatting its own message on an int)."""
+  try:
+    return _nnx.filterlib.to_predicate(only)
+  except Exception:  # flax raises TypeError or ValueError, by version
+    raise TypeError(
+      f'{fn}: only must be an nnx Filter (a callable (path, module) -> '
+      "bool, a type, a path string such as 'backbone', or a tuple of "
+      f'them), got {only!r:.60} of type {type(only).__name__}'
+    ) from None
 
 
 def set_mode(model: _nnx.Module, mode: str, *, only: Any = None) -> None:
@@ -110,6 +126,7 @@ def set_mode(model: _nnx.Module, mode: str, *, only: Any = None) -> None:
 
   Raises:
     ValueError: an unknown mode, or no BatchNorm layer picked.
+    TypeError: ``only`` is not an nnx Filter.
 
   Example:
     >>> import jax.numpy as jnp
@@ -131,7 +148,22 @@ def set_mode(model: _nnx.Module, mode: str, *, only: Any = None) -> None:
     elif hasattr(m, _SAVED):
       m.momentum = getattr(m, _SAVED)
       delattr(m, _SAVED)
+    if isinstance(m, _nnx.BatchNorm):
+      m.__class__ = _FrozenFlaxBatchNorm if mode == 'frozen' else _nnx.BatchNorm
     m.use_running_average = mode == 'eval'
+
+
+class _FrozenFlaxBatchNorm(_nnx.BatchNorm):
+  """A ``flax.nnx.BatchNorm`` in ``'frozen'`` mode (:func:`set_mode` swaps
+  the class, and back): flax stores ``momentum * old + (1 - momentum) *
+  batch`` even at momentum 1, where a NaN batch gives NaN; this keeps the
+  statistics bitwise, as bnjax's layers do at momentum 1."""
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    kept = self.mean[...], self.var[...]
+    y = super().__call__(*args, **kwargs)
+    self.mean[...], self.var[...] = kept
+    return y
 
 
 def mode_fields(mode: str, momentum: float = 0.99) -> dict[str, Any]:
@@ -155,6 +187,7 @@ def mode_fields(mode: str, momentum: float = 0.99) -> dict[str, Any]:
     {'use_running_average': False, 'momentum': 1.0}
   """
   _check_mode('bnjax.training.mode_fields', mode)
+  _checks.check_momentum('bnjax.training.mode_fields', momentum)
   return {
     'use_running_average': mode == 'eval',
     'momentum': 1.0 if mode == 'frozen' else momentum,
@@ -165,34 +198,46 @@ def bn_param_mask(params: Any, batch_stats: Any) -> Any:
   """A params-shaped tree of bools: True at the scale and bias of BN layers.
 
   A BN layer is a module whose path also holds running statistics in
-  ``batch_stats`` (linen collections, or ``nnx.state(model, nnx.Param)``
-  with ``nnx.state(model, nnx.BatchStat)``, as pure dicts). For optax:
-  ``optax.chain(optax.masked(optax.set_to_zero(), mask), opt)`` freezes
-  BN's affine while the rest trains; with the negated mask only BN's affine
-  trains (TENT). (``optax.masked(opt, mask)`` alone would pass the other
-  leaves' raw gradients through as updates.)
+  ``batch_stats`` (linen collections, plain or ``FrozenDict``, or
+  ``nnx.state(model, nnx.Param)`` with ``nnx.state(model, nnx.BatchStat)``).
+  For optax, give the frozen leaves ``optax.set_to_zero()`` and the others
+  the optimizer with ``optax.multi_transform`` (or mask *after* the
+  optimizer, ``optax.chain(opt, optax.masked(optax.set_to_zero(), mask))``):
+  a mask before it lets a transform that adds to the update, such as
+  ``optax.adamw``'s weight decay, move the frozen leaves. With the negated
+  mask only BN's affine trains (TENT).
 
   Args:
-    params: the parameters (a nested dict).
+    params: the parameters (a nested dict, a ``FrozenDict`` or an
+      ``nnx.State``).
     batch_stats: the running statistics of the same model.
 
   Returns:
-    A tree of Python bools with the structure of ``params``.
+    A tree of Python bools with the structure of ``params``: a dict, a
+    ``FrozenDict`` for a ``FrozenDict``, an ``nnx.State`` for an
+    ``nnx.State`` (which ``nnx.Optimizer``'s optax transforms take).
+
+  Raises:
+    TypeError: ``params`` or ``batch_stats`` is not a nested mapping.
 
   Example:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax.linen
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, bnjax.linen
     >>> class Net(nn.Module):
     ...   @nn.compact
     ...   def __call__(self, x):
     ...     return bnjax.linen.BatchNorm(use_running_average=True)(nn.Dense(2)(x))
     >>> v = Net().init(jax.random.key(0), jnp.ones((1, 3)))
-    >>> bnjax.training.bn_param_mask(v['params'], v['batch_stats'])
+    >>> mask = bnjax.training.bn_param_mask(v['params'], v['batch_stats'])
+    >>> mask
     {'Dense_0': {'kernel': False, 'bias': False}, 'BatchNorm_0': {'scale': True, 'bias': True}}
+    >>> tx = optax.multi_transform(
+    ...     {'train': optax.adamw(1e-3, weight_decay=0.1),
+    ...      'frozen': optax.set_to_zero()},
+    ...     jax.tree.map(lambda bn: 'frozen' if bn else 'train', mask))
   """
+  fn = 'bnjax.training.bn_param_mask'
 
   def mark(p, s):
-    if not isinstance(p, dict):
-      return False
     is_bn = isinstance(s, dict) and any(
       not isinstance(v, dict) for v in s.values()
     )
@@ -205,15 +250,40 @@ def bn_param_mask(params: Any, batch_stats: Any) -> Any:
       for k, v in p.items()
     }
 
-  return mark(_to_dict(params), _to_dict(batch_stats))
+  p, s = (
+    _to_dict(fn, 'params', params),
+    _to_dict(fn, 'batch_stats', batch_stats),
+  )
+  mask = mark(p, s)
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError(
+      f'{fn}: no module of params has running statistics in batch_stats, so '
+      'nothing is a BN layer; pass the batch_stats of the same model (for '
+      "linen variables['batch_stats'], for nnx nnx.state(model, "
+      'nnx.BatchStat))'
+    )
+  if isinstance(params, _nnx.State):
+    return _nnx.State(mask)
+  if isinstance(params, FrozenDict):
+    return FrozenDict(mask)
+  return mask
 
 
-def _to_dict(tree):
-  if not isinstance(tree, _nnx.State):
-    return tree
-  # nnx.to_pure_dict where it exists (the method is deprecated there).
-  to_dict = getattr(_nnx, 'to_pure_dict', None)
-  return to_dict(tree) if to_dict else tree.to_pure_dict()
+def _to_dict(fn, name, tree):
+  """A nested plain dict of a dict, FrozenDict or nnx.State."""
+  if isinstance(tree, _nnx.State):
+    # nnx.to_pure_dict where it exists (the method is deprecated there).
+    to_dict = getattr(_nnx, 'to_pure_dict', None)
+    tree = to_dict(tree) if to_dict else tree.to_pure_dict()
+  if not isinstance(tree, Mapping):
+    raise TypeError(
+      f'{fn}: {name} must be a nested dict, a FrozenDict or an nnx.State '
+      f"(the model's {name}), got {type(tree).__name__}"
+    )
+  return {
+    k: _to_dict(fn, name, v) if isinstance(v, Mapping) else v
+    for k, v in tree.items()
+  }
 
 
 # ---------------------------------------------------------------- pooling ---
@@ -268,16 +338,14 @@ def start_pooling(model: _nnx.Module, *, only: Any = None) -> None:
   for m in _poolable(fn, model, only):
     if hasattr(m, _bnnx.POOL[0]):
       raise ValueError(
-        f'{fn}: a layer is pooling already; call apply_pooled or '
+        f'{fn}: a layer of model is pooling already; call apply_pooled or '
         'stop_pooling first'
       )
-    for name, v in zip(
-      _bnnx.POOL, PooledStats(*([jnp.zeros_like(m.mean[...])] * 4)), strict=True
-    ):
-      setattr(m, name, _bnnx.PooledMoment(v))
+    _bnnx.add_pool(m)
 
 
 def _pooling(fn, model):
+  _check_model(fn, model)
   layers = [
     m
     for _, m in _nnx.iter_modules(model)
@@ -319,10 +387,14 @@ def apply_pooled(model: _nnx.Module, *, when: Any = True) -> None:
     >>> bn.mean[...], bn.var[...]
     (Array([0.4], dtype=float32), Array([1.4], dtype=float32))
   """
-  for m in _pooling('bnjax.training.apply_pooled', model):
-    pool = PooledStats(*(getattr(m, n)[...] for n in _bnnx.POOL))
+  fn = 'bnjax.training.apply_pooled'
+  _checks.check_when(fn, when)
+  for m in _pooling(fn, model):
+    pool = _bnnx.pool_of(m)
     old = BatchStats(m.mean[...], m.var[...])
-    new = _running.apply_pooled(old, pool, momentum=m.momentum)
+    new = _running.apply_pooled_as(
+      'bnjax.training.apply_pooled', old, pool, m.momentum
+    )
     m.mean[...] = jnp.where(when, new[0], old.mean)
     m.var[...] = jnp.where(when, new[1], old.var)
     for n, v in zip(_bnnx.POOL, pool, strict=True):
@@ -351,103 +423,12 @@ def stop_pooling(model: _nnx.Module) -> None:
     False
   """
   for m in _pooling('bnjax.training.stop_pooling', model):
-    for n in _bnnx.POOL:
-      delattr(m, n)
+    _bnnx.drop_pool(m)
 
 
 # ------------------------------------------------------------ averaging ---
 
-
-def average_stats(
-  stats: Any,
-  axis_name: Any = None,
-  *,
-  weight: Any = None,
-  axis_index_groups: Any = None,
-) -> Any:
-  r"""Averages per-device running statistics, weighted, for evaluation.
-
-  Local-BN data parallelism leaves each device its own running statistics.
-  Before evaluating or checkpointing, replace each by the weighted mean
-  over devices, :math:`\sum_d w_d s_d / \sum_d w_d` (equal weights: the
-  plain mean), one collective for the whole tree. Running variances are
-  averaged like means: what the per-step spread of the devices' batch
-  means added to the global variance is not recoverable from EMAs (for
-  that, recompute with :func:`recalibrate`).
-
-  Args:
-    stats: a pytree of running statistics (``BatchStats``, a linen
-      ``batch_stats`` collection, ``nnx.state(model, nnx.BatchStat)``).
-      Floating leaves are averaged; integer leaves (counts) are kept.
-    axis_name: the mapped axis (``shard_map``, ``pmap``) the devices are
-      on; every device gets the average. None: ``stats`` hold the devices
-      stacked on a leading axis (e.g. shard_map's output with
-      ``out_specs=P('data')`` reshaped to ``(devices, ...)``) and the
-      average drops it.
-    weight: each device's weight (a scalar per device: the number of
-      examples its statistics saw, or a mask count); None: equal.
-    axis_index_groups: groups of ``axis_name`` averaged separately.
-
-  Returns:
-    ``stats`` averaged (without the leading axis when ``axis_name`` is None).
-
-  Example:
-    >>> import jax.numpy as jnp, bnjax, bnjax.training
-    >>> per_device = bnjax.BatchStats(jnp.array([[0.0], [2.0]]),
-    ...                               jnp.array([[1.0], [3.0]]))
-    >>> bnjax.training.average_stats(per_device, weight=jnp.array([1.0, 3.0]))
-    BatchStats(mean=Array([1.5], dtype=float32), var=Array([2.5], dtype=float32))
-  """
-  fn = 'bnjax.training.average_stats'
-  leaves, treedef = jax.tree.flatten(stats)
-  floats = [jnp.issubdtype(jnp.result_type(v), jnp.inexact) for v in leaves]
-  if axis_name is None:
-    return jax.tree.unflatten(
-      treedef,
-      [
-        _stacked_mean(fn, v, weight) if f else v[0]
-        for v, f in zip(leaves, floats, strict=True)
-      ],
-    )
-  groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
-  w = jnp.asarray(1.0 if weight is None else weight, jnp.float32)
-  if w.ndim:
-    raise ValueError(
-      f'{fn}: weight must be one scalar per device under axis_name, got '
-      f'shape {w.shape}'
-    )
-  picked = [jnp.ravel(v) for v, f in zip(leaves, floats, strict=True) if f]
-  dtype = jnp.result_type(jnp.float32, *picked)
-  flat = jnp.concatenate([w[None].astype(dtype)] + [w * v for v in picked])
-  (total,) = _moments.psum_stacked([flat], axis_name, groups, fn)
-  mean, out = total[1:] / total[0], []
-  for v, f in zip(leaves, floats, strict=True):
-    if f:
-      size = v.size
-      out.append(mean[:size].reshape(v.shape).astype(v.dtype))
-      mean = mean[size:]
-    else:
-      out.append(v)
-  return jax.tree.unflatten(treedef, out)
-
-
-def _stacked_mean(fn, v, weight):
-  if jnp.ndim(v) < 1:
-    raise ValueError(
-      f'{fn}: with axis_name=None the statistics must be stacked along a '
-      'leading device axis; got a scalar leaf'
-    )
-  w = jnp.ones(v.shape[:1]) if weight is None else jnp.asarray(weight)
-  if w.shape != v.shape[:1]:
-    raise ValueError(
-      f'{fn}: weight of shape {w.shape} must have one entry per device, '
-      f'({v.shape[0]},)'
-    )
-  w = w.reshape(w.shape + (1,) * (v.ndim - 1)).astype(
-    jnp.result_type(v, jnp.float32)
-  )
-  return (jnp.sum(w * v, 0) / jnp.sum(w, 0)).astype(v.dtype)
-
+# average_stats lives in bnjax._average, beside its weight checks.
 
 # -------------------------------------------------------- recalibration ---
 
@@ -531,18 +512,36 @@ def _recalibrate_fn(f: Callable, batch_stats, batches, args, kwargs):
     return f(pool, batch, *args, **kwargs)[1], None
 
   pool, _ = jax.jit(lambda p, b: jax.lax.scan(step, p, b))(empty, batches)
+  pools = [p for p in jax.tree.leaves(pool, is_leaf=_is_pool) if _is_pool(p)]
+  precise.check_finite(
+    'bnjax.training.recalibrate',
+    {i: (p.mean, p.m2) for i, p in enumerate(pools)},
+  )
+  if not any(np.any(np.asarray(p.count) > 0) for p in pools):
+    raise ValueError(
+      'bnjax.training.recalibrate: no BatchStats of variables reached '
+      'bnjax.batch_norm in training mode; pass the arguments that make the '
+      'function train (use_running_average=False)'
+    )
   return jax.tree.map(
-    lambda p, s: (
-      BatchStats(
-        *(
-          v.astype(o.dtype)
-          for v, o in zip(_running.population_stats(p), s, strict=True)
-        )
-      )
-      if is_stats(s)
-      else p
-    ),
+    lambda p, s: _recalibrated(p, s) if is_stats(s) else p,
     pool,
     batch_stats,
     is_leaf=lambda t: isinstance(t, (BatchStats, PooledStats)),
+  )
+
+
+def _is_pool(t) -> bool:
+  return isinstance(t, PooledStats)
+
+
+def _recalibrated(pool: PooledStats, old: BatchStats) -> BatchStats:
+  """The pool's population statistics; a channel (or layer) the batches
+  never reached keeps its statistics, as nnx's and linen's do."""
+  pop = _running.population_stats(pool)
+  return BatchStats(
+    *(
+      jnp.where(pool.count > 0, v, o).astype(o.dtype)
+      for v, o in zip(pop, old, strict=True)
+    )
   )

@@ -70,8 +70,8 @@ MUTANTS = {
   ),
   'ghost sync count stays local': (
     'bnjax/_ghost.py',
-    'sums[1] / n, sums[3]',
-    'sums[1] / n, count',
+    'sums[1] / n, sums[2]',
+    'sums[1] / n, jnp.sum(w, 0)',
     ['tests/core/test_exactness.py'],
   ),
   # Issue 29's defects.
@@ -103,8 +103,8 @@ MUTANTS = {
   # Issue 27's: accumulation and freezing.
   'pool drops the micro-batch means low bits': (
     'bnjax/_running.py',
-    '(old.count * old.mean_lo, n * lo)',
-    '(0 * old.mean_lo, 0 * lo)',
+    'count * p.mean_lo.astype(f)',
+    '0 * p.mean_lo.astype(f)',
     ['tests/core/test_accumulate.py'],
   ),
   'psum path drops the mean low bits': (
@@ -130,6 +130,58 @@ MUTANTS = {
     'jnp.where(when, a, b) for a, b in zip(new, old',
     'a for a, b in zip(new, old',
     ['tests/modules/test_training.py'],
+  ),
+  # Issue 44's (part A): pooling, averaging and recalibration.
+  'apply_pooled takes any momentum': (
+    'bnjax/_running.py',
+    '_checks.check_momentum(fn, momentum)',
+    'pass',
+    ['tests/core/test_accumulate.py'],
+  ),
+  'ghost pool merges the chunk averages with their spread': (
+    'bnjax/_core.py',
+    'spread=virtual_batch_size is None',
+    'spread=True',
+    ['tests/core/test_accumulate.py'],
+  ),
+  'ghost chunks of one value per channel train': (
+    'bnjax/_ghost.py',
+    'if not single_value_ok:',
+    'if False:',
+    ['tests/core/test_errors.py'],
+  ),
+  'average_stats averages pools field by field': (
+    'bnjax/_average.py',
+    '_running.merge_pools(v)',
+    'jax.tree.map(lambda a: jnp.mean(a, 0), v)',
+    ['tests/modules/test_training_rigour.py'],
+  ),
+  'average_stats takes weights summing to 0': (
+    'bnjax/_average.py',
+    '  total = jnp.sum(w)\n  _check_total(fn, total)',
+    '  total = jnp.sum(w)',
+    [
+      'tests/modules/test_training_rigour.py',
+      'tests/badinput/test_training.py',
+    ],
+  ),
+  'recalibrate resets layers it does not train': (
+    'bnjax/training.py',
+    'jnp.where(pool.count > 0, v, o).astype(o.dtype)',
+    'v.astype(o.dtype)',
+    ['tests/modules/test_training_rigour.py'],
+  ),
+  'nnx recalibration merges without the batch means low bits': (
+    'bnjax/_running.py',
+    'batch = PooledStats(n, mean, lo, n * var)',
+    'batch = PooledStats(n, mean, 0 * lo, n * var)',
+    ['tests/modules/test_training_rigour.py', '-k', 'nnx_recalibration'],
+  ),
+  'frozen flax BatchNorm mixes a NaN batch in': (
+    'bnjax/training.py',
+    "_FrozenFlaxBatchNorm if mode == 'frozen' else _nnx.BatchNorm",
+    '_nnx.BatchNorm',
+    ['tests/modules/test_training_rigour.py'],
   ),
 }
 

@@ -244,3 +244,116 @@ def test_synced_pool_is_exact_at_a_large_mean_with_either_sync_mode():
     )
     pool = run(xs, start)
     assert _rel(bnjax.population_stats(pool).var, var) < 1e-6, sync
+
+
+# ---- issue 44: apply_pooled checks what batch_norm checks; ghost pools -----
+
+
+_S3 = bnjax.init_batch_stats(3)
+
+
+def _pool3():
+  x = jnp.arange(12.0).reshape(4, 3)
+  return bnjax.batch_norm(
+    x, bnjax.init_pooled_stats(3), use_running_average=False
+  )[1]
+
+
+@pytest.mark.parametrize(
+  'args, kw, exc, match',
+  [
+    ((_S3,), {'momentum': 1.5}, ValueError, 'momentum=1.5 is outside'),
+    ((_S3,), {'momentum': float('nan')}, ValueError, 'momentum=nan'),
+    (
+      (bnjax.init_batch_stats(1),),
+      {},
+      ValueError,
+      r'batch_stats.mean has shape \(1,\).*pass batch_stats.mean of shape \(3,\)',
+    ),
+    (
+      (jax.tree.map(lambda v: v.astype(jnp.float16), _S3),),
+      {},
+      TypeError,
+      'batch_stats.mean has dtype float16, which overflows',
+    ),
+  ],
+  ids=['momentum-1.5', 'momentum-nan', 'state-shape-1', 'float16-state'],
+)
+def test_apply_pooled_checks_momentum_shape_and_dtype_as_batch_norm(
+  args, kw, exc, match
+):
+  """Regression (issue 44, 1): apply_pooled took momentum 1.5 (var -4.1),
+  NaN momentum, a (1,)-shaped state (broadcast) and a float16 state (a
+  pooled variance past 65504 stored as inf). batch_norm's own checks now
+  run on it, with the pool's feature shape in place of x's."""
+  with pytest.raises(exc, match=match):
+    bnjax.apply_pooled(*args, _pool3(), **kw)
+
+
+@pytest.mark.parametrize(
+  'field, value, match',
+  [
+    ('mean', np.nan, r'mean is not finite.*\(pooled.mean\)'),
+    ('m2', -1.0, r'm2 is negative.*\(pooled.m2\)'),
+    ('count', -1.0, r'count is negative.*\(pooled.count\)'),
+  ],
+)
+def test_apply_pooled_refuses_a_corrupt_pool(field, value, match):
+  """Regression (issue 44, 1): a NaN pool was applied, making the running
+  mean NaN."""
+  pool = _pool3()
+  pool = pool._replace(**{field: jnp.full(3, value)})
+  with pytest.raises(ValueError, match=match):
+    bnjax.apply_pooled(_S3, pool)
+
+
+def test_ghost_micro_batches_pool_to_one_ghost_call_on_the_concatenation():
+  """Regression (issue 44, 4): with virtual_batch_size a pool merged each
+  micro-batch's chunk averages with the spread of their means (var 25.25
+  where one ghost call on the concatenation stores 0.25, the mean of the
+  chunk variances, as the docs say). Masked chunks and uneven numbers of
+  chunks per micro-batch too, against the float64 ghost oracle."""
+  xs = _micro([4, 8, 2], loc=30.0, scale=3.0)
+  xs[1] = xs[1] + 40.0  # micro-batch means far apart
+  _, pool = _pool(xs, virtual_batch_size=2)
+  whole = np.concatenate([np.asarray(x, np.float64) for x in xs])
+  _, mean, var = ref.ghost_batch_norm(
+    whole, np.zeros(C), np.ones(C), virtual_batch_size=2, momentum=0.0
+  )
+  pop = bnjax.population_stats(pool)
+  assert _rel(pop.var, var) < 1e-6
+  assert _rel(pop.mean, mean) < 1e-6
+  got = bnjax.apply_pooled(bnjax.init_batch_stats(C), pool, momentum=0.0)
+  _, want = bnjax.batch_norm(
+    jnp.concatenate(xs),
+    bnjax.init_batch_stats(C),
+    use_running_average=False,
+    momentum=0.0,
+    virtual_batch_size=2,
+  )
+  np.testing.assert_allclose(got.var, want.var, rtol=1e-6)
+  np.testing.assert_allclose(got.mean, want.mean, rtol=1e-6)
+
+
+@pytest.mark.parametrize('ratio', [1e5, 1e7])
+def test_pooling_under_vmap_without_axis_name_keeps_the_mean_low_part(ratio):
+  """Issue 44, 3: pooling under jax.vmap without axis_name (an ensemble on
+  the CPU statistics path, where the conditional becomes a select) must
+  keep mean_lo: the report had the pooled variance 2e-3 off at |mean|/std
+  1e5 and 91% at 1e7. Members on either branch of the CPU path (one
+  near 0, one at the large mean), eager, vmapped and jitted, against
+  float64."""
+  x = np.stack([randn((4, 32, C), seed=s) for s in (1, 2)])
+  x += 0.3 * np.arange(4)[None, :, None, None]  # spread of micro means
+  x[0] += ratio
+  x = x.astype(np.float32)
+
+  def run(xs):
+    pool = bnjax.init_pooled_stats(C)
+    for i in range(xs.shape[0]):
+      pool = bnjax.batch_norm(xs[i], pool, use_running_average=False)[1]
+    return bnjax.population_stats(pool).var
+
+  want = np.var(x.astype(np.float64).reshape(2, -1, C), axis=1)
+  for got in (jax.vmap(run)(x), jax.jit(jax.vmap(run))(x)):
+    assert _rel(got, want) < 1e-6

@@ -693,3 +693,33 @@ def test_each_argument_rejects_bad_input_naming_it(arg, case):
   msg = str(info.value)
   assert piece in msg, (piece, msg)
   assert arg.split('_')[0] in msg or arg in ('x',), (arg, msg)
+
+
+def test_ghost_chunks_of_one_value_per_channel_raise_again():
+  """Regression (issue 44, 19): batch_norm(x of shape (4, 3),
+  virtual_batch_size=1) returned the bias and stored var 0 (each chunk is
+  one row: one value per channel); it raises, naming the fix."""
+  x = jnp.arange(12.0).reshape(4, 3)
+  with pytest.raises(
+    ValueError,
+    match=r'more than one value per channel.*virtual_batch_size > 1',
+  ):
+    bnjax.batch_norm(
+      x,
+      bnjax.init_batch_stats(3),
+      use_running_average=False,
+      virtual_batch_size=1,
+    )
+  # Two rows a chunk train; inference never needed more than one.
+  bnjax.batch_norm(
+    x,
+    bnjax.init_batch_stats(3),
+    use_running_average=False,
+    virtual_batch_size=2,
+  )
+  bnjax.batch_norm(
+    x,
+    bnjax.init_batch_stats(3),
+    use_running_average=True,
+    virtual_batch_size=1,
+  )
