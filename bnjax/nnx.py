@@ -137,13 +137,7 @@ class _Base(nnx.Module):
     x = _checks.check_floating(fn, x, complex_ok=self._STATE is BatchStats)
     lay = _checks.layout(fn, x, self.axis)
     if lay.feature_shape != (self.num_features,):
-      raise ValueError(
-        f'{fn}: x of shape {tuple(x.shape)} has features of shape '
-        f'{lay.feature_shape} on axis {self.axis}, but the module was built '
-        f'with num_features={self.num_features}; build it with '
-        f'num_features={lay.feature_shape[0] if len(lay.feature_shape) == 1 else lay.feature_shape}'
-        ' (or pass the axis that holds the features)'
-      )
+      raise ValueError(_features_msg(fn, x, lay, self.axis, self.num_features))
     # The stored statistics keep their own dtype (the promotion above may
     # have cast them to a half dtype).
     if not use_running_average and hasattr(self, POOL[0]):
@@ -192,6 +186,26 @@ class _Base(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+def _features_msg(fn, x, lay, axis, num_features) -> str:
+  """x's features differ from num_features: the likely fix, the axis of x
+  that has num_features (NCHW data) or the num_features x has."""
+  found = lay.feature_shape
+  msg = (
+    f'{fn}: x of shape {tuple(x.shape)} has features of shape {found} on '
+    f'axis {axis}, but the module was built with num_features={num_features}; '
+  )
+  other = _checks.other_axis(lay, (num_features,))
+  n = found[0] if len(found) == 1 else found
+  if other is not None:
+    nchw = ' (channels-first data such as NCHW)' if other == 1 else ''
+    return msg + (
+      f'axis {other} of x has size {num_features}: if the features are '
+      f'there{nchw}, build it with axis={other}; otherwise build it with '
+      f'num_features={n}'
+    )
+  return msg + f'build it with num_features={n} (or the axis of the features)'
 
 
 def _check_num_features(fn, num_features):
