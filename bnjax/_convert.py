@@ -57,7 +57,7 @@ def _check_values(model: Any) -> None:
     problems += _values.layer_problems(
       vectors, variances=(f'{at}.var',), complex_ok=(f'{at}.mean',)
     )
-  _values.report('bnjax.nnx.convert', problems, 'the model')
+  _values.report('bnjax.nnx.convert', problems, 'model')
 
 
 # flax.nnx.BatchNorm's constructor arguments that it keeps as attributes.

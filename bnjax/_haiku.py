@@ -173,7 +173,7 @@ def from_haiku(
         jnp.full(layer['mean'].shape, weight, jnp.float32),
       )
     out[name] = layer
-  _values.report(fn, problems, 'the Haiku state')
+  _values.report(fn, problems, 'params and state')
   return out
 
 
@@ -283,7 +283,7 @@ def to_haiku(
     problems += _values.layer_problems(
       vectors, variances=[k for k in vectors if k.endswith(('var', 'weight'))]
     )
-  _values.report(fn, problems, 'the layers')
+  _values.report(fn, problems, 'layers')
   params = {k: dict(v) for k, v in params.items()}
   state = {k: dict(v) for k, v in state.items()}
   for name, layer in layers.items():
@@ -353,7 +353,6 @@ def _shaped(fn, value, like, what):
   if value.size != like.size:
     raise ValueError(
       f'{fn}: {what} has {value.size} values, but the Haiku layer has '
-      f'{like.size} (shape {like.shape}); pass the layer with as many '
-      'channels'
+      f'{like.size} (shape {like.shape}); pass layers with as many channels'
     )
   return value.reshape(like.shape).astype(like.dtype)

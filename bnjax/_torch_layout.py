@@ -35,10 +35,11 @@ def momentum_from_torch(p: float) -> float:
   """
   if p is None:
     raise ValueError(
-      'bnjax.interop.momentum_from_torch: torch momentum=None is a cumulative average, '
-      'not an EMA; no Flax momentum reproduces it'
+      'bnjax.interop.momentum_from_torch: torch momentum=None is a '
+      'cumulative average, not an EMA; no Flax momentum reproduces it'
     )
-  return round(1.0 - _momentum('bnjax.interop.momentum_from_torch', p), 12)
+  fn = 'bnjax.interop.momentum_from_torch'
+  return round(1.0 - _momentum(fn, "p (torch's momentum)", p), 12)
 
 
 def momentum_to_torch(m: float) -> float:
@@ -58,20 +59,21 @@ def momentum_to_torch(m: float) -> float:
     >>> interop.momentum_to_torch(0.99)   # flax's default
     0.01
   """
-  return round(1.0 - _momentum('bnjax.interop.momentum_to_torch', m), 12)
+  fn = 'bnjax.interop.momentum_to_torch'
+  return round(1.0 - _momentum(fn, "m (Flax's momentum)", m), 12)
 
 
-def _momentum(fn: str, m: Any) -> float:
+def _momentum(fn: str, name: str, m: Any) -> float:
   """A real momentum in [0, 1], as a float."""
   if isinstance(m, (bool, np.bool_)) or not isinstance(
     m, (int, float, np.integer, np.floating)
   ):
     raise TypeError(
-      f'{fn}: momentum must be a real number in [0, 1], got {m!r} of type '
+      f'{fn}: {name} must be a real number in [0, 1], got {m!r} of type '
       f'{type(m).__name__}'
     )
   if not 0.0 <= m <= 1.0:
-    raise ValueError(f'{fn}: momentum must be in [0, 1], got {m}')
+    raise ValueError(f'{fn}: {name} must be in [0, 1], got {m}')
   return float(m)
 
 

@@ -458,7 +458,7 @@ def from_torch(
       size=layer.input_size,
     )
     loaded[prefix] = vectors
-  _values.report(fn, problems, 'the state dict')
+  _values.report(fn, problems, 'state_dict')
   for prefix, where in layers.items():
     layer, v = picked[prefix], loaded[prefix]
     if layer.weight is not None:
@@ -564,7 +564,7 @@ def to_torch(
     )
     out.update(vectors)
     out[f'{prefix}.num_batches_tracked'] = np.asarray(0, np.int64)
-  _values.report(fn, problems, 'the model state')
+  _values.report(fn, problems, 'model and state')
   return out
 
 

@@ -90,7 +90,7 @@ _STATS = {'running_mean': 'mean', 'running_var': 'var'}
 _FROM, _TO = 'bnjax.interop.from_torch', 'bnjax.interop.to_torch'
 _NO_LAYERS = (
   f'{_FROM}: found no BatchNorm layer (a "running_mean" key) '
-  'in the state dict; pass the state dict of a model with '
+  'in state_dict; pass the state dict of a model with '
   'BatchNorm layers, or name them in `layers`'
 )
 
@@ -204,7 +204,7 @@ def from_torch(
     targets[tree] = prefix
     problems += _layer_problems(sd, prefix)
   if problems:
-    _values.report(_FROM, problems, 'the state dict')
+    _values.report(_FROM, problems, 'state_dict')
   out: dict[str, dict] = {'params': {}, 'batch_stats': {}}
   for prefix, path in layers.items():
     keys, tree = _layer_keys(prefix), _split(path, prefix, _FROM)
@@ -241,7 +241,17 @@ def batches_tracked(state_dict: Any) -> dict[str, int]:
   """
   sd = load_state_dict(state_dict)
   keys = {p: _layer_keys(p)['num_batches_tracked'] for p in bn_prefixes(sd)}
-  return {p: int(sd[k]) for p, k in keys.items() if k in sd}
+  out = {}
+  for p, k in keys.items():
+    if k in sd:
+      n = sd[k]
+      if n.size != 1 or n.dtype.kind not in 'iu' or n.reshape(()) < 0:
+        raise ValueError(
+          f'bnjax.interop.batches_tracked: the state_dict entry {k!r} must '
+          f'be one int >= 0 (a count of batches), got {n!r}'
+        )
+      out[p] = int(n.reshape(()))
+  return out
 
 
 def _layer_problems(sd: Mapping[str, np.ndarray], prefix: str) -> list[str]:
@@ -358,7 +368,7 @@ def to_torch(
         out[keys[torch_name]] = _owned(params[flax_name])
     out[keys['num_batches_tracked']] = np.array(counts.get(prefix, 0), np.int64)
     problems += _layer_problems(out, prefix)
-  _values.report(_TO, problems, 'the variables')
+  _values.report(_TO, problems, 'variables')
   return out
 
 
@@ -413,11 +423,11 @@ def _split(path, prefix: str, fn: str) -> tuple[str | int, ...]:
     raise TypeError(
       f'{fn}: the Flax path of {prefix!r} must be a string '
       f'("layer1/0/bn1"), an int or a tuple of strings and ints, got '
-      f'{type(path).__name__} {path!r}'
+      f'{type(path).__name__} {path!r} in layers'
     )
   if not parts:
     raise ValueError(
-      f'{fn}: empty Flax module path {path!r} for {prefix!r}; name '
+      f'{fn}: empty Flax module path {path!r} for {prefix!r} in layers; name '
       'the module, e.g. "BatchNorm_0"'
     )
   return parts
@@ -442,7 +452,8 @@ def _get(root, tree: Sequence[str | int], collection: str | None):
         return None
       where = '/'.join(map(str, tree[:depth])) or 'the top level'
       raise KeyError(
-        f'{_TO}: no {"/".join(map(str, tree))!r} in the {collection} '
+        f'{_TO}: no {"/".join(map(str, tree))!r} (a path in layers) in the '
+        f'{collection} '
         f'collection: at {where} there is no {p!r}, only {keys}'
       )
     node = node[match[0]]
