@@ -43,7 +43,7 @@ except ImportError as e:  # pragma: no cover - the extra is absent
     'bnjax.equinox needs Equinox: pip install "bnjax[equinox]"'
   ) from e
 
-from bnjax import _checks, _core, _renorm, _values
+from bnjax import _checks, _core, _moments, _renorm, _values
 from bnjax._running import population_stats
 from bnjax._state_dict import load_state_dict
 from bnjax._types import (
@@ -74,6 +74,35 @@ _NO_BATCH = (
   'eqx.nn.BatchNorm, which requires axis_name), or build it with '
   'batch_axis=0 and pass the whole batch'
 )
+
+
+_NOT_STATE = (
+  '{fn}: state must be an eqx.nn.State (from eqx.nn.make_with_state), got {got}'
+)
+
+
+def _check_eps(fn, eps):
+  _checks.check_scalar(fn, 'eps', eps)
+  e = _checks.concrete(eps)
+  tiny = float(jnp.finfo(jnp.float32).tiny)
+  if e is not None and not tiny <= e < float('inf'):
+    raise ValueError(
+      f'{fn}: eps={e} must be finite and >= {tiny:.3g} (the smallest normal '
+      'float32) to keep rsqrt(var + eps) finite; pass e.g. eps=1e-5'
+    )
+
+
+def _param_dtype(fn, dtype):
+  try:
+    dt = jnp.dtype(jnp.float32 if dtype is None else dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(
+      f'{fn}: dtype must be a floating dtype (of weight and bias), got '
+      f'{dtype!r}; pass e.g. dtype=jnp.float32'
+    )
+  return dt
 
 
 class _Base(eqx.nn.StatefulLayer):
@@ -110,7 +139,11 @@ class _Base(eqx.nn.StatefulLayer):
         f'jax.vmap) or an int (the batch axis of x), got {batch_axis!r}'
       )
     _checks.check_flag(fn, 'inference', fields['inference'])
-    dtype = jnp.float32 if dtype is None else dtype
+    _checks.check_flag(fn, 'channelwise_affine', fields['channelwise_affine'])
+    _check_eps(fn, fields['eps'])
+    _checks.check_hyper(fn, fields['momentum'], fields['eps'])
+    _moments.check_mode(fn, fields['sync'])
+    dtype = _param_dtype(fn, dtype)
     if fields['channelwise_affine']:
       self.weight = jnp.ones((input_size,), dtype)
       self.bias = jnp.zeros((input_size,), dtype)
@@ -133,14 +166,20 @@ class _Base(eqx.nn.StatefulLayer):
     _checks.check_flag(fn, 'inference', inference)
     if not inference and self.axis_name is None and self.batch_axis is None:
       raise ValueError(_NO_BATCH.format(fn=fn))
-    x = jnp.asarray(x)
+    if not isinstance(state, eqx.nn.State):
+      raise TypeError(_NOT_STATE.format(fn=fn, got=type(state).__name__))
+    lay_x = _checks.check_floating(fn, x, complex_ok=False)
     # The channel axis: first of an example, or right after the batch axis.
     if self.batch_axis is None:
       axis = 0
+    elif not -lay_x.ndim <= self.batch_axis < lay_x.ndim:
+      raise ValueError(
+        f'{fn}: batch_axis={self.batch_axis} is out of range for x of shape '
+        f'{tuple(lay_x.shape)}; x is (batch, channels, *spatial): pass '
+        'batch_axis=0'
+      )
     else:
-      b = self.batch_axis % max(x.ndim, 1)
-      axis = 1 if b == 0 else 0
-    lay_x = _checks.check_floating(fn, x, complex_ok=False)
+      axis = 1 if self.batch_axis % lay_x.ndim == 0 else 0
     lay = _checks.layout(fn, lay_x, axis)
     if lay.feature_shape != (self.input_size,):
       raise ValueError(
@@ -446,7 +485,7 @@ def from_torch(
     Array([3., 4.], dtype=float32)
   """
   fn = 'bnjax.equinox.from_torch'
-  picked = _pick(fn, model, layers)
+  picked = _pick(fn, model, state, layers)
   sd = load_state_dict(state_dict)
   loaded, problems = {}, []
   for prefix, layer in picked.items():
@@ -479,8 +518,10 @@ def _affine(where, model):
   return where(model).weight, where(model).bias
 
 
-def _pick(fn, model, layers) -> dict[str, _Base]:
+def _pick(fn, model, state, layers) -> dict[str, _Base]:
   """``{prefix: layer}``, each a bnjax.equinox layer."""
+  if not isinstance(state, eqx.nn.State):
+    raise TypeError(_NOT_STATE.format(fn=fn, got=type(state).__name__))
   if not isinstance(layers, Mapping):
     raise TypeError(
       f'{fn}: layers must map torch prefixes to functions picking the layer, '
@@ -551,7 +592,7 @@ def to_torch(
   """
   fn = 'bnjax.equinox.to_torch'
   out, problems = {}, []
-  for prefix, layer in _pick(fn, model, layers).items():
+  for prefix, layer in _pick(fn, model, state, layers).items():
     mean, var = _population(layer, state.get(layer.state_index))
     vectors: dict[str, Any] = {'running_mean': mean, 'running_var': var}
     if layer.weight is not None:
@@ -571,7 +612,7 @@ def to_torch(
 def _torch_vector(fn, sd, name):
   if name not in sd:
     raise ValueError(
-      f'{fn}: the state dict has no {name!r}; its BatchNorm prefixes are '
+      f'{fn}: state_dict has no {name!r}; its BatchNorm prefixes are '
       f'{sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith("running_mean")})}'
     )
   return np.asarray(sd[name], np.float32).reshape(-1)
