@@ -152,6 +152,19 @@ def check_per_channel(
 
 def _per_channel_fix(name: str, shape: tuple[int, ...], lay: Layout) -> str:
   """The likely fix: another axis of x has the size (NCHW data), or a shape."""
+  axis = other_axis(lay, shape)
+  if axis is not None:
+    nchw = ' (channels-first data such as NCHW)' if axis == 1 else ''
+    return (
+      f'axis {axis} of x has size {shape[0]}: if the features are there'
+      f'{nchw}, pass axis={axis}; otherwise pass {name} of shape '
+      f'{lay.feature_shape}'
+    )
+  return f'pass {name} of shape {lay.feature_shape}'
+
+
+def other_axis(lay: Layout, shape: tuple[int, ...]) -> int | None:
+  """The first axis of x, not a feature axis, of the size of a 1-D shape."""
   axes = [
     i
     for i in range(lay.ndim)
@@ -159,14 +172,7 @@ def _per_channel_fix(name: str, shape: tuple[int, ...], lay: Layout) -> str:
     and lay.shape[i] == shape[0]
     and i not in lay.feature_axes
   ]
-  if axes:
-    nchw = ' (channels-first data such as NCHW)' if axes[0] == 1 else ''
-    return (
-      f'axis {axes[0]} of x has size {shape[0]}: if the features are there'
-      f'{nchw}, pass axis={axes[0]}; otherwise pass {name} of shape '
-      f'{lay.feature_shape}'
-    )
-  return f'pass {name} of shape {lay.feature_shape}'
+  return axes[0] if axes else None
 
 
 def check_stats(

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import MutableMapping, MutableSequence
 from typing import Any
 
+import jax
+import numpy as np
 from flax import nnx
+
+from bnjax import _values
 
 
 def swap(model: Any, cls: type, axis_name: Any, overrides: dict) -> Any:
@@ -21,6 +25,7 @@ def swap(model: Any, cls: type, axis_name: Any, overrides: dict) -> Any:
       f'bnjax.nnx.convert: unknown BatchNorm arguments {unknown}; pass '
       f'any of {sorted(known)}'
     )
+  _check_values(model)
   memo: dict = {}
   out = _swap(model, memo, lambda old: _convert_one(old, cls, settings))
   if not memo or not any(
@@ -32,6 +37,27 @@ def swap(model: Any, cls: type, axis_name: Any, overrides: dict) -> Any:
       'flax.nnx.BatchNorm layers (a bnjax one needs no conversion)'
     )
   return out
+
+
+def _check_values(model: Any) -> None:
+  """Every flax.nnx.BatchNorm's concrete state through the one value check
+  of conversions, before anything is swapped."""
+  problems = []
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.BatchNorm):
+      continue
+    at = '/'.join(map(str, path)) or 'model'
+    vectors = {
+      f'{at}.{k}': v[...]
+      for k in ('mean', 'var', 'scale', 'bias')
+      if isinstance(v := getattr(node, k, None), nnx.Variable)
+      and isinstance(v[...], (jax.Array, np.ndarray))
+      and not isinstance(v[...], jax.core.Tracer)
+    }
+    problems += _values.layer_problems(
+      vectors, variances=(f'{at}.var',), complex_ok=(f'{at}.mean',)
+    )
+  _values.report('bnjax.nnx.convert', problems, 'model')
 
 
 # flax.nnx.BatchNorm's constructor arguments that it keeps as attributes.

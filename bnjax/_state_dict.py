@@ -18,6 +18,8 @@ import numpy as np
 
 from bnjax._torch_layout import to_numpy
 
+_FN = 'bnjax.interop.load_state_dict'
+
 
 def load_state_dict(source: Any) -> dict[str, np.ndarray]:
   """Reads a flat state dict as NumPy arrays.
@@ -47,29 +49,30 @@ def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     return {str(k): _array(k, v) for k, v in source.items()}
   if not isinstance(source, (str, os.PathLike)):
     raise TypeError(
-      'load_state_dict: expected a mapping of arrays or a file '
-      f'path, got {type(source).__name__}'
+      f'{_FN}: source must be a mapping of arrays or '
+      f'a file path, got {type(source).__name__}'
     )
   path = pathlib.Path(source)
   suffix = path.suffix.lower()
   if suffix not in ('.npz', '.safetensors', '.pt', '.pth', '.bin'):
     raise ValueError(
-      f'load_state_dict: unknown file type {suffix!r} for {path}; '
+      f'{_FN}: unknown file type {suffix!r} for source '
+      f'{path}; '
       'use .npz, .safetensors, .pt or .pth'
     )
   if not path.is_file():
-    raise FileNotFoundError(f'load_state_dict: no file {path}')
+    raise FileNotFoundError(f'{_FN}: no file {path} (source)')
   try:
     sd = _read(path, suffix)
   except Exception as e:  # a truncated, empty or foreign file
     raise ValueError(
-      f'load_state_dict: cannot read {path} as a {suffix} state dict '
+      f'{_FN}: cannot read {path} as a {suffix} state dict '
       f'({type(e).__name__}: {e}); is the file complete, and was it '
       'written by np.savez, safetensors or torch.save(model.state_dict())?'
     ) from e
   if not isinstance(sd, Mapping):
     raise TypeError(
-      f'load_state_dict: {path} holds a {type(sd).__name__}, '
+      f'{_FN}: {path} holds a {type(sd).__name__}, '
       'not a state dict; save model.state_dict()'
     )
   try:
@@ -95,7 +98,7 @@ def _array(key, value) -> np.ndarray:
   """One state-dict entry as a NumPy array, or an error naming its key."""
   if isinstance(value, Mapping):
     raise TypeError(
-      f'load_state_dict: the entry {key!r} is itself a mapping (keys '
+      f'{_FN}: in source, the entry {key!r} is itself a mapping (keys '
       f'{sorted(map(str, value))[:4]}...), not an array: a checkpoint that '
       f'nests the state dict (Lightning, a training loop); pass '
       f'checkpoint[{key!r}]'
@@ -104,19 +107,19 @@ def _array(key, value) -> np.ndarray:
   if getattr(value, 'is_meta', False) or layout != 'torch.strided':
     kind = 'a meta tensor (no data)' if layout == 'torch.strided' else layout
     raise TypeError(
-      f'load_state_dict: the entry {key!r} is {kind}; pass a dense tensor '
+      f'{_FN}: in source, the entry {key!r} is {kind}; pass a dense tensor '
       '(for example tensor.to_dense(), or load real weights first)'
     )
   try:
     arr = to_numpy(value)
   except Exception as e:
     raise TypeError(
-      f'load_state_dict: the entry {key!r} ({type(value).__name__}) is not '
-      f'an array: {e}'
+      f'{_FN}: in source, the entry {key!r} '
+      f'({type(value).__name__}) is not an array: {e}'
     ) from None
   if arr.dtype.kind not in 'biufc':
     raise TypeError(
-      f'load_state_dict: the entry {key!r} has dtype {arr.dtype} '
+      f'{_FN}: in source, the entry {key!r} has dtype {arr.dtype} '
       f'({type(value).__name__}); state-dict entries must be numeric arrays'
     )
   return arr

@@ -35,14 +35,11 @@ def momentum_from_torch(p: float) -> float:
   """
   if p is None:
     raise ValueError(
-      'momentum_from_torch: torch momentum=None is a cumulative average, '
-      'not an EMA; no Flax momentum reproduces it'
+      'bnjax.interop.momentum_from_torch: torch momentum=None is a '
+      'cumulative average, not an EMA; no Flax momentum reproduces it'
     )
-  if not 0.0 <= p <= 1.0:
-    raise ValueError(
-      f'momentum_from_torch: momentum must be in [0, 1], got {p}'
-    )
-  return round(1.0 - p, 12)
+  fn = 'bnjax.interop.momentum_from_torch'
+  return round(1.0 - _momentum(fn, "p (torch's momentum)", p), 12)
 
 
 def momentum_to_torch(m: float) -> float:
@@ -62,9 +59,37 @@ def momentum_to_torch(m: float) -> float:
     >>> interop.momentum_to_torch(0.99)   # flax's default
     0.01
   """
+  fn = 'bnjax.interop.momentum_to_torch'
+  return round(1.0 - _momentum(fn, "m (Flax's momentum)", m), 12)
+
+
+def _momentum(fn: str, name: str, m: Any) -> float:
+  """A real momentum in [0, 1], as a float."""
+  if isinstance(m, (bool, np.bool_)) or not isinstance(
+    m, (int, float, np.integer, np.floating)
+  ):
+    raise TypeError(
+      f'{fn}: {name} must be a real number in [0, 1], got {m!r} of type '
+      f'{type(m).__name__}'
+    )
   if not 0.0 <= m <= 1.0:
-    raise ValueError(f'momentum_to_torch: momentum must be in [0, 1], got {m}')
-  return round(1.0 - m, 12)
+    raise ValueError(f'{fn}: {name} must be in [0, 1], got {m}')
+  return float(m)
+
+
+def _array(fn: str, name: str, v: Any, ndim: str, ok) -> np.ndarray:
+  """v as a numeric NumPy array whose ndim passes ``ok``."""
+  a = to_numpy(v)
+  if a.dtype.kind not in 'biufc':
+    raise TypeError(
+      f'{fn}: {name} must be a numeric array, got {type(v).__name__} of '
+      f'dtype {a.dtype}'
+    )
+  if not ok(a.ndim):
+    raise ValueError(
+      f'{fn}: {name} must have {ndim} dimensions, got shape {a.shape}'
+    )
+  return a
 
 
 def nchw_to_nhwc(x: Any) -> Any:
@@ -82,7 +107,9 @@ def nchw_to_nhwc(x: Any) -> Any:
     >>> interop.nchw_to_nhwc(np.zeros((8, 3, 32, 32))).shape
     (8, 32, 32, 3)
   """
-  return jnp.moveaxis(jnp.asarray(to_numpy(x)), 1, -1)
+  fn = 'bnjax.interop.nchw_to_nhwc'
+  x = _array(fn, 'x', x, '>= 2 (N, C, *spatial)', lambda n: n >= 2)
+  return jnp.moveaxis(jnp.asarray(x), 1, -1)
 
 
 def nhwc_to_nchw(x: Any) -> Any:
@@ -100,6 +127,8 @@ def nhwc_to_nchw(x: Any) -> Any:
     >>> interop.nhwc_to_nchw(np.zeros((8, 32, 32, 3))).shape
     (8, 3, 32, 32)
   """
+  fn = 'bnjax.interop.nhwc_to_nchw'
+  x = _array(fn, 'x', x, '>= 2 (N, *spatial, C)', lambda n: n >= 2)
   return jnp.moveaxis(jnp.asarray(x), -1, 1)
 
 
@@ -118,7 +147,8 @@ def conv_kernel_from_torch(w: Any) -> jax.Array:
     >>> interop.conv_kernel_from_torch(np.zeros((64, 3, 7, 7))).shape
     (7, 7, 3, 64)
   """
-  w = to_numpy(w)
+  fn = 'bnjax.interop.conv_kernel_from_torch'
+  w = _array(fn, 'w', w, '>= 3 (O, I, *spatial)', lambda n: n >= 3)
   return jnp.asarray(np.moveaxis(w, (0, 1), (-1, -2)))
 
 
@@ -137,7 +167,9 @@ def dense_kernel_from_torch(w: Any) -> jax.Array:
     >>> interop.dense_kernel_from_torch(np.zeros((10, 512))).shape
     (512, 10)
   """
-  return jnp.asarray(to_numpy(w).T)
+  fn = 'bnjax.interop.dense_kernel_from_torch'
+  w = _array(fn, 'w', w, '2 (out, in)', lambda n: n == 2)
+  return jnp.asarray(w.T)
 
 
 def to_numpy(v) -> np.ndarray:

@@ -28,6 +28,7 @@ inference before any training uses mean 0 and variance 1 (equinox's
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -42,10 +43,13 @@ except ImportError as e:  # pragma: no cover - the extra is absent
     'bnjax.equinox needs Equinox: pip install "bnjax[equinox]"'
   ) from e
 
-from bnjax import _checks, _core, _renorm
+from bnjax import _checks, _core, _moments, _renorm, _values
+from bnjax._running import population_stats
 from bnjax._state_dict import load_state_dict
 from bnjax._types import (
   BatchStats,
+  DebiasedStats,
+  RenormStats,
   init_batch_stats,
   init_debiased_stats,
   init_renorm_stats,
@@ -54,11 +58,51 @@ from bnjax._types import (
 __all__ = ['BatchNorm', 'BatchRenorm', 'from_torch', 'to_torch']
 
 _EMA_MODE = (
-  '{fn}: mode="ema" normalizes training batches by a running average, '
-  'which gives gradient spikes (equinox#659); bnjax always normalizes by '
-  'the batch statistics and keeps an EMA for inference. Pass mode="batch" '
-  '(or leave it out); for debiased running statistics pass debias=True'
+  '{fn}: mode="{mode}" normalizes training batches by a running average '
+  '(equinox\'s default "legacy" is its "ema"), which gives gradient '
+  'spikes (equinox#659); bnjax always normalizes by the batch statistics '
+  'and keeps an EMA for inference. Pass mode="batch" (or leave it out); '
+  'for the debiased running statistics of equinox\'s mode="batch" pass '
+  'debias=True'
 )
+
+
+_NO_BATCH = (
+  '{fn}: training with axis_name=None and batch_axis=None has no batch: x is '
+  'one example, and its statistics would be its own. Pass axis_name and '
+  'call the layer inside jax.vmap(..., axis_name=...) over the batch (as '
+  'eqx.nn.BatchNorm, which requires axis_name), or build it with '
+  'batch_axis=0 and pass the whole batch'
+)
+
+
+_NOT_STATE = (
+  '{fn}: state must be an eqx.nn.State (from eqx.nn.make_with_state), got {got}'
+)
+
+
+def _check_eps(fn, eps):
+  _checks.check_scalar(fn, 'eps', eps)
+  e = _checks.concrete(eps)
+  tiny = float(jnp.finfo(jnp.float32).tiny)
+  if e is not None and not tiny <= e < float('inf'):
+    raise ValueError(
+      f'{fn}: eps={e} must be finite and >= {tiny:.3g} (the smallest normal '
+      'float32) to keep rsqrt(var + eps) finite; pass e.g. eps=1e-5'
+    )
+
+
+def _param_dtype(fn, dtype):
+  try:
+    dt = jnp.dtype(jnp.float32 if dtype is None else dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(
+      f'{fn}: dtype must be a floating dtype (of weight and bias), got '
+      f'{dtype!r}; pass e.g. dtype=jnp.float32'
+    )
+  return dt
 
 
 class _Base(eqx.nn.StatefulLayer):
@@ -94,7 +138,12 @@ class _Base(eqx.nn.StatefulLayer):
         f'{fn}: batch_axis must be None (per-example calls inside '
         f'jax.vmap) or an int (the batch axis of x), got {batch_axis!r}'
       )
-    dtype = jnp.float32 if dtype is None else dtype
+    _checks.check_flag(fn, 'inference', fields['inference'])
+    _checks.check_flag(fn, 'channelwise_affine', fields['channelwise_affine'])
+    _check_eps(fn, fields['eps'])
+    _checks.check_hyper(fn, fields['momentum'], fields['eps'])
+    _moments.check_mode(fn, fields['sync'])
+    dtype = _param_dtype(fn, dtype)
     if fields['channelwise_affine']:
       self.weight = jnp.ones((input_size,), dtype)
       self.bias = jnp.zeros((input_size,), dtype)
@@ -114,15 +163,23 @@ class _Base(eqx.nn.StatefulLayer):
         'jit the model with eqx.filter_jit (which keeps Python bools '
         'static), not jax.jit, or pass inference= at the call'
       )
-    _checks.check_use_running_average(fn, inference)
-    x = jnp.asarray(x)
+    _checks.check_flag(fn, 'inference', inference)
+    if not inference and self.axis_name is None and self.batch_axis is None:
+      raise ValueError(_NO_BATCH.format(fn=fn))
+    if not isinstance(state, eqx.nn.State):
+      raise TypeError(_NOT_STATE.format(fn=fn, got=type(state).__name__))
+    lay_x = _checks.check_floating(fn, x, complex_ok=False)
     # The channel axis: first of an example, or right after the batch axis.
     if self.batch_axis is None:
       axis = 0
+    elif not -lay_x.ndim <= self.batch_axis < lay_x.ndim:
+      raise ValueError(
+        f'{fn}: batch_axis={self.batch_axis} is out of range for x of shape '
+        f'{tuple(lay_x.shape)}; x is (batch, channels, *spatial): pass '
+        'batch_axis=0'
+      )
     else:
-      b = self.batch_axis % max(x.ndim, 1)
-      axis = 1 if b == 0 else 0
-    lay_x = _checks.check_floating(fn, x, complex_ok=False)
+      axis = 1 if self.batch_axis % lay_x.ndim == 0 else 0
     lay = _checks.layout(fn, lay_x, axis)
     if lay.feature_shape != (self.input_size,):
       raise ValueError(
@@ -172,6 +229,14 @@ class BatchNorm(_Base):
   average, ``new = momentum * old + (1 - momentum) * batch`` (Equinox's and
   Flax's convention; PyTorch's momentum ``p`` is ``1 - p``).
 
+  Replacing ``eqx.nn.BatchNorm(..., mode="batch")``: pass ``debias=True``,
+  which keeps the same zero-debiased running mean (and variance, less
+  equinox's start error ``m**t / (1 - m**t)``). The default keeps Flax's
+  EMA from mean 0 and variance 1, which after t steps still weighs that
+  start by ``m**t``. ``mode="ema"`` and equinox's default ``"legacy"``
+  raise (see the module docstring). Training needs a batch: ``axis_name``
+  inside ``jax.vmap``, or ``batch_axis``; with neither the call raises.
+
   Args:
     input_size: the number of channels.
     axis_name: the ``vmap``/``pmap``/``shard_map`` axis name (or names) the
@@ -183,10 +248,12 @@ class BatchNorm(_Base):
     inference: use the running statistics; ``eqx.nn.inference_mode`` sets
       it and the call may override it.
     dtype: dtype of ``weight`` and ``bias`` (statistics are float32).
-    mode: ``"batch"`` only (see the module docstring for ``"ema"``).
+    mode: ``"batch"`` only (see the module docstring for ``"ema"`` and
+      ``"legacy"``).
     batch_axis: None (per-example calls inside ``jax.vmap``) or the batch
       axis of x (then x is ``(batch, channels, *spatial)``).
-    debias: keep a zero-debiased EMA (:class:`bnjax.DebiasedStats`).
+    debias: keep a zero-debiased EMA (:class:`bnjax.DebiasedStats`), as
+      ``eqx.nn.BatchNorm(mode="batch")`` does: the faithful replacement.
     sync: ``'auto'``, ``'gather'`` or ``'psum'`` (see :func:`bnjax.batch_norm`).
 
   Attributes:
@@ -222,9 +289,9 @@ class BatchNorm(_Base):
     sync: str = 'auto',
   ):
     fn = 'bnjax.equinox.BatchNorm'
-    if mode == 'ema':
-      raise ValueError(_EMA_MODE.format(fn=fn))
-    if mode not in ('batch', 'legacy'):
+    if mode in ('ema', 'legacy'):
+      raise ValueError(_EMA_MODE.format(fn=fn, mode=mode))
+    if mode != 'batch':
       raise ValueError(f'{fn}: mode must be "batch", got {mode!r}')
     _checks.check_flag(fn, 'debias', debias)
     init = init_debiased_stats if debias else init_batch_stats
@@ -381,13 +448,17 @@ def from_torch(
   """Loads PyTorch BatchNorm layers into an Equinox model and its State.
 
   ``weight``/``bias`` become the layer's ``weight``/``bias`` (by
-  ``eqx.tree_at``) and ``running_mean``/``running_var`` its
-  :class:`bnjax.BatchStats` in the state, copied as they are (torch's
+  ``eqx.tree_at``) and ``running_mean``/``running_var`` the statistics its
+  inference uses, in the layer's state type: a :class:`bnjax.BatchStats`
+  as they are, a :class:`bnjax.DebiasedStats` with weight 1, a
+  :class:`BatchRenorm`'s ``std = sqrt(running_var + eps)`` (torch's
   running variance averages the unbiased batch variance: see
-  :mod:`bnjax.interop`). Torch's momentum ``p`` is ``1 - p`` here.
+  :mod:`bnjax.interop`). Torch's momentum ``p`` is ``1 - p`` here. The
+  values go through the check :func:`bnjax.interop.from_torch` uses.
 
   Args:
-    model: an Equinox model holding :class:`BatchNorm` layers.
+    model: an Equinox model holding :class:`BatchNorm` or
+      :class:`BatchRenorm` layers.
     state: its ``eqx.nn.State``.
     state_dict: a torch state dict (any source
       :func:`bnjax.interop.load_state_dict` reads).
@@ -396,6 +467,12 @@ def from_torch(
 
   Returns:
     ``(model, state)``, new.
+
+  Raises:
+    TypeError: ``layers`` is not a mapping of functions picking a layer.
+    ValueError: a key is missing, or a value is invalid (a size other than
+      ``input_size``, non-finite, a negative variance), each named; nothing
+      is loaded.
 
   Example:
     >>> import numpy as np, equinox as eqx, bnjax.equinox
@@ -408,40 +485,81 @@ def from_torch(
     Array([3., 4.], dtype=float32)
   """
   fn = 'bnjax.equinox.from_torch'
+  picked = _pick(fn, model, state, layers)
   sd = load_state_dict(state_dict)
+  loaded, problems = {}, []
+  for prefix, layer in picked.items():
+    names = _TORCH if layer.weight is not None else _TORCH[2:]
+    vectors = {k: _torch_vector(fn, sd, f'{prefix}.{k}') for k in names}
+    problems += _values.layer_problems(
+      {f'{prefix}.{k}': v for k, v in vectors.items()},
+      variances=(f'{prefix}.running_var',),
+      size=layer.input_size,
+    )
+    loaded[prefix] = vectors
+  _values.report(fn, problems, 'state_dict')
   for prefix, where in layers.items():
-    model, state = _load_layer(fn, model, state, sd, prefix, where)
+    layer, v = picked[prefix], loaded[prefix]
+    if layer.weight is not None:
+      dtype = layer.weight.dtype
+      model = eqx.tree_at(
+        functools.partial(_affine, where),
+        model,
+        (jnp.asarray(v['weight'], dtype), jnp.asarray(v['bias'], dtype)),
+      )
+    state = state.set(layer.state_index, _from_population(layer, state, v))
   return model, state
 
 
-def _load_layer(fn, model, state, sd, prefix, where):
-  layer = where(model)
-  if not isinstance(layer, BatchNorm):
-    raise TypeError(
-      f'{fn}: layers[{prefix!r}] picks a {type(layer).__name__}, not a '
-      'bnjax.equinox.BatchNorm'
-    )
+_TORCH = ('weight', 'bias', 'running_mean', 'running_var')
 
-  def get(key):
-    return _torch_vector(fn, sd, prefix, key, layer.input_size)
 
-  if layer.weight is not None:
-    model = eqx.tree_at(
-      lambda m: (where(m).weight, where(m).bias),
-      model,
-      (
-        get('weight').astype(layer.weight.dtype),
-        get('bias').astype(layer.bias.dtype),
-      ),
-    )
-  if not isinstance(state.get(layer.state_index), BatchStats):
+def _affine(where, model):
+  return where(model).weight, where(model).bias
+
+
+def _pick(fn, model, state, layers) -> dict[str, _Base]:
+  """``{prefix: layer}``, each a bnjax.equinox layer."""
+  if not isinstance(state, eqx.nn.State):
+    raise TypeError(_NOT_STATE.format(fn=fn, got=type(state).__name__))
+  if not isinstance(layers, Mapping):
     raise TypeError(
-      f'{fn}: layers[{prefix!r}] keeps {type(state.get(layer.state_index)).__name__}'
-      '; torch running statistics load into a BatchNorm built with '
-      'debias=False'
+      f'{fn}: layers must map torch prefixes to functions picking the layer, '
+      f"e.g. {{'bn1': lambda m: m.bn1}}, got {type(layers).__name__}"
     )
-  stats = BatchStats(get('running_mean'), get('running_var'))
-  return model, state.set(layer.state_index, stats)
+  picked = {}
+  for prefix, where in layers.items():
+    layer = where(model) if callable(where) else where
+    if not callable(where) or not isinstance(layer, _Base):
+      raise TypeError(
+        f'{fn}: layers[{prefix!r}] must be a function of the model that '
+        'picks a bnjax.equinox.BatchNorm or BatchRenorm, e.g. lambda m: '
+        f'm.bn1; it gives a {type(layer).__name__}'
+      )
+    picked[prefix] = layer
+  return picked
+
+
+def _from_population(layer, state, v):
+  """The layer's state type holding torch's population (mean, var)."""
+  mean = jnp.asarray(v['running_mean'])
+  var = jnp.asarray(v['running_var'])
+  old = state.get(layer.state_index)
+  if isinstance(old, RenormStats):
+    return RenormStats(mean, jnp.sqrt(var + jnp.float32(layer.eps)))
+  if isinstance(old, DebiasedStats):
+    return DebiasedStats(mean, var, jnp.ones_like(var))
+  return BatchStats(mean, var)
+
+
+def _population(layer, stats) -> tuple[np.ndarray, np.ndarray]:
+  """The (mean, var) that inference normalizes with, as torch stores them:
+  a debiased EMA debiased, a renorm std as ``std**2 - eps``."""
+  if isinstance(stats, RenormStats):
+    std = np.asarray(stats.std, np.float64)
+    return np.asarray(stats.mean), std * std - layer.eps
+  pop = population_stats(stats)
+  return np.asarray(pop.mean), np.asarray(pop.var)
 
 
 def to_torch(
@@ -450,10 +568,15 @@ def to_torch(
   """The PyTorch state dict entries of an Equinox model's BatchNorm layers.
 
   The inverse of :func:`from_torch` (``num_batches_tracked`` is 0: bnjax
-  does not count batches).
+  does not count batches): ``running_mean``/``running_var`` are the
+  statistics inference uses (:func:`bnjax.population_stats`; a
+  :class:`BatchRenorm`'s ``std**2 - eps``), which torch's eval
+  ``(x - running_mean) / sqrt(running_var + eps)`` reproduces. Non-finite
+  values and negative variances are refused, each named.
 
   Args:
-    model: an Equinox model holding :class:`BatchNorm` layers.
+    model: an Equinox model holding :class:`BatchNorm` or
+      :class:`BatchRenorm` layers.
     state: its ``eqx.nn.State``.
     layers: ``{torch prefix: where}``, as :func:`from_torch`'s.
 
@@ -467,29 +590,29 @@ def to_torch(
     >>> sorted(bnjax.equinox.to_torch(bn, state, {'bn': lambda m: m}))
     ['bn.bias', 'bn.num_batches_tracked', 'bn.running_mean', 'bn.running_var', 'bn.weight']
   """
-  out = {}
-  for prefix, where in layers.items():
-    layer = where(model)
-    stats = state.get(layer.state_index)
-    out[f'{prefix}.running_mean'] = np.asarray(stats[0], np.float32)
-    out[f'{prefix}.running_var'] = np.asarray(stats[1], np.float32)
+  fn = 'bnjax.equinox.to_torch'
+  out, problems = {}, []
+  for prefix, layer in _pick(fn, model, state, layers).items():
+    mean, var = _population(layer, state.get(layer.state_index))
+    vectors: dict[str, Any] = {'running_mean': mean, 'running_var': var}
     if layer.weight is not None:
-      out[f'{prefix}.weight'] = np.asarray(layer.weight, np.float32)
-      out[f'{prefix}.bias'] = np.asarray(layer.bias, np.float32)
+      vectors.update(weight=layer.weight, bias=layer.bias)
+    vectors = {
+      f'{prefix}.{k}': np.array(v, np.float32) for k, v in vectors.items()
+    }
+    problems += _values.layer_problems(
+      vectors, variances=(f'{prefix}.running_var',), size=layer.input_size
+    )
+    out.update(vectors)
     out[f'{prefix}.num_batches_tracked'] = np.asarray(0, np.int64)
+  _values.report(fn, problems, 'model and state')
   return out
 
 
-def _torch_vector(fn, sd, prefix, key, size):
-  name = f'{prefix}.{key}'
+def _torch_vector(fn, sd, name):
   if name not in sd:
     raise ValueError(
-      f'{fn}: the state dict has no {name!r}; its BatchNorm prefixes are '
+      f'{fn}: state_dict has no {name!r}; its BatchNorm prefixes are '
       f'{sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith("running_mean")})}'
     )
-  v = np.asarray(sd[name], np.float32).reshape(-1)
-  if v.shape != (size,):
-    raise ValueError(
-      f'{fn}: {name} has shape {v.shape}, but the layer has input_size={size}'
-    )
-  return jnp.asarray(v)
+  return np.asarray(sd[name], np.float32).reshape(-1)

@@ -49,6 +49,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax import _values
 from bnjax._haiku import from_haiku, to_haiku
 from bnjax._state_dict import load_state_dict
 from bnjax._torch_layout import (
@@ -86,9 +87,10 @@ TORCH_KEYS = (
 _PARAMS = {'weight': 'scale', 'bias': 'bias'}
 _STATS = {'running_mean': 'mean', 'running_var': 'var'}
 
+_FROM, _TO = 'bnjax.interop.from_torch', 'bnjax.interop.to_torch'
 _NO_LAYERS = (
-  'from_torch: found no BatchNorm layer (a "running_mean" key) '
-  'in the state dict; pass the state dict of a model with '
+  f'{_FROM}: found no BatchNorm layer (a "running_mean" key) '
+  'in state_dict; pass the state dict of a model with '
   'BatchNorm layers, or name them in `layers`'
 )
 
@@ -170,7 +172,7 @@ def from_torch(
     >>> list(v['params']['layer1_0']['bn1'])
     ['scale', 'bias']
   """
-  dtype = _float_dtype('from_torch', dtype)
+  dtype = _float_dtype(_FROM, dtype)
   sd = load_state_dict(state_dict)
   if layers is None:
     layers = {p: p for p in bn_prefixes(sd)}
@@ -178,7 +180,7 @@ def from_torch(
       raise ValueError(_NO_LAYERS)
   if not isinstance(layers, Mapping):
     raise TypeError(
-      f'from_torch: layers must map torch prefixes to Flax paths, got '
+      f'{_FROM}: layers must map torch prefixes to Flax paths, got '
       f'{type(layers).__name__} {layers!r}; pass e.g. '
       f'{{{next(iter(bn_prefixes(sd)), "bn1")!r}: "BatchNorm_0"}}, or None '
       'for every BatchNorm layer'
@@ -186,14 +188,14 @@ def from_torch(
   missing = [p for p in layers if _layer_keys(p)['running_mean'] not in sd]
   if missing:
     raise KeyError(
-      f'from_torch: no BatchNorm state for the prefixes {missing} in '
+      f'{_FROM}: no BatchNorm state for the prefixes {missing} in '
       f'layers (no <prefix>.running_mean key); BatchNorm prefixes found: '
       f'{bn_prefixes(sd)}'
     )
   problems: list[str] = []
   targets: dict[tuple[str | int, ...], str] = {}
   for prefix, path in layers.items():
-    tree = _split(path, prefix, 'from_torch')
+    tree = _split(path, prefix, _FROM)
     if tree in targets:
       problems.append(
         f'{targets[tree]!r} and {prefix!r} both map to the Flax path '
@@ -202,13 +204,10 @@ def from_torch(
     targets[tree] = prefix
     problems += _layer_problems(sd, prefix)
   if problems:
-    raise ValueError(
-      'from_torch: invalid BatchNorm state; nothing was converted:\n  '
-      + '\n  '.join(problems)
-    )
+    _values.report(_FROM, problems, 'state_dict')
   out: dict[str, dict] = {'params': {}, 'batch_stats': {}}
   for prefix, path in layers.items():
-    keys, tree = _layer_keys(prefix), _split(path, prefix, 'from_torch')
+    keys, tree = _layer_keys(prefix), _split(path, prefix, _FROM)
     for names, coll in ((_STATS, 'batch_stats'), (_PARAMS, 'params')):
       for torch_name, flax_name in names.items():
         if keys[torch_name] in sd:
@@ -242,16 +241,24 @@ def batches_tracked(state_dict: Any) -> dict[str, int]:
   """
   sd = load_state_dict(state_dict)
   keys = {p: _layer_keys(p)['num_batches_tracked'] for p in bn_prefixes(sd)}
-  return {p: int(sd[k]) for p, k in keys.items() if k in sd}
+  out = {}
+  for p, k in keys.items():
+    if k in sd:
+      n = sd[k]
+      if n.size != 1 or n.dtype.kind not in 'iu' or n.reshape(()) < 0:
+        raise ValueError(
+          f'bnjax.interop.batches_tracked: the state_dict entry {k!r} must '
+          f'be one int >= 0 (a count of batches), got {n!r}'
+        )
+      out[p] = int(n.reshape(()))
+  return out
 
 
 def _layer_problems(sd: Mapping[str, np.ndarray], prefix: str) -> list[str]:
-  """What is wrong with one torch BatchNorm layer's state (empty if valid)."""
+  """What is wrong with one torch BatchNorm layer's state (empty if valid):
+  the torch-specific keys here, the values by the one value check."""
   keys = _layer_keys(prefix)
   problems = []
-  for n in ('weight', 'bias', 'running_var'):
-    if keys[n] in sd and np.iscomplexobj(sd[keys[n]]):
-      problems.append(f'{keys[n]!r} is complex; only a mean may be complex')
   present = [n for n in ('weight', 'bias') if keys[n] in sd]
   if len(present) == 1:
     absent = keys['bias' if present == ['weight'] else 'weight']
@@ -266,23 +273,11 @@ def _layer_problems(sd: Mapping[str, np.ndarray], prefix: str) -> list[str]:
     for n in ('weight', 'bias', 'running_mean', 'running_var')
     if keys[n] in sd
   }
-  shapes = {k: tuple(np.shape(v)) for k, v in vectors.items()}
-  if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) > 1:
-    return problems + [
-      f'layer {prefix!r} needs 1-D vectors of one length (the channels), '
-      f'got shapes {shapes}'
-    ]
-  for k, v in vectors.items():
-    v = np.asarray(v)
-    if not np.all(np.isfinite(v)):
-      bad = np.flatnonzero(~np.isfinite(v))[:5].tolist()
-      problems.append(f'{k!r} has non-finite values at channels {bad}')
-    elif k == keys['running_var'] and not np.iscomplexobj(v) and np.any(v < 0):
-      bad = np.flatnonzero(v < 0)[:5].tolist()
-      problems.append(
-        f'{k!r} is negative at channels {bad}; a variance must be >= 0'
-      )
-  return problems
+  return problems + _values.layer_problems(
+    vectors,
+    variances=(keys['running_var'],),
+    complex_ok=(keys['running_mean'],),
+  )
 
 
 def to_torch(
@@ -330,19 +325,34 @@ def to_torch(
   """
   if not isinstance(layers, Mapping):
     raise TypeError(
-      f'to_torch: layers must map torch prefixes to Flax paths, got '
+      f'{_TO}: layers must map torch prefixes to Flax paths, got '
       f'{type(layers).__name__} {layers!r}'
+    )
+  if not isinstance(variables, Mapping):
+    raise TypeError(
+      f'{_TO}: variables must be a mapping {{"params": ..., "batch_stats": '
+      f'...}} of a Flax model, got {type(variables).__name__}'
     )
   counts: Mapping[str, int] = (
     num_batches_tracked
     if isinstance(num_batches_tracked, Mapping)
-    else dict.fromkeys(layers, int(num_batches_tracked))
+    else dict.fromkeys(layers, num_batches_tracked)
   )
+  for prefix, n in counts.items():
+    if (
+      isinstance(n, (bool, np.bool_))
+      or not isinstance(n, (int, np.integer))
+      or n < 0
+    ):
+      raise TypeError(
+        f'{_TO}: num_batches_tracked must be an int >= 0 (or a mapping '
+        f'of them by prefix), got {n!r} for {prefix!r}'
+      )
   out: dict[str, np.ndarray] = {}
   problems: list[str] = []
   for prefix, path in layers.items():
     keys = _layer_keys(prefix)
-    tree = _split(path, prefix, 'to_torch')
+    tree = _split(path, prefix, _TO)
     stats = _get(variables.get('batch_stats', {}), tree, 'batch_stats')
     for torch_name, flax_name in _STATS.items():
       v = np.asarray(stats[flax_name])
@@ -358,11 +368,7 @@ def to_torch(
         out[keys[torch_name]] = _owned(params[flax_name])
     out[keys['num_batches_tracked']] = np.array(counts.get(prefix, 0), np.int64)
     problems += _layer_problems(out, prefix)
-  if problems:
-    raise ValueError(
-      'to_torch: the variables are not valid torch BatchNorm state; nothing '
-      'was converted:\n  ' + '\n  '.join(problems)
-    )
+  _values.report(_TO, problems, 'variables')
   return out
 
 
@@ -417,11 +423,11 @@ def _split(path, prefix: str, fn: str) -> tuple[str | int, ...]:
     raise TypeError(
       f'{fn}: the Flax path of {prefix!r} must be a string '
       f'("layer1/0/bn1"), an int or a tuple of strings and ints, got '
-      f'{type(path).__name__} {path!r}'
+      f'{type(path).__name__} {path!r} in layers'
     )
   if not parts:
     raise ValueError(
-      f'{fn}: empty Flax module path {path!r} for {prefix!r}; name '
+      f'{fn}: empty Flax module path {path!r} for {prefix!r} in layers; name '
       'the module, e.g. "BatchNorm_0"'
     )
   return parts
@@ -446,7 +452,8 @@ def _get(root, tree: Sequence[str | int], collection: str | None):
         return None
       where = '/'.join(map(str, tree[:depth])) or 'the top level'
       raise KeyError(
-        f'to_torch: no {"/".join(map(str, tree))!r} in the {collection} '
+        f'{_TO}: no {"/".join(map(str, tree))!r} (a path in layers) in the '
+        f'{collection} '
         f'collection: at {where} there is no {p!r}, only {keys}'
       )
     node = node[match[0]]

@@ -8,6 +8,7 @@ collection plumbing lives here, in one base shared by :class:`BatchNorm` and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -59,14 +60,15 @@ class _Base(nn.Module):
 def _normalize(module, x, use_running_average, mask, **core_kwargs):
   """Creates the variables, runs the core, writes the new statistics."""
   fn = f'bnjax.linen.{type(module).__name__}'
-  use_running_average = nn.merge_param(
-    'use_running_average', module.use_running_average, use_running_average
-  )
+  given = (module.use_running_average, use_running_average)
+  if (given[0] is None) == (given[1] is None):
+    raise ValueError(_ONE_FLAG.format(fn=fn, given=given))
+  use_running_average = given[0] if given[1] is None else given[1]
   _checks.check_use_running_average(fn, use_running_average)
   complex_ok = module._STATE is BatchStats
   x = _checks.check_floating(fn, x, complex_ok=complex_ok)
   lay = _checks.layout(fn, x, module.axis)
-  _check_param_dtype(fn, module.param_dtype)
+  _check_fields(fn, module, x, lay)
   variables = _variables(module, x, lay.feature_shape)
   scale = bias = None
   if module.use_scale:
@@ -199,7 +201,17 @@ def apply_pooled(
     >>> stats['mean'], stats['var']         # one step to mean 4, var 5
     (Array([0.4], dtype=float32), Array([1.4], dtype=float32))
   """
-  _checks.check_when('bnjax.linen.apply_pooled', when)
+  fn = 'bnjax.linen.apply_pooled'
+  for name, tree in (
+    ('batch_stats', batch_stats),
+    ('batch_moments', batch_moments),
+  ):
+    if not isinstance(tree, Mapping):
+      raise TypeError(
+        f"{fn}: {name} must be a mapping (the model's {name} collection), "
+        f'got {type(tree).__name__}'
+      )
+  _checks.check_when(fn, when)
   return _apply_pooled_tree(batch_stats, batch_moments, when, ())
 
 
@@ -256,6 +268,46 @@ def _stored_dtype(module, old, new, x):
   if module.force_float32_reductions:
     red = jnp.promote_types(red, jnp.float32)
   return jnp.promote_types(_running.stored_dtype(old, new), red)
+
+
+_ONE_FLAG = (
+  '{fn}: pass use_running_average to the constructor or to the call, '
+  'exactly one of them (as flax), got {given[0]!r} and {given[1]!r}'
+)
+
+
+def _check_fields(fn, module, x, lay):
+  """The fields the core does not see, and x against existing variables."""
+  _check_param_dtype(fn, module.param_dtype)
+  for name in ('use_bias', 'use_scale', 'force_float32_reductions'):
+    _checks.check_flag(fn, name, getattr(module, name))
+  for name in ('bias_init', 'scale_init'):
+    if getattr(module, f'use_{name[:-5]}') and not callable(
+      getattr(module, name)
+    ):
+      raise TypeError(
+        f'{fn}: {name} must be an initializer, a function (key, shape, '
+        f'dtype) -> array, got {getattr(module, name)!r}; pass e.g. '
+        'flax.linen.initializers.zeros'
+      )
+  if module.dtype is not None:
+    _checks.out_dtype(fn, x, module.dtype)
+  mean_name = module._STATE._fields[0]
+  if module.has_variable('batch_stats', mean_name):
+    shape = tuple(module.get_variable('batch_stats', mean_name).shape)
+    if shape != lay.feature_shape:
+      axis = _checks.other_axis(lay, shape)
+      raise ValueError(
+        f'{fn}: x of shape {lay.shape} has features of shape '
+        f"{lay.feature_shape} on axis {module.axis}, but the module's "
+        f'batch_stats hold {shape}; '
+        + (
+          f'axis {axis} of x has size {shape[0]}: if the features are there '
+          f'(channels-first data such as NCHW), build it with axis={axis}'
+          if axis is not None
+          else f'pass x with features of shape {shape}'
+        )
+      )
 
 
 def _check_param_dtype(fn, param_dtype):

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from bnjax import _checks, _convert, _core, _renorm
+from bnjax import _checks, _convert, _core, _moments, _renorm
 from bnjax._types import BatchStats, PooledStats, RenormStats
 
 __all__ = ['BatchNorm', 'BatchRenorm', 'PooledMoment', 'convert']
@@ -103,6 +103,7 @@ class _Base(nnx.Module):
   ):
     fn = f'bnjax.nnx.{type(self).__name__}'
     _check_num_features(fn, num_features)
+    _check_args(fn, locals())
     shape = (int(num_features),)
     mean_name, spread_name = self._STATE._fields
     setattr(self, mean_name, nnx.BatchStat(jnp.zeros(shape, jnp.float32)))
@@ -144,6 +145,8 @@ class _Base(nnx.Module):
         'constructor or the call, or use model.train() / model.eval()'
       )
     _checks.check_use_running_average(fn, use_running_average)
+    if not hasattr(x, 'dtype'):  # before flax's promotion, which says less
+      x = _checks.check_floating(fn, x, complex_ok=self._STATE is BatchStats)
     names = self._STATE._fields
     stats = [getattr(self, n)[...] for n in names]
     scale = self.scale[...] if self.scale is not None else None
@@ -154,13 +157,7 @@ class _Base(nnx.Module):
     x = _checks.check_floating(fn, x, complex_ok=self._STATE is BatchStats)
     lay = _checks.layout(fn, x, self.axis)
     if lay.feature_shape != (self.num_features,):
-      raise ValueError(
-        f'{fn}: x of shape {tuple(x.shape)} has features of shape '
-        f'{lay.feature_shape} on axis {self.axis}, but the module was built '
-        f'with num_features={self.num_features}; build it with '
-        f'num_features={lay.feature_shape[0] if len(lay.feature_shape) == 1 else lay.feature_shape}'
-        ' (or pass the axis that holds the features)'
-      )
+      raise ValueError(_features_msg(fn, x, lay, self.axis, self.num_features))
     # The stored statistics keep their own dtype (the promotion above may
     # have cast them to a half dtype).
     if not use_running_average and hasattr(self, POOL[0]):
@@ -209,6 +206,70 @@ class _Base(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+def _features_msg(fn, x, lay, axis, num_features) -> str:
+  """x's features differ from num_features: the likely fix, the axis of x
+  that has num_features (NCHW data) or the num_features x has."""
+  found = lay.feature_shape
+  msg = (
+    f'{fn}: x of shape {tuple(x.shape)} has features of shape {found} on '
+    f'axis {axis}, but the module was built with num_features={num_features}; '
+  )
+  other = _checks.other_axis(lay, (num_features,))
+  n = found[0] if len(found) == 1 else found
+  if other is not None:
+    nchw = ' (channels-first data such as NCHW)' if other == 1 else ''
+    return msg + (
+      f'axis {other} of x has size {num_features}: if the features are '
+      f'there{nchw}, build it with axis={other}; otherwise build it with '
+      f'num_features={n}'
+    )
+  return msg + f'build it with num_features={n} (or the axis of the features)'
+
+
+def _check_args(fn, a):
+  """The constructor's arguments the call does not check (or checks only
+  once a batch comes), so a bad one fails where it is written."""
+  for name in ('use_bias', 'use_scale', 'use_fast_variance'):
+    _checks.check_flag(fn, name, a[name])
+  if a['use_running_average'] is not None:
+    _checks.check_flag(fn, 'use_running_average', a['use_running_average'])
+  _checks.check_hyper(fn, a['momentum'], a['epsilon'])
+  _moments.check_mode(fn, a['sync'])
+  if a['axis_name'] is not None:
+    _moments.check_axis_name(fn, a['axis_name'])
+  for name in ('dtype', 'param_dtype'):
+    if a[name] is not None and not _inexact(a[name]):
+      raise TypeError(
+        f'{fn}: {name} must be a floating dtype, got {a[name]!r}; pass e.g. '
+        f'{name}=jnp.float32'
+      )
+  need = [n for n in ('bias', 'scale') if a[f'use_{n}']]
+  wrong = [
+    (f'{n}_init', 'an initializer (key, shape, dtype) -> array')
+    for n in need
+    if not callable(a[f'{n}_init'])
+  ] + [
+    (f'{n}_metadata', 'a mapping of Param metadata')
+    for n in need
+    if not isinstance(a[f'{n}_metadata'], Mapping)
+  ]
+  if not callable(a['promote_dtype']):
+    wrong.append(
+      ('promote_dtype', 'a function, as flax.nnx.nn.dtypes.promote_dtype')
+    )
+  if need and not isinstance(a['rngs'], nnx.Rngs):
+    wrong.append(('rngs', 'an nnx.Rngs, e.g. rngs=nnx.Rngs(0)'))
+  for name, what in wrong:
+    raise TypeError(f'{fn}: {name} must be {what}, got {a[name]!r}')
+
+
+def _inexact(dtype) -> bool:
+  try:
+    return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.inexact))
+  except TypeError:
+    return False
 
 
 def _check_num_features(fn, num_features):

@@ -183,6 +183,37 @@ MUTANTS = {
     '_nnx.BatchNorm',
     ['tests/modules/test_training_rigour.py'],
   ),
+  # Issue 44, part B.
+  'equinox trains on one example with no batch': (
+    'bnjax/equinox.py',
+    'if not inference and self.axis_name is None and self.batch_axis is None:',
+    'if False:',
+    ['tests/modules/test_equinox_swap.py'],
+  ),
+  'equinox to_torch exports the hidden EMA': (
+    'bnjax/equinox.py',
+    'pop = population_stats(stats)',
+    'pop = stats',
+    ['tests/modules/test_equinox_swap.py'],
+  ),
+  'converters take non-finite values': (
+    'bnjax/_values.py',
+    "problems.append(f'{k!r} has non-finite values at channels {_at(bad)}')",
+    'pass',
+    ['tests/modules/test_equinox_swap.py', 'tests/interop/test_haiku.py'],
+  ),
+  'to_haiku ignores the DebiasedStats': (
+    'bnjax/_haiku.py',
+    "if 'stats' not in layer:\n    return {",
+    'if True:\n    return {',
+    ['tests/interop/test_haiku.py'],
+  ),
+  'nnx NCHW error names num_features': (
+    'bnjax/nnx.py',
+    'other = _checks.other_axis(lay, (num_features,))',
+    'other = None',
+    ['tests/modules/test_modules.py'],
+  ),
 }
 
 

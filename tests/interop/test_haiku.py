@@ -135,3 +135,79 @@ def test_errors_name_the_fix():
     )
   with pytest.raises(ValueError, match=r'decay_rate=1.5 must be in \[0, 1\)'):
     interop.from_haiku(params, state, decay_rate=1.5)
+
+
+def test_round_trip_with_stats_continues_haiku_training_as_the_original():
+  # Issue 44, item 14: to_haiku ignored the 'stats' from_haiku returns and
+  # wrote counter=2**30 with hidden = average, so haiku training continued
+  # from a round trip drifted from the original (0.8% in variance).
+  t, params, state = _haiku()
+  layers = interop.from_haiku(params, state, decay_rate=DECAY)
+  _, template = t.init(jax.random.key(1), _x(0), True)  # counter 0
+  p2, s2 = interop.to_haiku(layers, params, template, decay_rate=DECAY)
+  for ema in ('bn/~/mean_ema', 'bn/~/var_ema'):
+    np.testing.assert_array_equal(s2[ema]['counter'], state[ema]['counter'])
+    np.testing.assert_array_equal(s2[ema]['hidden'], state[ema]['hidden'])
+  s_orig, s_trip = state, s2
+  for i in range(2):  # continue haiku training from both
+    x = _x(20 + i)
+    _, s_orig = t.apply(params, s_orig, None, x, True)
+    _, s_trip = t.apply(p2, s_trip, None, x, True)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-7, atol=0),
+    s_trip,
+    s_orig,
+  )
+
+
+def test_to_haiku_takes_a_debiased_stats_layer_instead_of_a_bare_error():
+  # Issue 44, item 14: to_haiku({'bn': DebiasedStats}) raised "tuple indices
+  # must be integers".
+  t, params, state = _haiku()
+  stats = interop.from_haiku(params, state, decay_rate=DECAY)['bn']['stats']
+  _, s2 = interop.to_haiku({'bn': stats}, params, state, decay_rate=DECAY)
+  np.testing.assert_array_equal(
+    s2['bn/~/var_ema']['counter'], state['bn/~/var_ema']['counter']
+  )
+  np.testing.assert_allclose(
+    s2['bn/~/var_ema']['average'], state['bn/~/var_ema']['average'], rtol=1e-6
+  )
+  with pytest.raises(ValueError, match=r'carries a DebiasedStats.*decay_rate'):
+    interop.to_haiku({'bn': stats}, params, state)
+  with pytest.raises(TypeError, match=r"to_haiku: layers\['bn'\] must be"):
+    interop.to_haiku({'bn': (1, 2)}, params, state)
+
+
+def test_from_haiku_with_swapped_arguments_says_they_are_swapped():
+  # Issue 44, item 14: the message said only "no hk.BatchNorm statistics".
+  t, params, state = _haiku()
+  with pytest.raises(ValueError, match=r'the arguments are swapped'):
+    interop.from_haiku(state, params)
+  with pytest.raises(TypeError, match=r'from_haiku: state must be a mapping'):
+    interop.from_haiku(params, [1])
+
+
+@pytest.mark.parametrize(
+  'ema, value, piece',
+  [
+    ('mean', np.nan, "'bn/~/mean_ema/average' has non-finite values"),
+    ('var', -1.0, "'bn/~/var_ema/average' is negative at channels [1]"),
+  ],
+)
+def test_haiku_conversions_refuse_nan_means_and_negative_variances(
+  ema, value, piece
+):
+  # Issue 44, item 13: from_haiku/to_haiku took and wrote them silently.
+  t, params, state = _haiku()
+  bad = {k: dict(v) for k, v in state.items()}
+  avg = np.array(bad[f'bn/~/{ema}_ema']['average'])
+  avg.reshape(-1)[1] = value
+  bad[f'bn/~/{ema}_ema']['average'] = avg
+  with pytest.raises(ValueError, match='from_haiku: invalid') as e:
+    interop.from_haiku(params, bad)
+  assert piece in str(e.value)
+  layer = dict(interop.from_haiku(params, state)['bn'])
+  layer[ema] = layer[ema].at[1].set(value)
+  with pytest.raises(ValueError, match='to_haiku: invalid') as e:
+    interop.to_haiku({'bn': layer}, params, state)
+  assert f"'bn.{ema}'" in str(e.value)

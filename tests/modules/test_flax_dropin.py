@@ -254,3 +254,26 @@ def test_a_model_built_with_axis_name_evaluates_outside_the_mapping():
     outs.append(m(x))
   for y in outs[1:]:
     np.testing.assert_array_equal(y, outs[0])
+
+
+@pytest.mark.parametrize(
+  'field, value, piece',
+  [
+    ('var', -1.0, "'layers/1.var' is negative at channels [1]"),
+    ('mean', jnp.nan, "'layers/1.mean' has non-finite values at channels [1]"),
+  ],
+)
+def test_convert_refuses_nan_and_negative_flax_statistics_converting_nothing(
+  field, value, piece
+):
+  # Issue 44: every conversion into bnjax goes through the one value check
+  # interop.from_torch uses; nnx.convert copied such statistics silently.
+  model = nnx.Sequential(
+    nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  )
+  var = getattr(model.layers[1], field)
+  var.value = var.value.at[1].set(value)
+  with pytest.raises(ValueError, match='bnjax.nnx.convert: invalid') as e:
+    bnjax.nnx.convert(model)
+  assert piece in str(e.value)
+  assert type(model.layers[1]) is nnx.BatchNorm  # nothing was swapped

@@ -394,3 +394,15 @@ def test_nnx_batch_renorm_refuses_virtual_batch_size_by_name():
     bnjax.nnx.BatchRenorm(3, virtual_batch_size=2, rngs=nnx.Rngs(0))
   bn = bnjax.nnx.BatchNorm(3, virtual_batch_size=2, rngs=nnx.Rngs(0))
   assert bn.virtual_batch_size == 2
+
+
+@pytest.mark.parametrize('cls', [bnjax.nnx.BatchNorm, bnjax.nnx.BatchRenorm])
+def test_nnx_nchw_input_error_names_the_axis_not_num_features(cls):
+  # Issue 44, item 21: BatchNorm(16) on NCHW input said "build it with
+  # num_features=4", the wrong fix; the functional API names axis=1.
+  bn = cls(16, rngs=nnx.Rngs(0), use_running_average=False)
+  with pytest.raises(ValueError, match=r'build it with axis=1') as e:
+    bn(jnp.ones((2, 16, 4, 4)))
+  assert 'axis 1 of x has size 16' in str(e.value)
+  with pytest.raises(ValueError, match=r'build it with num_features=5'):
+    cls(3, rngs=nnx.Rngs(0), use_running_average=False)(jnp.ones((2, 5)))
