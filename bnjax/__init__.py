@@ -17,7 +17,7 @@ from bnjax._types import (
   init_renorm_stats,
 )
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = [
   'BatchStats',

@@ -65,31 +65,55 @@ def main(argv=None):
     report(name, path, summary, time.time() - t, a.quick)
 
 
+def _cell(value) -> str:
+  if isinstance(value, bool):
+    return 'yes' if value else 'no'
+  if isinstance(value, float):
+    return f'{value:.4g}'
+  if value is None:
+    return 'undefined'
+  if isinstance(value, list):
+    return ', '.join(map(_cell, value))
+  return str(value)
+
+
+def summary_rows(summary: dict) -> list[tuple[str, str]]:
+  """(quantity, value) for every summary entry, nested dicts flattened."""
+  rows = []
+  for key, value in summary.items():
+    if isinstance(value, dict):
+      rows += [(f'{key}.{k}', _cell(v)) for k, v in value.items()]
+    else:
+      rows.append((key, _cell(value)))
+  return rows
+
+
 def report(name, path, summary, seconds, quick):
-  """Prints the config, each arm's final accuracy, the time and the files."""
+  """Prints the config, one table of the run's summary (the same for every
+  experiment), the files and, for a quick run, what the full run showed."""
+  from experiments._common import claims
+
   config = json.loads(pathlib.Path(path).read_text())['config']
   kind = 'quick' if quick else 'full'
   print(f'== {name} ({kind} run, {seconds:.0f} s)')
   print('config: ' + ', '.join(f'{k}={v}' for k, v in config.items()))
-  final = {
-    k[len('test_acc_final[') : -1]: v
-    for k, v in summary.items()
-    if k.startswith('test_acc_final[')
-  }
-  if final:
-    width = max(map(len, final))
-    print(f'{"arm":{width}}  final test accuracy (mean ± std over seeds)')
-    for arm, v in final.items():
-      print(f'{arm:{width}}  {v}')
+  rows = summary_rows(summary)
+  width = max(len('quantity'), *(len(k) for k, _ in rows))
+  print(f'{"quantity":{width}}  value (mean ± std over seeds where n is given)')
+  for key, value in rows:
+    print(f'{key:{width}}  {value}')
   png = pathlib.Path(path).with_suffix('.png')
   print(f'files: {path}' + (f', {png}' if png.exists() else ''))
   if quick:
     print(
       'This quick run is a smoke check with fewer steps: its numbers and '
-      'holds_* verdicts differ from the full run, whose results are in '
-      'experiments/README.md.'
+      'holds_* verdicts differ from the full run, which showed '
+      f'(experiments/results/{name}.json, experiments/README.md):'
     )
-  print('summary: ' + json.dumps(summary, indent=1, ensure_ascii=False))
+    full = claims.load(name)['summary']
+    for claim in load(name).CLAIMS:
+      verdict = 'yes' if full[claim.holds] else 'no'
+      print(f'- {claim.text}: {claim.result(full)} (holds? {verdict})')
 
 
 if __name__ == '__main__':

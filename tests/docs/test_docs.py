@@ -6,12 +6,15 @@ import html.parser
 import importlib
 import inspect
 import json
+import os
 import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
+
+from tests.docs import run_guide
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = ROOT / 'docs'
@@ -34,8 +37,7 @@ def public_names():
       yield mod, name, getattr(m, name)
 
 
-def python_blocks(path):
-  return re.findall(r'^```python\n(.*?)^```', path.read_text(), re.S | re.M)
+python_blocks = run_guide.python_blocks
 
 
 def test_every_public_name_is_in_the_api_reference():
@@ -75,27 +77,50 @@ def test_public_modules_export_only_what_they_define_or_reexport_deliberately():
 
 
 HEAVY_GUIDES = {'training_loops', 'sync'}  # about 20 and 10 CPU-seconds
+PAGES = GUIDES + [DOCS / 'index.md']
 
 
-@pytest.mark.parametrize(
-  'guide',
-  [
+def _pages():
+  return [
     pytest.param(p, marks=[pytest.mark.heavy] * (p.stem in HEAVY_GUIDES))
-    for p in GUIDES + [DOCS / 'index.md']
-  ],
-  ids=lambda p: p.stem,
-)
+    for p in PAGES
+  ]
+
+
+@pytest.mark.parametrize('guide', _pages(), ids=lambda p: p.stem)
 def test_guide_code_runs(guide):
   """Each guide's ```python blocks run in order in one namespace, as a
-  reader would paste them (multi-host launches excepted: they need
-  processes; tests/core/test_multihost.py runs that code)."""
-  blocks = python_blocks(guide)
-  assert blocks, f'{guide.name} has no runnable example'
-  namespace = {'__name__': f'docs_{guide.stem}'}
-  for block in blocks:
-    if 'jax.distributed.initialize()' in block:
-      continue
-    exec(compile(block, str(guide), 'exec'), namespace)
+  reader would paste them, here on the suite's 8 CPU devices (sketches that
+  cannot run, a multi-host launch, are fenced as text)."""
+  assert python_blocks(guide), f'{guide.name} has no runnable example'
+  run_guide.run(guide, namespace={'__name__': f'docs_{guide.stem}'})
+
+
+@pytest.mark.parametrize('guide', _pages(), ids=lambda p: p.stem)
+def test_guide_code_runs_on_one_device(guide):
+  """The same on one CPU device, a fresh process without the suite's 8
+  (regression: training_loops built Mesh(jax.devices()[:8]) and failed on
+  one device with a bare AssertionError; sync's BN-groups block raised
+  IndexError)."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['PYTHONPATH'] = str(ROOT)  # the contributing guide imports tests/
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / 'tests/docs/run_guide.py'), str(guide)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'ran on 1 device(s)' in proc.stdout, proc.stdout
+
+
+def test_no_guide_block_is_a_sketch_fenced_as_python():
+  """A block that cannot run is fenced as text (regression: sync.md's
+  multi-host launch was fenced as python and skipped by name)."""
+  for page in PAGES:
+    for block in python_blocks(page):
+      assert 'jax.distributed.initialize' not in block, page.name
 
 
 def test_guides_cover_the_topics_the_site_promises():

@@ -66,3 +66,37 @@ def test_committed_results_are_strict_json():
   assert paths
   for path in paths:
     json.loads(path.read_text(), parse_constant=reject)
+
+
+def test_pre_commit_runs_the_static_checks_ci_runs():
+  """.pre-commit-config.yaml's hooks are .ci/run's ruff check, ruff format
+  --check (over the same paths) and mypy, as local hooks."""
+  ci = (ROOT / '.ci' / 'run').read_text()
+  paths = re.search(r'^lint=\((.*)\)$', ci, re.M).group(1)
+  assert re.search(r'^ruff check "\$\{lint\[@\]\}"$', ci, re.M)
+  assert re.search(r'^ruff format --check "\$\{lint\[@\]\}"$', ci, re.M)
+  assert re.search(r'^mypy$', ci, re.M)
+  hooks = (ROOT / '.pre-commit-config.yaml').read_text()
+  assert 'repo: local' in hooks and 'repo: http' not in hooks
+  entries = re.findall(r'entry: (.*)', hooks)
+  assert entries == [
+    f'ruff check {paths}',
+    f'ruff format --check {paths}',
+    'mypy',
+  ], entries
+
+
+def test_package_metadata_is_complete_for_an_index():
+  """What an index shows: a readme, a license with its file, the Python
+  requirement and a classifier for each supported Python (3.11 to 3.13,
+  each a CI job), and the version from bnjax.__version__."""
+  project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
+  assert project['readme'] == 'README.md'
+  assert project['license'] == 'Apache-2.0'
+  assert project['license-files'] == ['LICENSE']
+  assert project['requires-python'] == '>=3.11'
+  for py in ('3.11', '3.12', '3.13'):
+    assert f'Programming Language :: Python :: {py}' in project['classifiers']
+  assert project['dynamic'] == ['version']
+  docs = project['optional-dependencies']['docs']
+  assert 'bnjax[equinox]' in docs, 'the API reference documents bnjax.equinox'

@@ -36,6 +36,12 @@ def test_all_quick_configs_run(tmp_path):
     text=True,
   )
   assert r.returncode == 0, r.stderr[-3000:]
+  # Every quick run prints the same table, and what the full run showed
+  # (regression: exact_stats printed its summary as raw JSON, and its quick
+  # arms all sit near chance with nothing to say what the full run shows).
+  assert r.stdout.count('\nquantity ') == 9, r.stdout[-3000:]
+  assert r.stdout.count('holds_* verdicts differ from the full run') == 9
+  assert '{' not in r.stdout.split('== exact_stats')[1], r.stdout[-3000:]
   files = sorted(p.name for p in tmp_path.glob('*_quick.json'))
   assert len(files) == 9, files
   for f in files:
