@@ -151,7 +151,7 @@ def sync_table(run: dict) -> str:
     "a shard_map'd train step (forward and backward of one BN layer) by "
     'each path, and the bare collectives.\n',
     '| shape (global) | C | local step ms | gather step ms | psum step ms | '
-    'psum + fallback ms | all-gather µs | psum-gather µs | psum of 2C+9 µs |',
+    'psum far ms | all-gather µs | psum-gather µs | psum of 3C+1 µs |',
     '|---|---|---|---|---|---|---|---|---|',
   ]
   for r in run['rows']:
