@@ -76,6 +76,13 @@ _NO_BATCH = (
 )
 
 
+_NOT_PLACED = (
+  '{fn}: x is sharded over the mesh axes {axes} (a jit over NamedSharding '
+  'inputs), but the eqx.nn.State is not placed on that mesh, and '
+  'State.set refuses statistics whose type gains a mesh; place the state '
+  'on it first, replicated: state = jax.device_put(state, '
+  'NamedSharding(mesh, P()))'
+)
 _NOT_STATE = (
   '{fn}: state must be an eqx.nn.State (from eqx.nn.make_with_state), got {got}'
 )
@@ -216,8 +223,22 @@ class _Base(eqx.nn.StatefulLayer):
       **core_kwargs,
     )
     if not inference:
+      _check_placed(fn, stats, new)
       state = state.set(self.state_index, new)
     return y, state
+
+
+def _mesh_names(v) -> tuple:
+  mesh = getattr(getattr(jax.typeof(v), 'sharding', None), 'mesh', None)
+  return tuple(getattr(mesh, 'axis_names', ()))
+
+
+def _check_placed(fn: str, old, new) -> None:
+  """eqx.nn.State.set refuses a value whose type differs from the old one,
+  sharding included, with a message that prints the two as equal: name the
+  fix where the cause is a state left off the mesh of a sharded batch."""
+  if _mesh_names(new.mean) and not _mesh_names(old.mean):
+    raise ValueError(_NOT_PLACED.format(fn=fn, axes=_mesh_names(new.mean)))
 
 
 class BatchNorm(_Base):

@@ -349,3 +349,20 @@ def test_nnx_with_partitioning_under_nnx_jit(path):
   _check(out, x, g, b, w, stats)
   assert m.scale.value.sharding.spec == P('model'), m.scale.value.sharding
   assert m.mean.value.sharding.spec == P('model'), m.mean.value.sharding
+
+
+def test_equinox_state_off_the_mesh_names_the_fix(path):
+  """eqx.nn.State.set refuses new statistics whose type carries the mesh
+  when the old state's did not, printing both as ``f32[4]``: bnjax says to
+  place the state on the mesh."""
+  x, *_ = _problem(seed=48)
+  mesh = _mesh('Explicit')
+  bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(4, batch_axis=0)
+  xs = jax.device_put(x, NamedSharding(mesh, P('d')))
+  with pytest.raises(ValueError, match=r'place the state on it first'):
+    jax.jit(lambda x, s: bn(x, s))(xs, state)
+  placed = jax.device_put(state, NamedSharding(mesh, P()))
+  y, new = jax.jit(lambda x, s: bn(x, s))(xs, placed)
+  np.testing.assert_allclose(
+    new.get(bn.state_index).mean, 0.01 * np.mean(x, 0), rtol=1e-5
+  )
