@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from bnjax import _moments
 from bnjax._types import Layout
@@ -49,10 +50,13 @@ class Cfg:
   out_dtype: Any
   # (mean, var + eps, *correction_args) -> per-channel (r, d), or None.
   correction: Callable[..., tuple[Array, Array]] | None = None
+  # An invertible activation applied to the output (bnjax._act), or None.
+  act: Any = None
 
 
-def affine(x, mean, rstd, scale, bias, lay: Layout, out_dtype):
-  """``(x - mean) * rstd * scale + bias`` in at least float32."""
+def affine(x, mean, rstd, scale, bias, lay: Layout, out_dtype, act=None):
+  """``act((x - mean) * rstd * scale + bias)`` in at least float32 (no
+  activation where ``act`` is None)."""
   f = _moments.stats_dtype(x.dtype)
   mul = rstd if scale is None else rstd * scale.astype(f)
   # (x - mean) * mul, not x * mul - mean * mul: the latter cancels
@@ -60,6 +64,8 @@ def affine(x, mean, rstd, scale, bias, lay: Layout, out_dtype):
   y = (x.astype(f) - lay.broadcast(mean.astype(f))) * lay.broadcast(mul)
   if bias is not None:
     y = y + lay.broadcast(bias.astype(f))
+  if act is not None:
+    y = act(y)
   return y.astype(out_dtype)
 
 
@@ -94,7 +100,7 @@ def _forward(x, scale, bias, epsilon, mask, fix, fallback, shift, cfg: Cfg):
     folded = (lax.stop_gradient(r), lax.stop_gradient(d))
     scale, bias = fold_affine(scale, bias, folded, mean.dtype)
   x = _safe(x, mask, norm_mean, cfg.lay)
-  y = affine(x, norm_mean, rstd, scale, bias, cfg.lay, cfg.out_dtype)
+  y = affine(x, norm_mean, rstd, scale, bias, cfg.lay, cfg.out_dtype, cfg.act)
   return y, (mean, var, count, lo), norm_mean, rstd, folded
 
 
@@ -145,13 +151,27 @@ def _tangent(
   # and every full-size pass fuses (see the module docstring for the maths).
   lay = cfg.lay
   f = _moments.stats_dtype(x.dtype)
-  b = lay.broadcast
   xhat, xhat_b = _moments.on_platform(
     lambda: _xhat_pair_cpu(x, mean, rstd, lay, f),
     lambda: (_xhat(x, mean, rstd, lay, f),) * 2,
   )
+  return tangent_xhat(
+    cfg, xhat, xhat_b, rstd, count, scale, mask, dx, dscale, dbias, deps
+  )
+
+
+def tangent_xhat(
+  cfg: Cfg, xhat, xhat_b, rstd, count, scale, mask, dx, dscale, dbias, deps
+):
+  """The tangent of training-mode BN given ``xhat`` (two copies: the
+  elementwise pass's and the reduction's; see ``_xhat_pair_cpu``), linear
+  in ``(dx, dscale, dbias, deps)``; its transpose is BN's backward, the one
+  that ``bnjax._act`` runs on the x_hat it recovers from the output."""
+  lay = cfg.lay
+  f = xhat.dtype
+  b = lay.broadcast
   dxf = dx.astype(f)
-  m = None if mask is None else jnp.broadcast_to(mask, x.shape)
+  m = None if mask is None else jnp.broadcast_to(mask, xhat.shape)
   dxm = dxf if m is None else jnp.where(m, dxf, 0.0)
   s1 = jnp.sum(dxm, lay.reduction_axes)
   # d var / 2 = <Re(conj(x - mean) dx)>: for real x just <(x - mean) dx>.
@@ -176,7 +196,7 @@ def _tangent(
   if dbias is not None:
     v2 = v2 + dbias.astype(f)
   if sync.axis_name is not None:
-    v1, v2 = _moments.as_varying(jnp.stack([v1, v2]), sync.axis_name, like=x)
+    v1, v2 = _moments.as_varying(jnp.stack([v1, v2]), sync.axis_name, like=xhat)
   elif jnp.iscomplexobj(v2):
     v1 = v1.astype(v2.dtype)
   dy = b(gr) * dxf + xhat * b(v1) + b(v2)
@@ -192,14 +212,18 @@ def _xhat(x, mean, rstd, lay: Layout, f):
   return (x.astype(f) - lay.broadcast(mean)) * lay.broadcast(rstd)
 
 
-def _xhat_pair_cpu(x, mean, rstd, lay: Layout, f):
+def _xhat_pair_cpu(x, mean, rstd, lay: Layout, f, pre=None):
   # XLA:CPU: distinct copies of (mean, rstd) keep CSE from sharing xhat
   # between the reduction and the elementwise pass of the backward, which
-  # would write it out as a full-size temporary.
-  (mean_a, rstd_a), (mean_b, rstd_b) = lax.optimization_barrier(
-    ((mean, rstd), (mean, rstd))
-  )
-  return _xhat(x, mean_a, rstd_a, lay, f), _xhat(x, mean_b, rstd_b, lay, f)
+  # would write it out as a full-size temporary. ``pre`` (a function of x
+  # alone: bnjax._act's inverse activation) is computed in each copy too, or
+  # XLA computes it once, early in the forward, and keeps it until the
+  # backward: a full-size temporary per layer.
+  copies = (x, mean, rstd) if pre is not None else (mean, rstd)
+  a, b = lax.optimization_barrier((copies, copies))
+  if pre is None:
+    return _xhat(x, *a, lay, f), _xhat(x, *b, lay, f)
+  return _xhat(pre(a[0]), *a[1:], lay, f), _xhat(pre(b[0]), *b[1:], lay, f)
 
 
 def train(
@@ -221,6 +245,63 @@ def train(
   replicated running mean, the psum path's shared shift (None: zero).
   """
   f = _moments.real_dtype(_moments.stats_dtype(x.dtype))
-  return _bn_train(
-    x, scale, bias, jnp.asarray(epsilon, f), mask, fix, fallback, shift, cfg
+  epsilon = jnp.asarray(epsilon, f)
+  if cfg.act is not None:
+    return _bn_act_train(
+      x, scale, bias, epsilon, mask, fallback, shift, cfg, x.dtype
+    )
+  return _bn_train(x, scale, bias, epsilon, mask, fix, fallback, shift, cfg)
+
+
+# The name of the one full-size residual of BN + activation (its output), for
+# jax.checkpoint policies: ``save_only_these_names(SAVED_OUTPUT)``.
+SAVED_OUTPUT = 'bnjax_bn_act_output'
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _bn_act_train(x, scale, bias, epsilon, mask, fallback, shift, cfg, dt):
+  y, stats, _, _, _ = _forward(
+    x, scale, bias, epsilon, mask, (), fallback, shift, cfg
   )
+  return y, *stats
+
+
+def _bn_act_fwd(x, scale, bias, epsilon, mask, fallback, shift, cfg, dt):
+  # InPlace-ABN (Rota Bulo et al. 2018): the residual is the output y and
+  # per-channel vectors; x is not kept, the backward recovers x_hat from y.
+  y, stats, _, rstd, _ = _forward(
+    x, scale, bias, epsilon, mask, (), fallback, shift, cfg
+  )
+  y = checkpoint_name(y, SAVED_OUTPUT)
+  res = (y, scale, bias, epsilon, rstd, stats[2], mask, fallback, shift)
+  return (y, *stats), res
+
+
+def _bn_act_bwd(cfg: Cfg, dt, res, cts):
+  y, scale, bias, epsilon, rstd, count, mask, fallback, shift = res
+  f = _moments.stats_dtype(dt)
+  lay, act = cfg.lay, cfg.act
+  yf = y.astype(f)
+  dz = cts[0].astype(f) * act.slope(yf)
+  g = jnp.ones_like(rstd) if scale is None else scale.astype(f)
+  b = jnp.zeros_like(rstd) if bias is None else bias.astype(f)
+  xhat, xhat_b = _moments.on_platform(
+    # y + 0 * dz: the value of y, but computed from the cotangent, so XLA:CPU
+    # cannot hoist the inverse into the forward (see _xhat_pair_cpu).
+    lambda: _xhat_pair_cpu(yf + 0 * dz, b, 1 / g, lay, f, act.inverse),
+    lambda: (_xhat(act.inverse(yf), b, 1 / g, lay, f),) * 2,
+  )
+  # BN's backward is the transpose of its tangent (linear in the tangents):
+  # the same maths, sums and collectives as batch_norm's, on x_hat from y.
+  tcfg = dataclasses.replace(cfg, out_dtype=f, act=None)
+  lin = functools.partial(
+    tangent_xhat, tcfg, xhat, xhat_b, rstd, count, scale, mask
+  )
+  zero = functools.partial(jax.tree.map, jnp.zeros_like)
+  primals = (jnp.zeros_like(y, dt), zero(scale), zero(bias), zero(epsilon))
+  _, pull = jax.vjp(lin, *primals)
+  grads = pull(dz)
+  return (*grads, None, zero(fallback), zero(shift))
+
+
+_bn_act_train.defvjp(_bn_act_fwd, _bn_act_bwd)
