@@ -219,11 +219,18 @@ def _xhat_pair_cpu(x, mean, rstd, lay: Layout, f, pre=None):
   # alone: bnjax._act's inverse activation) is computed in each copy too, or
   # XLA computes it once, early in the forward, and keeps it until the
   # backward: a full-size temporary per layer.
-  copies = (x, mean, rstd) if pre is not None else (mean, rstd)
-  a, b = lax.optimization_barrier((copies, copies))
   if pre is None:
-    return _xhat(x, *a, lay, f), _xhat(x, *b, lay, f)
-  return _xhat(pre(a[0]), *a[1:], lay, f), _xhat(pre(b[0]), *b[1:], lay, f)
+    (mean_a, rstd_a), (mean_b, rstd_b) = lax.optimization_barrier(
+      ((mean, rstd), (mean, rstd))
+    )
+    return _xhat(x, mean_a, rstd_a, lay, f), _xhat(x, mean_b, rstd_b, lay, f)
+  (x_a, mean_a, rstd_a), (x_b, mean_b, rstd_b) = lax.optimization_barrier(
+    ((x, mean, rstd), (x, mean, rstd))
+  )
+  return (
+    _xhat(pre(x_a), mean_a, rstd_a, lay, f),
+    _xhat(pre(x_b), mean_b, rstd_b, lay, f),
+  )
 
 
 def train(
