@@ -237,9 +237,9 @@ def batch_norm_act(
   \gamma'`; its relative error is about the output dtype's epsilon times
   :math:`|\hat x| + |\beta / \gamma'|`. See the InPlace-ABN guide.
 
-  Reverse mode only (``jax.grad``, ``vjp``, and grad of grad): forward mode
-  (``jax.jvp``, ``jacfwd``, ``hessian``) raises JAX's custom_vjp error; use
-  :func:`bnjax.batch_norm` there.
+  Reverse mode, grad of grad and ``jax.hessian`` (forward over reverse) work;
+  forward mode on it directly (``jax.jvp``, ``jacfwd``) raises JAX's
+  custom_vjp ``TypeError``: use :func:`bnjax.batch_norm` there.
 
   Args:
     x: real floating input.

@@ -151,27 +151,13 @@ def _tangent(
   # and every full-size pass fuses (see the module docstring for the maths).
   lay = cfg.lay
   f = _moments.stats_dtype(x.dtype)
+  b = lay.broadcast
   xhat, xhat_b = _moments.on_platform(
     lambda: _xhat_pair_cpu(x, mean, rstd, lay, f),
     lambda: (_xhat(x, mean, rstd, lay, f),) * 2,
   )
-  return tangent_xhat(
-    cfg, xhat, xhat_b, rstd, count, scale, mask, dx, dscale, dbias, deps
-  )
-
-
-def tangent_xhat(
-  cfg: Cfg, xhat, xhat_b, rstd, count, scale, mask, dx, dscale, dbias, deps
-):
-  """The tangent of training-mode BN given ``xhat`` (two copies: the
-  elementwise pass's and the reduction's; see ``_xhat_pair_cpu``), linear
-  in ``(dx, dscale, dbias, deps)``; its transpose is BN's backward, the one
-  that ``bnjax._act`` runs on the x_hat it recovers from the output."""
-  lay = cfg.lay
-  f = xhat.dtype
-  b = lay.broadcast
   dxf = dx.astype(f)
-  m = None if mask is None else jnp.broadcast_to(mask, xhat.shape)
+  m = None if mask is None else jnp.broadcast_to(mask, x.shape)
   dxm = dxf if m is None else jnp.where(m, dxf, 0.0)
   s1 = jnp.sum(dxm, lay.reduction_axes)
   # d var / 2 = <Re(conj(x - mean) dx)>: for real x just <(x - mean) dx>.
@@ -196,7 +182,7 @@ def tangent_xhat(
   if dbias is not None:
     v2 = v2 + dbias.astype(f)
   if sync.axis_name is not None:
-    v1, v2 = _moments.as_varying(jnp.stack([v1, v2]), sync.axis_name, like=xhat)
+    v1, v2 = _moments.as_varying(jnp.stack([v1, v2]), sync.axis_name, like=x)
   elif jnp.iscomplexobj(v2):
     v1 = v1.astype(v2.dtype)
   dy = b(gr) * dxf + xhat * b(v1) + b(v2)
@@ -285,30 +271,63 @@ def _bn_act_fwd(x, scale, bias, epsilon, mask, fallback, shift, cfg, dt):
 
 
 def _bn_act_bwd(cfg: Cfg, dt, res, cts):
+  # BN's backward (the transpose of _tangent, the same maths), on x_hat
+  # recovered from y. Written out rather than transposed by JAX: a custom_vjp
+  # backward under vmap may not trace a collective inside a nested jax.vjp.
   y, scale, bias, epsilon, rstd, count, mask, fallback, shift = res
   f = _moments.stats_dtype(dt)
-  lay, act = cfg.lay, cfg.act
+  lay, act, sync, b = cfg.lay, cfg.act, cfg.sync, cfg.lay.broadcast
   yf = y.astype(f)
   dz = cts[0].astype(f) * act.slope(yf)
   g = jnp.ones_like(rstd) if scale is None else scale.astype(f)
-  b = jnp.zeros_like(rstd) if bias is None else bias.astype(f)
+  beta = jnp.zeros_like(rstd) if bias is None else bias.astype(f)
   xhat, xhat_b = _moments.on_platform(
     # y + 0 * dz: the value of y, but computed from the cotangent, so XLA:CPU
     # cannot hoist the inverse into the forward (see _xhat_pair_cpu).
-    lambda: _xhat_pair_cpu(yf + 0 * dz, b, 1 / g, lay, f, act.inverse),
-    lambda: (_xhat(act.inverse(yf), b, 1 / g, lay, f),) * 2,
+    lambda: _xhat_pair_cpu(yf + 0 * dz, beta, 1 / g, lay, f, act.inverse),
+    lambda: (_xhat(act.inverse(yf), beta, 1 / g, lay, f),) * 2,
   )
-  # BN's backward is the transpose of its tangent (linear in the tangents):
-  # the same maths, sums and collectives as batch_norm's, on x_hat from y.
-  tcfg = dataclasses.replace(cfg, out_dtype=f, act=None)
-  lin = functools.partial(
-    tangent_xhat, tcfg, xhat, xhat_b, rstd, count, scale, mask
+  local = (
+    jnp.sum(dz * xhat, lay.reduction_axes),
+    jnp.sum(dz, lay.reduction_axes),
   )
+  total = local
+  if sync.axis_name is not None:
+    total = _moments.psum_stacked(local, sync.axis_name, sync.groups, sync.fn)
+  gr = g * rstd
+  if mask is None and sync.axis_name is None:
+    gr_n = gr / max(lay.count, 1)
+  else:
+    gr_n = gr / jnp.maximum(count, 1.0)
+  m = 1.0 if mask is None else jnp.broadcast_to(mask, y.shape).astype(f)
+  dx = b(gr) * dz - m * (xhat_b * b(gr_n * total[0]) + b(gr_n * total[1]))
+  ct = functools.partial(_per_channel, sync=sync, like=y)
+  dg = ct(rstd if scale is None else scale, local[0], total[0])
+  db = ct(rstd if bias is None else bias, local[1], total[1])
+  deps = ct(
+    epsilon, *(jnp.sum(-0.5 * gr * rstd * t[0]) for t in (local, total))
+  ).astype(epsilon.dtype)
   zero = functools.partial(jax.tree.map, jnp.zeros_like)
-  primals = (jnp.zeros_like(y, dt), zero(scale), zero(bias), zero(epsilon))
-  _, pull = jax.vjp(lin, *primals)
-  grads = pull(dz)
-  return (*grads, None, zero(fallback), zero(shift))
+  return (
+    dx.astype(dt),
+    None if scale is None else dg.astype(scale.dtype),
+    None if bias is None else db.astype(bias.dtype),
+    deps,
+    None,
+    zero(fallback),
+    zero(shift),
+  )
+
+
+def _per_channel(v, local, total, sync, like):
+  """A per-channel cotangent: the global sum where shard_map types the
+  per-channel input as replicated (batch_norm's backward psums it there, the
+  transpose of its varying cast), else the shard's own (pmap, vmap,
+  check_vma=False: the caller sums, as with batch_norm)."""
+  if sync.axis_name is None:
+    return local
+  cast = _moments.as_varying(v, sync.axis_name, like=like) is not v
+  return total if cast else local
 
 
 _bn_act_train.defvjp(_bn_act_fwd, _bn_act_bwd)

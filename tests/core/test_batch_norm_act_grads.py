@@ -272,3 +272,19 @@ def test_pmap_sync_equals_global_batch():
   )
   _, _, grads0 = _oracle(x, g, b, w, stats, ACTS['leaky_relu'][1])
   _close((gx.reshape(-1, C), gg[0], gb[0]), grads0, 1e-5)
+
+
+def test_vmap_axis_name_equals_global_batch():
+  """Regression: the backward transposed the tangent inside a nested
+  jax.vjp, whose psum found no bound axis under vmap (NameError)."""
+  x, g, b, w, stats = _problem((32, C), seed=12)
+
+  def loss(x, g, b):
+    f = lambda xi: bnjax.batch_norm_act(
+      xi, stats, g, b, use_running_average=False, axis_name='v'
+    )[0]
+    return jnp.sum(w * jax.vmap(f, axis_name='v')(x))
+
+  grads = jax.grad(loss, (0, 1, 2))(x, g, b)
+  _, _, grads0 = _oracle(x, g, b, w, stats, ACTS['leaky_relu'][1])
+  _close(grads, grads0, 1e-5)
