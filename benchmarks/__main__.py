@@ -30,6 +30,7 @@ BENCHMARKS = (
   'compile',
   'fold',
   'device',
+  'inplace_abn',
 )
 
 

@@ -48,7 +48,16 @@ Array = jax.Array
 
 
 class Identity(NamedTuple):
-  """No activation: :func:`bnjax.batch_norm_act` is BN that saves y."""
+  """No activation: :func:`bnjax.batch_norm_act` is BN that saves y.
+
+  Attributes:
+    (none): the identity has no parameter.
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> bnjax.Identity().inverse(jnp.array([-2.0, 3.0]))
+    Array([-2.,  3.], dtype=float32)
+  """
 
   def __call__(self, z: Array) -> Array:
     return z
@@ -69,6 +78,12 @@ class LeakyReLU(NamedTuple):
   Attributes:
     negative_slope: the slope below 0, a Python number > 0 (default 0.01,
       flax's and PyTorch's).
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> act = bnjax.LeakyReLU(negative_slope=0.1)
+    >>> act(jnp.array([-2.0, 3.0])), act.inverse(jnp.array([-0.2, 3.0]))
+    (Array([-0.2,  3. ], dtype=float32), Array([-2.,  3.], dtype=float32))
   """
 
   negative_slope: float = 0.01
@@ -97,6 +112,11 @@ class ELU(NamedTuple):
 
   Attributes:
     alpha: the negative saturation, a Python number > 0 (default 1).
+
+  Example:
+    >>> import jax.numpy as jnp, bnjax
+    >>> bnjax.ELU(alpha=1.0).inverse(bnjax.ELU()(jnp.array([-1.0, 2.0])))
+    Array([-1.,  2.], dtype=float32)
   """
 
   alpha: float = 1.0
@@ -254,10 +274,18 @@ def batch_norm_act(
     scale_floor: the smallest ``|scale|`` used, a Python number > 0:
       smaller scales are replaced by ``±scale_floor`` (the sign kept, + at
       0) in training and inference, with their gradient passed through.
-    axis, momentum, epsilon, axis_name, axis_index_groups, mask,
-      use_fast_variance, dtype, virtual_batch_size, sync: as
-      :func:`bnjax.batch_norm` (``momentum`` is Flax's: PyTorch's ``p`` is
+    axis: as :func:`bnjax.batch_norm`.
+    momentum: as :func:`bnjax.batch_norm` (Flax's: PyTorch's ``p`` is
       ``1 - p``).
+    epsilon: as :func:`bnjax.batch_norm`.
+    axis_name: as :func:`bnjax.batch_norm`.
+    axis_index_groups: as :func:`bnjax.batch_norm`.
+    mask: as :func:`bnjax.batch_norm`.
+    use_fast_variance: as :func:`bnjax.batch_norm`.
+    dtype: output dtype, as :func:`bnjax.batch_norm`; the output is the
+      saved residual, so ELU needs at least float32.
+    virtual_batch_size: as :func:`bnjax.batch_norm`.
+    sync: as :func:`bnjax.batch_norm`.
 
   Returns:
     ``(out, new_batch_stats)``.

@@ -510,6 +510,14 @@ class BatchNormAct(BatchNorm):
   :func:`bnjax.batch_norm_act`). Training keeps only the output for the
   backward (InPlace-ABN).
 
+  Args:
+    input_size: the number of channels.
+    *args: :class:`BatchNorm`'s positional arguments.
+    activation: ``'leaky_relu'`` (slope 0.01, the default), ``'elu'``,
+      ``'identity'``, or a :class:`bnjax.LeakyReLU` / :class:`bnjax.ELU`.
+    scale_floor: the smallest ``|weight|`` used (default 1e-3).
+    **kwargs: :class:`BatchNorm`'s keyword arguments.
+
   Example:
     >>> import jax, jax.numpy as jnp, equinox as eqx, bnjax, bnjax.equinox
     >>> bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNormAct)(
