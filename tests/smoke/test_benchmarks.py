@@ -204,7 +204,7 @@ def test_the_dropped_one_read_variant_is_exact(shape, strided):
       assert err <= 1e-6, (layout, ratio, err)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(60)
 def test_inplace_abn_benchmark_smoke():
   """batch_norm_act keeps fewer activations than bnjax.batch_norm + leaky
   ReLU, which keeps fewer than flax's BN + leaky ReLU, and no more compiled
