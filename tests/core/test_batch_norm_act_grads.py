@@ -288,3 +288,33 @@ def test_vmap_axis_name_equals_global_batch():
   grads = jax.grad(loss, (0, 1, 2))(x, g, b)
   _, _, grads0 = _oracle(x, g, b, w, stats, ACTS['leaky_relu'][1])
   _close(grads, grads0, 1e-5)
+
+
+@pytest.mark.parametrize('sync', ['gather', 'psum'])
+def test_shard_map_sync_with_a_mask_equals_global_batch(sync):
+  x, g, b, w, stats = _problem((32, C), seed=13)
+  mask = randn((32, C), seed=14) > -0.3
+  mesh = _mesh()
+
+  def local(x, w, m, g, b):
+    y, new = bnjax.batch_norm_act(
+      x,
+      stats,
+      g,
+      b,
+      use_running_average=False,
+      axis_name='d',
+      sync=sync,
+      momentum=0.9,
+      mask=m,
+    )
+    return jax.lax.psum(jnp.sum(w * y), 'd'), new
+
+  specs = (P('d'), P('d'), P('d'), P(), P())
+  f = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()))
+  grads, new = jax.jit(jax.grad(f, (0, 3, 4), has_aux=True))(
+    _shard(x, mesh), _shard(w, mesh), _shard(mask, mesh), g, b
+  )
+  _, new0, grads0 = _oracle(x, g, b, w, stats, ACTS['leaky_relu'][1], mask=mask)
+  _close(grads, grads0, 1e-5)
+  _close(tuple(new), new0, 1e-6)
