@@ -167,7 +167,9 @@ def memory(compiled, loss, args) -> dict:
 IMPLS = ('flax', 'bnjax', 'bnjax_act')
 
 
-def resnet_rows(batches, size, classes, stages) -> tuple[dict, dict]:
+def resnet_rows(
+  batches, size, classes, stages, budget_gib=BUDGET_GIB
+) -> tuple[dict, dict]:
   import jax
 
   out, compiled = {}, {}
@@ -186,7 +188,8 @@ def resnet_rows(batches, size, classes, stages) -> tuple[dict, dict]:
       batches=list(batches),
       mem=mems,
       peak_mb_per_example=per_ex,
-      largest_batch=int((BUDGET_GIB * 1024 - fixed) // per_ex),
+      budget_gib=budget_gib,
+      largest_batch=int((budget_gib * 1024 - fixed) // per_ex),
     )
     print(json.dumps({impl: out[impl]}), flush=True)
   for impl in IMPLS:
