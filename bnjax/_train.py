@@ -198,25 +198,14 @@ def _xhat(x, mean, rstd, lay: Layout, f):
   return (x.astype(f) - lay.broadcast(mean)) * lay.broadcast(rstd)
 
 
-def _xhat_pair_cpu(x, mean, rstd, lay: Layout, f, pre=None):
+def _xhat_pair_cpu(x, mean, rstd, lay: Layout, f):
   # XLA:CPU: distinct copies of (mean, rstd) keep CSE from sharing xhat
   # between the reduction and the elementwise pass of the backward, which
-  # would write it out as a full-size temporary. ``pre`` (a function of x
-  # alone: bnjax._act's inverse activation) is computed in each copy too, or
-  # XLA computes it once, early in the forward, and keeps it until the
-  # backward: a full-size temporary per layer.
-  if pre is None:
-    (mean_a, rstd_a), (mean_b, rstd_b) = lax.optimization_barrier(
-      ((mean, rstd), (mean, rstd))
-    )
-    return _xhat(x, mean_a, rstd_a, lay, f), _xhat(x, mean_b, rstd_b, lay, f)
-  (x_a, mean_a, rstd_a), (x_b, mean_b, rstd_b) = lax.optimization_barrier(
-    ((x, mean, rstd), (x, mean, rstd))
+  # would write it out as a full-size temporary.
+  (mean_a, rstd_a), (mean_b, rstd_b) = lax.optimization_barrier(
+    ((mean, rstd), (mean, rstd))
   )
-  return (
-    _xhat(pre(x_a), mean_a, rstd_a, lay, f),
-    _xhat(pre(x_b), mean_b, rstd_b, lay, f),
-  )
+  return _xhat(x, mean_a, rstd_a, lay, f), _xhat(x, mean_b, rstd_b, lay, f)
 
 
 def train(
@@ -281,12 +270,12 @@ def _bn_act_bwd(cfg: Cfg, dt, res, cts):
   dz = cts[0].astype(f) * act.slope(yf)
   g = jnp.ones_like(rstd) if scale is None else scale.astype(f)
   beta = jnp.zeros_like(rstd) if bias is None else bias.astype(f)
-  xhat, xhat_b = _moments.on_platform(
-    # y + 0 * dz: the value of y, but computed from the cotangent, so XLA:CPU
-    # cannot hoist the inverse into the forward (see _xhat_pair_cpu).
-    lambda: _xhat_pair_cpu(yf + 0 * dz, beta, 1 / g, lay, f, act.inverse),
-    lambda: (_xhat(act.inverse(yf), beta, 1 / g, lay, f),) * 2,
-  )
+  # On the CPU, y + 0 * dz: the value of y, but computed from the cotangent,
+  # so that XLA:CPU cannot hoist the inverse, a function of y alone, into the
+  # forward, where it would live as a full-size temporary until the backward
+  # reaches this layer (XLA:CPU's reduction fusions do not take it in).
+  tied = _moments.on_platform(lambda: yf + 0 * dz, lambda: yf)
+  xhat = _xhat(act.inverse(tied), beta, 1 / g, lay, f)
   local = (
     jnp.sum(dz * xhat, lay.reduction_axes),
     jnp.sum(dz, lay.reduction_axes),
@@ -300,7 +289,7 @@ def _bn_act_bwd(cfg: Cfg, dt, res, cts):
   else:
     gr_n = gr / jnp.maximum(count, 1.0)
   m = 1.0 if mask is None else jnp.broadcast_to(mask, y.shape).astype(f)
-  dx = b(gr) * dz - m * (xhat_b * b(gr_n * total[0]) + b(gr_n * total[1]))
+  dx = b(gr) * dz - m * (xhat * b(gr_n * total[0]) + b(gr_n * total[1]))
   ct = functools.partial(_per_channel, sync=sync, like=y)
   dg = ct(rstd if scale is None else scale, local[0], total[0])
   db = ct(rstd if bias is None else bias, local[1], total[1])
