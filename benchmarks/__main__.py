@@ -31,6 +31,7 @@ BENCHMARKS = (
   'sync_compile',
   'fold',
   'device',
+  'inplace_abn',
 )
 
 

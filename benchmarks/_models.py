@@ -48,42 +48,65 @@ def resnet20(norm_cls, widths=(16, 32, 64), blocks=3, axis_name=None):
   return ResNet()
 
 
-def resnet50(norm_cls, axis_name=None, num_classes=1000):
+def resnet50(
+  norm_cls,
+  axis_name=None,
+  num_classes=1000,
+  act=None,
+  norm_act_cls=None,
+  stages=(3, 4, 6, 3),
+):
+  """ResNet-50; ``act`` (default ReLU) after each BN that has one and after
+  each residual add. ``norm_act_cls``: a BN class that applies the
+  activation itself (``bnjax.linen.BatchNormAct``), used for every BN + act
+  pair; the BNs without an activation stay ``norm_cls``. ``stages``: blocks
+  per stage (smoke runs take one each)."""
   import flax.linen as nn
 
+  act = nn.relu if act is None else act
   conv = functools.partial(nn.Conv, use_bias=False)
+
+  def norm_then_act(norm, norm_act):
+    if norm_act is None:
+      return lambda x: act(norm()(x))
+    return lambda x: norm_act()(x)
 
   class Bottleneck(nn.Module):
     filters: int
     strides: tuple = (1, 1)
 
     @nn.compact
-    def __call__(self, x, norm):
-      y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
-      y = nn.relu(norm()(conv(self.filters, (3, 3), self.strides)(y)))
+    def __call__(self, x, norm, norm_act):
+      bn_act = norm_then_act(norm, norm_act)
+      y = bn_act(conv(self.filters, (1, 1))(x))
+      y = bn_act(conv(self.filters, (3, 3), self.strides)(y))
       y = conv(self.filters * 4, (1, 1))(y)
       y = norm(scale_init=nn.initializers.zeros_init())(y)
       if x.shape != y.shape:
         x = conv(self.filters * 4, (1, 1), self.strides, name='conv_proj')(x)
         x = norm(name='norm_proj')(x)
-      return nn.relu(x + y)
+      return act(x + y)
 
   class ResNet50(nn.Module):
     @nn.compact
     def __call__(self, x, train=True):
-      norm = functools.partial(
-        norm_cls,
+      kw = dict(
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
         axis_name=axis_name,
       )
+      norm = functools.partial(norm_cls, **kw)
+      norm_act = (
+        None if norm_act_cls is None else functools.partial(norm_act_cls, **kw)
+      )
       x = conv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)])(x)
-      x = nn.max_pool(nn.relu(norm()(x)), (3, 3), (2, 2), padding='SAME')
-      for i, n in enumerate((3, 4, 6, 3)):
+      x = norm_then_act(norm, norm_act)(x)
+      x = nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
+      for i, n in enumerate(stages):
         for j in range(n):
           strides = (2, 2) if i > 0 and j == 0 else (1, 1)
-          x = Bottleneck(64 * 2**i, strides)(x, norm)
+          x = Bottleneck(64 * 2**i, strides)(x, norm, norm_act)
       return nn.Dense(num_classes)(x.mean((1, 2)))
 
   return ResNet50()

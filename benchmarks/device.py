@@ -30,7 +30,7 @@ import time
 
 import jax.numpy as jnp
 
-from benchmarks import _models, _readme, _tiled, _timing, layer
+from benchmarks import _models, _readme, _tiled, _timing, inplace_abn, layer
 
 # The layer benchmark's three 4-D shapes (16 MB each: on an H200 a pass over
 # one takes about 4 us, so their times are mostly dispatch) and a ResNet-50
@@ -288,6 +288,9 @@ def main(argv=None):
       numerics=lambda: numerics_rows(seeds=(0,)),
       stats=lambda: stats_rows((8, 4, 4, 8), rounds=2, inner=1),
       cond=lambda: cond_cost(layers=4, rounds=2, inner=1),
+      inplace_abn=lambda: inplace_abn.resnet_rows(
+        (2, 4), 16, 10, (1, 1, 1, 1), budget_gib=80
+      )[0],
     )
   else:
     plan = dict(
@@ -298,6 +301,11 @@ def main(argv=None):
       resnet50=lambda: model_row(
         _models.resnet50, batch=64, size=224, rounds=9, inner=5
       ),
+      # BN + leaky ReLU with each BN, and batch_norm_act: compiled peak at
+      # two batches, and the largest batch that fits 80 GB (linear).
+      inplace_abn=lambda: inplace_abn.resnet_rows(
+        (32, 64), 224, 1000, (3, 4, 6, 3), budget_gib=80
+      )[0],
     )
   for name, run in plan.items():
     try:  # each part on its own: one failure keeps the others' figures

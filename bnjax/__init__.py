@@ -1,5 +1,6 @@
 """bnjax: batch normalization for JAX as pure functions."""
 
+from bnjax._act import ELU, Identity, LeakyReLU, batch_norm_act
 from bnjax._core import batch_norm, frozen_batch_norm, moments, normalize
 from bnjax._fold import fold
 from bnjax._renorm import batch_renorm
@@ -20,13 +21,17 @@ from bnjax._types import (
 __version__ = '0.2.0'
 
 __all__ = [
+  'ELU',
   'BatchStats',
+  'Identity',
+  'LeakyReLU',
   'CumulativeStats',
   'DebiasedStats',
   'PooledStats',
   'RenormStats',
   'apply_pooled',
   'batch_norm',
+  'batch_norm_act',
   'batch_renorm',
   'fold',
   'frozen_batch_norm',

@@ -58,6 +58,7 @@ def normalize_batch(
   correction: Correction | None = None,
   single_value_ok: bool = False,
   lay: Layout | None = None,
+  act: Any = None,
 ) -> tuple[Array, Any]:
   """The one private entry of every BN function and module.
 
@@ -65,12 +66,17 @@ def normalize_batch(
   statistics types it takes. ``correction``: a variant's affine correction
   (batch renorm's). ``single_value_ok``: train on one value per channel
   (the modules do, as flax's). ``lay``: x's already-checked layout (a module
-  that needed the feature shape first), so x is validated once.
+  that needed the feature shape first), so x is validated once. ``act``:
+  the checked activation of BN + activation (``bnjax._act.Spec``), or None.
   """
   _checks.check_use_running_average(fn, use_running_average)
   if lay is None:
-    x = _checks.check_floating(fn, x, complex_ok=correction is None)
+    x = _checks.check_floating(
+      fn, x, complex_ok=correction is None and act is None
+    )
     lay = _checks.layout(fn, x, axis)
+  elif act is not None:
+    x = _checks.check_floating(fn, x, complex_ok=False)
   _checks.check_stats(fn, state, lay, state_types)
   scale = _checks.check_per_channel(
     fn, 'scale', scale, lay, real=not _is_complex(x)
@@ -79,10 +85,15 @@ def normalize_batch(
     fn, 'bias', bias, lay, real=not _is_complex(x)
   )
   mask = _checks.check_mask(fn, mask, x)
+  activation = None if act is None else act.activation
+  if act is not None:
+    scale = act.floor(scale)
   f = _moments.stats_dtype(x.dtype)
   _checks.check_hyper(fn, momentum, epsilon, _moments.real_dtype(f))
   _checks.check_flag(fn, 'use_fast_variance', use_fast_variance)
   out_dtype = _checks.out_dtype(fn, x, dtype)
+  if act is not None:
+    act.check_dtype(fn, out_dtype)
   groups = _moments.canonical_groups(fn, axis_name, axis_index_groups)
   _moments.check_mode(fn, sync)
   if virtual_batch_size is not None:
@@ -94,7 +105,9 @@ def normalize_batch(
   _checks.check_running_values(fn, state)
   if use_running_average:
     mean, rstd = _running.inference_params(state, epsilon)
-    y = _train.affine(x, mean.astype(f), rstd, scale, bias, lay, out_dtype)
+    y = _train.affine(
+      x, mean.astype(f), rstd, scale, bias, lay, out_dtype, activation
+    )
     return y, state
   mode = _sync_mode(fn, sync, axis_name, groups, x, lay, mask)
   shards = 1 if axis_name is None else _moments.num_shards(axis_name, groups)
@@ -108,6 +121,7 @@ def normalize_batch(
     bool(use_fast_variance),
     out_dtype,
     None if correction is None else correction[0],
+    activation,
   )
   fallback = None if mask is None else _running.fallback_stats(state, epsilon)
   fix = () if correction is None else correction[1]

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from bnjax import _moments
 from bnjax._types import Layout
@@ -49,10 +50,13 @@ class Cfg:
   out_dtype: Any
   # (mean, var + eps, *correction_args) -> per-channel (r, d), or None.
   correction: Callable[..., tuple[Array, Array]] | None = None
+  # An invertible activation applied to the output (bnjax._act), or None.
+  act: Any = None
 
 
-def affine(x, mean, rstd, scale, bias, lay: Layout, out_dtype):
-  """``(x - mean) * rstd * scale + bias`` in at least float32."""
+def affine(x, mean, rstd, scale, bias, lay: Layout, out_dtype, act=None):
+  """``act((x - mean) * rstd * scale + bias)`` in at least float32 (no
+  activation where ``act`` is None)."""
   f = _moments.stats_dtype(x.dtype)
   mul = rstd if scale is None else rstd * scale.astype(f)
   # (x - mean) * mul, not x * mul - mean * mul: the latter cancels
@@ -60,6 +64,8 @@ def affine(x, mean, rstd, scale, bias, lay: Layout, out_dtype):
   y = (x.astype(f) - lay.broadcast(mean.astype(f))) * lay.broadcast(mul)
   if bias is not None:
     y = y + lay.broadcast(bias.astype(f))
+  if act is not None:
+    y = act(y)
   return y.astype(out_dtype)
 
 
@@ -94,7 +100,7 @@ def _forward(x, scale, bias, epsilon, mask, fix, fallback, cfg: Cfg):
     folded = (lax.stop_gradient(r), lax.stop_gradient(d))
     scale, bias = fold_affine(scale, bias, folded, mean.dtype)
   x = _safe(x, mask, norm_mean, cfg.lay)
-  y = affine(x, norm_mean, rstd, scale, bias, cfg.lay, cfg.out_dtype)
+  y = affine(x, norm_mean, rstd, scale, bias, cfg.lay, cfg.out_dtype, cfg.act)
   return y, (mean, var, count, lo), norm_mean, rstd, folded
 
 
@@ -219,6 +225,91 @@ def train(
   normalized with (the running statistics), or None.
   """
   f = _moments.real_dtype(_moments.stats_dtype(x.dtype))
-  return _bn_train(
-    x, scale, bias, jnp.asarray(epsilon, f), mask, fix, fallback, cfg
+  epsilon = jnp.asarray(epsilon, f)
+  if cfg.act is not None:
+    return _bn_act_train(x, scale, bias, epsilon, mask, fallback, cfg, x.dtype)
+  return _bn_train(x, scale, bias, epsilon, mask, fix, fallback, cfg)
+
+
+# The name of the one full-size residual of BN + activation (its output), for
+# jax.checkpoint policies: ``save_only_these_names(SAVED_OUTPUT)``.
+SAVED_OUTPUT = 'bnjax_bn_act_output'
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _bn_act_train(x, scale, bias, epsilon, mask, fallback, cfg, dt):
+  y, stats, _, _, _ = _forward(x, scale, bias, epsilon, mask, (), fallback, cfg)
+  return y, *stats
+
+
+def _bn_act_fwd(x, scale, bias, epsilon, mask, fallback, cfg, dt):
+  # InPlace-ABN (Rota Bulo et al. 2018): the residual is the output y and
+  # per-channel vectors; x is not kept, the backward recovers x_hat from y.
+  y, stats, _, rstd, _ = _forward(
+    x, scale, bias, epsilon, mask, (), fallback, cfg
   )
+  y = checkpoint_name(y, SAVED_OUTPUT)
+  res = (y, scale, bias, epsilon, rstd, stats[2], mask, fallback)
+  return (y, *stats), res
+
+
+def _bn_act_bwd(cfg: Cfg, dt, res, cts):
+  # BN's backward (the transpose of _tangent, the same maths), on x_hat
+  # recovered from y. Written out rather than transposed by JAX: a custom_vjp
+  # backward under vmap may not trace a collective inside a nested jax.vjp.
+  y, scale, bias, epsilon, rstd, count, mask, fallback = res
+  f = _moments.stats_dtype(dt)
+  lay, act, sync, b = cfg.lay, cfg.act, cfg.sync, cfg.lay.broadcast
+  yf = y.astype(f)
+  dz = cts[0].astype(f) * act.slope(yf)
+  g = jnp.ones_like(rstd) if scale is None else scale.astype(f)
+  beta = jnp.zeros_like(rstd) if bias is None else bias.astype(f)
+  # On the CPU, y + 0 * dz: the value of y, but computed from the cotangent,
+  # so that XLA:CPU cannot hoist the inverse, a function of y alone, into the
+  # forward, where it would live as a full-size temporary until the backward
+  # reaches this layer (XLA:CPU's reduction fusions do not take it in).
+  tied = _moments.on_platform(lambda: yf + 0 * dz, lambda: yf)
+  xhat = _xhat(act.inverse(tied), beta, 1 / g, lay, f)
+  local = (
+    jnp.sum(dz * xhat, lay.reduction_axes),
+    jnp.sum(dz, lay.reduction_axes),
+  )
+  total = local
+  if sync.axis_name is not None:
+    total = _moments.psum_stacked(local, sync.axis_name, sync.groups, sync.fn)
+  gr = g * rstd
+  if mask is None and sync.axis_name is None:
+    gr_n = gr / max(lay.count, 1)
+  else:
+    gr_n = gr / jnp.maximum(count, 1.0)
+  m = 1.0 if mask is None else jnp.broadcast_to(mask, y.shape).astype(f)
+  dx = b(gr) * dz - m * (xhat * b(gr_n * total[0]) + b(gr_n * total[1]))
+  ct = functools.partial(_per_channel, sync=sync, like=y)
+  dg = ct(rstd if scale is None else scale, local[0], total[0])
+  db = ct(rstd if bias is None else bias, local[1], total[1])
+  deps = ct(
+    epsilon, *(jnp.sum(-0.5 * gr * rstd * t[0]) for t in (local, total))
+  ).astype(epsilon.dtype)
+  zero = functools.partial(jax.tree.map, jnp.zeros_like)
+  return (
+    dx.astype(dt),
+    None if scale is None else dg.astype(scale.dtype),
+    None if bias is None else db.astype(bias.dtype),
+    deps,
+    None,
+    zero(fallback),
+  )
+
+
+def _per_channel(v, local, total, sync, like):
+  """A per-channel cotangent: the global sum where shard_map types the
+  per-channel input as replicated (batch_norm's backward psums it there, the
+  transpose of its varying cast), else the shard's own (pmap, vmap,
+  check_vma=False: the caller sums, as with batch_norm)."""
+  if sync.axis_name is None:
+    return local
+  cast = _moments.as_varying(v, sync.axis_name, like=like) is not v
+  return total if cast else local
+
+
+_bn_act_train.defvjp(_bn_act_fwd, _bn_act_bwd)

@@ -43,7 +43,7 @@ except ImportError as e:  # pragma: no cover - the extra is absent
     'bnjax.equinox needs Equinox: pip install "bnjax[equinox]"'
   ) from e
 
-from bnjax import _checks, _core, _moments, _renorm, _values
+from bnjax import _act, _checks, _core, _moments, _renorm, _values
 from bnjax._running import population_stats
 from bnjax._state_dict import load_state_dict
 from bnjax._types import (
@@ -55,7 +55,13 @@ from bnjax._types import (
   init_renorm_stats,
 )
 
-__all__ = ['BatchNorm', 'BatchRenorm', 'from_torch', 'to_torch']
+__all__ = [
+  'BatchNorm',
+  'BatchNormAct',
+  'BatchRenorm',
+  'from_torch',
+  'to_torch',
+]
 
 _EMA_MODE = (
   '{fn}: mode="{mode}" normalizes training batches by a running average '
@@ -637,3 +643,67 @@ def _torch_vector(fn, sd, name):
       f'{sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith("running_mean")})}'
     )
   return np.asarray(sd[name], np.float32).reshape(-1)
+
+
+class BatchNormAct(BatchNorm):
+  """BatchNorm then an invertible activation that keeps only its output.
+
+  A drop-in for :class:`BatchNorm` followed by ``jax.nn.leaky_relu`` (or
+  ``jax.nn.elu``, or nothing): :class:`BatchNorm`'s arguments, fields and
+  state, plus ``activation`` and ``scale_floor`` (keyword-only; see
+  :func:`bnjax.batch_norm_act`). Training keeps only the output for the
+  backward (InPlace-ABN).
+
+  Args:
+    input_size: the number of channels.
+    *args: :class:`BatchNorm`'s positional arguments.
+    activation: ``'leaky_relu'`` (slope 0.01, the default), ``'elu'``,
+      ``'identity'``, or a :class:`bnjax.LeakyReLU` / :class:`bnjax.ELU`.
+    scale_floor: the smallest ``|weight|`` used (default 1e-3).
+    **kwargs: :class:`BatchNorm`'s keyword arguments.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, equinox as eqx, bnjax, bnjax.equinox
+    >>> bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNormAct)(
+    ...     1, batch_axis=0, activation=bnjax.LeakyReLU(0.1))
+    >>> y, state = bn(jnp.array([[1.0], [3.0]]), state)
+    >>> y.round(3)
+    Array([[-0.1],
+           [ 1. ]], dtype=float32)
+  """
+
+  activation: Any = eqx.field(static=True)
+  scale_floor: float = eqx.field(static=True)
+
+  def __init__(
+    self,
+    input_size: int,
+    *args: Any,
+    activation: Any = 'leaky_relu',
+    scale_floor: float = 1e-3,
+    **kwargs: Any,
+  ):
+    spec = _act.spec('bnjax.equinox.BatchNormAct', activation, scale_floor)
+    super().__init__(input_size, *args, **kwargs)
+    self.activation = spec.activation
+    self.scale_floor = spec.scale_floor
+
+  def __call__(
+    self,
+    x: jax.Array,
+    state: eqx.nn.State,
+    *,
+    key: Any = None,
+    inference: bool | None = None,
+    mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, eqx.nn.State]:
+    """As :meth:`BatchNorm.__call__`, then the activation."""
+    del key
+    return self._call(
+      'bnjax.equinox.BatchNormAct',
+      x,
+      state,
+      inference,
+      mask,
+      act=_act.Spec(self.activation, self.scale_floor),
+    )

@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes, initializers
 
-from bnjax import _checks, _core, _renorm, _running
+from bnjax import _act, _checks, _core, _renorm, _running
 from bnjax._types import BatchStats, PooledStats, RenormStats
 
 __all__ = [
   'BatchNorm',
+  'BatchNormAct',
   'BatchRenorm',
   'apply_pooled',
 ]
@@ -471,3 +472,55 @@ class BatchRenorm(_Base):
       self.d_max if d_max is None else d_max,
     )
     return _normalize(self, x, use_running_average, mask, renorm=limits)
+
+
+class BatchNormAct(BatchNorm):
+  """BatchNorm then an invertible activation that keeps only its output.
+
+  A drop-in for ``BatchNorm`` followed by ``nn.leaky_relu`` (or ``nn.elu``,
+  or nothing), with :class:`BatchNorm`'s fields and variables (so a flax
+  BatchNorm's checkpoint loads), plus ``activation`` and ``scale_floor``.
+  Training keeps only the output for the backward (InPlace-ABN); see
+  :func:`bnjax.batch_norm_act` for the maths, the ``|scale|`` floor, and
+  what it costs.
+
+  Attributes:
+    activation: ``'leaky_relu'`` (slope 0.01, the default), ``'elu'``,
+      ``'identity'``, or a :class:`bnjax.LeakyReLU` / :class:`bnjax.ELU`.
+    scale_floor: the smallest ``|scale|`` used (default 1e-3).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bnjax, bnjax.linen
+    >>> m = bnjax.linen.BatchNormAct(activation=bnjax.LeakyReLU(0.1))
+    >>> x = jnp.array([[1.0], [3.0]])
+    >>> v = m.init(jax.random.key(0), x, use_running_average=True)
+    >>> y, _ = m.apply(v, x, use_running_average=False,
+    ...                mutable=['batch_stats'])
+    >>> y.round(3)
+    Array([[-0.1],
+           [ 1. ]], dtype=float32)
+  """
+
+  activation: Any = 'leaky_relu'
+  scale_floor: float = 1e-3
+
+  @nn.compact
+  def __call__(
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
+  ):
+    """As :meth:`BatchNorm.__call__`, then the activation."""
+    act = _act.spec(
+      'bnjax.linen.BatchNormAct', self.activation, self.scale_floor
+    )
+    return _normalize(
+      self,
+      x,
+      use_running_average,
+      mask,
+      virtual_batch_size=self.virtual_batch_size,
+      act=act,
+    )

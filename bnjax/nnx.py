@@ -20,10 +20,16 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from bnjax import _checks, _convert, _core, _moments, _renorm
+from bnjax import _act, _checks, _convert, _core, _moments, _renorm
 from bnjax._types import BatchStats, PooledStats, RenormStats
 
-__all__ = ['BatchNorm', 'BatchRenorm', 'PooledMoment', 'convert']
+__all__ = [
+  'BatchNorm',
+  'BatchNormAct',
+  'BatchRenorm',
+  'PooledMoment',
+  'convert',
+]
 
 
 class PooledMoment(nnx.BatchStat):
@@ -513,3 +519,60 @@ def convert(model: Any, *, axis_name: Any = None, **overrides: Any) -> Any:
     ('bnjax.nnx', 'data')
   """
   return _convert.swap(model, BatchNorm, axis_name, overrides)
+
+
+class BatchNormAct(BatchNorm):
+  """BatchNorm then an invertible activation that keeps only its output.
+
+  A drop-in for :class:`BatchNorm` followed by ``nnx.leaky_relu`` (or
+  ``nnx.elu``, or nothing): :class:`BatchNorm`'s arguments and variables,
+  plus ``activation`` and ``scale_floor`` (see
+  :func:`bnjax.batch_norm_act`). Training keeps only the output for the
+  backward (InPlace-ABN).
+
+  Args:
+    num_features: the size of the feature axis.
+    activation: ``'leaky_relu'`` (slope 0.01, the default), ``'elu'``,
+      ``'identity'``, or a :class:`bnjax.LeakyReLU` / :class:`bnjax.ELU`.
+    scale_floor: the smallest ``|scale|`` used (default 1e-3).
+    **kwargs: :class:`BatchNorm`'s arguments (``rngs`` among them).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import bnjax, bnjax.nnx
+    >>> bn = bnjax.nnx.BatchNormAct(1, activation=bnjax.LeakyReLU(0.1),
+    ...                             rngs=nnx.Rngs(0))
+    >>> bn(jnp.array([[1.0], [3.0]])).round(3)
+    Array([[-0.1],
+           [ 1. ]], dtype=float32)
+  """
+
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    activation: Any = 'leaky_relu',
+    scale_floor: float = 1e-3,
+    **kwargs: Any,
+  ):
+    spec = _act.spec('bnjax.nnx.BatchNormAct', activation, scale_floor)
+    super().__init__(num_features, **kwargs)
+    self.activation = spec.activation
+    self.scale_floor = spec.scale_floor
+
+  def __call__(
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
+  ):
+    """As :meth:`BatchNorm.__call__`, then the activation."""
+    return self._normalize(
+      x,
+      use_running_average,
+      mask,
+      virtual_batch_size=self.virtual_batch_size,
+      act=_act.Spec(self.activation, self.scale_floor),
+    )

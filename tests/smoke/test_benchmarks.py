@@ -202,3 +202,18 @@ def test_the_dropped_one_read_variant_is_exact(shape, strided):
       want = np.float64(x).reshape(-1, x.shape[-1]).var(0)
       err = np.max(np.abs(np.float64(local.finalize(p)[1]) - want) / want)
       assert err <= 1e-6, (layout, ratio, err)
+
+
+@pytest.mark.heavy(60)
+def test_inplace_abn_benchmark_smoke():
+  """batch_norm_act keeps fewer activations than bnjax.batch_norm + leaky
+  ReLU, which keeps fewer than flax's BN + leaky ReLU, and no more compiled
+  memory a layer than conv + leaky ReLU."""
+  from benchmarks import inplace_abn
+
+  out = inplace_abn.main(['--smoke'])
+  per_layer = {r['kind']: r['per_layer_mb'] for r in out['stack']}
+  assert per_layer['batch_norm_act:elu'] <= per_layer['leaky_relu'] * 1.01
+  res = {k: v['mem'][-1]['residuals_4d'] for k, v in out['resnet50'].items()}
+  assert res['bnjax_act'] < res['bnjax'] < res['flax'], res
+  assert out['time']['ratio'] > 0
