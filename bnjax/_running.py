@@ -283,7 +283,12 @@ def population_stats(state: RunningStats) -> BatchStats:
     >>> bnjax.population_stats(s)  # exactly the first batch's statistics
     BatchStats(mean=Array([2., 6.], dtype=float32), var=Array([1., 4.], dtype=float32))
   """
-  fn = 'population_stats'
+  return population_stats_as('bnjax.population_stats', state)
+
+
+def population_stats_as(fn: str, state: RunningStats) -> BatchStats:
+  """:func:`population_stats` for the public function ``fn``, every
+  error prefixed by its name."""
   if isinstance(state, STATE_TYPES):
     lay = _checks.stats_layout(fn, 'state.mean', state.mean)
     _checks.check_stats(fn, state, lay, STATE_TYPES, 'state')

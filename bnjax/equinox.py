@@ -43,8 +43,7 @@ except ImportError as e:  # pragma: no cover - the extra is absent
     'bnjax.equinox needs Equinox: pip install "bnjax[equinox]"'
   ) from e
 
-from bnjax import _act, _checks, _core, _moments, _renorm, _values
-from bnjax._running import population_stats
+from bnjax import _act, _checks, _core, _moments, _renorm, _running, _values
 from bnjax._state_dict import load_state_dict
 from bnjax._types import (
   BatchStats,
@@ -579,13 +578,13 @@ def _from_population(layer, state, v):
   return BatchStats(mean, var)
 
 
-def _population(layer, stats) -> tuple[np.ndarray, np.ndarray]:
+def _population(fn, layer, stats) -> tuple[np.ndarray, np.ndarray]:
   """The (mean, var) that inference normalizes with, as torch stores them:
   a debiased EMA debiased, a renorm std as ``std**2 - eps``."""
   if isinstance(stats, RenormStats):
     std = np.asarray(stats.std, np.float64)
     return np.asarray(stats.mean), std * std - layer.eps
-  pop = population_stats(stats)
+  pop = _running.population_stats_as(fn, stats)
   return np.asarray(pop.mean), np.asarray(pop.var)
 
 
@@ -620,7 +619,7 @@ def to_torch(
   fn = 'bnjax.equinox.to_torch'
   out, problems = {}, []
   for prefix, layer in _pick(fn, model, state, layers).items():
-    mean, var = _population(layer, state.get(layer.state_index))
+    mean, var = _population(fn, layer, state.get(layer.state_index))
     vectors: dict[str, Any] = {'running_mean': mean, 'running_var': var}
     if layer.weight is not None:
       vectors.update(weight=layer.weight, bias=layer.bias)

@@ -236,6 +236,7 @@ def _apply_pooled_tree(stats, moments, when, path):
         for k in BatchStats._fields
       )
     )
+    _check_pool(path, old, pool, moments['momentum'])
     new = _running.apply_pooled_as(
       'bnjax.linen.apply_pooled', old, pool, moments['momentum']
     )
@@ -258,6 +259,26 @@ def _apply_pooled_tree(stats, moments, when, path):
       stats[k], m, when, path + (k,)
     )
   return out_stats, out_moments
+
+
+def _check_pool(path, old, pool, momentum):
+  """One layer's statistics and pool, named by their collection and path
+  (apply_pooled_as checks them again, by its own argument names)."""
+  fn = 'bnjax.linen.apply_pooled'
+  shapes = {
+    '/'.join((c, *path, k)): jnp.shape(v)
+    for c, tree in (('batch_stats', old), ('batch_moments', pool))
+    for k, v in tree._asdict().items()
+  }
+  if len(set(shapes.values())) > 1:
+    raise ValueError(
+      f'{fn}: the statistics and pool of one layer must have one shape, got '
+      f'{shapes}; pass the batch_stats and batch_moments of the same model'
+    )
+  where = '/'.join(path) or 'the top'
+  _checks.check_hyper(f'{fn}: batch_moments at {where}', momentum, 1e-5)
+  for name, state in (('batch_stats', old), ('batch_moments', pool)):
+    _checks.check_running_values(f'{fn}: {name} at {where}', state)
 
 
 def _stored_dtype(module, old, new, x):

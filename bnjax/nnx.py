@@ -576,3 +576,19 @@ class BatchNormAct(BatchNorm):
       virtual_batch_size=self.virtual_batch_size,
       act=_act.Spec(self.activation, self.scale_floor),
     )
+
+
+def _act_signature(cls) -> None:
+  """BatchNormAct's signature: its own arguments, then BatchNorm's, which
+  its ``**kwargs`` forward."""
+  own = list(inspect.signature(cls.__init__).parameters.values())[1:-1]
+  names = {p.name for p in own}
+  base = [
+    p
+    for p in inspect.signature(BatchNorm).parameters.values()
+    if p.name not in names
+  ]
+  cls.__signature__ = _ClassOnly(inspect.Signature(own + base))
+
+
+_act_signature(BatchNormAct)

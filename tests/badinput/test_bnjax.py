@@ -201,6 +201,16 @@ CASES: dict[str, dict[str, list | str]] = {
       bnjax.RenormStats,
     )
   },
+  # The activations are typed values; batch_norm_act checks their fields
+  # (tests/badinput/test_batch_norm_act.py, its activation cases).
+  'bnjax.LeakyReLU': {
+    'negative_slope': 'exempt: a NamedTuple checked where batch_norm_act '
+    'reads it (activation cases: 0.0, -0.2, NaN)'
+  },
+  'bnjax.ELU': {
+    'alpha': 'exempt: a NamedTuple checked where batch_norm_act reads it '
+    '(activation cases)'
+  },
   'bnjax.apply_pooled': {
     'batch_stats': _STATE_TYPE
     + [

@@ -8,8 +8,9 @@ The cases are the union of the ``CASES`` of every tests/badinput/test_*.py
 function or class in a module's ``__all__``: a class's constructor arguments
 (a flax linen module's dataclass fields, less ``parent`` and ``name``) under
 its name, and, where bnjax defines ``__call__``, that call's arguments under
-``<name>.__call__``. NamedTuple state types are plain data and skipped (their
-``init_*`` functions are covered). Adding a public callable or an argument
+``<name>.__call__``. NamedTuple state types are plain data: their fields
+carry exemptions that say so (their ``init_*`` functions and every function
+that reads a state check it). Adding a public callable or an argument
 without cases fails ``test_every_public_argument_has_cases_or_an_exemption``.
 """
 
@@ -101,7 +102,9 @@ def required(module) -> set[tuple[str, str]]:
     full = f'{module.__name__}.{name}'
     if inspect.isclass(obj):
       if issubclass(obj, tuple) and hasattr(obj, '_fields'):
-        continue  # a NamedTuple state: plain data
+        # A NamedTuple state: plain data, its fields exempt with a reason.
+        out |= {(full, f) for f in obj._fields}
+        continue
       out |= {(full, p) for p in _constructor(obj)}
       if _own_call(obj):
         out |= {(f'{full}.__call__', p) for p in _params(obj.__call__)}
@@ -137,6 +140,9 @@ def test_cases_are_well_formed_and_name_real_arguments():
       for case in entry:
         category, _, exc, piece = case
         assert category in CATEGORIES, (name, arg, category)
+        if exc is None:  # the right number, computed: a check of it
+          assert category == 'corrupt-state' and callable(piece), case
+          continue
         assert isinstance(exc, type) and issubclass(exc, Exception), case
         assert isinstance(piece, str) and piece, case
 

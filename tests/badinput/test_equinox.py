@@ -89,6 +89,8 @@ def _sd(**over):
 CALLS = {
   'bnjax.equinox.BatchNorm': _ctor(bnjax.equinox.BatchNorm),
   'bnjax.equinox.BatchNorm.__call__': _call(bnjax.equinox.BatchNorm),
+  'bnjax.equinox.BatchNormAct': _ctor(bnjax.equinox.BatchNormAct),
+  'bnjax.equinox.BatchNormAct.__call__': _call(bnjax.equinox.BatchNormAct),
   'bnjax.equinox.BatchRenorm': _ctor(bnjax.equinox.BatchRenorm),
   'bnjax.equinox.BatchRenorm.__call__': _call(bnjax.equinox.BatchRenorm),
   'bnjax.equinox.from_torch': _from_torch,
@@ -99,6 +101,7 @@ CALLS = {
 NAMED = {
   ('bnjax.equinox.BatchNorm.__call__', 'state'): 'running statistic',
   ('bnjax.equinox.BatchRenorm.__call__', 'state'): 'running statistic',
+  ('bnjax.equinox.BatchNormAct.__call__', 'state'): 'running statistic',
 }
 
 _BAD_STATS = [
@@ -116,7 +119,6 @@ _BAD_STATS = [
 
 
 def _layer_args(cls):
-  name = cls.__name__
   return {
     'input_size': [
       ('range', 0, TypeError, 'input_size must be a positive int'),
@@ -141,7 +143,7 @@ def _layer_args(cls):
       ('type', '0.9', TypeError, 'momentum must be a real scalar'),
     ],
     'inference': [
-      ('type', 1, TypeError, f'{name}: inference must be a Python bool'),
+      ('type', 1, TypeError, 'inference must be a Python bool'),
     ],
     'dtype': [
       ('dtype', jnp.int32, TypeError, 'dtype must be a floating dtype'),
@@ -167,7 +169,7 @@ def _call_args(name):
     ],
     'key': 'exempt: ignored, as by every Equinox layer (its layer protocol)',
     'inference': [
-      ('type', 1, TypeError, f'{name}: inference must be a Python bool'),
+      ('type', 1, TypeError, 'inference must be a Python bool'),
       ('traced', Traced(False), TypeError, 'inference is traced'),
     ],
     'mask': [
@@ -257,18 +259,41 @@ CASES: dict[str, dict[str, list | str]] = {
         'corrupt-state',
         bnjax.BatchStats(jnp.array([0.0, NAN, 0.0]), jnp.ones(3)),
         ValueError,
-        "'bn.running_mean' has non-finite values at channels [1]",
+        'running statistic mean is not finite at channels [1]',
       ),
       (
         'corrupt-state',
         bnjax.BatchStats(jnp.zeros(3), -jnp.ones(3)),
         ValueError,
-        "'bn.running_var' is negative at channels [0, 1, 2]",
+        'running statistic var is negative',
       ),
     ],
     'layers': [('type', ['bn'], TypeError, 'layers must map torch prefixes')],
   },
 }
+
+# BatchNormAct is BatchNorm (the same fields, checks and state) plus the
+# activation and its |scale| floor: every BatchNorm case runs on it too.
+_ACT_ARGS = {
+  'activation': [
+    ('range', 'relu', ValueError, 'cannot be inverted'),
+    ('type', 3, TypeError, 'activation must be one of'),
+  ],
+  'scale_floor': [
+    ('range', 0.0, ValueError, 'scale_floor=0.0 must be finite and > 0'),
+    ('nonfinite', float('nan'), ValueError, 'scale_floor'),
+  ],
+}
+_FORWARDED = 'exempt: forwarded to BatchNorm, whose cases above cover them'
+CASES['bnjax.equinox.BatchNormAct'] = {
+  'input_size': CASES['bnjax.equinox.BatchNorm']['input_size'],
+  'args': _FORWARDED,
+  'kwargs': _FORWARDED,
+  **_ACT_ARGS,
+}
+CASES['bnjax.equinox.BatchNormAct.__call__'] = CASES[
+  'bnjax.equinox.BatchNorm.__call__'
+]
 
 # Corrupt running statistics, in an eager inference call: a clear error.
 _BN_STATE = CASES['bnjax.equinox.BatchNorm.__call__']['state']

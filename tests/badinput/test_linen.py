@@ -66,6 +66,8 @@ def _apply_pooled(**over):
 CALLS = {
   'bnjax.linen.BatchNorm': _ctor(bnjax.linen.BatchNorm),
   'bnjax.linen.BatchNorm.__call__': _call(bnjax.linen.BatchNorm),
+  'bnjax.linen.BatchNormAct': _ctor(bnjax.linen.BatchNormAct),
+  'bnjax.linen.BatchNormAct.__call__': _call(bnjax.linen.BatchNormAct),
   'bnjax.linen.BatchRenorm': _ctor(bnjax.linen.BatchRenorm),
   'bnjax.linen.BatchRenorm.__call__': _call(bnjax.linen.BatchRenorm),
   'bnjax.linen.apply_pooled': _apply_pooled,
@@ -247,11 +249,31 @@ CASES: dict[str, dict[str, list | str]] = {
       ),
     ],
     'when': [
-      ('type', 0.5, TypeError, 'when must be a bool or a boolean scalar'),
+      ('type', 0.5, TypeError, 'when must be a bool or a 0-d bool array'),
       ('shape', jnp.ones(3, bool), TypeError, 'when must be a bool'),
     ],
   },
 }
+
+# BatchNormAct is BatchNorm (the same fields, checks and state) plus the
+# activation and its |scale| floor: every BatchNorm case runs on it too.
+_ACT_ARGS = {
+  'activation': [
+    ('range', 'relu', ValueError, 'cannot be inverted'),
+    ('type', 3, TypeError, 'activation must be one of'),
+  ],
+  'scale_floor': [
+    ('range', 0.0, ValueError, 'scale_floor=0.0 must be finite and > 0'),
+    ('nonfinite', float('nan'), ValueError, 'scale_floor'),
+  ],
+}
+CASES['bnjax.linen.BatchNormAct'] = {
+  **{k: v for k, v in CASES['bnjax.linen.BatchNorm'].items()},
+  **_ACT_ARGS,
+}
+CASES['bnjax.linen.BatchNormAct.__call__'] = CASES[
+  'bnjax.linen.BatchNorm.__call__'
+]
 
 
 def _cases():

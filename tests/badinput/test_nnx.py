@@ -56,6 +56,8 @@ def _convert(**over):
 CALLS = {
   'bnjax.nnx.BatchNorm': _ctor(bnjax.nnx.BatchNorm),
   'bnjax.nnx.BatchNorm.__call__': _call(bnjax.nnx.BatchNorm),
+  'bnjax.nnx.BatchNormAct': _ctor(bnjax.nnx.BatchNormAct),
+  'bnjax.nnx.BatchNormAct.__call__': _call(bnjax.nnx.BatchNormAct),
   'bnjax.nnx.BatchRenorm': _ctor(bnjax.nnx.BatchRenorm),
   'bnjax.nnx.BatchRenorm.__call__': _call(bnjax.nnx.BatchRenorm),
   'bnjax.nnx.convert': _convert,
@@ -190,6 +192,24 @@ CASES: dict[str, dict[str, list | str]] = {
     ],
   },
 }
+
+# BatchNormAct is BatchNorm (the same fields, checks and state) plus the
+# activation and its |scale| floor: every BatchNorm case runs on it too.
+_ACT_ARGS = {
+  'activation': [
+    ('range', 'relu', ValueError, 'cannot be inverted'),
+    ('type', 3, TypeError, 'activation must be one of'),
+  ],
+  'scale_floor': [
+    ('range', 0.0, ValueError, 'scale_floor=0.0 must be finite and > 0'),
+    ('nonfinite', float('nan'), ValueError, 'scale_floor'),
+  ],
+}
+CASES['bnjax.nnx.BatchNormAct'] = {
+  **{k: v for k, v in CASES['bnjax.nnx.BatchNorm'].items()},
+  **_ACT_ARGS,
+}
+CASES['bnjax.nnx.BatchNormAct.__call__'] = CASES['bnjax.nnx.BatchNorm.__call__']
 
 
 def _cases():
