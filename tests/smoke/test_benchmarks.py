@@ -217,3 +217,18 @@ def test_inplace_abn_benchmark_smoke():
   res = {k: v['mem'][-1]['residuals_4d'] for k, v in out['resnet50'].items()}
   assert res['bnjax_act'] < res['bnjax'] < res['flax'], res
   assert out['time']['ratio'] > 0
+
+
+@pytest.mark.heavy(30)
+def test_sync_compile_smoke():
+  """Both mappings compile and run for flax and bnjax; bnjax's synced
+  program gathers once per BN layer forward (3 in the tiny ResNet) and
+  holds no conditional."""
+  from benchmarks import sync_compile
+
+  rows = sync_compile.main(['--smoke'])['rows']
+  assert [r['mapping'] for r in rows] == ['pmap', 'shard_map']
+  for r in rows:
+    assert r['collectives']['bnjax']['all-gather'] == 3, r['collectives']
+    assert r['collectives']['bnjax']['conditional'] == 0, r['collectives']
+    assert r['flax_s'] > 0 and r['bnjax_s'] > 0 and r['step_ratio'] > 0
