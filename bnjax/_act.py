@@ -17,7 +17,8 @@ ReLU has no inverse (its zeros lose x, and BN's backward needs
 :math:`\gamma` near 0 makes :math:`\hat x` unrecoverable (every output is
 :math:`\approx \beta`). Where :math:`|\gamma|` is below ``scale_floor`` the
 layer uses :math:`\gamma' = \pm` ``scale_floor`` (sign of :math:`\gamma`,
-+ at 0), in training and inference alike; its gradient reaches
+its sign bit at 0: ``+0.0`` floors up, ``-0.0`` down), in training and
+inference alike; its gradient reaches
 :math:`\gamma` unchanged (straight-through), so a floored scale still
 learns. InPlace-ABN instead uses :math:`|\gamma| + \epsilon` everywhere,
 which changes the sign of negative scales: a pretrained checkpoint would
@@ -176,7 +177,8 @@ class Spec:
 
   def floor(self, scale: Array | None) -> Array | None:
     r""":math:`\gamma' = \operatorname{sign}(\gamma)\max(|\gamma|, floor)`
-    (+ at 0), with :math:`\gamma`'s gradient passed through unchanged."""
+    (the sign bit decides at 0: -0.0 floors to -scale_floor), with
+    :math:`\gamma`'s gradient passed through unchanged."""
     if scale is None:
       return None
     fl = jnp.asarray(self.scale_floor, scale.dtype)
@@ -214,9 +216,22 @@ def _positive(fn: str, name: str, v: Any) -> float:
       f'{fn}: {name} must be a Python number (it is static: part of the '
       f'compiled program), got {v!r} of type {type(v).__name__}'
     )
-  v = float(v)
+  try:
+    v = float(v)
+  except OverflowError:
+    v = math.inf
   if not (math.isfinite(v) and v > 0):
     raise ValueError(f'{fn}: {name}={v} must be finite and > 0')
+  # Applied in float32 (the statistics' dtype) or wider: a value that
+  # rounds to 0 or inf there, or is subnormal, makes the backward's
+  # division by it NaN.
+  f32 = jnp.finfo(jnp.float32)
+  if not float(f32.tiny) <= v <= float(f32.max):
+    raise ValueError(
+      f'{fn}: {name}={v} must be a normal float32 number, between '
+      f'{float(f32.tiny):.3g} and {float(f32.max):.3g} (the backward divides '
+      'by it)'
+    )
   return v
 
 

@@ -17,7 +17,9 @@ statistics and sync over k shards equals one call on the concatenated batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,6 +30,27 @@ _NOT_DIVISIBLE = (
   'not divide; pass a virtual_batch_size that divides {b} (for example '
   '{hint}), or pad the batch and mask the padding'
 )
+
+
+def _check_shards(fn, x, b, v):
+  """On a mesh with Explicit axes the batch axis's sharding is part of x's
+  type, and JAX reshapes (b,) into (b / v, v) only where the chunks split
+  evenly over the shards: say so rather than let JAX's ShardingTypeError
+  out."""
+  spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
+  mesh = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
+  if not spec or spec[0] is None or mesh is None:
+    return
+  names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  k = math.prod(mesh.shape[n] for n in names)
+  if b % v == 0 and (b // v) % k:
+    raise ValueError(
+      f'{fn}: virtual_batch_size={v} cuts the batch of {b} rows, sharded '
+      f'over {k} devices (mesh axes {names}), into {b // v} chunks, which do '
+      f'not split evenly over the shards; pass a virtual_batch_size that '
+      f'divides the {b // k} rows of each shard, or shard over a mesh with '
+      'Auto axes'
+    )
 
 
 def check(fn, x, lay, v, single_value_ok=False):
@@ -48,6 +71,7 @@ def check(fn, x, lay, v, single_value_ok=False):
       f'{fn}: virtual_batch_size must be a positive int, got {v!r}'
     )
   b = x.shape[0]
+  _check_shards(fn, x, b, v)
   if b % v:
     divisors = [d for d in range(1, b + 1) if b % d == 0 and d > 1]
     hint = ' or '.join(map(str, divisors[-3:-1] or divisors)) or '1'

@@ -574,7 +574,10 @@ class BatchNormAct(BatchNorm):
       use_running_average,
       mask,
       virtual_batch_size=self.virtual_batch_size,
-      act=_act.Spec(self.activation, self.scale_floor),
+      # Checked again: the attributes are public and may have changed.
+      act=_act.spec(
+        'bnjax.nnx.BatchNormAct', self.activation, self.scale_floor
+      ),
     )
 
 

@@ -56,6 +56,8 @@ CASES = {
       ('range', jax.nn.relu, ValueError, 'cannot be inverted'),
       ('range', 'gelu', ValueError, 'activation must be one of'),
       ('range', bnjax.LeakyReLU(0.0), ValueError, 'negative_slope=0.0'),
+      ('range', bnjax.LeakyReLU(1e-45), ValueError, 'a normal float32'),
+      ('range', bnjax.ELU(1e-45), ValueError, 'a normal float32'),
       ('range', bnjax.LeakyReLU(-0.2), ValueError, 'must be finite and > 0'),
       ('range', bnjax.ELU(-1.0), ValueError, 'alpha=-1.0'),
       ('nonfinite', bnjax.LeakyReLU(NAN), ValueError, 'finite'),
@@ -72,6 +74,11 @@ CASES = {
       ('range', -1e-3, ValueError, 'scale_floor'),
       ('nonfinite', NAN, ValueError, 'scale_floor'),
       ('nonfinite', INF, ValueError, 'scale_floor'),
+      # Regression (hostile review): values that pass "finite and > 0" but
+      # are subnormal or overflow in float32 made the backward NaN.
+      ('range', 1e-40, ValueError, 'scale_floor=1e-40 must be a normal'),
+      ('range', 1e39, ValueError, 'scale_floor=1e+39 must be a normal'),
+      ('range', 10**400, ValueError, 'scale_floor=inf must be finite'),
     ],
     'axis': [
       ('range', 2, ValueError, 'axis'),

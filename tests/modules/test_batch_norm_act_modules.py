@@ -134,3 +134,17 @@ def test_modules_refuse_complex_input():
     bnjax.linen.BatchNormAct().init(
       jax.random.key(0), x, use_running_average=False
     )
+
+
+def test_nnx_attributes_changed_after_construction_are_checked_again():
+  """Regression (hostile review): nnx attributes are public; setting
+  scale_floor to 0 after construction gave silent NaN gradients, and
+  activation='relu' a bare "'str' object is not callable"."""
+  bn = bnjax.nnx.BatchNormAct(3, rngs=nnx.Rngs(0))
+  x = jnp.arange(24.0).reshape(8, 3)
+  bn.scale_floor = 0.0
+  with pytest.raises(ValueError, match='scale_floor=0.0'):
+    bn(x)
+  bn.scale_floor, bn.activation = 1e-3, 'relu'
+  with pytest.raises(ValueError, match='leaky'):
+    bn(x)

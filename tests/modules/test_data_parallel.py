@@ -366,3 +366,22 @@ def test_equinox_state_off_the_mesh_names_the_fix(path):
   np.testing.assert_allclose(
     new.get(bn.state_index).mean, 0.01 * np.mean(x, 0), rtol=1e-5
   )
+
+
+def test_ghost_chunks_that_do_not_split_over_shards_name_the_fix(path):
+  """Regression (hostile review): virtual_batch_size larger than a shard's
+  rows on an Explicit mesh raised JAX's ShardingTypeError from the ghost
+  reshape; a size that divides the shard's rows gives the unsharded
+  ghost call's statistics."""
+  x, *_ = _problem(seed=49, rows=32)
+  mesh = _mesh('Explicit')
+  xs = jax.device_put(x, NamedSharding(mesh, P('d')))
+  stats = bnjax.init_batch_stats(4)
+  bn = lambda v: jax.jit(
+    lambda x: bnjax.batch_norm(
+      x, stats, use_running_average=False, virtual_batch_size=v
+    )[1]
+  )
+  with pytest.raises(ValueError, match=r'virtual_batch_size=8 cuts the batch'):
+    bn(8)(xs)
+  np.testing.assert_allclose(bn(4)(xs).var, bn(4)(x).var, rtol=1e-5)
