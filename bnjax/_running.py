@@ -286,10 +286,13 @@ def population_stats(state: RunningStats) -> BatchStats:
   return population_stats_as('bnjax.population_stats', state)
 
 
-def population_stats_as(fn: str, state: RunningStats) -> BatchStats:
+def population_stats_as(
+  fn: str, state: RunningStats, *, check: bool = True
+) -> BatchStats:
   """:func:`population_stats` for the public function ``fn``, every
-  error prefixed by its name."""
-  if isinstance(state, STATE_TYPES):
+  error prefixed by its name. ``check=False``: a converter that puts the
+  result through the one value check of conversions (``_values``)."""
+  if check and isinstance(state, STATE_TYPES):
     lay = _checks.stats_layout(fn, 'state.mean', state.mean)
     _checks.check_stats(fn, state, lay, STATE_TYPES, 'state')
     _checks.check_running_values(fn, state, 'state')

@@ -228,8 +228,7 @@ class _Base(eqx.nn.StatefulLayer):
       **core_kwargs,
     )
     if not inference:
-      _check_placed(fn, stats, new)
-      state = state.set(self.state_index, new)
+      state = _set_state(fn, state, self.state_index, stats, new)
     return y, state
 
 
@@ -238,12 +237,19 @@ def _mesh_names(v) -> tuple:
   return tuple(getattr(mesh, 'axis_names', ()))
 
 
-def _check_placed(fn: str, old, new) -> None:
-  """eqx.nn.State.set refuses a value whose type differs from the old one,
-  sharding included, with a message that prints the two as equal: name the
-  fix where the cause is a state left off the mesh of a sharded batch."""
-  if _mesh_names(new.mean) and not _mesh_names(old.mean):
-    raise ValueError(_NOT_PLACED.format(fn=fn, axes=_mesh_names(new.mean)))
+def _set_state(fn: str, state, index, old, new):
+  """``state.set(index, new)``. eqx.nn.State.set refuses a value whose type
+  differs from the old one, sharding included, with a message that prints
+  the two as equal: where the cause is a state left off the mesh of a
+  sharded batch, say so and name the fix."""
+  try:
+    return state.set(index, new)
+  except ValueError as e:
+    if _mesh_names(new.mean) and not _mesh_names(old.mean):
+      raise ValueError(
+        _NOT_PLACED.format(fn=fn, axes=_mesh_names(new.mean))
+      ) from e
+    raise
 
 
 class BatchNorm(_Base):
@@ -584,7 +590,8 @@ def _population(fn, layer, stats) -> tuple[np.ndarray, np.ndarray]:
   if isinstance(stats, RenormStats):
     std = np.asarray(stats.std, np.float64)
     return np.asarray(stats.mean), std * std - layer.eps
-  pop = _running.population_stats_as(fn, stats)
+  # The converters' one value check (_values) judges the result, by key.
+  pop = _running.population_stats_as(fn, stats, check=False)
   return np.asarray(pop.mean), np.asarray(pop.var)
 
 
