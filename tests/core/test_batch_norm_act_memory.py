@@ -87,15 +87,24 @@ def test_saved_residuals_per_layer(kind, per_layer):
   assert count[1] - count[0] == per_layer, count
 
 
+def _named_output(why: str) -> bool:
+  """A residual saved by the output's checkpoint name. JAX 0.8 describes
+  the same saved array as the "output of reduce_precision" at the line
+  that names it, later versions by its name."""
+  return 'bnjax_bn_act_output' in why or (
+    'reduce_precision' in why and 'bnjax/_train.py' in why
+  )
+
+
 def test_checkpoint_policy_can_name_the_output():
   args = _args()
   named = policies.save_only_these_names('bnjax_bn_act_output')
   res = _full_size(_net('batch_norm_act', remat=named), *args)
-  assert sum('bnjax_bn_act_output' in why for _, why in res) == L
+  assert sum(_named_output(why) for _, why in res) == L
   res = _full_size(
     _net('batch_norm_act', remat=policies.nothing_saveable), *args
   )
-  assert not any('bnjax_bn_act_output' in why for _, why in res)
+  assert not any(_named_output(why) for _, why in res)
   want = jax.grad(_net('batch_norm_act'), (1, 2, 3))(*args)
   got = jax.grad(_net('batch_norm_act', remat=named), (1, 2, 3))(*args)
   jax.tree.map(_close, got, want)
@@ -122,7 +131,8 @@ def test_compiled_memory_per_layer_is_no_more_than_conv_and_leaky_relu(
   layer (ELU: 4) against conv + leaky ReLU's 2."""
   act = _per_layer_bytes('batch_norm_act', activation)
   assert act <= _per_layer_bytes('plain') * 1.01
-  assert act < _per_layer_bytes('flax')
+  if activation != 'identity':  # flax's BN + identity keeps no mask either
+    assert act < _per_layer_bytes('flax')
 
 
 def test_scan_over_layers_equals_the_unrolled_loop():
