@@ -18,6 +18,7 @@ eqx = pytest.importorskip(
 
 import bnjax  # noqa: E402
 import bnjax.equinox  # noqa: E402
+from tests.badinput._runner import all_cases  # noqa: E402
 
 NAN = float('nan')
 X = jnp.arange(24.0).reshape(8, 3)
@@ -313,14 +314,6 @@ _RN_STATE.append(
 )
 
 
-def _cases():
-  for name, args in CASES.items():
-    for arg, cases in args.items():
-      if not isinstance(cases, str):
-        for i, case in enumerate(cases):
-          yield pytest.param(name, arg, case, id=f'{name}-{arg}-{case[0]}-{i}')
-
-
 @pytest.mark.parametrize('name', sorted(CALLS))
 def test_every_good_call_runs(name):
   CALLS[name]()
@@ -343,7 +336,7 @@ def _run(name, arg, value):
   return call(**{arg: value})
 
 
-@pytest.mark.parametrize('name, arg, case', list(_cases()))
+@pytest.mark.parametrize('name, arg, case', all_cases(CASES))
 def test_bad_input_raises_naming_the_argument(name, arg, case):
   _, value, exc, piece = case
   with pytest.raises(exc) as info:

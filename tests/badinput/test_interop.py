@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bnjax import interop
+from tests.badinput._runner import all_cases
 
 NAN = float('nan')
 
@@ -330,20 +331,12 @@ CASES: dict[str, dict[str, list | str]] = {
 }
 
 
-def _cases():
-  for name, args in CASES.items():
-    for arg, cases in args.items():
-      if not isinstance(cases, str):
-        for i, case in enumerate(cases):
-          yield pytest.param(name, arg, case, id=f'{name}-{arg}-{case[0]}-{i}')
-
-
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_every_good_call_runs(name):
   _call(name)
 
 
-@pytest.mark.parametrize('name, arg, case', list(_cases()))
+@pytest.mark.parametrize('name, arg, case', all_cases(CASES))
 def test_bad_input_raises_naming_the_argument(name, arg, case):
   _, value, exc, piece = case
   with pytest.raises(exc) as info:

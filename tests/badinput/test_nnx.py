@@ -14,6 +14,7 @@ from flax import nnx
 
 import bnjax
 import bnjax.nnx
+from tests.badinput._runner import all_cases
 
 NAN = float('nan')
 X = jnp.arange(24.0).reshape(8, 3)
@@ -212,20 +213,12 @@ CASES['bnjax.nnx.BatchNormAct'] = {
 CASES['bnjax.nnx.BatchNormAct.__call__'] = CASES['bnjax.nnx.BatchNorm.__call__']
 
 
-def _cases():
-  for name, args in CASES.items():
-    for arg, cases in args.items():
-      if not isinstance(cases, str):
-        for i, case in enumerate(cases):
-          yield pytest.param(name, arg, case, id=f'{name}-{arg}-{case[0]}-{i}')
-
-
 @pytest.mark.parametrize('name', sorted(CALLS))
 def test_every_good_call_runs(name):
   CALLS[name]()
 
 
-@pytest.mark.parametrize('name, arg, case', list(_cases()))
+@pytest.mark.parametrize('name, arg, case', all_cases(CASES))
 def test_bad_input_raises_naming_the_argument(name, arg, case):
   _, value, exc, piece = case
   call = CALLS[name]
