@@ -1,8 +1,10 @@
 """Test configuration: 8 host CPU devices for the sync tests, set before JAX starts."""
 
+import gc
 import os
 
 import jax
+import pytest
 
 jax.config.update('jax_num_cpu_devices', 8)
 
@@ -34,3 +36,19 @@ def pytest_collection_modifyitems(config, items):
     return 0 if mark is None else (mark.args[0] if mark.args else 10)
 
   items.sort(key=weight, reverse=True)  # stable: otherwise in file order
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _free_compiled_programs():
+  """Each test module's compiled programs are dropped after it. The suite
+  compiles thousands of programs (each hypothesis example is a new shape)
+  and a worker kept them all: one held 4.1 GB after 18% of the suite and
+  grew on, and CI's README job lost a worker near its end on the 24 GB
+  machine. Dropped per module, a 207-test subset (oracle, exactness, grad,
+  data-parallel) peaks at 1.05 GB instead of 1.98 GB.
+  ``BNJAX_KEEP_CACHES=1`` keeps them (to measure this)."""
+  yield
+  if os.environ.get('BNJAX_KEEP_CACHES'):
+    return
+  jax.clear_caches()
+  gc.collect()
