@@ -1,5 +1,9 @@
 r"""BN followed by an invertible activation, keeping only its output.
 
+The activations and the checked :class:`Spec` that the core takes live here,
+below ``bnjax._core`` (the modules' ``BatchNormAct`` build theirs here); the
+public function is :func:`bnjax.batch_norm_act`.
+
 InPlace-ABN (Rota Bulo, Porzi and Kontschieder, CVPR 2018): training-mode
 :math:`y = \phi(\gamma \hat x + \beta)` saves for the backward only y, which
 the next layer (a convolution) saves anyway, and per-channel vectors. The
