@@ -1,9 +1,8 @@
 """bnjax: batch normalization for JAX as pure functions."""
 
-from bnjax._act import ELU, Identity, LeakyReLU, batch_norm_act
+from bnjax._act import ELU, Identity, LeakyReLU
 from bnjax._core import batch_norm, frozen_batch_norm, moments, normalize
 from bnjax._fold import fold
-from bnjax._renorm import batch_renorm
 from bnjax._running import apply_pooled, population_stats
 from bnjax._types import (
   BatchStats,
@@ -17,6 +16,7 @@ from bnjax._types import (
   init_pooled_stats,
   init_renorm_stats,
 )
+from bnjax._variants import batch_norm_act, batch_renorm
 
 __version__ = '0.2.0'
 

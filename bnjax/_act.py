@@ -1,5 +1,9 @@
 r"""BN followed by an invertible activation, keeping only its output.
 
+The activations and the checked :class:`Spec` that the core takes live here,
+below ``bnjax._core`` (the modules' ``BatchNormAct`` build theirs here); the
+public function is :func:`bnjax.batch_norm_act`.
+
 InPlace-ABN (Rota Bulo, Porzi and Kontschieder, CVPR 2018): training-mode
 :math:`y = \phi(\gamma \hat x + \beta)` saves for the backward only y, which
 the next layer (a convolution) saves anyway, and per-channel vectors. The
@@ -34,16 +38,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from bnjax import _core
-from bnjax._types import (
-  Axis,
-  AxisIndexGroups,
-  AxisName,
-  DType,
-  RunningStats,
-  Scalar,
-)
 
 Array = jax.Array
 
@@ -233,110 +227,3 @@ def _positive(fn: str, name: str, v: Any) -> float:
       'by it)'
     )
   return v
-
-
-def batch_norm_act(
-  x: Array,
-  batch_stats: RunningStats,
-  scale: Array | None = None,
-  bias: Array | None = None,
-  *,
-  use_running_average: bool,
-  activation: str | Activation = 'leaky_relu',
-  scale_floor: float = 1e-3,
-  axis: Axis = -1,
-  momentum: Scalar = 0.99,
-  epsilon: Scalar = 1e-5,
-  axis_name: AxisName = None,
-  axis_index_groups: AxisIndexGroups | None = None,
-  mask: Array | None = None,
-  use_fast_variance: bool = True,
-  dtype: DType | None = None,
-  virtual_batch_size: int | None = None,
-  sync: str = 'auto',
-) -> tuple[Array, RunningStats]:
-  r"""BN then an invertible activation, keeping only the output for the
-  backward (InPlace-ABN): returns ``(activation(y), new_batch_stats)``.
-
-  .. math:: \text{out} = \phi(\gamma' \hat x + \beta), \qquad
-     \gamma' = \operatorname{sign}(\gamma)\max(|\gamma|, \text{scale\_floor})
-
-  The same function as :func:`bnjax.batch_norm` followed by the activation
-  (where ``|scale| >= scale_floor``), with the same arguments, state types
-  and statistics. In training its ``jax.custom_vjp`` saves the output (named
-  ``'bnjax_bn_act_output'`` for ``jax.checkpoint`` policies) and
-  per-channel vectors, not x: in a conv + BN + activation network the one
-  full-size array a layer is the output the next convolution saves anyway
-  (flax's BN + leaky ReLU keeps four, ``batch_norm`` + activation three).
-  The backward recovers :math:`\hat x = (\phi^{-1}(\text{out}) - \beta) /
-  \gamma'`; its relative error is about the output dtype's epsilon times
-  :math:`|\hat x| + |\beta / \gamma'|`. See the InPlace-ABN guide.
-
-  Reverse mode, grad of grad and ``jax.hessian`` (forward over reverse) work;
-  forward mode on it directly (``jax.jvp``, ``jacfwd``) raises JAX's
-  custom_vjp ``TypeError``: use :func:`bnjax.batch_norm` there.
-
-  Args:
-    x: real floating input.
-    batch_stats: running statistics, as :func:`bnjax.batch_norm`.
-    scale: optional per-channel scale (gamma); None switches it off.
-    bias: optional per-channel bias (beta); None switches it off.
-    use_running_average: keyword-only and required; True for inference.
-    activation: ``'leaky_relu'`` (slope 0.01, the default), ``'elu'``
-      (alpha 1), ``'identity'``, or :class:`bnjax.LeakyReLU`\
-      ``(negative_slope)`` / :class:`bnjax.ELU`\ ``(alpha)`` for other
-      parameters (Python numbers > 0). ReLU is refused: it has no inverse.
-    scale_floor: the smallest ``|scale|`` used, a Python number > 0:
-      smaller scales are replaced by ``±scale_floor`` (the sign kept, + at
-      0) in training and inference, with their gradient passed through.
-    axis: as :func:`bnjax.batch_norm`.
-    momentum: as :func:`bnjax.batch_norm` (Flax's: PyTorch's ``p`` is
-      ``1 - p``).
-    epsilon: as :func:`bnjax.batch_norm`.
-    axis_name: as :func:`bnjax.batch_norm`.
-    axis_index_groups: as :func:`bnjax.batch_norm`.
-    mask: as :func:`bnjax.batch_norm`.
-    use_fast_variance: as :func:`bnjax.batch_norm`.
-    dtype: output dtype, as :func:`bnjax.batch_norm`; the output is the
-      saved residual, so ELU needs at least float32.
-    virtual_batch_size: as :func:`bnjax.batch_norm`.
-    sync: as :func:`bnjax.batch_norm`.
-
-  Returns:
-    ``(out, new_batch_stats)``.
-
-  Raises:
-    TypeError: as :func:`bnjax.batch_norm`, complex x, an activation of
-      another type, or a non-number parameter.
-    ValueError: as :func:`bnjax.batch_norm`, ReLU, an unknown name, or a
-      parameter that is not finite and > 0.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, bnjax
-    >>> x = jnp.array([[1.0], [3.0]])
-    >>> y, _ = bnjax.batch_norm_act(x, bnjax.init_batch_stats(1),
-    ...     use_running_average=False, activation=bnjax.LeakyReLU(0.1))
-    >>> y.round(3)
-    Array([[-0.1],
-           [ 1. ]], dtype=float32)
-  """
-  fn = 'batch_norm_act'
-  return _core.normalize_batch(
-    fn,
-    x,
-    batch_stats,
-    scale,
-    bias,
-    use_running_average=use_running_average,
-    axis=axis,
-    momentum=momentum,
-    epsilon=epsilon,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    mask=mask,
-    use_fast_variance=use_fast_variance,
-    dtype=dtype,
-    virtual_batch_size=virtual_batch_size,
-    sync=sync,
-    act=spec(fn, activation, scale_floor),
-  )

@@ -10,14 +10,13 @@ statistics engine, ``bnjax._moments``, and the custom JVP of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax import _checks, _ghost, _moments, _running, _train
+from bnjax import _act, _checks, _ghost, _moments, _running, _train
 from bnjax._types import (
   Axis,
   AxisIndexGroups,
@@ -25,49 +24,50 @@ from bnjax._types import (
   BatchStats,
   DType,
   Layout,
+  RenormStats,
   RunningStats,
   Scalar,
 )
 
 Array = jax.Array
-
-# A variant's per-channel correction of the affine: (function, its arrays);
-# see bnjax._train.Cfg.correction.
-Correction = tuple[Callable[..., tuple[Array, Array]], tuple[Array, ...]]
+# The state normalize_batch takes is the type it returns.
+State = TypeVar('State', bound=RunningStats | RenormStats)
 
 
 def normalize_batch(
   fn: str,
-  x: Any,
-  state: Any,
-  scale: Any,
-  bias: Any,
+  x: Array,
+  state: State,
+  scale: Array | None,
+  bias: Array | None,
   *,
-  use_running_average: Any,
-  axis: Any = -1,
-  momentum: Any = 0.99,
-  epsilon: Any = 1e-5,
-  axis_name: Any = None,
-  axis_index_groups: Any = None,
-  mask: Any = None,
-  use_fast_variance: Any = True,
-  dtype: Any = None,
-  virtual_batch_size: Any = None,
-  sync: Any = 'auto',
-  state_types: tuple = _running.STATE_TYPES,
-  correction: Correction | None = None,
+  use_running_average: bool,
+  axis: Axis = -1,
+  momentum: Scalar = 0.99,
+  epsilon: Scalar = 1e-5,
+  axis_name: AxisName = None,
+  axis_index_groups: AxisIndexGroups | None = None,
+  mask: Array | None = None,
+  use_fast_variance: bool = True,
+  dtype: DType | None = None,
+  virtual_batch_size: int | None = None,
+  sync: str = 'auto',
+  correction: _train.Correction | None = None,
   single_value_ok: bool = False,
   lay: Layout | None = None,
-  act: Any = None,
-) -> tuple[Array, Any]:
+  act: _act.Spec | None = None,
+) -> tuple[Array, State]:
   """The one private entry of every BN function and module.
 
-  ``fn`` names the caller in every error. ``state_types``: the running-
-  statistics types it takes. ``correction``: a variant's affine correction
-  (batch renorm's). ``single_value_ok``: train on one value per channel
-  (the modules do, as flax's). ``lay``: x's already-checked layout (a module
-  that needed the feature shape first), so x is validated once. ``act``:
-  the checked activation of BN + activation (``bnjax._act.Spec``), or None.
+  The arguments are :func:`batch_norm`'s (checked here, whatever their
+  type), then: ``fn`` names the caller in every error. ``correction``: a
+  variant's correction of the affine and the state type it runs on (batch
+  renorm's, from ``bnjax._renorm.variant``); without one the state is one
+  of ``bnjax._running.STATE_TYPES``. ``single_value_ok``: train on one
+  value per channel (the modules do, as flax's). ``lay``: x's
+  already-checked layout (a module that needed the feature shape first),
+  so x is validated once. ``act``: the checked activation of BN +
+  activation (from ``bnjax._act.spec``), or None.
   """
   _checks.check_use_running_average(fn, use_running_average)
   if lay is None:
@@ -77,6 +77,9 @@ def normalize_batch(
     lay = _checks.layout(fn, x, axis)
   elif act is not None:
     x = _checks.check_floating(fn, x, complex_ok=False)
+  state_types = (
+    _running.STATE_TYPES if correction is None else correction.state_type
+  )
   _checks.check_stats(fn, state, lay, state_types)
   scale = _checks.check_per_channel(
     fn, 'scale', scale, lay, real=not _is_complex(x)
@@ -120,11 +123,11 @@ def normalize_batch(
     _moments.Sync(axis_name, groups, mode, fn),
     bool(use_fast_variance),
     out_dtype,
-    None if correction is None else correction[0],
+    None if correction is None else correction.rule,
     activation,
   )
   fallback = None if mask is None else _running.fallback_stats(state, epsilon)
-  fix = () if correction is None else correction[1]
+  fix = () if correction is None else (state, *correction.args)
   if virtual_batch_size is not None:
     y, mean, var, count, lo = _ghost.train(
       x, scale, bias, epsilon, mask, cfg, virtual_batch_size, fallback

@@ -1,6 +1,8 @@
 r"""Running-statistic rules: EMA, cumulative average and zero-debiased EMA.
 
-The state type picks the rule (see :mod:`bnjax._types`):
+The state type picks the rule, one row a type in :data:`RULES` (the
+update, the population statistics, what inference and an empty masked
+channel normalize with; the types are in :mod:`bnjax._types`):
 
 * :class:`BatchStats`: Flax's EMA, :math:`s_t = m s_{t-1} + (1 - m) b_t`.
 * :class:`CumulativeStats`: :math:`s_t = (1 - 1/t) s_{t-1} + b_t / t`.
@@ -17,6 +19,9 @@ keep the dtypes of the state passed in, so a jitted step never recompiles.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,34 +82,16 @@ def update(
   ``count_lo``: ``(values per channel, mean_lo)`` of the batch (see
   ``bnjax._moments.finalize_lo``); only :class:`PooledStats` reads it, and
   ``spread`` (see :func:`pool`)."""
-  if isinstance(old, PooledStats):
-    if count_lo is None:
-      raise TypeError('update: a PooledStats update needs count_lo')
-    return pool(old, mean, var, count_lo, valid, spread)
-  if not isinstance(old, CumulativeStats) and _is_one(momentum):
+  rules = rules_of(old)
+  if rules is None:
+    raise TypeError(f'unknown running-statistics type {type(old).__name__}')
+  if rules.ema and _is_one(momentum):
     # momentum 1 is "never update" (a frozen model's BN): the state comes
     # back bitwise, where 1 * old + 0 * batch would let a NaN batch in.
     return old
-  if isinstance(old, RenormStats):
-    return ema(old, mean, jnp.sqrt(var + epsilon), momentum, valid)
-  if isinstance(old, BatchStats):
-    return ema(old, mean, var, momentum, valid)
-  if isinstance(old, CumulativeStats):
-    inc = 1 if valid is None else valid.astype(old.count.dtype)
-    count = old.count + inc
-    # (1 - 1/t) old + b/t: exactly b at t = 1.
-    keep = 1 - 1 / jnp.maximum(count, 1).astype(mean.dtype)
-    return CumulativeStats(
-      _mix(old.mean, mean, keep, valid), _mix(old.var, var, keep, valid), count
-    )
-  if isinstance(old, DebiasedStats):
-    one = jnp.ones_like(mean)
-    return DebiasedStats(
-      _mix(old.mean, mean, momentum, valid),
-      _mix(old.var, var, momentum, valid),
-      _mix(old.weight, one, momentum, valid),
-    )
-  raise TypeError(f'unknown running-statistics type {type(old).__name__}')
+  return rules.update(
+    old, Batch(mean, var, valid, count_lo, spread), momentum, epsilon
+  )
 
 
 def merge_pools(pools: PooledStats, axis: int = 0) -> PooledStats:
@@ -215,7 +202,7 @@ def apply_pooled_as(fn: str, batch_stats, pooled, momentum, epsilon=0.0):
   _checks.check_stats(fn, pooled, lay, PooledStats, 'pooled')
   _checks.check_stats(fn, batch_stats, lay, STATE_TYPES + (RenormStats,))
   _checks.check_momentum(fn, momentum)
-  if isinstance(batch_stats, RenormStats):
+  if rules_of(batch_stats).reads_epsilon:
     _checks.check_epsilon(fn, epsilon)
   else:  # unused, but a wrong one is a sign of a mistake
     _checks.check_scalar(fn, 'epsilon', epsilon)
@@ -239,21 +226,13 @@ def _is_one(momentum) -> bool:
 
 def inference_params(state, epsilon) -> tuple[jax.Array, jax.Array]:
   """(mean, 1 / std) that inference normalizes with, for any state type."""
-  if isinstance(state, RenormStats):
-    return state.mean, 1 / state.std
-  pop = population_stats(state)
-  f = jnp.promote_types(pop.var.dtype, jnp.float32)
-  return pop.mean, lax.rsqrt(pop.var.astype(f) + epsilon)
+  return rules_of(state).inference(state, epsilon)
 
 
 def fallback_stats(state, epsilon) -> tuple[jax.Array, jax.Array]:
   """(mean, var) whose normalization is what inference gives: for a channel
   with no masked-in value in training."""
-  if isinstance(state, RenormStats):
-    std = state.std.astype(jnp.promote_types(state.std.dtype, jnp.float32))
-    return state.mean, jnp.square(std) - epsilon
-  pop = population_stats(state)
-  return pop.mean, pop.var
+  return rules_of(state).fallback(state, epsilon)
 
 
 def population_stats(state: RunningStats) -> BatchStats:
@@ -296,23 +275,155 @@ def population_stats_as(
     lay = _checks.stats_layout(fn, 'state.mean', state.mean)
     _checks.check_stats(fn, state, lay, STATE_TYPES, 'state')
     _checks.check_running_values(fn, state, 'state')
-  if isinstance(state, (BatchStats, CumulativeStats)):
-    return BatchStats(state.mean, state.var)
-  if isinstance(state, DebiasedStats):
-    seen = state.weight > 0
-    w = jnp.where(seen, state.weight, 1)
-    return BatchStats(
-      jnp.where(seen, state.mean / w, 0).astype(state.mean.dtype),
-      jnp.where(seen, state.var / w, 1).astype(state.var.dtype),
+  population = rules_of(state).population
+  if population is None:
+    raise TypeError(
+      f'population_stats: state must be a BatchStats, CumulativeStats, '
+      f'DebiasedStats or PooledStats, got {type(state).__name__}'
     )
-  if isinstance(state, PooledStats):
-    seen = state.count > 0
-    n = jnp.where(seen, state.count, 1).astype(state.m2.dtype)
-    return BatchStats(
-      jnp.where(seen, state.mean + state.mean_lo, 0).astype(state.mean.dtype),
-      jnp.where(seen, state.m2 / n, 1).astype(state.m2.dtype),
-    )
-  raise TypeError(
-    f'population_stats: state must be a BatchStats, CumulativeStats, '
-    f'DebiasedStats or PooledStats, got {type(state).__name__}'
+  return population(state)
+
+
+# ------------------------------------------------------------ the rules ---
+# Each state type's rules, one row a type in RULES: a new state type is one
+# row (and its NamedTuple in bnjax._types), and no function above branches
+# on the type.
+
+
+class Batch(NamedTuple):
+  """One batch's statistics, as :func:`update` passes them to a rule."""
+
+  mean: jax.Array
+  var: jax.Array
+  valid: jax.Array | None
+  count_lo: tuple[jax.Array, jax.Array] | None
+  spread: bool
+
+
+def _ema_update(old, b: Batch, momentum, epsilon):
+  return ema(old, b.mean, b.var, momentum, b.valid)
+
+
+def _renorm_update(old: RenormStats, b: Batch, momentum, epsilon):
+  return ema(old, b.mean, jnp.sqrt(b.var + epsilon), momentum, b.valid)
+
+
+def _cumulative_update(old: CumulativeStats, b: Batch, momentum, epsilon):
+  inc = 1 if b.valid is None else b.valid.astype(old.count.dtype)
+  count = old.count + inc
+  # (1 - 1/t) old + b/t: exactly b at t = 1.
+  keep = 1 - 1 / jnp.maximum(count, 1).astype(b.mean.dtype)
+  return CumulativeStats(
+    _mix(old.mean, b.mean, keep, b.valid),
+    _mix(old.var, b.var, keep, b.valid),
+    count,
   )
+
+
+def _debiased_update(old: DebiasedStats, b: Batch, momentum, epsilon):
+  one = jnp.ones_like(b.mean)
+  return DebiasedStats(
+    _mix(old.mean, b.mean, momentum, b.valid),
+    _mix(old.var, b.var, momentum, b.valid),
+    _mix(old.weight, one, momentum, b.valid),
+  )
+
+
+def _pooled_update(old: PooledStats, b: Batch, momentum, epsilon):
+  if b.count_lo is None:
+    raise TypeError('update: a PooledStats update needs count_lo')
+  return pool(old, b.mean, b.var, b.count_lo, b.valid, b.spread)
+
+
+def _not_a_state(old, b: Batch, momentum, epsilon):
+  raise TypeError(f'unknown running-statistics type {type(old).__name__}')
+
+
+def _stored(state) -> BatchStats:
+  return BatchStats(state.mean, state.var)
+
+
+def _debiased_population(state: DebiasedStats) -> BatchStats:
+  seen = state.weight > 0
+  w = jnp.where(seen, state.weight, 1)
+  return BatchStats(
+    jnp.where(seen, state.mean / w, 0).astype(state.mean.dtype),
+    jnp.where(seen, state.var / w, 1).astype(state.var.dtype),
+  )
+
+
+def _pooled_population(state: PooledStats) -> BatchStats:
+  seen = state.count > 0
+  n = jnp.where(seen, state.count, 1).astype(state.m2.dtype)
+  return BatchStats(
+    jnp.where(seen, state.mean + state.mean_lo, 0).astype(state.mean.dtype),
+    jnp.where(seen, state.m2 / n, 1).astype(state.m2.dtype),
+  )
+
+
+def _population_inference(state, epsilon):
+  pop = population_stats(state)
+  f = jnp.promote_types(pop.var.dtype, jnp.float32)
+  return pop.mean, lax.rsqrt(pop.var.astype(f) + epsilon)
+
+
+def _population_fallback(state, epsilon):
+  pop = population_stats(state)
+  return pop.mean, pop.var
+
+
+def _renorm_inference(state: RenormStats, epsilon):
+  return state.mean, 1 / state.std
+
+
+def _renorm_fallback(state: RenormStats, epsilon):
+  std = state.std.astype(jnp.promote_types(state.std.dtype, jnp.float32))
+  return state.mean, jnp.square(std) - epsilon
+
+
+class Rules(NamedTuple):
+  """The rules of one running-statistics type: its row of :data:`RULES`."""
+
+  # (old, batch, momentum, epsilon) -> the state after the batch.
+  update: Callable[[Any, Batch, Any, Any], Any]
+  # The (mean, var) inference normalizes with (population_stats); None for
+  # a state that keeps no variance.
+  population: Callable[[Any], BatchStats] | None
+  # An EMA in momentum: momentum 1 returns the state bitwise.
+  ema: bool = True
+  # (state, epsilon) -> (mean, 1 / std) that inference normalizes with.
+  inference: Callable[[Any, Any], tuple[jax.Array, jax.Array]] = (
+    _population_inference
+  )
+  # (state, epsilon) -> the (mean, var) whose normalization is inference's.
+  fallback: Callable[[Any, Any], tuple[jax.Array, jax.Array]] = (
+    _population_fallback
+  )
+  # Its fields hold epsilon (a std of var + epsilon).
+  reads_epsilon: bool = False
+
+
+RULES: dict[type, Rules] = {
+  BatchStats: Rules(_ema_update, _stored),
+  CumulativeStats: Rules(_cumulative_update, _stored, ema=False),
+  DebiasedStats: Rules(_debiased_update, _debiased_population),
+  PooledStats: Rules(_pooled_update, _pooled_population, ema=False),
+  RenormStats: Rules(
+    _renorm_update,
+    None,
+    inference=_renorm_inference,
+    fallback=_renorm_fallback,
+    reads_epsilon=True,
+  ),
+}
+# Not a state: update raises (after momentum 1, which keeps anything),
+# population_stats raises its TypeError.
+_NOT_A_STATE = Rules(_not_a_state, None)
+
+
+def rules_of(state) -> Rules:
+  """The rules of ``type(state)``, or of the state type it derives from."""
+  for t in type(state).__mro__:
+    if t in RULES:
+      return RULES[t]
+  return _NOT_A_STATE

@@ -16,10 +16,11 @@ and :math:`\langle\cdot\rangle` the mean over the (global, unmasked) batch,
             - \tfrac12 \hat x\, r^2\, d\epsilon, \qquad
   dy = \gamma\, d\hat x + \hat x\, d\gamma + d\beta .
 
-A variant may fold a per-channel correction into the affine
-(``Cfg.correction``): batch renorm's :math:`\gamma (\hat x r + d) + \beta`
-is the affine :math:`(\gamma r, \gamma d + \beta)` of :math:`\hat x`, with r
-and d constants for autodiff.
+A variant may fold a per-channel correction into the affine (a
+:class:`Correction`, whose rule is ``Cfg.correction``): batch renorm's
+:math:`\gamma (\hat x r + d) + \beta` is the affine
+:math:`(\gamma r, \gamma d + \beta)` of :math:`\hat x`, with r and d
+constants for autodiff.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,24 @@ from bnjax._types import Layout
 Array = jax.Array
 
 
+class Correction(NamedTuple):
+  r"""A variant of training BN as a value (as optax passes a transformation
+  as a named pair of pure functions, ``GradientTransformation``): a
+  per-channel correction of the affine, :math:`\gamma (\hat x r + d) +
+  \beta`.
+
+  Attributes:
+    state_type: the running-statistics type the variant runs on.
+    rule: ``(mean, var + eps, state, *args) -> (r, d)``, per channel, taken
+      as constants for autodiff.
+    args: the rule's other (checked, possibly traced) arguments.
+  """
+
+  state_type: type
+  rule: Callable[..., tuple[Array, Array]]
+  args: tuple[Array, ...] = ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Cfg:
   """Static settings of one training-mode call (hashable: a nondiff arg)."""
@@ -48,7 +67,7 @@ class Cfg:
   sync: _moments.Sync
   fast: bool
   out_dtype: Any
-  # (mean, var + eps, *correction_args) -> per-channel (r, d), or None.
+  # A Correction's rule, or None.
   correction: Callable[..., tuple[Array, Array]] | None = None
   # An invertible activation applied to the output (bnjax._act), or None.
   act: Any = None
@@ -220,7 +239,8 @@ def train(
 ):
   """Training-mode BN: (y, batch mean, batch var, count, mean_lo).
 
-  ``fix``: the arrays ``cfg.correction`` takes after (mean, var + eps).
+  ``fix``: what ``cfg.correction`` takes after (mean, var + eps): the
+  running state and the :class:`Correction`'s args.
   ``fallback``: the (mean, var) that channels with no masked-in value are
   normalized with (the running statistics), or None.
   """

@@ -166,7 +166,17 @@ class _Base(eqx.nn.StatefulLayer):
     for name, value in fields.items():
       setattr(self, name, value)
 
-  def _call(self, fn, x, state, inference, mask, **core_kwargs):
+  def _call(
+    self,
+    fn,
+    x,
+    state,
+    inference,
+    mask,
+    *,
+    act: _act.Spec | None = None,
+    renorm: tuple[Any, Any] | None = None,
+  ):
     if inference is None:
       inference = self.inference
     if isinstance(inference, jax.core.Tracer):
@@ -205,10 +215,7 @@ class _Base(eqx.nn.StatefulLayer):
         )
       )
     stats = state.get(self.state_index)
-    if 'renorm' in core_kwargs:
-      core_kwargs.update(
-        _renorm.core_kwargs(fn, stats, *core_kwargs.pop('renorm'))
-      )
+    correction = None if renorm is None else _renorm.variant(fn, *renorm)
     y, new = _core.normalize_batch(
       fn,
       lay_x,
@@ -223,9 +230,10 @@ class _Base(eqx.nn.StatefulLayer):
       axis_name=None if inference else self.axis_name,
       mask=mask,
       sync=self.sync,
+      correction=correction,
       single_value_ok=True,
       lay=lay,
-      **core_kwargs,
+      act=act,
     )
     if not inference:
       state = _set_state(fn, state, self.state_index, stats, new)

@@ -58,8 +58,20 @@ class _Base(nn.Module):
 
 # Module-level, not methods: flax intercepts module methods (nn.tabulate
 # re-runs them outside the compact scope), and these create variables.
-def _normalize(module, x, use_running_average, mask, **core_kwargs):
-  """Creates the variables, runs the core, writes the new statistics."""
+def _normalize(
+  module,
+  x,
+  use_running_average,
+  mask,
+  *,
+  virtual_batch_size: int | None = None,
+  act: _act.Spec | None = None,
+  renorm: tuple[Any, Any] | None = None,
+):
+  """Creates the variables, runs the core, writes the new statistics.
+
+  ``renorm``: batch renorm's ``(r_max, d_max)``; ``act``: BN +
+  activation's checked activation."""
   fn = f'bnjax.linen.{type(module).__name__}'
   given = (module.use_running_average, use_running_average)
   if (given[0] is None) == (given[1] is None):
@@ -104,10 +116,7 @@ def _normalize(module, x, use_running_average, mask, **core_kwargs):
   if recording:  # pool this batch's moments; batch_stats stay as they are
     pooled = _pool_variables(module, lay.feature_shape)
     state = PooledStats(*(v.value for v in pooled))
-  if 'renorm' in core_kwargs:
-    core_kwargs.update(
-      _renorm.core_kwargs(fn, state, *core_kwargs.pop('renorm'))
-    )
+  correction = None if renorm is None else _renorm.variant(fn, *renorm)
   y, new = _core.normalize_batch(
     fn,
     x,
@@ -125,10 +134,13 @@ def _normalize(module, x, use_running_average, mask, **core_kwargs):
     mask=mask,
     use_fast_variance=module.use_fast_variance,
     dtype=_out_dtype(module.dtype, x, scale, bias),
+    momentum=module.momentum,
+    virtual_batch_size=virtual_batch_size,
     sync=module.sync,
+    correction=correction,
     single_value_ok=True,
     lay=lay,
-    **{'momentum': module.momentum, **core_kwargs},
+    act=act,
   )
   if recording:
     for v, new_v in zip(pooled, new, strict=True):

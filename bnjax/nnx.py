@@ -140,7 +140,16 @@ class _Base(nnx.Module):
     self.sync = sync
     self.virtual_batch_size = virtual_batch_size
 
-  def _normalize(self, x, use_running_average, mask, **core_kwargs):
+  def _normalize(
+    self,
+    x,
+    use_running_average,
+    mask,
+    *,
+    virtual_batch_size: int | None = None,
+    act: _act.Spec | None = None,
+    renorm: tuple[Any, Any] | None = None,
+  ):
     """Runs the core on the module's state; writes the new statistics."""
     fn = f'bnjax.nnx.{type(self).__name__}'
     if use_running_average is None:
@@ -171,10 +180,7 @@ class _Base(nnx.Module):
     state = (PooledStats if names is POOL else self._STATE)(
       *(getattr(self, n)[...] for n in names)
     )
-    if 'renorm' in core_kwargs:
-      core_kwargs.update(
-        _renorm.core_kwargs(fn, state, *core_kwargs.pop('renorm'))
-      )
+    correction = None if renorm is None else _renorm.variant(fn, *renorm)
     y, new = _core.normalize_batch(
       fn,
       x,
@@ -193,10 +199,12 @@ class _Base(nnx.Module):
       mask=mask,
       use_fast_variance=self.use_fast_variance,
       dtype=x.dtype,
+      virtual_batch_size=virtual_batch_size,
       sync=self.sync,
+      correction=correction,
       single_value_ok=True,
       lay=lay,
-      **core_kwargs,
+      act=act,
     )
     if not use_running_average:
       for n, v in zip(names, new, strict=True):

@@ -121,7 +121,7 @@ MUTANTS = {
   ),
   'frozen (momentum 1) still mixes the batch in': (
     'bnjax/_running.py',
-    'if not isinstance(old, CumulativeStats) and _is_one(momentum):',
+    'if rules.ema and _is_one(momentum):',
     'if False:',
     ['tests/modules/test_training.py'],
   ),
