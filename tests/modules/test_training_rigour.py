@@ -350,6 +350,61 @@ def test_recalibration_pools_by_count_in_every_entry(entry):
   assert _rel(var, whole.var(0)) < 1e-6
 
 
+@pytest.mark.parametrize('entry', ['function', 'linen', 'nnx', 'equinox'])
+def test_recalibration_keeps_channels_the_batches_never_reach(entry):
+  """Regression (issue 42, one write-back): linen recalibration wrote mean
+  0 and var 1 into a channel no batch reached (every value masked out)
+  where the function and nnx paths kept its statistics; all keep them."""
+  x = jnp.asarray(randn((3, 8, 3)))
+  mask = jnp.broadcast_to(jnp.array([True, True, False]), x.shape)
+  if entry == 'function':
+    old = bnjax.BatchStats(
+      jnp.full(3, 2.0, jnp.float32), jnp.full(3, 5.0, jnp.float32)
+    )
+    mean, var = bnjax.training.recalibrate(
+      lambda s, xm: bnjax.batch_norm(
+        xm[0], s, use_running_average=False, mask=xm[1]
+      ),
+      (x, mask),
+      variables=old,
+    )
+  elif entry == 'linen':
+    v = _MaskedLinen().init(jax.random.key(0), (x[0], mask[0]))
+    stats = {
+      'BatchNorm_0': {
+        'mean': jnp.full(3, 2.0, jnp.float32),
+        'var': jnp.full(3, 5.0, jnp.float32),
+      }
+    }
+    v = {**v, 'batch_stats': stats}
+    s = bnjax.training.recalibrate(_MaskedLinen(), (x, mask), variables=v)
+    mean, var = s['batch_stats']['BatchNorm_0'].values()
+  elif entry == 'nnx':
+    bn = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    bn.mean[...], bn.var[...] = (
+      jnp.full(3, 2.0, jnp.float32),
+      jnp.full(3, 5.0, jnp.float32),
+    )
+    bnjax.training.recalibrate(_Masked(bn), (x, mask))
+    mean, var = bn.mean[...], bn.var[...]
+  else:
+    layer, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
+      3, batch_axis=0
+    )
+    old = bnjax.BatchStats(
+      jnp.full(3, 2.0, jnp.float32), jnp.full(3, 5.0, jnp.float32)
+    )
+    state = state.set(layer.state_index, old)
+    state = bnjax.training.recalibrate(
+      lambda st, xm: layer(xm[0], st, mask=xm[1]), (x, mask), variables=state
+    )
+    mean, var = state.get(layer.state_index)
+  np.testing.assert_array_equal(mean[2], 2.0)
+  np.testing.assert_array_equal(var[2], 5.0)
+  whole = np.asarray(x, np.float64).reshape(-1, 3)[:, :2]
+  assert _rel(var[:2], whole.var(0)) < 1e-6
+
+
 def test_nnx_recalibration_keeps_layers_the_batches_never_reach():
   class TwoPaths(nnx.Module):
     def __init__(self):
