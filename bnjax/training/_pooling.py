@@ -40,7 +40,11 @@ def start_pooling(model: _nnx.Module, *, only: Any = None) -> None:
   ``var`` as they are; each micro-batch is normalized by its own
   statistics. :func:`apply_pooled` then makes the one update that a
   single batch of all the micro-batches would. Call it outside ``nnx.jit``
-  (it adds variables); the jitted step then carries the pool.
+  (it adds variables); the jitted step then carries the pool. Only nnx
+  needs this step: a functional pool is a value
+  (:func:`bnjax.init_pooled_stats`) and linen pools whenever the
+  ``batch_moments`` collection is mutable, but an nnx layer owns its
+  variables, so the pool must be added to it.
 
   Args:
     model: an nnx module with :class:`bnjax.nnx.BatchNorm` layers.
