@@ -150,7 +150,8 @@ def apply_pooled(
   *,
   momentum: Scalar = 0.99,
   epsilon: Scalar = 0.0,
-) -> RunningStats:
+  when: Any = True,
+) -> tuple[RunningStats, PooledStats]:
   r"""One running-statistics update from pooled micro-batch moments.
 
   Gradient accumulation with k micro-batches: train each micro-batch with
@@ -167,22 +168,34 @@ def apply_pooled(
     pooled: the micro-batches' :class:`PooledStats`.
     momentum: EMA decay, as :func:`bnjax.batch_norm`'s.
     epsilon: :class:`RenormStats` only: its ``std`` includes it.
+    when: a bool, traced or not (e.g. ``step % k == k - 1`` inside a
+      jitted step): where False nothing is applied and the pool is kept.
 
   Returns:
-    New statistics of ``batch_stats``'s type, shapes and dtypes.
+    ``(new batch_stats, pooled)``: statistics of ``batch_stats``'s type,
+    shapes and dtypes, and the pool emptied where applied (the shape of
+    :func:`bnjax.linen.apply_pooled` and of every other entry).
 
   Example:
     >>> import jax.numpy as jnp, bnjax
     >>> pool = bnjax.init_pooled_stats(1)
     >>> for b in (jnp.array([[1.], [3.]]), jnp.array([[5.], [7.]])):
     ...   _, pool = bnjax.batch_norm(b, pool, use_running_average=False)
-    >>> bnjax.apply_pooled(bnjax.init_batch_stats(1), pool, momentum=0.9)
+    >>> stats, pool = bnjax.apply_pooled(bnjax.init_batch_stats(1), pool,
+    ...                                  momentum=0.9)
+    >>> stats
     BatchStats(mean=Array([0.4], dtype=float32), var=Array([1.4], dtype=float32))
+    >>> pool.count                                     # emptied
+    Array([0.], dtype=float32)
   """
-  return apply_pooled_as('apply_pooled', batch_stats, pooled, momentum, epsilon)
+  return apply_pooled_as(
+    'bnjax.apply_pooled', batch_stats, pooled, momentum, epsilon, when
+  )
 
 
-def apply_pooled_as(fn: str, batch_stats, pooled, momentum, epsilon=0.0):
+def apply_pooled_as(
+  fn: str, batch_stats, pooled, momentum, epsilon=0.0, when=True
+):
   """:func:`apply_pooled` for the public function ``fn`` (the linen and
   nnx helpers), every error prefixed by its name."""
   if not isinstance(pooled, PooledStats):
@@ -214,9 +227,17 @@ def apply_pooled_as(fn: str, batch_stats, pooled, momentum, epsilon=0.0):
       )
   for arg, state in (('pooled', pooled), ('batch_stats', batch_stats)):
     _checks.check_running_values(fn, state, arg)
+  _checks.check_when(fn, when)
   pop = population_stats(pooled)
-  return update(
+  new = update(
     batch_stats, pop.mean, pop.var, momentum, pooled.count > 0, epsilon
+  )
+  if when is True:  # untraced: the update as it is, bitwise
+    return new, PooledStats(*map(jnp.zeros_like, pooled))
+  keep = lambda a, b: jnp.where(when, a, b).astype(a.dtype)
+  return (
+    type(new)(*map(keep, new, batch_stats)),
+    PooledStats(*(keep(jnp.zeros_like(v), v) for v in pooled)),
   )
 
 

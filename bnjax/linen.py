@@ -8,7 +8,6 @@ collection plumbing lives here, in one base shared by :class:`BatchNorm` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes, initializers
 
 from bnjax import _act, _checks, _core, _renorm, _running
+from bnjax._linen_pool import apply_pooled
 from bnjax._types import BatchStats, PooledStats, RenormStats
 
 __all__ = [
@@ -175,122 +175,6 @@ def _pool_variables(module, shape):
     module.variable(MOMENTS, name, lambda: jnp.zeros(shape, jnp.float32))
     for name in PooledStats._fields
   )
-
-
-def apply_pooled(
-  batch_stats: Any, batch_moments: Any, *, when: Any = True
-) -> tuple[Any, Any]:
-  r"""One running-statistics update per layer from its pooled moments.
-
-  Gradient accumulation: apply each of k micro-batches with
-  ``mutable=['batch_stats', bnjax.linen.MOMENTS]`` (threading the returned
-  ``batch_moments`` into the next call). Each :class:`BatchNorm` then pools
-  the micro-batches' exact moments (:class:`bnjax.PooledStats`) and leaves
-  ``batch_stats`` as they are; this applies one EMA step per layer, with
-  that layer's ``momentum``, equal to one step on the k micro-batches
-  concatenated (see :func:`bnjax.apply_pooled`).
-
-  Args:
-    batch_stats: the model's ``batch_stats`` collection.
-    batch_moments: the pooled ``batch_moments`` collection.
-    when: a bool (traced is fine, e.g. ``step % k == k - 1`` inside a jitted
-      step): where False, nothing is applied and the pool is kept.
-
-  Returns:
-    ``(new batch_stats, batch_moments)``, the pool emptied where applied,
-    with the structure, shapes and dtypes of the inputs (half-precision
-    statistics come back float32, as a plain training step stores them).
-
-  Example:
-    >>> import jax, jax.numpy as jnp, bnjax.linen
-    >>> bn = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.9)
-    >>> v = bn.init(jax.random.key(0), jnp.zeros((2, 1)))
-    >>> moments = {}
-    >>> for b in (jnp.array([[1.], [3.]]), jnp.array([[5.], [7.]])):
-    ...   _, upd = bn.apply({**v, bnjax.linen.MOMENTS: moments}, b,
-    ...                     mutable=['batch_stats', bnjax.linen.MOMENTS])
-    ...   moments = upd[bnjax.linen.MOMENTS]
-    >>> stats, moments = bnjax.linen.apply_pooled(v['batch_stats'], moments)
-    >>> stats['mean'], stats['var']         # one step to mean 4, var 5
-    (Array([0.4], dtype=float32), Array([1.4], dtype=float32))
-  """
-  fn = 'bnjax.linen.apply_pooled'
-  for name, tree in (
-    ('batch_stats', batch_stats),
-    ('batch_moments', batch_moments),
-  ):
-    if not isinstance(tree, Mapping):
-      raise TypeError(
-        f"{fn}: {name} must be a mapping (the model's {name} collection), "
-        f'got {type(tree).__name__}'
-      )
-  _checks.check_when(fn, when)
-  return _apply_pooled_tree(batch_stats, batch_moments, when, ())
-
-
-def _apply_pooled_tree(stats, moments, when, path):
-  if 'm2' in moments and not isinstance(moments['m2'], dict):
-    if not isinstance(stats, dict) or 'var' not in stats:
-      raise ValueError(
-        f'bnjax.linen.apply_pooled: batch_moments has a pool at '
-        f'{"/".join(path) or "the top"} but batch_stats has no BatchNorm '
-        'statistics (mean, var) there; pass the batch_stats of the same '
-        'model'
-      )
-    pool = PooledStats(*(moments[f] for f in PooledStats._fields))
-    # Stored in at least the pool's float32, as a plain training step
-    # stores them (a float16 param_dtype's variance past 65504 is inf).
-    old = BatchStats(
-      *(
-        jnp.asarray(stats[k]).astype(
-          jnp.promote_types(jnp.result_type(stats[k]), pool.m2.dtype)
-        )
-        for k in BatchStats._fields
-      )
-    )
-    _check_pool(path, old, pool, moments['momentum'])
-    new = _running.apply_pooled_as(
-      'bnjax.linen.apply_pooled', old, pool, moments['momentum']
-    )
-    new = BatchStats(
-      *(jnp.where(when, a, b) for a, b in zip(new, old, strict=True))
-    )
-    empty = {
-      k: jnp.where(when, jnp.zeros_like(v), v)
-      for k, v in pool._asdict().items()
-    }
-    return {**stats, **new._asdict()}, {**moments, **empty}
-  out_stats, out_moments = dict(stats), dict(moments)
-  for k, m in moments.items():
-    if k not in stats:
-      raise ValueError(
-        f'bnjax.linen.apply_pooled: batch_moments has {"/".join(path + (k,))}'
-        ' but batch_stats does not; pass the batch_stats of the same model'
-      )
-    out_stats[k], out_moments[k] = _apply_pooled_tree(
-      stats[k], m, when, path + (k,)
-    )
-  return out_stats, out_moments
-
-
-def _check_pool(path, old, pool, momentum):
-  """One layer's statistics and pool, named by their collection and path
-  (apply_pooled_as checks them again, by its own argument names)."""
-  fn = 'bnjax.linen.apply_pooled'
-  shapes = {
-    '/'.join((c, *path, k)): jnp.shape(v)
-    for c, tree in (('batch_stats', old), ('batch_moments', pool))
-    for k, v in tree._asdict().items()
-  }
-  if len(set(shapes.values())) > 1:
-    raise ValueError(
-      f'{fn}: the statistics and pool of one layer must have one shape, got '
-      f'{shapes}; pass the batch_stats and batch_moments of the same model'
-    )
-  where = '/'.join(path) or 'the top'
-  _checks.check_hyper(f'{fn}: batch_moments at {where}', momentum, 1e-5)
-  for name, state in (('batch_stats', old), ('batch_moments', pool)):
-    _checks.check_running_values(f'{fn}: {name} at {where}', state)
 
 
 def _stored_dtype(module, old, new, x):

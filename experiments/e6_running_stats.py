@@ -15,7 +15,8 @@ update over 1000 random batches of 60, momentum {0.9, 0.99, 0.999}; error =
 mean over channels of |running - population| / population std.
 Setup (b): exp 1's sigmoid MLP with BN (momentum 0.99, flax's default),
 batch 500, 60 steps of SGD at lr 2.0; test accuracy with the EMA statistics
-and after ``bnjax.precise.linen_batch_stats`` over 8 training batches.
+and after precise BN (``bnjax.training.recalibrate``) over 8 training
+batches.
 Criterion: (a) after 1000 steps the mean error of EMA 0.99 is below EMA
 0.9's (less noise) and EMA 0.999's (less lag), and the debiased EMA and the
 cumulative average are within sampling error (< 0.15) from step 1;
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnjax
-import bnjax.precise
+import bnjax.training
 from experiments._common import data, results, train
 from experiments._common.claims import Claim, mean
 from experiments._common.models import MLP
@@ -139,7 +140,7 @@ def run(quick: bool, seeds):
     )
     ema_acc.append(acc(v))
     precise_acc.append(
-      acc(bnjax.precise.linen_batch_stats(model, v, batches, train=True))
+      acc(bnjax.training.recalibrate(model, batches, train=True, variables=v))
     )
   summary['test_acc[EMA]'] = results.mean_std(ema_acc)
   summary['test_acc[precise BN]'] = results.mean_std(precise_acc)

@@ -126,9 +126,9 @@ MUTANTS = {
     ['tests/modules/test_training.py'],
   ),
   'linen apply_pooled ignores when': (
-    'bnjax/linen.py',
-    'jnp.where(when, a, b) for a, b in zip(new, old',
-    'a for a, b in zip(new, old',
+    'bnjax/_running.py',
+    'keep = lambda a, b: jnp.where(when, a, b).astype(a.dtype)',
+    'keep = lambda a, b: a',
     ['tests/modules/test_training.py'],
   ),
   # Issue 44's (part A): pooling, averaging and recalibration.
@@ -151,13 +151,13 @@ MUTANTS = {
     ['tests/core/test_errors.py'],
   ),
   'average_stats averages pools field by field': (
-    'bnjax/_average.py',
+    'bnjax/training/_averaging.py',
     '_running.merge_pools(v)',
     'jax.tree.map(lambda a: jnp.mean(a, 0), v)',
     ['tests/modules/test_training_rigour.py'],
   ),
   'average_stats takes weights summing to 0': (
-    'bnjax/_average.py',
+    'bnjax/training/_averaging.py',
     '  total = jnp.sum(w)\n  _check_total(fn, total)',
     '  total = jnp.sum(w)',
     [
@@ -166,9 +166,9 @@ MUTANTS = {
     ],
   ),
   'recalibrate resets layers it does not train': (
-    'bnjax/training.py',
-    'jnp.where(pool.count > 0, v, o).astype(o.dtype)',
-    'v.astype(o.dtype)',
+    'bnjax/training/_recalibration.py',
+    'jnp.where(pool.count > 0, v, o).astype(',
+    'v.astype(',
     ['tests/modules/test_training_rigour.py'],
   ),
   'nnx recalibration merges without the batch means low bits': (
@@ -177,8 +177,15 @@ MUTANTS = {
     'batch = PooledStats(n, mean, 0 * lo, n * var)',
     ['tests/modules/test_training_rigour.py', '-k', 'nnx_recalibration'],
   ),
+  # Issue 42: one pooling rule (by count) for every recalibration entry.
+  'recalibration pools each batch with weight 1': (
+    'bnjax/_running.py',
+    'n = jnp.broadcast_to(lax.stop_gradient(count), mean.shape).astype(f)',
+    'n = jnp.ones_like(mean)',
+    ['tests/modules/test_training_rigour.py', '-k', 'every_entry'],
+  ),
   'frozen flax BatchNorm mixes a NaN batch in': (
-    'bnjax/training.py',
+    'bnjax/training/_modes.py',
     "_FrozenFlaxBatchNorm if mode == 'frozen' else _nnx.BatchNorm",
     '_nnx.BatchNorm',
     ['tests/modules/test_training_rigour.py'],

@@ -257,6 +257,11 @@ CASES: dict[str, dict[str, list | str]] = {
       ('nonfinite', float('inf'), ValueError, 'epsilon=inf'),
       ('type', 'a', TypeError, 'epsilon must be a real scalar'),
     ],
+    'when': [
+      ('type', 'yes', TypeError, 'when must be a bool'),
+      ('shape', jnp.ones(3, bool), TypeError, 'when must be a bool or a 0-d'),
+      ('dtype', jnp.float32(1), TypeError, 'when must be a bool'),
+    ],
   },
   'bnjax.batch_renorm': _renorm_cases(),
   'bnjax.fold': {

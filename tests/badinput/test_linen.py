@@ -60,7 +60,7 @@ STATS, MOMENTS = _pooled()
 
 
 def _apply_pooled(**over):
-  kw = {'batch_stats': STATS, 'batch_moments': MOMENTS, **over}
+  kw = {'batch_stats': STATS, 'pooled': MOMENTS, **over}
   return bnjax.linen.apply_pooled(**kw)
 
 
@@ -222,8 +222,8 @@ CASES: dict[str, dict[str, list | str]] = {
       ),
       ('range', {}, ValueError, 'batch_stats has no BatchNorm statistics'),
     ],
-    'batch_moments': [
-      ('type', [1], TypeError, 'batch_moments must be a mapping'),
+    'pooled': [
+      ('type', [1], TypeError, 'pooled must be a mapping'),
       (
         'corrupt-state',
         _moments(mean=jnp.array([0.0, NAN, 0.0])),
@@ -240,7 +240,7 @@ CASES: dict[str, dict[str, list | str]] = {
         'corrupt-state',
         _moments(count=jnp.ones(4)),
         ValueError,
-        "'batch_moments/count': (4,)",
+        "'pooled/count': (4,)",
       ),
       (
         'range',
@@ -252,6 +252,10 @@ CASES: dict[str, dict[str, list | str]] = {
     'when': [
       ('type', 0.5, TypeError, 'when must be a bool or a 0-d bool array'),
       ('shape', jnp.ones(3, bool), TypeError, 'when must be a bool'),
+    ],
+    # The deprecated name of pooled: given beside pooled, it is refused.
+    'batch_moments': [
+      ('range', MOMENTS, TypeError, 'batch_moments is the deprecated name'),
     ],
   },
 }

@@ -12,8 +12,14 @@ import bnjax
 import bnjax.linen
 import bnjax.nnx
 import bnjax.precise as Pr
+import bnjax.training
 from tests.badinput._runner import all_cases, run_case
 
+# The module is a deprecated alias of bnjax.training.recalibrate: its
+# warning is tested once, below, and silenced for the bad-input cases.
+pytestmark = pytest.mark.filterwarnings(
+  'ignore:bnjax.precise.*is deprecated:DeprecationWarning'
+)
 NAN = float('nan')
 BATCHES = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 3)))
 WHOLE_VAR = np.asarray(BATCHES, np.float64).reshape(-1, 3).var(0)
@@ -129,3 +135,35 @@ def test_every_good_call_runs():
   for good in GOOD.values():
     fn, kw = good() if callable(good) else good
     fn(**kw)
+
+
+@pytest.mark.parametrize('name, arg, case', all_cases(CASES))
+def test_errors_carry_the_prefix_of_the_function_called(name, arg, case):
+  """One prefix form, bnjax.<module>.<name>: (the aliases said
+  'linen_batch_stats:' and 'update_nnx_batch_stats:')."""
+  _, value, exc, _ = case
+  if exc is None:
+    return
+  fn, kw = GOOD[name]() if callable(GOOD[name]) else GOOD[name]
+  with pytest.raises(exc, match=rf'^{name}: '):
+    fn(**{**kw, arg: value})
+
+
+@pytest.mark.filterwarnings('default')
+def test_the_deprecated_aliases_warn_naming_recalibrate_and_equal_it():
+  """bnjax.precise was a second public route to recalibration: its two
+  functions stay one release, warn with DeprecationWarning naming
+  bnjax.training.recalibrate, and give what recalibrate gives."""
+  with pytest.warns(DeprecationWarning, match=r'bnjax.training.recalibrate'):
+    old = Pr.linen_batch_stats(_Linen(), _V, BATCHES)
+  new = bnjax.training.recalibrate(_Linen(), BATCHES, variables=_V)
+  np.testing.assert_array_equal(
+    old['batch_stats']['BatchNorm_0']['var'],
+    new['batch_stats']['BatchNorm_0']['var'],
+  )
+  a, b = _bn(), _bn()
+  with pytest.warns(DeprecationWarning, match=r'bnjax.training.recalibrate'):
+    assert Pr.update_nnx_batch_stats(a, BATCHES) is None
+  assert bnjax.training.recalibrate(b, BATCHES) is b
+  np.testing.assert_array_equal(a.var[...], b.var[...])
+  np.testing.assert_allclose(a.var[...], WHOLE_VAR, rtol=1e-5)

@@ -67,7 +67,7 @@ def test_one_update_equals_one_call_on_the_concatenated_batch():
   xs = _micro([8, 8, 8, 8])
   start = bnjax.BatchStats(jnp.full(C, 0.5), jnp.full(C, 2.0))
   _, pool = _pool(xs)
-  got = bnjax.apply_pooled(start, pool, momentum=0.9)
+  got, _ = bnjax.apply_pooled(start, pool, momentum=0.9)
   _, want = bnjax.batch_norm(
     jnp.concatenate(xs), start, use_running_average=False, momentum=0.9
   )
@@ -90,7 +90,7 @@ def test_one_update_equals_one_call_on_the_concatenated_batch():
 def test_apply_pooled_follows_the_rule_of_the_state_type(state):
   xs = _micro([6, 10])
   _, pool = _pool(xs)
-  got = bnjax.apply_pooled(state(C), pool, momentum=0.9)
+  got, _ = bnjax.apply_pooled(state(C), pool, momentum=0.9)
   _, want = bnjax.batch_norm(
     jnp.concatenate(xs), state(C), use_running_average=False, momentum=0.9
   )
@@ -117,7 +117,7 @@ def test_an_empty_pool_changes_nothing_and_normalizes_as_mean_0_var_1():
   pool = bnjax.init_pooled_stats(C)
   stats = bnjax.BatchStats(jnp.arange(C, dtype=jnp.float32), jnp.ones(C) * 3)
   np.testing.assert_array_equal(
-    bnjax.apply_pooled(stats, pool, momentum=0.5).mean, stats.mean
+    bnjax.apply_pooled(stats, pool, momentum=0.5)[0].mean, stats.mean
   )
   x = _micro([4])[0]
   y, _ = bnjax.batch_norm(x, pool, use_running_average=True, epsilon=1e-3)
@@ -158,7 +158,7 @@ def test_lax_scan_over_micro_batches_with_gradients():
     (grads, pool), _ = jax.lax.scan(
       micro, (jnp.zeros_like(g), bnjax.init_pooled_stats(C)), xs
     )
-    return grads, bnjax.apply_pooled(stats, pool, momentum=0.9)
+    return grads, bnjax.apply_pooled(stats, pool, momentum=0.9)[0]
 
   grads, new = step(g, stats, xs)
   _, want = bnjax.batch_norm(
@@ -323,7 +323,7 @@ def test_ghost_micro_batches_pool_to_one_ghost_call_on_the_concatenation():
   pop = bnjax.population_stats(pool)
   assert _rel(pop.var, var) < 1e-6
   assert _rel(pop.mean, mean) < 1e-6
-  got = bnjax.apply_pooled(bnjax.init_batch_stats(C), pool, momentum=0.0)
+  got, _ = bnjax.apply_pooled(bnjax.init_batch_stats(C), pool, momentum=0.0)
   _, want = bnjax.batch_norm(
     jnp.concatenate(xs),
     bnjax.init_batch_stats(C),

@@ -161,6 +161,77 @@ def test_linen_accumulation_under_optax_multisteps_in_one_jitted_step():
   np.testing.assert_array_equal(history[4], history[3])
 
 
+def test_apply_pooled_has_one_call_and_one_return_in_every_entry():
+  """Issue 42: bnjax.apply_pooled returned the statistics, linen's a tuple
+  and took batch_moments; now every entry takes (batch_stats, pooled, *,
+  when) and returns (batch_stats, emptied pool) (the nnx entry updates
+  the model in place): a traced when=False keeps statistics and pool
+  bitwise in all three, when=True empties the pools and gives one update,
+  the same in all three (each pooled in its own compiled program: 1e-6)
+  and the float64 oracle's."""
+  bn = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.8)
+  xs = _xs(loc=30.0)
+  v = bn.init(jax.random.key(0), xs[0])
+  pool, moments = bnjax.init_pooled_stats(F), {}
+  m = bnjax.nnx.BatchNorm(F, momentum=0.8, rngs=nnx.Rngs(0))
+  bnjax.training.start_pooling(m)
+  for x in xs:
+    _, pool = bnjax.batch_norm(x, pool, use_running_average=False)
+    _, upd = bn.apply(
+      {**v, MOMENTS: moments}, x, mutable=['batch_stats', MOMENTS]
+    )
+    moments = upd[MOMENTS]
+    m(x)
+  old = bnjax.BatchStats(v['batch_stats']['mean'], v['batch_stats']['var'])
+  l_pool_in = bnjax.PooledStats(*map(moments.get, pool._fields))
+  for when in (jnp.bool_(False), jnp.bool_(True)):
+    m_in = (m.mean[...], m.var[...], m.pooled_count[...], m.pooled_m2[...])
+    f_stats, f_pool = jax.jit(
+      lambda s, p, w: bnjax.apply_pooled(s, p, momentum=0.8, when=w)
+    )(old, pool, when)
+    l_stats, l_pool = jax.jit(
+      lambda s, p, w: bnjax.linen.apply_pooled(s, p, when=w)
+    )(v['batch_stats'], moments, when)
+    nnx.jit(lambda m, w: bnjax.training.apply_pooled(m, when=w))(m, when)
+    l_stats = bnjax.BatchStats(l_stats['mean'], l_stats['var'])
+    l_pool = bnjax.PooledStats(*map(l_pool.get, pool._fields))
+    m_out = (m.mean[...], m.var[...], m.pooled_count[...], m.pooled_m2[...])
+    if not when:  # everything kept, bitwise
+      for got, want in [
+        (f_stats, old),
+        (f_pool, pool),
+        (l_stats, old),
+        (l_pool, l_pool_in),
+        (m_out, m_in),
+      ]:
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+      continue
+    for got in (*f_pool, *l_pool, *m_out[2:]):  # emptied
+      np.testing.assert_array_equal(got, np.zeros(F))
+    for got in (l_stats, bnjax.BatchStats(*m_out[:2])):
+      np.testing.assert_allclose(got.mean, f_stats.mean, rtol=1e-6)
+      np.testing.assert_allclose(got.var, f_stats.var, rtol=1e-6)
+  mean, var = _pooled_oracle(
+    [np.asarray(x) for x in xs], old.mean, old.var, 0.8
+  )
+  assert _rel(f_stats.var, var) < 1e-6
+  np.testing.assert_allclose(f_stats.mean, mean, rtol=1e-6)
+
+
+def test_linen_apply_pooled_batch_moments_keyword_is_a_deprecated_alias():
+  bn = bnjax.linen.BatchNorm(use_running_average=False)
+  v = bn.init(jax.random.key(0), _xs()[0])
+  _, upd = bn.apply(
+    {**v, MOMENTS: {}}, _xs()[0], mutable=['batch_stats', MOMENTS]
+  )
+  with pytest.warns(DeprecationWarning, match=r'pass pooled='):
+    old = bnjax.linen.apply_pooled(v['batch_stats'], batch_moments=upd[MOMENTS])
+  new = bnjax.linen.apply_pooled(v['batch_stats'], pooled=upd[MOMENTS])
+  jax.tree.map(np.testing.assert_array_equal, old, new)
+  with pytest.raises(TypeError, match=r'pooled is missing'):
+    bnjax.linen.apply_pooled(v['batch_stats'])
+
+
 def _nnx_net(seed=0):
   class N(nnx.Module):
     def __init__(self, rngs):
@@ -460,6 +531,9 @@ def test_recalibrate_functional_linen_and_nnx_against_the_float64_oracle():
 
 
 def test_recalibrate_errors_name_the_fix():
+  m = bnjax.nnx.BatchNorm(F, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'recalibrate: variables is for a'):
+    bnjax.training.recalibrate(m, _xs(), variables=nnx.state(m))
   with pytest.raises(ValueError, match='pass variables='):
     bnjax.training.recalibrate(bnjax.linen.BatchNorm(), _xs())
   with pytest.raises(ValueError, match='holds no bnjax.BatchStats'):
