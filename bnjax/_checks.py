@@ -31,6 +31,7 @@ from bnjax._scalar_checks import (  # noqa: F401
   check_when,
   concrete,
   float_dtype,
+  is_int,
 )
 from bnjax._types import BatchStats, Layout, RenormStats
 

@@ -132,6 +132,15 @@ def concrete(v: Any):
     return None
 
 
+def is_int(v: Any, at_least: int | None = None) -> bool:
+  """A Python or NumPy int, not a bool, and ``>= at_least`` where given."""
+  return (
+    isinstance(v, (int, np.integer))
+    and not isinstance(v, (bool, np.bool_))
+    and (at_least is None or bool(v >= at_least))
+  )
+
+
 def float_dtype(fn: str, name: str, dtype: Any, what: str) -> jnp.dtype:
   """``dtype`` as a real floating dtype; ``what``: what it is the dtype of."""
   try:
