@@ -19,6 +19,13 @@ from bnjax import _checks, _moments
 NOT_STATE = (
   '{fn}: state must be an eqx.nn.State (from eqx.nn.make_with_state), got {got}'
 )
+NOT_PLACED = (
+  '{fn}: x is sharded over the mesh axes {axes} (a jit over NamedSharding '
+  'inputs), but the eqx.nn.State is not placed on that mesh, and '
+  'State.set refuses statistics whose type gains a mesh; place the state '
+  'on it first, replicated: state = jax.device_put(state, '
+  'NamedSharding(mesh, P()))'
+)
 EMA_MODE = (
   '{fn}: mode="{mode}" normalizes training batches by a running average '
   '(equinox\'s default "legacy" is its "ema"), which gives gradient '
@@ -27,6 +34,26 @@ EMA_MODE = (
   'for the debiased running statistics of equinox\'s mode="batch" pass '
   'debias=True'
 )
+
+
+def _mesh_names(v) -> tuple:
+  mesh = getattr(getattr(jax.typeof(v), 'sharding', None), 'mesh', None)
+  return tuple(getattr(mesh, 'axis_names', ()))
+
+
+def set_state(fn: str, state, index, old, new):
+  """``state.set(index, new)``. eqx.nn.State.set refuses a value whose type
+  differs from the old one, sharding included, with a message that prints
+  the two as equal: where the cause is a state left off the mesh of a
+  sharded batch, say so and name the fix."""
+  try:
+    return state.set(index, new)
+  except ValueError as e:
+    if _mesh_names(new.mean) and not _mesh_names(old.mean):
+      raise ValueError(
+        NOT_PLACED.format(fn=fn, axes=_mesh_names(new.mean))
+      ) from e
+    raise
 
 
 def check_state(fn: str, state: Any) -> None:

@@ -41,7 +41,9 @@ except ImportError as e:  # pragma: no cover - the extra is absent
   ) from e
 
 from bnjax import _act, _checks, _core, _renorm
-from bnjax._equinox_layer import NOT_STATE, Layer, check_mode
+from bnjax._equinox_layer import NOT_STATE as _NOT_STATE  # _call's names
+from bnjax._equinox_layer import Layer, check_mode
+from bnjax._equinox_layer import set_state as _set_state
 from bnjax._equinox_torch import from_torch, to_torch
 from bnjax._types import (
   init_batch_stats,
@@ -64,16 +66,6 @@ _NO_BATCH = (
   'eqx.nn.BatchNorm, which requires axis_name), or build it with '
   'batch_axis=0 and pass the whole batch'
 )
-
-
-_NOT_PLACED = (
-  '{fn}: x is sharded over the mesh axes {axes} (a jit over NamedSharding '
-  'inputs), but the eqx.nn.State is not placed on that mesh, and '
-  'State.set refuses statistics whose type gains a mesh; place the state '
-  'on it first, replicated: state = jax.device_put(state, '
-  'NamedSharding(mesh, P()))'
-)
-_NOT_STATE = NOT_STATE  # _call's name for it
 
 
 class _Base(Layer):
@@ -143,26 +135,6 @@ class _Base(Layer):
     if not inference:
       state = _set_state(fn, state, self.state_index, stats, new)
     return y, state
-
-
-def _mesh_names(v) -> tuple:
-  mesh = getattr(getattr(jax.typeof(v), 'sharding', None), 'mesh', None)
-  return tuple(getattr(mesh, 'axis_names', ()))
-
-
-def _set_state(fn: str, state, index, old, new):
-  """``state.set(index, new)``. eqx.nn.State.set refuses a value whose type
-  differs from the old one, sharding included, with a message that prints
-  the two as equal: where the cause is a state left off the mesh of a
-  sharded batch, say so and name the fix."""
-  try:
-    return state.set(index, new)
-  except ValueError as e:
-    if _mesh_names(new.mean) and not _mesh_names(old.mean):
-      raise ValueError(
-        _NOT_PLACED.format(fn=fn, axes=_mesh_names(new.mean))
-      ) from e
-    raise
 
 
 class BatchNorm(_Base):
@@ -287,17 +259,11 @@ class BatchRenorm(_Base):
   :class:`bnjax.RenormStats`. See :func:`bnjax.batch_renorm`.
 
   Args:
-    input_size: the number of channels.
-    axis_name: as :class:`BatchNorm`'s.
-    eps: added to the variance.
-    channelwise_affine: learn a per-channel ``weight`` and ``bias``.
-    momentum: EMA decay of the running statistics.
-    inference: use the running statistics.
-    dtype: dtype of ``weight`` and ``bias``.
+    input_size: the number of channels; this and ``axis_name``, ``eps``,
+      ``channelwise_affine``, ``momentum``, ``inference``, ``dtype``,
+      ``batch_axis`` and ``sync`` as :class:`BatchNorm`'s.
     r_max: clip of r, >= 1.
     d_max: clip of d, >= 0.
-    batch_axis: as :class:`BatchNorm`'s.
-    sync: as :class:`BatchNorm`'s.
 
   Example:
     >>> import jax.numpy as jnp, equinox as eqx, bnjax.equinox
