@@ -205,7 +205,12 @@ class BatchNorm(_Base):
     debias: bool = False,
     sync: str = 'auto',
   ):
-    fn = 'bnjax.equinox.BatchNorm'
+    # BatchNormAct's checks are named after it.
+    fn = next(
+      f'bnjax.equinox.{c.__name__}'
+      for c in type(self).__mro__
+      if c.__module__ == __name__
+    )
     check_mode(fn, mode)
     _checks.check_flag(fn, 'debias', debias)
     init = init_debiased_stats if debias else init_batch_stats

@@ -59,11 +59,15 @@ def test_non_bool_inference_is_refused_naming_inference(where):
   # Python bool", a name equinox does not have (and accepted by the
   # constructor).
   if where == 'constructor':
-    with pytest.raises(TypeError, match=r'BatchNorm: inference must be a'):
+    with pytest.raises(
+      TypeError, match=r'bnjax.equinox.BatchNorm: inference must be a'
+    ):
       bnjax.equinox.BatchNorm(C, 'batch', inference=1)
   else:
     bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(C, 'batch')
-    with pytest.raises(TypeError, match=r'BatchNorm: inference must be a') as e:
+    with pytest.raises(
+      TypeError, match=r'bnjax.equinox.BatchNorm: inference must be a'
+    ) as e:
       bn(jnp.ones(C), state, inference=1)
     assert 'use_running_average' not in str(e.value)
 
@@ -167,7 +171,9 @@ def test_equinox_torch_converters_refuse_nan_means_and_negative_variances(
   sd = bnjax.equinox.to_torch(bn, state, ME)
   sd[f'bn.{key}'] = sd[f'bn.{key}'].copy()
   sd[f'bn.{key}'][1] = value
-  with pytest.raises(ValueError, match='from_torch: invalid') as e:
+  with pytest.raises(
+    ValueError, match='bnjax.equinox.from_torch: invalid'
+  ) as e:
     bnjax.equinox.from_torch(bn, good, sd, ME)
   assert piece in str(e.value)
   # The same value in the model's state is refused on the way out.
@@ -178,7 +184,9 @@ def test_equinox_torch_converters_refuse_nan_means_and_negative_variances(
       bn.state_index,
       stats._replace(**{field: getattr(stats, field).at[1].set(value)}),
     )
-    with pytest.raises(ValueError, match='to_torch: invalid') as e:
+    with pytest.raises(
+      ValueError, match='bnjax.equinox.to_torch: invalid'
+    ) as e:
       bnjax.equinox.to_torch(bn, bad, ME)
     assert piece in str(e.value)
 
