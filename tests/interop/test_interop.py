@@ -9,7 +9,7 @@ import pytest
 import bnjax
 import bnjax.linen
 from bnjax import interop
-from tests._helpers import import_torch, randn
+from tests._helpers import aligned, import_torch, randn
 
 
 def _torch_like_state(prefix, c, seed):
@@ -280,7 +280,7 @@ def test_to_torch_returns_owned_writable_copies():
 def test_from_torch_owns_its_arrays_changing_the_source_changes_nothing(c):
   """Regression: jnp.asarray of an aligned NumPy array may alias it on CPU,
   so a NumPy state dict changed after from_torch changed the variables."""
-  sd = _one_layer(c=c)
+  sd = {k: aligned(a) for k, a in _one_layer(c=c).items()}
   v = interop.from_torch(sd)
   for a in sd.values():
     a[...] = 9

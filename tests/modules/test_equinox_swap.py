@@ -15,7 +15,7 @@ eqx = pytest.importorskip(
 import bnjax  # noqa: E402
 import bnjax.equinox  # noqa: E402
 import bnjax.interop  # noqa: E402
-from tests._helpers import randn  # noqa: E402
+from tests._helpers import aligned, randn  # noqa: E402
 
 C = 3
 ME = {'bn': lambda m: m}
@@ -311,7 +311,7 @@ def test_equinox_torch_arrays_are_owned_copies_both_ways():
   # from_torch: jnp.asarray of an aligned NumPy array may alias it on CPU,
   # so changing the source after loading changed the running variance.
   bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(C, 'b')
-  sd = _sd()
+  sd = {k: aligned(a) for k, a in _sd().items()}
   bn, state = bnjax.equinox.from_torch(bn, state, sd, ME)
   sd['bn.weight'][:] = 9.0  # the source changes after loading
   sd['bn.running_var'][:] = 9.0
