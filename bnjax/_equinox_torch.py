@@ -110,9 +110,7 @@ def from_torch(
   check_state(fn, state)
   sd = load_state_dict(state_dict)
   if layers is None:
-    layers = {p: p for p in _torch_io.bn_prefixes(sd)}
-    if not layers:
-      raise ValueError(_torch_io.no_layers(fn))
+    layers = _torch_io.every_layer(fn, sd)
   picked = _pick(fn, model, state, layers)
   _torch_io.check_prefixes(fn, sd, picked)
   problems: list[str] = []

@@ -44,13 +44,16 @@ def bn_prefixes(sd: Mapping[str, Any]) -> list[str]:
   )
 
 
-def no_layers(fn: str) -> str:
-  """The message for a state dict with no BatchNorm layer."""
-  return (
-    f'{fn}: found no BatchNorm layer (a "running_mean" key) in state_dict; '
-    'pass the state dict of a model with BatchNorm layers, or name them in '
-    '`layers`'
-  )
+def every_layer(fn: str, sd: Mapping[str, Any]) -> dict[str, str]:
+  """``layers=None``: every BatchNorm layer, its path its prefix."""
+  layers = {p: p for p in bn_prefixes(sd)}
+  if not layers:
+    raise ValueError(
+      f'{fn}: found no BatchNorm layer (a "running_mean" key) in state_dict; '
+      'pass the state dict of a model with BatchNorm layers, or name them in '
+      '`layers`'
+    )
+  return layers
 
 
 def check_prefixes(fn: str, sd: Mapping[str, Any], prefixes) -> None:

@@ -158,9 +158,7 @@ def from_torch(
   )
   sd = load_state_dict(state_dict)
   if layers is None:
-    layers = {p: p for p in _torch_io.bn_prefixes(sd)}
-    if not layers:
-      raise ValueError(_torch_io.no_layers(_FROM))
+    layers = _torch_io.every_layer(_FROM, sd)
   if not isinstance(layers, Mapping):
     raise TypeError(
       f'{_FROM}: layers must map torch prefixes to Flax paths, got '

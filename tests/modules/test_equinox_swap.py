@@ -290,6 +290,8 @@ def test_equinox_layers_by_path_and_none_as_interop():
   again = bnjax.equinox.to_torch(by_path, s1, paths, num_batches_tracked=counts)
   for k, a in back.items():
     np.testing.assert_array_equal(again[k], a, err_msg=k)
+  with pytest.raises(ValueError, match='found no BatchNorm layer'):
+    bnjax.equinox.from_torch(by_none, s2, {'conv.weight': np.zeros(3)})
   with pytest.raises(KeyError, match=r"blocks/1 has no 'bn'"):
     bnjax.equinox.from_torch(by_none, s2, sd, {'blocks.1': 'blocks/1/bn'})
 
