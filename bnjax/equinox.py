@@ -329,11 +329,8 @@ class BatchRenorm(_Base):
     :func:`bnjax.batch_renorm` (``r_max``/``d_max`` override the fields).
 
     Args:
-      x: as :meth:`BatchNorm.__call__`.
-      state: the ``eqx.nn.State``.
-      key: ignored.
-      inference: overrides the field.
-      mask: as :meth:`BatchNorm.__call__`.
+      x: as :meth:`BatchNorm.__call__`, and so are ``state``, ``key``,
+        ``inference`` and ``mask``.
       r_max: overrides the field (a traced value allowed).
       d_max: overrides the field (a traced value allowed).
 
