@@ -4,6 +4,11 @@ Every error names the function (or module), the argument, the offending
 shape or value and the fix. Checks run on static shapes, so they fire at
 trace time under jit. Values that only exist at run time (a traced momentum)
 get a ``checkify.debug_check``: free without ``checkify``, an error with it.
+
+Here: arrays (x, per-channel vectors, masks, axes) and states. The checks of
+one scalar argument (flags, momentum, epsilon) are in
+:mod:`bnjax._scalar_checks`, re-exported here so that every caller imports
+one module.
 """
 
 from __future__ import annotations
@@ -14,8 +19,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 
+# Re-exported (F401): the callers' one import of the checks.
+from bnjax._scalar_checks import (  # noqa: F401
+  check_epsilon,
+  check_flag,
+  check_hyper,
+  check_momentum,
+  check_scalar,
+  check_use_running_average,
+  check_when,
+  concrete,
+  float_dtype,
+  is_int,
+)
 from bnjax._types import BatchStats, Layout, RenormStats
 
 _ONE_VALUE_MSG = (
@@ -41,13 +58,6 @@ _HALF_STATS_MSG = (
   'the bias. Keep running statistics in float32, e.g. jax.tree.map(lambda '
   'v: v.astype(jnp.float32), {name}) (bfloat16 also works, with 3 '
   'significant digits); the input x may stay float16.'
-)
-_TRACED_FLAG_MSG = (
-  '{fn}: {name} must be a Python bool, got a traced value ({value!r}). It '
-  'selects which computation runs (batch or stored statistics), which is '
-  'fixed when the function is traced: pass it as a static argument '
-  '(jax.jit(..., static_argnames=...)), or call both modes under '
-  'jax.lax.cond.'
 )
 
 
@@ -237,76 +247,6 @@ def check_mask(fn: str, mask: Any, x: jax.Array):
   return mask
 
 
-def check_hyper(fn: str, momentum: Any, epsilon: Any, dtype: Any = None):
-  """momentum in [0, 1]; epsilon > 0 and a normal number of ``dtype`` (the
-  statistics' real dtype), where a smaller one is 0 or flushed to 0 and a
-  constant channel gives NaN. Traced values get a checkify.debug_check."""
-  check_momentum(fn, momentum)
-  check_epsilon(fn, epsilon, dtype)
-
-
-def check_momentum(fn: str, momentum: Any):
-  """A real scalar in [0, 1] (NaN is outside): the EMA decay."""
-  check_scalar(fn, 'momentum', momentum)
-  m = concrete(momentum)
-  if m is not None and not 0.0 <= m <= 1.0:
-    raise ValueError(
-      f'{fn}: momentum={m} is outside [0, 1]. bnjax follows Flax: momentum is '
-      'the decay of the running average, new = momentum * old + '
-      '(1 - momentum) * batch. PyTorch momentum p is bnjax momentum 1 - p '
-      '(torch 0.1 is bnjax 0.9).'
-    )
-  if m is None:
-    checkify.debug_check(
-      (momentum >= 0) & (momentum <= 1),
-      f'{fn}: momentum must be in [0, 1] (got {{m}})',
-      m=momentum,
-    )
-
-
-def check_epsilon(fn: str, epsilon: Any, dtype: Any = None):
-  """A real scalar, finite and a normal number of ``dtype`` (> 0)."""
-  check_scalar(fn, 'epsilon', epsilon)
-  tiny = float(jnp.finfo(dtype or jnp.float32).tiny)
-  e = concrete(epsilon)
-  if e is not None and not tiny <= e < float('inf'):
-    what = (
-      f'is below the smallest normal {jnp.dtype(dtype or jnp.float32).name} '
-      f'number {tiny:.3g}, so it is 0 or flushed to 0 there and a constant '
-      'channel gives NaN'
-      if 0.0 < e < tiny
-      else 'must be finite and > 0 to keep rsqrt(var + epsilon) finite'
-    )
-    raise ValueError(f'{fn}: epsilon={e} {what}; pass e.g. epsilon=1e-5')
-  if e is None:
-    checkify.debug_check(
-      epsilon >= tiny,
-      f'{fn}: epsilon must be >= {tiny:.3g} (got {{e}})',
-      e=epsilon,
-    )
-
-
-def check_scalar(fn: str, name: str, v: Any):
-  """A real scalar: a Python number or a 0-d (possibly traced) array."""
-  ok = not isinstance(v, (str, bytes, bool, np.bool_, complex)) and (
-    isinstance(v, (int, float, np.integer, np.floating))
-    or (
-      hasattr(v, 'dtype')
-      and jnp.ndim(v) == 0
-      and (
-        jnp.issubdtype(v.dtype, jnp.floating)
-        or jnp.issubdtype(v.dtype, jnp.integer)
-      )
-    )
-  )
-  if not ok:
-    raise TypeError(
-      f'{fn}: {name} must be a real scalar (a float or a 0-d real array), got '
-      f'{v!r} of type {type(v).__name__}; pass e.g. {name}='
-      f'{"0.99" if name == "momentum" else "1e-5"}'
-    )
-
-
 def check_training_count(
   fn: str,
   x,
@@ -330,18 +270,6 @@ def check_training_count(
         fn=fn, shape=tuple(x.shape), axis=axis, count=global_count, fix=fix
       )
     )
-
-
-def check_use_running_average(fn: str, value: Any):
-  check_flag(fn, 'use_running_average', value)
-
-
-def check_flag(fn: str, name: str, value: Any):
-  """A Python bool (or NumPy bool): a traced one gets its own message."""
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(_TRACED_FLAG_MSG.format(fn=fn, name=name, value=value))
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f'{fn}: {name} must be a Python bool, got {value!r}')
 
 
 def out_dtype(fn: str, x: jax.Array, dtype: Any):
@@ -397,19 +325,6 @@ def check_running_values(fn: str, state: Any, arg: str = 'batch_stats') -> None:
       )
 
 
-def check_when(fn: str, when: Any) -> None:
-  """A bool scalar, Python or array (traced is fine): where to apply."""
-  dtype = getattr(when, 'dtype', None)
-  ok = isinstance(when, (bool, np.bool_)) or (
-    dtype is not None and dtype == jnp.bool_ and jnp.ndim(when) == 0
-  )
-  if not ok:
-    raise TypeError(
-      f'{fn}: when must be a bool or a 0-d bool array (e.g. step % k == '
-      f'k - 1), got {when!r:.60}'
-    )
-
-
 def check_stacked(fn: str, batches: Any) -> None:
   """Batches stacked along a leading axis (for a scan over them)."""
   leaves = jax.tree.leaves(batches)
@@ -418,17 +333,6 @@ def check_stacked(fn: str, batches: Any) -> None:
       f'{fn}: batches must be stacked along a leading axis of '
       'N batches, e.g. x.reshape(N, batch, ...)'
     )
-
-
-def concrete(v: Any):
-  try:
-    return float(v)
-  except (
-    TypeError,
-    jax.errors.ConcretizationTypeError,
-    jax.errors.TracerArrayConversionError,
-  ):
-    return None
 
 
 def _iter(v: Any):

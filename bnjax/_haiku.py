@@ -180,12 +180,17 @@ def from_haiku(
 _AFFINE = (('scale', 'scale'), ('offset', 'bias'))
 
 
+# A state passed as a layer, by type: its arrays as to_haiku reads them.
+_STATE_AS_LAYER = {
+  DebiasedStats: lambda s: {**population_stats(s)._asdict(), 'stats': s},
+  BatchStats: lambda s: s._asdict(),
+}
+
+
 def _as_layer(fn, name, layer):
   """A layer's arrays as a dict; a state tuple gives its statistics."""
-  if isinstance(layer, DebiasedStats):
-    return {**population_stats(layer)._asdict(), 'stats': layer}
-  if isinstance(layer, BatchStats):
-    return layer._asdict()
+  if type(layer) in _STATE_AS_LAYER:
+    return _STATE_AS_LAYER[type(layer)](layer)
   if not isinstance(layer, Mapping) or not {'mean', 'var'} <= set(layer):
     raise TypeError(
       f'{fn}: layers[{name!r}] must be a mapping with "mean" and "var" (and '

@@ -33,12 +33,12 @@ def momentum_from_torch(p: float) -> float:
     >>> interop.momentum_from_torch(0.1)   # torch's default
     0.9
   """
+  fn = 'bnjax.interop.momentum_from_torch'
   if p is None:
     raise ValueError(
-      'bnjax.interop.momentum_from_torch: torch momentum=None is a '
-      'cumulative average, not an EMA; no Flax momentum reproduces it'
+      f'{fn}: torch momentum=None is a cumulative average, not an EMA; no '
+      'Flax momentum reproduces it'
     )
-  fn = 'bnjax.interop.momentum_from_torch'
   return round(1.0 - _momentum(fn, "p (torch's momentum)", p), 12)
 
 

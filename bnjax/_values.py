@@ -45,7 +45,10 @@ def layer_problems(
         f'{a.dtype})'
       )
     elif a.dtype.kind == 'c' and k not in complex_ok:
-      problems.append(f'{k!r} is complex; only a mean may be complex')
+      problems.append(
+        f'{k!r} is complex; '
+        + ('only a mean may be complex' if complex_ok else 'this state is real')
+      )
     else:
       arrays[k] = a
   shapes = {k: a.shape for k, a in arrays.items()}

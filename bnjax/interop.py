@@ -49,7 +49,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import _values
+from bnjax import _scalar_checks, _torch_io, _values
 from bnjax._haiku import from_haiku, to_haiku
 from bnjax._state_dict import load_state_dict
 from bnjax._torch_layout import (
@@ -77,22 +77,9 @@ __all__ = [
   'to_torch',
 ]
 
-TORCH_KEYS = (
-  'weight',
-  'bias',
-  'running_mean',
-  'running_var',
-  'num_batches_tracked',
-)
 _PARAMS = {'weight': 'scale', 'bias': 'bias'}
 _STATS = {'running_mean': 'mean', 'running_var': 'var'}
-
 _FROM, _TO = 'bnjax.interop.from_torch', 'bnjax.interop.to_torch'
-_NO_LAYERS = (
-  f'{_FROM}: found no BatchNorm layer (a "running_mean" key) '
-  'in state_dict; pass the state dict of a model with '
-  'BatchNorm layers, or name them in `layers`'
-)
 
 
 def bn_prefixes(state_dict: Any) -> list[str]:
@@ -113,13 +100,7 @@ def bn_prefixes(state_dict: Any) -> list[str]:
     ...                      'layer1.0.bn1.running_mean': np.zeros(2)})
     ['layer1.0.bn1']
   """
-  sd = load_state_dict(state_dict)
-  # 'encoder.ema_running_mean' is some other module's buffer, not a layer.
-  return sorted(
-    k[: -len('.running_mean')] if k != 'running_mean' else ''
-    for k in sd
-    if k == 'running_mean' or k.endswith('.running_mean')
-  )
+  return _torch_io.bn_prefixes(load_state_dict(state_dict))
 
 
 def from_torch(
@@ -172,12 +153,12 @@ def from_torch(
     >>> list(v['params']['layer1_0']['bn1'])
     ['scale', 'bias']
   """
-  dtype = _float_dtype(_FROM, dtype)
+  dtype = _scalar_checks.float_dtype(
+    _FROM, 'dtype', dtype, 'statistics and parameters'
+  )
   sd = load_state_dict(state_dict)
   if layers is None:
-    layers = {p: p for p in bn_prefixes(sd)}
-    if not layers:
-      raise ValueError(_NO_LAYERS)
+    layers = _torch_io.every_layer(_FROM, sd)
   if not isinstance(layers, Mapping):
     raise TypeError(
       f'{_FROM}: layers must map torch prefixes to Flax paths, got '
@@ -185,38 +166,31 @@ def from_torch(
       f'{{{next(iter(bn_prefixes(sd)), "bn1")!r}: "BatchNorm_0"}}, or None '
       'for every BatchNorm layer'
     )
-  missing = [p for p in layers if _layer_keys(p)['running_mean'] not in sd]
-  if missing:
-    raise KeyError(
-      f'{_FROM}: no BatchNorm state for the prefixes {missing} in '
-      f'layers (no <prefix>.running_mean key); BatchNorm prefixes found: '
-      f'{bn_prefixes(sd)}'
-    )
+  _torch_io.check_prefixes(_FROM, sd, layers)
   problems: list[str] = []
   targets: dict[tuple[str | int, ...], str] = {}
   for prefix, path in layers.items():
-    tree = _split(path, prefix, _FROM)
+    tree = _torch_io.split_path(path, prefix, _FROM, 'Flax')
     if tree in targets:
       problems.append(
         f'{targets[tree]!r} and {prefix!r} both map to the Flax path '
         f'{"/".join(map(str, tree))!r}; the second would overwrite the first'
       )
     targets[tree] = prefix
-    problems += _layer_problems(sd, prefix)
-  if problems:
-    _values.report(_FROM, problems, 'state_dict')
+    problems += _torch_io.layer_problems(sd, prefix)
+  _values.report(_FROM, problems, 'state_dict')
   out: dict[str, dict] = {'params': {}, 'batch_stats': {}}
   for prefix, path in layers.items():
-    keys, tree = _layer_keys(prefix), _split(path, prefix, _FROM)
-    for names, coll in ((_STATS, 'batch_stats'), (_PARAMS, 'params')):
-      for torch_name, flax_name in names.items():
-        if keys[torch_name] in sd:
-          v = sd[keys[torch_name]]
-          # A complex running mean (flax's, for complex input) stays complex.
-          dt = (
-            jnp.promote_types(dtype, v.dtype) if v.dtype.kind == 'c' else dtype
-          )
-          _put(out[coll], tree, flax_name, jnp.asarray(v, dt))
+    tree = _torch_io.split_path(path, prefix, _FROM, 'Flax')
+    for torch_name, v in _torch_io.read_layer(sd, prefix).items():
+      coll, name = (
+        ('params', _PARAMS[torch_name])
+        if torch_name in _PARAMS
+        else ('batch_stats', _STATS[torch_name])
+      )
+      # A complex running mean (flax's, for complex input) stays complex.
+      dt = jnp.promote_types(dtype, v.dtype) if v.dtype.kind == 'c' else dtype
+      _put(out[coll], tree, name, jnp.asarray(v, dt))
   return out
 
 
@@ -240,7 +214,10 @@ def batches_tracked(state_dict: Any) -> dict[str, int]:
     {'bn': 5}
   """
   sd = load_state_dict(state_dict)
-  keys = {p: _layer_keys(p)['num_batches_tracked'] for p in bn_prefixes(sd)}
+  keys = {
+    p: _torch_io.layer_keys(p)['num_batches_tracked']
+    for p in _torch_io.bn_prefixes(sd)
+  }
   out = {}
   for p, k in keys.items():
     if k in sd:
@@ -252,32 +229,6 @@ def batches_tracked(state_dict: Any) -> dict[str, int]:
         )
       out[p] = int(n.reshape(()))
   return out
-
-
-def _layer_problems(sd: Mapping[str, np.ndarray], prefix: str) -> list[str]:
-  """What is wrong with one torch BatchNorm layer's state (empty if valid):
-  the torch-specific keys here, the values by the one value check."""
-  keys = _layer_keys(prefix)
-  problems = []
-  present = [n for n in ('weight', 'bias') if keys[n] in sd]
-  if len(present) == 1:
-    absent = keys['bias' if present == ['weight'] else 'weight']
-    problems.append(
-      f'{keys[present[0]]!r} is present but {absent!r} is missing: an '
-      'affine torch BatchNorm has both, affine=False neither'
-    )
-  if keys['running_var'] not in sd:
-    return problems + [f'{keys["running_var"]!r} is missing']
-  vectors = {
-    keys[n]: sd[keys[n]]
-    for n in ('weight', 'bias', 'running_mean', 'running_var')
-    if keys[n] in sd
-  }
-  return problems + _values.layer_problems(
-    vectors,
-    variances=(keys['running_var'],),
-    complex_ok=(keys['running_mean'],),
-  )
 
 
 def to_torch(
@@ -333,104 +284,17 @@ def to_torch(
       f'{_TO}: variables must be a mapping {{"params": ..., "batch_stats": '
       f'...}} of a Flax model, got {type(variables).__name__}'
     )
-  counts: Mapping[str, int] = (
-    num_batches_tracked
-    if isinstance(num_batches_tracked, Mapping)
-    else dict.fromkeys(layers, num_batches_tracked)
-  )
-  for prefix, n in counts.items():
-    if (
-      isinstance(n, (bool, np.bool_))
-      or not isinstance(n, (int, np.integer))
-      or n < 0
-    ):
-      raise TypeError(
-        f'{_TO}: num_batches_tracked must be an int >= 0 (or a mapping '
-        f'of them by prefix), got {n!r} for {prefix!r}'
-      )
-  out: dict[str, np.ndarray] = {}
-  problems: list[str] = []
+  counts = _torch_io.batch_counts(_TO, num_batches_tracked, layers)
+  found = {}
   for prefix, path in layers.items():
-    keys = _layer_keys(prefix)
-    tree = _split(path, prefix, _TO)
+    tree = _torch_io.split_path(path, prefix, _TO, 'Flax')
     stats = _get(variables.get('batch_stats', {}), tree, 'batch_stats')
-    for torch_name, flax_name in _STATS.items():
-      v = np.asarray(stats[flax_name])
-      if np.iscomplexobj(v):
-        problems.append(
-          f'{keys[torch_name]!r} ({"/".join(map(str, tree))}/{flax_name}) is '
-          'complex; torch BatchNorm state is real'
-        )
-      out[keys[torch_name]] = _owned(np.real(v))
     params = _get(variables.get('params', {}), tree, None) or {}
-    for torch_name, flax_name in _PARAMS.items():
-      if flax_name in params:
-        out[keys[torch_name]] = _owned(params[flax_name])
-    out[keys['num_batches_tracked']] = np.array(counts.get(prefix, 0), np.int64)
-    problems += _layer_problems(out, prefix)
-  _values.report(_TO, problems, 'variables')
-  return out
-
-
-def _float_dtype(fn: str, dtype) -> Any:
-  try:
-    dt = jnp.dtype(dtype)
-  except TypeError:
-    raise TypeError(
-      f'{fn}: dtype={dtype!r} is not a dtype; pass e.g. dtype=jnp.float32'
-    ) from None
-  if not jnp.issubdtype(dt, jnp.floating):
-    raise TypeError(
-      f'{fn}: dtype={dt} must be a floating dtype (statistics and '
-      'parameters are real numbers); pass e.g. dtype=jnp.float32'
-    )
-  return dt
-
-
-def _owned(v) -> np.ndarray:
-  """A float32 copy that owns its memory (np.asarray of a JAX array can be a
-  read-only view of the JAX buffer)."""
-  return np.array(v, np.float32, copy=True)
-
-
-def _layer_keys(prefix: str) -> dict[str, str]:
-  dot = f'{prefix}.' if prefix else ''
-  return {k: dot + k for k in TORCH_KEYS}
-
-
-def _split(path, prefix: str, fn: str) -> tuple[str | int, ...]:
-  """A Flax module path as a tuple of keys.
-
-  A string splits at '/' and '.'; its all-digit parts become ints, the
-  index of a layer in a list (torch's ``ModuleList``/``Sequential`` and
-  nnx's lists alike). A tuple is taken as it is (strings and ints), so a
-  linen module literally named '0' is ``('0',)``. An int is one index.
-  """
-  if isinstance(path, str):
-    parts: tuple[str | int, ...] = tuple(
-      int(p) if p.isdigit() else p
-      for p in path.replace('.', '/').split('/')
-      if p
-    )
-  elif isinstance(path, (int, np.integer)) and not isinstance(path, bool):
-    parts = (int(path),)
-  elif isinstance(path, (tuple, list)) and all(
-    isinstance(p, (str, int, np.integer)) and not isinstance(p, bool)
-    for p in path
-  ):
-    parts = tuple(p if isinstance(p, str) else int(p) for p in path)
-  else:
-    raise TypeError(
-      f'{fn}: the Flax path of {prefix!r} must be a string '
-      f'("layer1/0/bn1"), an int or a tuple of strings and ints, got '
-      f'{type(path).__name__} {path!r} in layers'
-    )
-  if not parts:
-    raise ValueError(
-      f'{fn}: empty Flax module path {path!r} for {prefix!r} in layers; name '
-      'the module, e.g. "BatchNorm_0"'
-    )
-  return parts
+    found[prefix] = {
+      **{t: params[f] for t, f in _PARAMS.items() if f in params},
+      **{t: stats[f] for t, f in _STATS.items()},
+    }
+  return _torch_io.write_layers(_TO, found, counts, 'variables')
 
 
 def _put(root: dict, tree: Sequence[str | int], name: str, value) -> None:

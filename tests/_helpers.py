@@ -92,3 +92,14 @@ def import_torch():
     'torch',
     reason='the torch extra is not installed: pip install -e ".[torch]"',
   )
+
+
+def aligned(a, alignment=64):
+  """A copy of ``a`` whose buffer starts at a multiple of ``alignment``
+  bytes: what XLA:CPU may alias instead of copying (``jnp.asarray``)."""
+  a = np.asarray(a)
+  buf = np.empty(a.nbytes + alignment, np.uint8)
+  start = -buf.ctypes.data % alignment
+  out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+  out[...] = a
+  return out

@@ -89,7 +89,7 @@ MUTANTS = {
     ['tests/core/test_errors.py', 'tests/core/test_sync.py'],
   ),
   'epsilon underflow accepted': (
-    'bnjax/_checks.py',
+    'bnjax/_scalar_checks.py',
     'tiny = float(jnp.finfo(dtype or jnp.float32).tiny)',
     'tiny = 0.0',
     ['tests/core/test_errors.py'],
@@ -198,8 +198,8 @@ MUTANTS = {
     ['tests/modules/test_equinox_swap.py'],
   ),
   'equinox to_torch exports the hidden EMA': (
-    'bnjax/equinox.py',
-    'pop = population_stats(stats)',
+    'bnjax/_equinox_torch.py',
+    'pop = _running.population_stats_as(fn, stats, check=False)',
     'pop = stats',
     ['tests/modules/test_equinox_swap.py'],
   ),
@@ -208,6 +208,25 @@ MUTANTS = {
     "problems.append(f'{k!r} has non-finite values at channels {_at(bad)}')",
     'pass',
     ['tests/modules/test_equinox_swap.py', 'tests/interop/test_haiku.py'],
+  ),
+  # Issue 42: jnp.asarray of an aligned NumPy array aliases it on CPU.
+  'from_torch aliases a NumPy state dict': (
+    'bnjax/_torch_io.py',
+    'n: np.array(sd[keys[n]], copy=True)',
+    'n: sd[keys[n]]',
+    ['tests/interop/test_interop.py', 'tests/modules/test_equinox_swap.py'],
+  ),
+  'to_torch exports views of the JAX arrays': (
+    'bnjax/_torch_io.py',
+    'np.array(v, np.float32, copy=True)',
+    'np.asarray(v, np.float32)',
+    ['tests/interop/test_interop.py', 'tests/modules/test_equinox_swap.py'],
+  ),
+  'equinox from_torch drops weights of a non-affine layer': (
+    'bnjax/_torch_io.py',
+    'elif affine is not None and bool(have) != affine:',
+    'elif False:',
+    ['tests/modules/test_equinox_swap.py'],
   ),
   'to_haiku ignores the DebiasedStats': (
     'bnjax/_haiku.py',

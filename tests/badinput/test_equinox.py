@@ -7,6 +7,8 @@ is a list of ``(category, value, exception type, message piece)`` or an
 argument (traced where it must be static).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,7 +133,7 @@ def _layer_args(cls):
       ('range', 'unbound', NameError, "axis_name='unbound'"),
     ],
     'eps': [
-      ('range', 0.0, ValueError, 'eps=0.0 must be finite and >='),
+      ('range', 0.0, ValueError, 'eps=0.0 must be finite and > 0'),
       ('nonfinite', NAN, ValueError, 'eps=nan must be finite'),
       ('type', '1e-5', TypeError, 'eps must be a real scalar'),
     ],
@@ -147,8 +149,8 @@ def _layer_args(cls):
       ('type', 1, TypeError, 'inference must be a Python bool'),
     ],
     'dtype': [
-      ('dtype', jnp.int32, TypeError, 'dtype must be a floating dtype'),
-      ('type', 'bogus', TypeError, 'dtype must be a floating dtype'),
+      ('dtype', jnp.int32, TypeError, 'dtype=int32 must be a floating dtype'),
+      ('type', 'bogus', TypeError, "dtype='bogus' is not a dtype"),
     ],
     'batch_axis': [
       ('type', '0', TypeError, 'batch_axis must be None'),
@@ -215,12 +217,33 @@ CASES: dict[str, dict[str, list | str]] = {
   },
   'bnjax.equinox.from_torch': {
     'model': [
-      ('type', 3, TypeError, 'function of the model that picks'),
+      ('type', 3, TypeError, 'must pick a bnjax.equinox.BatchNorm'),
     ],
     'state': [('type', {}, TypeError, 'state must be an eqx.nn.State')],
     'state_dict': [
       ('type', 3, TypeError, 'source must be a mapping'),
-      ('range', {}, ValueError, "state_dict has no 'bn.weight'"),
+      # interop.from_torch's checks (issue 42): a KeyError as there, and
+      # neither a reshaped (1, C) vector nor dropped or missing weights.
+      ('range', {}, KeyError, "no BatchNorm state for the prefixes ['bn']"),
+      (
+        'shape',
+        _sd(weight=np.ones((1, 3))),
+        ValueError,
+        '1-D vectors of one length',
+      ),
+      (
+        'range',
+        {k: v for k, v in _sd().items() if 'running' in k},
+        ValueError,
+        "'bn.weight' and 'bn.bias' are missing (a torch BatchNorm with "
+        'affine=False), but the layer has a weight and bias',
+      ),
+      (
+        'dtype',
+        _sd(running_mean=np.zeros(3, np.complex64)),
+        ValueError,
+        "'bn.running_mean' is complex; this state is real",
+      ),
       (
         'corrupt-state',
         _sd(running_mean=np.array([0.0, NAN, 0.0])),
@@ -249,11 +272,12 @@ CASES: dict[str, dict[str, list | str]] = {
     ],
     'layers': [
       ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
-      ('type', {'bn': 'bn'}, TypeError, "layers['bn'] must be a function"),
+      ('type', {'bn': 1.5}, TypeError, "the Equinox path of 'bn' must be"),
+      ('range', {'bn': 'bn'}, KeyError, "no 'bn' (a path in layers)"),
     ],
   },
   'bnjax.equinox.to_torch': {
-    'model': [('type', 3, TypeError, 'function of the model that picks')],
+    'model': [('type', 3, TypeError, 'must pick a bnjax.equinox.BatchNorm')],
     'state': [
       ('type', {}, TypeError, 'state must be an eqx.nn.State'),
       (
@@ -270,6 +294,10 @@ CASES: dict[str, dict[str, list | str]] = {
       ),
     ],
     'layers': [('type', ['bn'], TypeError, 'layers must map torch prefixes')],
+    'num_batches_tracked': [
+      ('range', -1, TypeError, 'num_batches_tracked must be an int >= 0'),
+      ('type', 1.5, TypeError, 'num_batches_tracked must be an int >= 0'),
+    ],
   },
 }
 
@@ -344,5 +372,10 @@ def test_bad_input_raises_naming_the_argument(name, arg, case):
   msg = str(info.value)
   assert piece in msg, (piece, msg)
   assert arg in msg or NAMED.get((name, arg), arg) in msg, (arg, msg)
-  if exc is not NameError:
-    assert 'bnjax.' in msg, msg
+  if exc is not NameError:  # JAX's, for an unbound axis name
+    # One prefix form, bnjax.<module>.<name>: (issue 42); the state dict is
+    # read by bnjax.interop.load_state_dict, named as such.
+    prefix = re.match(r'"?(bnjax\.\w+\.\w+): ', msg)
+    assert prefix, msg
+    owner = name.removesuffix('.__call__')
+    assert prefix[1] in (owner, 'bnjax.interop.load_state_dict'), msg

@@ -116,7 +116,12 @@ _PATHS = [
 CASES: dict[str, dict[str, list | str]] = {
   'bnjax.interop.batches_tracked': {
     'state_dict': [
-      ('type', 3, TypeError, 'load_state_dict: source must be a mapping'),
+      (
+        'type',
+        3,
+        TypeError,
+        'bnjax.interop.load_state_dict: source must be a mapping',
+      ),
       (
         'corrupt-state',
         _sd(num_batches_tracked=np.array(-1)),
@@ -139,7 +144,12 @@ CASES: dict[str, dict[str, list | str]] = {
   },
   'bnjax.interop.bn_prefixes': {
     'state_dict': [
-      ('type', 3, TypeError, 'load_state_dict: source must be a mapping'),
+      (
+        'type',
+        3,
+        TypeError,
+        'bnjax.interop.load_state_dict: source must be a mapping',
+      ),
       (
         'dtype',
         {'bn.running_mean': np.array(['a'])},
@@ -205,7 +215,12 @@ CASES: dict[str, dict[str, list | str]] = {
   },
   'bnjax.interop.from_torch': {
     'state_dict': [
-      ('type', 3, TypeError, 'load_state_dict: source must be a mapping'),
+      (
+        'type',
+        3,
+        TypeError,
+        'bnjax.interop.load_state_dict: source must be a mapping',
+      ),
       ('range', {'x.weight': np.ones(3)}, ValueError, 'no BatchNorm layer'),
       *_STATE_CORRUPT,
     ],

@@ -174,7 +174,9 @@ def test_to_haiku_takes_a_debiased_stats_layer_instead_of_a_bare_error():
   )
   with pytest.raises(ValueError, match=r'carries a DebiasedStats.*decay_rate'):
     interop.to_haiku({'bn': stats}, params, state)
-  with pytest.raises(TypeError, match=r"to_haiku: layers\['bn'\] must be"):
+  with pytest.raises(
+    TypeError, match=r"bnjax.interop.to_haiku: layers\['bn'\] must be"
+  ):
     interop.to_haiku({'bn': (1, 2)}, params, state)
 
 
@@ -183,7 +185,9 @@ def test_from_haiku_with_swapped_arguments_says_they_are_swapped():
   t, params, state = _haiku()
   with pytest.raises(ValueError, match=r'the arguments are swapped'):
     interop.from_haiku(state, params)
-  with pytest.raises(TypeError, match=r'from_haiku: state must be a mapping'):
+  with pytest.raises(
+    TypeError, match=r'bnjax.interop.from_haiku: state must be a mapping'
+  ):
     interop.from_haiku(params, [1])
 
 
@@ -203,11 +207,13 @@ def test_haiku_conversions_refuse_nan_means_and_negative_variances(
   avg = np.array(bad[f'bn/~/{ema}_ema']['average'])
   avg.reshape(-1)[1] = value
   bad[f'bn/~/{ema}_ema']['average'] = avg
-  with pytest.raises(ValueError, match='from_haiku: invalid') as e:
+  with pytest.raises(
+    ValueError, match='bnjax.interop.from_haiku: invalid'
+  ) as e:
     interop.from_haiku(params, bad)
   assert piece in str(e.value)
   layer = dict(interop.from_haiku(params, state)['bn'])
   layer[ema] = layer[ema].at[1].set(value)
-  with pytest.raises(ValueError, match='to_haiku: invalid') as e:
+  with pytest.raises(ValueError, match='bnjax.interop.to_haiku: invalid') as e:
     interop.to_haiku({'bn': layer}, params, state)
   assert f"'bn.{ema}'" in str(e.value)

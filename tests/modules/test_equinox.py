@@ -309,9 +309,10 @@ def test_from_torch_errors_name_the_key():
     match=r"'bn.weight', .* have 4 channels, but the layer has 3",
   ):
     bnjax.equinox.from_torch(bn, state, sd, {'bn': lambda m: m})
+  # As interop.from_torch: a prefix with no BatchNorm state is a KeyError.
   with pytest.raises(
-    ValueError,
-    match=r"no 'conv.weight'.*prefixes are "
+    KeyError,
+    match=r"no BatchNorm state for the prefixes \['conv'\].*prefixes found: "
     r"\['bn'\]",
   ):
     bnjax.equinox.from_torch(bn, state, sd, {'conv': lambda m: m})

@@ -14,7 +14,8 @@ eqx = pytest.importorskip(
 
 import bnjax  # noqa: E402
 import bnjax.equinox  # noqa: E402
-from tests._helpers import randn  # noqa: E402
+import bnjax.interop  # noqa: E402
+from tests._helpers import aligned, randn  # noqa: E402
 
 C = 3
 ME = {'bn': lambda m: m}
@@ -58,11 +59,15 @@ def test_non_bool_inference_is_refused_naming_inference(where):
   # Python bool", a name equinox does not have (and accepted by the
   # constructor).
   if where == 'constructor':
-    with pytest.raises(TypeError, match=r'BatchNorm: inference must be a'):
+    with pytest.raises(
+      TypeError, match=r'bnjax.equinox.BatchNorm: inference must be a'
+    ):
       bnjax.equinox.BatchNorm(C, 'batch', inference=1)
   else:
     bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(C, 'batch')
-    with pytest.raises(TypeError, match=r'BatchNorm: inference must be a') as e:
+    with pytest.raises(
+      TypeError, match=r'bnjax.equinox.BatchNorm: inference must be a'
+    ) as e:
       bn(jnp.ones(C), state, inference=1)
     assert 'use_running_average' not in str(e.value)
 
@@ -166,7 +171,9 @@ def test_equinox_torch_converters_refuse_nan_means_and_negative_variances(
   sd = bnjax.equinox.to_torch(bn, state, ME)
   sd[f'bn.{key}'] = sd[f'bn.{key}'].copy()
   sd[f'bn.{key}'][1] = value
-  with pytest.raises(ValueError, match='from_torch: invalid') as e:
+  with pytest.raises(
+    ValueError, match='bnjax.equinox.from_torch: invalid'
+  ) as e:
     bnjax.equinox.from_torch(bn, good, sd, ME)
   assert piece in str(e.value)
   # The same value in the model's state is refused on the way out.
@@ -177,6 +184,144 @@ def test_equinox_torch_converters_refuse_nan_means_and_negative_variances(
       bn.state_index,
       stats._replace(**{field: getattr(stats, field).at[1].set(value)}),
     )
-    with pytest.raises(ValueError, match='to_torch: invalid') as e:
+    with pytest.raises(
+      ValueError, match='bnjax.equinox.to_torch: invalid'
+    ) as e:
       bnjax.equinox.to_torch(bn, bad, ME)
     assert piece in str(e.value)
+
+
+# ---- issue 42: equinox's torch I/O is interop's one path ----------------
+
+
+def _sd(c=C, **over):
+  sd = {
+    'bn.weight': np.full(c, 2.0, np.float32),
+    'bn.bias': np.full(c, 0.5, np.float32),
+    'bn.running_mean': np.arange(c, dtype=np.float32),
+    'bn.running_var': np.full(c, 4.0, np.float32),
+    'bn.num_batches_tracked': np.array(7),
+  }
+  return {**sd, **over}
+
+
+class _Net(eqx.Module):
+  blocks: list
+  head: bnjax.equinox.BatchNorm
+
+
+def _net():
+  return eqx.nn.make_with_state(_Net)(
+    [bnjax.equinox.BatchNorm(C, 'b'), bnjax.equinox.BatchRenorm(C, 'b')],
+    bnjax.equinox.BatchNorm(C, 'b', channelwise_affine=False),
+  )
+
+
+@pytest.mark.parametrize(
+  'over, piece',
+  [
+    # Reshaped to (C,) and loaded.
+    ({'bn.weight': np.ones((1, C))}, '1-D vectors of one length'),
+    # Its imaginary part dropped, with a ComplexWarning.
+    (
+      {'bn.running_mean': np.ones(C, np.complex64)},
+      "'bn.running_mean' is complex",
+    ),
+  ],
+)
+def test_equinox_from_torch_refuses_what_interop_refuses(over, piece):
+  bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(C, 'b')
+  with pytest.raises(ValueError, match='nothing was converted') as e:
+    bnjax.equinox.from_torch(bn, state, _sd(**over), ME)
+  assert piece in str(e.value)
+
+
+def test_equinox_from_torch_refuses_weights_a_layer_would_drop():
+  # A channelwise_affine=False layer took torch's weight and bias silently
+  # dropped: its outputs were no longer torch's.
+  bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
+    C, 'b', channelwise_affine=False
+  )
+  with pytest.raises(ValueError, match='build it with channelwise_affine=True'):
+    bnjax.equinox.from_torch(bn, state, _sd(), ME)
+  sd = {k: v for k, v in _sd().items() if 'running' in k}
+  bn, state = bnjax.equinox.from_torch(bn, state, sd, ME)
+  np.testing.assert_array_equal(
+    state.get(bn.state_index).var, sd['bn.running_var']
+  )
+
+
+def test_equinox_from_torch_refuses_two_prefixes_picking_one_layer():
+  # The second overwrote the first silently.
+  bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(C, 'b')
+  sd = {**_sd(), **{k.replace('bn.', 'bn2.'): v for k, v in _sd().items()}}
+  with pytest.raises(ValueError, match="'bn' and 'bn2' both pick the same"):
+    bnjax.equinox.from_torch(bn, state, sd, {'bn': '', 'bn2': lambda m: m})
+
+
+def test_equinox_layers_by_path_and_none_as_interop():
+  """layers takes interop's paths (dots or slashes, ints index lists), and
+  None means every layer, its prefix its path, both ways."""
+  net, state = _net()
+  sd = {
+    **{k.replace('bn.', 'blocks.0.'): v for k, v in _sd().items()},
+    **{k.replace('bn.', 'blocks.1.'): v + 1 for k, v in _sd().items()},
+    **{
+      k.replace('bn.', 'head.'): v
+      for k, v in _sd().items()
+      if not k.endswith(('weight', 'bias'))
+    },
+  }
+  by_path, s1 = bnjax.equinox.from_torch(
+    net,
+    state,
+    sd,
+    {'blocks.0': 'blocks/0', 'blocks.1': ('blocks', 1), 'head': 'head'},
+  )
+  net, state = _net()
+  by_none, s2 = bnjax.equinox.from_torch(net, state, sd)
+  np.testing.assert_array_equal(by_none.blocks[1].weight, sd['blocks.1.weight'])
+  counts = bnjax.interop.batches_tracked(sd)
+  back = bnjax.equinox.to_torch(by_none, s2, num_batches_tracked=counts)
+  assert sorted(back) == sorted(sd)
+  for k, a in sd.items():
+    np.testing.assert_allclose(back[k], a, rtol=1e-6, err_msg=k)
+  paths = {p: p for p in ('blocks.0', 'blocks.1', 'head')}
+  again = bnjax.equinox.to_torch(by_path, s1, paths, num_batches_tracked=counts)
+  for k, a in back.items():
+    np.testing.assert_array_equal(again[k], a, err_msg=k)
+  with pytest.raises(ValueError, match='found no BatchNorm layer'):
+    bnjax.equinox.from_torch(by_none, s2, {'conv.weight': np.zeros(3)})
+  with pytest.raises(KeyError, match=r"blocks/1 has no 'bn'"):
+    bnjax.equinox.from_torch(by_none, s2, sd, {'blocks.1': 'blocks/1/bn'})
+
+
+def test_equinox_to_torch_writes_the_batch_counts_as_interop():
+  # to_torch had no num_batches_tracked: torch's counts were lost.
+  bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(C, 'b')
+  sd = _sd()
+  bn, state = bnjax.equinox.from_torch(bn, state, sd, ME)
+  counts = bnjax.interop.batches_tracked(sd)
+  back = bnjax.equinox.to_torch(bn, state, ME, num_batches_tracked=counts)
+  assert back['bn.num_batches_tracked'].dtype == np.int64
+  assert int(back['bn.num_batches_tracked']) == 7
+  with pytest.raises(TypeError, match=r'num_batches_tracked must be an int'):
+    bnjax.equinox.to_torch(bn, state, ME, num_batches_tracked=-1)
+
+
+def test_equinox_torch_arrays_are_owned_copies_both_ways():
+  # from_torch: jnp.asarray of an aligned NumPy array may alias it on CPU,
+  # so changing the source after loading changed the running variance.
+  bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(C, 'b')
+  sd = {k: aligned(a) for k, a in _sd().items()}
+  bn, state = bnjax.equinox.from_torch(bn, state, sd, ME)
+  sd['bn.weight'][:] = 9.0  # the source changes after loading
+  sd['bn.running_var'][:] = 9.0
+  assert float(bn.weight[0]) == 2.0
+  assert float(state.get(bn.state_index).var[0]) == 4.0
+  out = bnjax.equinox.to_torch(bn, state, ME)
+  for k, a in out.items():
+    assert a.flags.writeable and a.flags.owndata, k
+    a[...] = 0  # torch's in-place updates
+  assert float(bn.weight[0]) == 2.0
+  assert float(state.get(bn.state_index).mean[1]) == 1.0
