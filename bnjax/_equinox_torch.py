@@ -21,20 +21,11 @@ import numpy as np
 from bnjax import _running, _torch_io, _values
 from bnjax._equinox_layer import Layer, check_state
 from bnjax._state_dict import load_state_dict
-from bnjax._types import BatchStats, DebiasedStats, RenormStats
+from bnjax._types import RenormStats
 
-# Each state type's rule for torch's population (mean, var): the state that
-# infers with it, and the (mean, var) that torch's eval reproduces (a renorm
-# std as std**2 - eps, computed in float64).
-_FROM_POPULATION: dict[type, Callable] = {
-  BatchStats: lambda mean, var, eps: BatchStats(mean, var),
-  DebiasedStats: lambda mean, var, eps: DebiasedStats(
-    mean, var, jnp.ones_like(var)
-  ),
-  RenormStats: lambda mean, var, eps: RenormStats(
-    mean, jnp.sqrt(var + jnp.asarray(eps, var.dtype))
-  ),
-}
+# The (mean, var) that torch's eval reproduces, where it differs from the
+# state's population statistics: a renorm std as std**2 - eps, in float64.
+# (The state loaded from a population is its row of _running.RULES.)
 _TO_POPULATION: dict[type, Callable] = {
   RenormStats: lambda fn, s, eps: (
     s.mean,
@@ -143,7 +134,9 @@ def from_torch(
     mean, var = (
       jnp.asarray(v[k], old.mean.dtype) for k in ('running_mean', 'running_var')
     )
-    new = _FROM_POPULATION[type(old)](mean, var, layer.eps)
+    load = _running.rules_of(old).from_population
+    assert load is not None  # _pick refused the others
+    new = load(mean, var, layer.eps)
     state = state.set(layer.state_index, new)
   return model, state
 
@@ -235,7 +228,7 @@ def _pick(fn, model, state, layers) -> dict[str, tuple[Callable, Layer]]:
         'BatchRenorm (a function of the model, e.g. lambda m: m.bn1, or a '
         f'path, e.g. "bn1"); it gives a {type(layer).__name__}'
       )
-    if type(state.get(layer.state_index)) not in _FROM_POPULATION:
+    if _running.rules_of(state.get(layer.state_index)).from_population is None:
       raise TypeError(
         f'{fn}: the state of layers[{prefix!r}] is a '
         f'{type(state.get(layer.state_index)).__name__}; a bnjax.equinox '

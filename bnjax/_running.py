@@ -422,12 +422,25 @@ class Rules(NamedTuple):
   )
   # Its fields hold epsilon (a std of var + epsilon).
   reads_epsilon: bool = False
+  # (mean, var, epsilon) -> the state that infers with that population (a
+  # converter loading torch's or haiku's statistics); None: not loadable.
+  from_population: Callable[[Any, Any, Any], Any] | None = None
 
 
 RULES: dict[type, Rules] = {
-  BatchStats: Rules(_ema_update, _stored),
+  BatchStats: Rules(
+    _ema_update,
+    _stored,
+    from_population=lambda mean, var, eps: BatchStats(mean, var),
+  ),
   CumulativeStats: Rules(_cumulative_update, _stored, ema=False),
-  DebiasedStats: Rules(_debiased_update, _debiased_population),
+  DebiasedStats: Rules(
+    _debiased_update,
+    _debiased_population,
+    from_population=lambda mean, var, eps: DebiasedStats(
+      mean, var, jnp.ones_like(var)
+    ),
+  ),
   PooledStats: Rules(_pooled_update, _pooled_population, ema=False),
   RenormStats: Rules(
     _renorm_update,
@@ -435,6 +448,9 @@ RULES: dict[type, Rules] = {
     inference=_renorm_inference,
     fallback=_renorm_fallback,
     reads_epsilon=True,
+    from_population=lambda mean, var, eps: RenormStats(
+      mean, jnp.sqrt(var + jnp.asarray(eps, var.dtype))
+    ),
   ),
 }
 # Not a state: update raises (after momentum 1, which keeps anything),
