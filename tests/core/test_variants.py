@@ -414,7 +414,15 @@ def test_renorm_with_no_room_is_plain_bn():
 
 
 def test_renorm_limits_are_traced_so_a_schedule_never_retraces():
+  """A schedule of (r_max, d_max) runs in one trace, and each step clips r
+  and d at that step's limits: output and new state equal the float64
+  oracle (Ioffe 2017, Algorithm 1) at each. It only checked that the first
+  and last outputs differ before."""
   s = bnjax.RenormStats(jnp.array([1.0, 2, 3]), jnp.array([0.5, 1, 2]))
+  m64, v64, _ = ref.moments(X)
+  sd64 = np.sqrt(v64 + 1e-5)
+  r64 = sd64 / np.asarray(s.std, np.float64)  # 7.1, 1.95, 0.87
+  d64 = (m64 - np.asarray(s.mean, np.float64)) / np.asarray(s.std, np.float64)
 
   @jax.jit
   @chex.assert_max_traces(n=1)
@@ -423,11 +431,29 @@ def test_renorm_limits_are_traced_so_a_schedule_never_retraces():
       x, s, use_running_average=False, r_max=r_max, d_max=d_max
     )
 
-  outs = [
-    step(X, s, jnp.float32(r), jnp.float32(d))[0]
-    for r, d in [(1, 0), (1.5, 0.5), (3, 5)]
+  # Each step clips some channels and leaves others: r from above (1.5, 3)
+  # and from below (1), d from both sides (0.5) and not at all (5).
+  schedule = [(1.0, 0.0), (1.5, 0.5), (3.0, 5.0)]
+  clipped_r = [np.abs(np.log(r64)) > np.log(r) for r, _ in schedule]
+  clipped_d = [np.abs(d64) > d for _, d in schedule]
+  assert [c.tolist() for c in clipped_r] == [
+    [True, True, True],
+    [True, True, False],
+    [True, False, False],
   ]
-  assert not np.allclose(outs[0], outs[2])
+  assert [c.tolist() for c in clipped_d] == [
+    [True, True, True],
+    [True, False, True],
+    [False, False, False],
+  ]
+  for r_max, d_max in schedule:
+    y, new = step(X, s, jnp.float32(r_max), jnp.float32(d_max))
+    want_y, want_mean, want_std = ref.batch_renorm(
+      X, s.mean, s.std, use_running_average=False, r_max=r_max, d_max=d_max
+    )
+    np.testing.assert_allclose(y, want_y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(new.mean, want_mean, rtol=1e-6)
+    np.testing.assert_allclose(new.std, want_std, rtol=1e-6)
   chex.clear_trace_counter()
 
 
