@@ -30,7 +30,6 @@ MODELS = {
 def compile_row(name, build, batch, size, classes, repeats):
   import flax.linen as nn
   import jax
-  import numpy as np
   import optax
 
   import bnjax.linen
@@ -52,20 +51,8 @@ def compile_row(name, build, batch, size, classes, repeats):
       jax.jit(fresh).lower(*args[impl]).compile()
       if r:
         times[impl].append(time.perf_counter() - t0)
-  med = {k: float(np.median(v)) for k, v in times.items()}
-  ratios = sorted(
-    b / f for b, f in zip(times['bnjax'], times['flax'], strict=True)
-  )
   row = dict(
-    model=name,
-    batch=batch,
-    size=size,
-    flax_s=med['flax'],
-    bnjax_s=med['bnjax'],
-    ratio=med['bnjax'] / med['flax'],
-    pair_ratios=ratios,
-    flax_all_s=times['flax'],
-    bnjax_all_s=times['bnjax'],
+    model=name, batch=batch, size=size, **_timing.compile_columns(times)
   )
   print(json.dumps(row), flush=True)
   return row
