@@ -87,8 +87,23 @@ def test_empty_masked_channel_in_linen_and_nnx_modules():
 
 
 def test_linen_and_nnx_modules_take_sync():
+  """The modules default to sync='auto' and keep what they are given; a
+  synced linen layer's statistics are the global batch's by either path."""
   assert bnjax.linen.BatchNorm().sync == 'auto'
   assert bnjax.nnx.BatchNorm(3, sync='psum', rngs=nnx.Rngs(0)).sync == 'psum'
+  x = jnp.asarray(randn((4, 8, C), loc=3.0, seed=6))
+  mean, var, _ = ref.moments(np.asarray(x).reshape(-1, C))
+  for sync in ('gather', 'psum'):
+    m = bnjax.linen.BatchNorm(
+      use_running_average=False, axis_name='v', sync=sync, momentum=0.0
+    )
+    v = m.init(jax.random.key(0), x[0])
+    _, upd = jax.vmap(
+      lambda xi, m=m, v=v: m.apply(v, xi, mutable=['batch_stats']),
+      axis_name='v',
+    )(x)
+    np.testing.assert_allclose(upd['batch_stats']['mean'][0], mean, rtol=1e-6)
+    np.testing.assert_allclose(upd['batch_stats']['var'][0], var, rtol=1e-5)
 
 
 def test_linen_keeps_float64_statistics_for_float64_input():
