@@ -2,8 +2,8 @@
 
 Question: does swapping ``flax.linen.BatchNorm`` for ``bnjax.linen.BatchNorm``
 make a real model compile slower? Models: flax's ImageNet example ResNet-50
-(53 BN layers, ``benchmarks/_models.py``) and the CIFAR ResNet-20 of
-``model.py`` (19 BN layers), each one SGD-momentum train step with
+(53 BN layers) and the CIFAR ResNet-20 that ``model.py`` times (21 BN
+layers), both from ``benchmarks/_models.py``, each one SGD-momentum train step with
 ``mutable=['batch_stats']``, jitted from a fresh Python function each time
 (so JAX's caches do not answer), trace + lower + compile timed, A B A B
 after one warm-up compile of each. The input size does not change what is

@@ -2,7 +2,8 @@
 
 Question: what does swapping ``flax.linen.BatchNorm`` for
 ``bnjax.linen.BatchNorm`` buy in a whole model? A CIFAR-style ResNet-20
-(3 stages x 3 basic blocks, 16/32/64 channels, 19 BN layers) on 32x32x3
+(``_models.resnet20``: 3 stages x 3 basic blocks, 16/32/64 channels, 21 BN
+layers: the stem, 18 in the blocks, 2 on projected shortcuts) on 32x32x3
 inputs, batch 128, one SGD-momentum train step with ``mutable=['batch_stats']``.
 Reports the step time (interleaved medians, allocator setting applied), XLA's
 memory analysis of the compiled step (temporaries, and the peak estimate
