@@ -13,8 +13,9 @@ import functools
 
 
 def resnet20(norm_cls, widths=(16, 32, 64), blocks=3, axis_name=None):
-  import functools
-
+  """The CIFAR ResNet-20 of He et al. 2016: a stem, then one stage of
+  ``blocks`` basic blocks per entry of ``widths`` (the first block of each
+  later stage strides 2 and projects its shortcut)."""
   import flax.linen as nn
 
   norm_cls = functools.partial(norm_cls, axis_name=axis_name)

@@ -65,6 +65,40 @@ def ratio_quartiles(num, den) -> tuple[float, float]:
   return float(np.percentile(r, 25)), float(np.percentile(r, 75))
 
 
+def ratio_columns(samples: dict, num='bnjax', den='flax', prefix='') -> dict:
+  """The timing columns of a results row, from interleaved samples: each
+  side's median in ms (``<den>_ms``, ``<num>_ms``), the ratio of the medians
+  num / den (``<prefix>ratio``) and the paired per-round ratios' quartiles
+  (``<prefix>ratio_q25``, ``<prefix>ratio_q75``)."""
+  t = medians(samples)
+  q25, q75 = ratio_quartiles(samples[num], samples[den])
+  return {
+    f'{den}_ms': t[den] * 1e3,
+    f'{num}_ms': t[num] * 1e3,
+    f'{prefix}ratio': t[num] / t[den],
+    f'{prefix}ratio_q25': q25,
+    f'{prefix}ratio_q75': q75,
+  }
+
+
+def compile_columns(times: dict) -> dict:
+  """The compile-time columns of a results row, from paired rounds of
+  compile seconds ``{'flax': [...], 'bnjax': [...]}``: each side's median
+  (``flax_s``, ``bnjax_s``), their ratio, the sorted per-round ratios, and
+  every round's seconds (``flax_all_s``, ``bnjax_all_s``)."""
+  med = {k: float(np.median(times[k])) for k in ('flax', 'bnjax')}
+  return dict(
+    flax_s=med['flax'],
+    bnjax_s=med['bnjax'],
+    ratio=med['bnjax'] / med['flax'],
+    pair_ratios=sorted(
+      b / f for b, f in zip(times['bnjax'], times['flax'], strict=True)
+    ),
+    flax_all_s=list(times['flax']),
+    bnjax_all_s=list(times['bnjax']),
+  )
+
+
 def compile_seconds(make_fn, args, repeats: int) -> float:
   """Median wall time of trace + lower + compile of a fresh function."""
   ts = []

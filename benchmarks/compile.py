@@ -2,8 +2,8 @@
 
 Question: does swapping ``flax.linen.BatchNorm`` for ``bnjax.linen.BatchNorm``
 make a real model compile slower? Models: flax's ImageNet example ResNet-50
-(53 BN layers, ``benchmarks/_models.py``) and the CIFAR ResNet-20 of
-``model.py`` (19 BN layers), each one SGD-momentum train step with
+(53 BN layers) and the CIFAR ResNet-20 that ``model.py`` times (21 BN
+layers), both from ``benchmarks/_models.py``, each one SGD-momentum train step with
 ``mutable=['batch_stats']``, jitted from a fresh Python function each time
 (so JAX's caches do not answer), trace + lower + compile timed, A B A B
 after one warm-up compile of each. The input size does not change what is
@@ -30,7 +30,6 @@ MODELS = {
 def compile_row(name, build, batch, size, classes, repeats):
   import flax.linen as nn
   import jax
-  import numpy as np
   import optax
 
   import bnjax.linen
@@ -52,20 +51,8 @@ def compile_row(name, build, batch, size, classes, repeats):
       jax.jit(fresh).lower(*args[impl]).compile()
       if r:
         times[impl].append(time.perf_counter() - t0)
-  med = {k: float(np.median(v)) for k, v in times.items()}
-  ratios = sorted(
-    b / f for b, f in zip(times['bnjax'], times['flax'], strict=True)
-  )
   row = dict(
-    model=name,
-    batch=batch,
-    size=size,
-    flax_s=med['flax'],
-    bnjax_s=med['bnjax'],
-    ratio=med['bnjax'] / med['flax'],
-    pair_ratios=ratios,
-    flax_all_s=times['flax'],
-    bnjax_all_s=times['bnjax'],
+    model=name, batch=batch, size=size, **_timing.compile_columns(times)
   )
   print(json.dumps(row), flush=True)
   return row

@@ -51,18 +51,8 @@ def layer_rows(shapes, rounds, inner):
         fn, a = layer.build(shape, mode, impl)
         fns[impl], args[impl] = jax.jit(fn), a
       samples = _timing.interleaved_samples(fns, args, rounds, inner)
-      t = _timing.medians(samples)
-      q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
       rows.append(
-        dict(
-          shape=list(shape),
-          mode=mode,
-          flax_ms=t['flax'] * 1e3,
-          bnjax_ms=t['bnjax'] * 1e3,
-          ratio=t['bnjax'] / t['flax'],
-          ratio_q25=q25,
-          ratio_q75=q75,
-        )
+        dict(shape=list(shape), mode=mode, **_timing.ratio_columns(samples))
       )
       print(json.dumps(rows[-1]), flush=True)
   return rows
@@ -202,16 +192,10 @@ def model_row(build, batch, size, rounds, inner, classes=1000):
       jax.jit(fresh).lower(*fargs[impl]).compile()
       out[impl]['compile_s'] = time.perf_counter() - t0
   samples = _timing.interleaved_samples(fns, fargs, rounds, inner)
-  t = _timing.medians(samples)
-  q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
   row = dict(
     batch=batch,
     size=size,
-    flax_ms=t['flax'] * 1e3,
-    bnjax_ms=t['bnjax'] * 1e3,
-    step_ratio=t['bnjax'] / t['flax'],
-    step_ratio_q25=q25,
-    step_ratio_q75=q75,
+    **_timing.ratio_columns(samples, prefix='step_'),
     compile_ratio=out['bnjax']['compile_s'] / out['flax']['compile_s'],
     flax=out['flax'],
     bnjax=out['bnjax'],

@@ -223,16 +223,10 @@ def main(argv=None):
   samples = _timing.interleaved_samples(
     fns, fargs, rounds=2 if smoke else 7, inner=1
   )
-  t = _timing.medians(samples)
-  q25, q75 = _timing.ratio_quartiles(samples['bnjax_act'], samples['bnjax'])
   out['time'] = dict(
     batch=batches[-1],
     size=size,
-    bnjax_ms=t['bnjax'] * 1e3,
-    bnjax_act_ms=t['bnjax_act'] * 1e3,
-    ratio=t['bnjax_act'] / t['bnjax'],
-    ratio_q25=q25,
-    ratio_q75=q75,
+    **_timing.ratio_columns(samples, num='bnjax_act', den='bnjax'),
   )
   print(json.dumps(out['time']), flush=True)
   if not smoke:

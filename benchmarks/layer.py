@@ -3,8 +3,8 @@
 Question: how fast is one BN layer, forward, fwd+bwd and full train step, and
 how long does it compile, relative to flax.linen.BatchNorm on the same
 machine? Timings are interleaved (A B A B) after warm-up, medians of rounds,
-with the allocator setting from DEVELOPERS.md (the script re-executes itself
-with it). Modes:
+with the allocator setting ``_timing.MALLOC`` (benchmarks/README.md states
+it; the script re-executes itself with it). Modes:
 
 - ``fwd``: training-mode forward, returns y and the new running stats;
 - ``grad``: gradients of <y, ct> for x, scale and bias;
@@ -94,8 +94,6 @@ def run(shapes, rounds, inner, compile_repeats):
         fn, a = build(shape, mode, impl)
         fns[impl], args[impl] = jax.jit(fn), a
       samples = _timing.interleaved_samples(fns, args, rounds, inner)
-      t = _timing.medians(samples)
-      q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
       comp = {
         impl: _timing.compile_seconds(
           lambda impl=impl: jax.jit(build(shape, mode, impl)[0]),
@@ -107,11 +105,7 @@ def run(shapes, rounds, inner, compile_repeats):
       row = dict(
         shape=list(shape),
         mode=mode,
-        flax_ms=t['flax'] * 1e3,
-        bnjax_ms=t['bnjax'] * 1e3,
-        ratio=t['bnjax'] / t['flax'],
-        ratio_q25=q25,
-        ratio_q75=q75,
+        **_timing.ratio_columns(samples),
         flax_compile_s=comp['flax'],
         bnjax_compile_s=comp['bnjax'],
         compile_ratio=comp['bnjax'] / comp['flax'],

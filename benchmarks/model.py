@@ -2,7 +2,8 @@
 
 Question: what does swapping ``flax.linen.BatchNorm`` for
 ``bnjax.linen.BatchNorm`` buy in a whole model? A CIFAR-style ResNet-20
-(3 stages x 3 basic blocks, 16/32/64 channels, 19 BN layers) on 32x32x3
+(``_models.resnet20``: 3 stages x 3 basic blocks, 16/32/64 channels, 21 BN
+layers: the stem, 18 in the blocks, 2 on projected shortcuts) on 32x32x3
 inputs, batch 128, one SGD-momentum train step with ``mutable=['batch_stats']``.
 Reports the step time (interleaved medians, allocator setting applied), XLA's
 memory analysis of the compiled step (temporaries, and the peak estimate
@@ -17,39 +18,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import _profile, _readme, _timing
-
-
-def resnet20(norm_cls, widths=(16, 32, 64), blocks=3):
-  import flax.linen as nn
-
-  class Block(nn.Module):
-    width: int
-    stride: int
-
-    @nn.compact
-    def __call__(self, x, train):
-      bn = lambda: norm_cls(use_running_average=not train, momentum=0.9)
-      y = nn.Conv(self.width, (3, 3), self.stride, use_bias=False)(x)
-      y = nn.relu(bn()(y))
-      y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
-      y = bn()(y)
-      if x.shape != y.shape:
-        x = nn.Conv(self.width, (1, 1), self.stride, use_bias=False)(x)
-        x = bn()(x)
-      return nn.relu(x + y)
-
-  class ResNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, train):
-      x = nn.Conv(widths[0], (3, 3), use_bias=False)(x)
-      x = nn.relu(norm_cls(use_running_average=not train, momentum=0.9)(x))
-      for i, w in enumerate(widths):
-        for j in range(blocks):
-          x = Block(w, 2 if (i > 0 and j == 0) else 1)(x, train)
-      return nn.Dense(10)(x.mean((1, 2)))
-
-  return ResNet()
+from benchmarks import _models, _profile, _readme, _timing
 
 
 def build(impl: str, batch: int, size: int, blocks: int = 3):
@@ -60,27 +29,13 @@ def build(impl: str, batch: int, size: int, blocks: int = 3):
   import bnjax.linen
 
   norm = nn.BatchNorm if impl == 'flax' else bnjax.linen.BatchNorm
-  model = resnet20(norm, blocks=blocks)
+  model = _models.resnet20(norm, blocks=blocks)
   x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
   y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
   v = model.init(jax.random.key(2), x, train=False)
   tx = optax.sgd(0.1, momentum=0.9)
   opt = tx.init(v['params'])
-
-  def loss(params, stats, x, y):
-    out, new = model.apply(
-      {'params': params, 'batch_stats': stats},
-      x,
-      train=True,
-      mutable=['batch_stats'],
-    )
-    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), new
-
-  def step(params, stats, opt, x, y):
-    (l, new), g = jax.value_and_grad(loss, has_aux=True)(params, stats, x, y)
-    upd, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, upd), new['batch_stats'], opt, l
-
+  step, loss = _models.train_step(model, v, tx)
   args = (v['params'], v['batch_stats'], opt, x, y)
   return step, loss, args
 
@@ -117,8 +72,6 @@ def main(argv=None):
   samples = _timing.interleaved_samples(
     fns, fargs, rounds=2 if args.smoke else 15, inner=1 if args.smoke else 3
   )
-  t = _timing.medians(samples)
-  q25, q75 = _timing.ratio_quartiles(samples['bnjax'], samples['flax'])
   # After the timing: the profiler's own overhead must not touch it.
   prof = {
     impl: _profile.op_time_breakdown(
@@ -137,11 +90,7 @@ def main(argv=None):
   row = dict(
     batch=batch,
     size=size,
-    flax_ms=t['flax'] * 1e3,
-    bnjax_ms=t['bnjax'] * 1e3,
-    step_ratio=t['bnjax'] / t['flax'],
-    step_ratio_q25=q25,
-    step_ratio_q75=q75,
+    **_timing.ratio_columns(samples, prefix='step_'),
     flax_profile=prof['flax'],
     bnjax_profile=prof['bnjax'],
     bn_op_ratio=(prof['bnjax']['op_ms']['bn'] / prof['flax']['op_ms']['bn']),

@@ -8,7 +8,10 @@ of 3C + 1; the ``psum_fallback`` column is the same step with the running
 mean 100 std away, where the running-mean psum of before 0.2.0 fell back
 to the gather: it now costs the same), and the bare collectives
 (all-gather and psum-gather of K floats, psum of 3C + 1), interleaved,
-medians. Run: ``python -m benchmarks run sync``
+medians. Each row also records how far each synced path's output and new
+statistics sit from one unsharded call on the global batch
+(``vs_global``: max relative error; a sync that times the wrong thing
+shows here). Run: ``python -m benchmarks run sync``
 (about 1 minute) or ``--smoke``. Writes ``results/sync.json``.
 """
 
@@ -112,6 +115,25 @@ def main(argv=None):
     t = _timing.interleaved(
       fns, fargs, rounds=2 if args.smoke else 30, inner=1 if args.smoke else 5
     )
+    one = bnjax.batch_norm(jax.device_get(x), near, use_running_average=False)
+    vs_global = {}
+    for sync in ('gather', 'psum'):
+      synced = jax.jit(
+        jax.shard_map(
+          lambda xi, sync=sync: bnjax.batch_norm(
+            xi, near, use_running_average=False, axis_name='d', sync=sync
+          ),
+          mesh=mesh,
+          in_specs=P('d'),
+          out_specs=(P('d'), P()),
+        )
+      )(x)
+      vs_global[sync] = max(
+        float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+        for a, b in zip(
+          jax.tree.leaves(synced), jax.tree.leaves(one), strict=True
+        )
+      )
     row = dict(
       shape=list(shape),
       channels=c,
@@ -128,6 +150,7 @@ def main(argv=None):
       gather_forward_bytes=8 * k * 4,
       psum_forward_bytes=k_psum * 4,
       backward_bytes=2 * c * 4,
+      vs_global=vs_global,
     )
     rows.append(row)
     print(

@@ -78,7 +78,6 @@ def _collectives(make, args) -> dict:
 
 def sync_row(mapping, build, per_device, size, repeats, step_rounds):
   import jax
-  import numpy as np
 
   made = {
     impl: _setup(impl, build, mapping, per_device, size)
@@ -95,26 +94,18 @@ def sync_row(mapping, build, per_device, size, repeats, step_rounds):
   steps = _timing.interleaved_samples(
     compiled, {k: a for k, (_, a) in made.items()}, step_rounds, 1
   )
-  med = {k: float(np.median(v)) for k, v in times.items()}
   step = _timing.medians(steps)
   row = dict(
     mapping=mapping,
     devices=D,
     per_device=per_device,
     size=size,
-    flax_s=med['flax'],
-    bnjax_s=med['bnjax'],
-    ratio=med['bnjax'] / med['flax'],
-    pair_ratios=sorted(
-      b / f for b, f in zip(times['bnjax'], times['flax'], strict=True)
-    ),
+    **_timing.compile_columns(times),
     step_ratio=step['bnjax'] / step['flax'],
     step_quartiles=_timing.ratio_quartiles(steps['bnjax'], steps['flax']),
     collectives={
       impl: _collectives(make, args) for impl, (make, args) in made.items()
     },
-    flax_all_s=times['flax'],
-    bnjax_all_s=times['bnjax'],
   )
   del jax
   print(json.dumps(row), flush=True)

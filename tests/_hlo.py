@@ -1,6 +1,20 @@
-"""StableHLO text analysis for the tests: conditionals, by what decides them."""
+"""StableHLO for the tests: a jitted function exported for GPU and TPU on
+this CPU machine, and its conditionals, by what decides them."""
 
 import re
+
+import jax
+from jax import export as jax_export
+
+PLATFORMS = ('cuda', 'rocm', 'tpu')
+
+
+def export(fn, *args, platforms=PLATFORMS) -> str:
+  """The StableHLO text of ``jax.jit(fn)(*args)`` exported for ``platforms``."""
+  exp = jax_export.export(jax.jit(fn), platforms=platforms)(*args)
+  assert tuple(exp.platforms) == platforms
+  return exp.mlir_module()
+
 
 _DEF = re.compile(r'^\s*(%[\w#:]+(?:, %[\w#:]+)*) = (.*)$')
 

@@ -5,8 +5,9 @@ frozen BN)
 passes the same properties as the core: the float64 oracle, jit equals eager,
 vmap over an ensemble, gradient checks, state invariants with no retrace, and
 sync over k shards equals one call on the concatenated batch. After the
-registry: each variant's exact formulas, first steps, errors, its linen and
-nnx modules, and precise BN.
+registry: each variant's exact formulas, first steps and errors. The linen
+and nnx modules of each variant are tested in tests/modules, and precise BN
+in tests/modules/test_recalibration.py.
 """
 
 from __future__ import annotations
@@ -15,18 +16,13 @@ import dataclasses
 from collections.abc import Callable
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.test_util import check_grads
 
 import bnjax
-import bnjax.linen
-import bnjax.nnx
-import bnjax.precise
 from tests import reference as ref
 from tests._helpers import randn
 
@@ -418,7 +414,15 @@ def test_renorm_with_no_room_is_plain_bn():
 
 
 def test_renorm_limits_are_traced_so_a_schedule_never_retraces():
+  """A schedule of (r_max, d_max) runs in one trace, and each step clips r
+  and d at that step's limits: output and new state equal the float64
+  oracle (Ioffe 2017, Algorithm 1) at each. It only checked that the first
+  and last outputs differ before."""
   s = bnjax.RenormStats(jnp.array([1.0, 2, 3]), jnp.array([0.5, 1, 2]))
+  m64, v64, _ = ref.moments(X)
+  sd64 = np.sqrt(v64 + 1e-5)
+  r64 = sd64 / np.asarray(s.std, np.float64)  # 7.1, 1.95, 0.87
+  d64 = (m64 - np.asarray(s.mean, np.float64)) / np.asarray(s.std, np.float64)
 
   @jax.jit
   @chex.assert_max_traces(n=1)
@@ -427,11 +431,29 @@ def test_renorm_limits_are_traced_so_a_schedule_never_retraces():
       x, s, use_running_average=False, r_max=r_max, d_max=d_max
     )
 
-  outs = [
-    step(X, s, jnp.float32(r), jnp.float32(d))[0]
-    for r, d in [(1, 0), (1.5, 0.5), (3, 5)]
+  # Each step clips some channels and leaves others: r from above (1.5, 3)
+  # and from below (1), d from both sides (0.5) and not at all (5).
+  schedule = [(1.0, 0.0), (1.5, 0.5), (3.0, 5.0)]
+  clipped_r = [np.abs(np.log(r64)) > np.log(r) for r, _ in schedule]
+  clipped_d = [np.abs(d64) > d for _, d in schedule]
+  assert [c.tolist() for c in clipped_r] == [
+    [True, True, True],
+    [True, True, False],
+    [True, False, False],
   ]
-  assert not np.allclose(outs[0], outs[2])
+  assert [c.tolist() for c in clipped_d] == [
+    [True, True, True],
+    [True, False, True],
+    [False, False, False],
+  ]
+  for r_max, d_max in schedule:
+    y, new = step(X, s, jnp.float32(r_max), jnp.float32(d_max))
+    want_y, want_mean, want_std = ref.batch_renorm(
+      X, s.mean, s.std, use_running_average=False, r_max=r_max, d_max=d_max
+    )
+    np.testing.assert_allclose(y, want_y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(new.mean, want_mean, rtol=1e-6)
+    np.testing.assert_allclose(new.std, want_std, rtol=1e-6)
   chex.clear_trace_counter()
 
 
@@ -508,124 +530,3 @@ def test_frozen_trains_the_affine_only():
   assert np.all(np.abs(grads[0]) > 0) and np.all(np.abs(grads[1]) > 0)
   np.testing.assert_array_equal(grads[2].mean, 0)
   np.testing.assert_array_equal(grads[2].var, 0)
-
-
-# ---- modules ----------------------------------------------------------------
-
-
-def test_linen_ghost_and_renorm_modules_match_the_functions():
-  v_bn = bnjax.linen.BatchNorm(virtual_batch_size=4, momentum=0.5)
-  v = v_bn.init(jax.random.key(0), X, use_running_average=False)
-  y, upd = v_bn.apply(v, X, use_running_average=False, mutable=['batch_stats'])
-  y2, new = _bn(
-    X, bnjax.init_batch_stats(3), virtual_batch_size=4, momentum=0.5
-  )
-  np.testing.assert_allclose(y, y2, atol=1e-6)
-  np.testing.assert_allclose(upd['batch_stats']['mean'], new.mean, rtol=1e-6)
-
-  m = bnjax.linen.BatchRenorm(use_running_average=False, r_max=2.0)
-  v = m.init(jax.random.key(0), X)
-  y, upd = m.apply(v, X, d_max=0.5, mutable=['batch_stats'])
-  y2, new = bnjax.batch_renorm(
-    X,
-    bnjax.init_renorm_stats(3),
-    use_running_average=False,
-    r_max=2.0,
-    d_max=0.5,
-  )
-  np.testing.assert_allclose(y, y2, atol=1e-6)
-  np.testing.assert_allclose(upd['batch_stats']['std'], new.std, rtol=1e-6)
-
-
-def test_nnx_ghost_and_renorm_modules_match_the_functions():
-  bn = bnjax.nnx.BatchNorm(
-    3, virtual_batch_size=2, momentum=0.5, rngs=nnx.Rngs(0)
-  )
-  y = bn(X)
-  y2, new = _bn(
-    X, bnjax.init_batch_stats(3), virtual_batch_size=2, momentum=0.5
-  )
-  np.testing.assert_allclose(y, y2, atol=1e-6)
-  np.testing.assert_allclose(bn.var[...], new.var, rtol=1e-6)
-  m = bnjax.nnx.BatchRenorm(3, r_max=1.5, d_max=0.2, rngs=nnx.Rngs(0))
-  y = m(X)
-  y2, new = bnjax.batch_renorm(
-    X,
-    bnjax.init_renorm_stats(3),
-    use_running_average=False,
-    r_max=1.5,
-    d_max=0.2,
-  )
-  np.testing.assert_allclose(y, y2, atol=1e-6)
-  np.testing.assert_allclose(m.mean[...], new.mean, rtol=1e-6)
-  m.eval()
-  np.testing.assert_allclose(m(X), (X - m.mean[...]) / m.std[...], atol=1e-5)
-
-
-# ---- precise BN -------------------------------------------------------------
-
-
-class _TwoBN(nn.Module):
-  @nn.compact
-  def __call__(self, x, train):
-    x = nn.Dense(4, name='d1')(x)
-    x = bnjax.linen.BatchNorm(use_running_average=not train, name='bn1')(x)
-    x = nn.Dense(3, name='d2')(nn.relu(x))
-    return bnjax.linen.BatchNorm(use_running_average=not train, name='bn2')(x)
-
-
-def _f64_population(params, batches):
-  """Each BN input's pooled moments, by running the fixed model in float64."""
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-  h1s, h2s = [], []
-  for xb in np.asarray(batches, np.float64):
-    h1 = xb @ p['d1']['kernel'] + p['d1']['bias']
-    m, v, _ = ref.moments(h1)
-    a = ref.normalize(h1, m, v, p['bn1']['scale'], p['bn1']['bias'])
-    h2 = np.maximum(a, 0) @ p['d2']['kernel'] + p['d2']['bias']
-    h1s.append(h1)
-    h2s.append(h2)
-  pool = lambda hs: (np.concatenate(hs).mean(0), np.concatenate(hs).var(0))
-  return pool(h1s), pool(h2s)
-
-
-def test_precise_linen_equals_f64_population_moments():
-  batches = jnp.asarray(randn((6, 16, 5), loc=1.0, scale=2.0, seed=4))
-  model = _TwoBN()
-  v = model.init(jax.random.key(0), batches[0], True)
-  new = bnjax.precise.linen_batch_stats(model, v, batches, True)
-  for name, (m, var) in zip(
-    ('bn1', 'bn2'), _f64_population(v['params'], batches), strict=True
-  ):
-    np.testing.assert_allclose(
-      new['batch_stats'][name]['mean'], m, rtol=1e-5, atol=1e-5
-    )
-    np.testing.assert_allclose(new['batch_stats'][name]['var'], var, rtol=1e-5)
-  assert new['params'] is v['params']
-  with pytest.raises(ValueError, match='training mode'):
-    bnjax.precise.linen_batch_stats(model, v, batches, False)
-
-
-def test_precise_nnx_equals_f64_population_moments():
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.d = nnx.Linear(5, 4, rngs=rngs)
-      self.bn = bnjax.nnx.BatchNorm(4, momentum=0.9, rngs=rngs)
-
-    def __call__(self, x):
-      return self.bn(self.d(x))
-
-  batches = jnp.asarray(randn((5, 8, 5), loc=-1.0, scale=3.0, seed=6))
-  net = Net(nnx.Rngs(0))
-  net.eval()
-  bnjax.precise.update_nnx_batch_stats(net, batches)
-  h = np.concatenate(
-    [
-      np.asarray(b, np.float64) @ np.asarray(net.d.kernel[...], np.float64)
-      + np.asarray(net.d.bias[...], np.float64)
-      for b in batches
-    ]
-  )
-  np.testing.assert_allclose(net.bn.mean[...], h.mean(0), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(net.bn.var[...], h.var(0), rtol=1e-5)
-  assert net.bn.momentum == 0.9 and net.bn.use_running_average  # restored

@@ -309,3 +309,106 @@ def test_adapters_sit_directly_above_the_core():
     assert not between, f'{adapter} reaches the core through {between}'
   chain = _longest_chain(graph, 'bnjax.training', 'bnjax._types')
   assert chain and len(chain) <= 8, ' -> '.join(chain or ())
+
+
+# The libraries an adapter wraps or converts from: a bnjax module that
+# imports one of them (directly, or through another bnjax module) is an
+# adapter, whatever its name.
+FRAMEWORKS = {'flax', 'equinox', 'torch', 'haiku'}
+
+
+def _imports(path, tree, root=ROOT):
+  """Every module a file imports (absolute names; ``from a import b`` gives
+  ``a.b`` where that is a module of this checkout, else ``a``), anywhere in
+  the file (function-level imports too)."""
+  package = '.'.join(path.relative_to(root).parent.parts)
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      found |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ''
+      if node.level:
+        up = package.split('.')[: len(package.split('.')) - node.level + 1]
+        base = '.'.join(up + ([node.module] if node.module else []))
+      found.add(base)
+      found |= {
+        f'{base}.{a.name}' for a in node.names if _is_module(f'{base}.{a.name}')
+      }
+  return found
+
+
+def _adapter_modules():
+  """bnjax's adapters: its public submodules (bnjax.linen, .nnx, .equinox,
+  .interop, .precise, .training and anything under them), and every private
+  module that reaches flax, Equinox, PyTorch or Haiku (bnjax._convert,
+  ._state_dict, ...). What remains is the functional core: the package
+  ``bnjax`` itself (its __init__ re-exports the functions only), the
+  statistics engine and the private modules under the functions."""
+  graph = {name: _imports(path, tree) for name, path, tree in _modules('bnjax')}
+  adapters = {
+    name
+    for name in graph
+    if '.' in name and not any(p.startswith('_') for p in name.split('.')[1:])
+  }
+  adapters |= {
+    name
+    for name, deps in graph.items()
+    if {d.split('.')[0] for d in deps} & FRAMEWORKS
+  }
+  while True:
+    more = {
+      name
+      for name, deps in graph.items()
+      if name not in adapters and deps & adapters
+    }
+    if not more:
+      return adapters
+    adapters |= more
+
+
+def _core_tests_importing_adapters(folder, root=ROOT):
+  """(file:line, module) for each adapter a test file under ``folder``
+  imports, itself or through the helper modules of tests/ and benchmarks/
+  it imports (``root``: the checkout ``folder`` is in)."""
+  adapters = _adapter_modules()
+  helpers = {
+    name: (path, tree)
+    for package in ('tests', 'benchmarks')
+    for name, path, tree in _modules(package)
+    if not name.split('.')[-1].startswith('test_')
+  }
+
+  def reach(deps, seen):
+    hit = set(deps) & adapters
+    for dep in sorted(set(deps) - seen):
+      if dep in helpers and dep not in adapters:
+        seen.add(dep)
+        hit |= {
+          f'{m} (through {dep})' for m in reach(_imports(*helpers[dep]), seen)
+        }
+    return hit
+
+  bad = []
+  for path in sorted(folder.rglob('*.py')):
+    tree = ast.parse(path.read_text())
+    bad += [
+      (path.name, m) for m in sorted(reach(_imports(path, tree, root), set()))
+    ]
+  return bad
+
+
+def test_core_tests_import_no_adapter():
+  """tests/core specifies the functional core, so it imports no adapter
+  (see _adapter_modules: bnjax.linen, .nnx, .equinox, .interop, .precise,
+  .training, and the private modules that reach flax, Equinox, PyTorch or
+  Haiku), neither itself nor through a helper of tests/ or benchmarks/. A
+  test of a module, an interop converter or a training helper goes in
+  tests/modules or tests/interop. flax itself may be imported, as the
+  baseline a core test compares with."""
+  adapters = _adapter_modules()
+  for name in ('bnjax.linen', 'bnjax.nnx', 'bnjax.precise', 'bnjax._convert'):
+    assert name in adapters, name  # the rule sees the adapters it names
+  assert not adapters & {'bnjax', 'bnjax._core', 'bnjax._moments.local'}
+  bad = _core_tests_importing_adapters(ROOT / 'tests' / 'core')
+  assert not bad, bad

@@ -26,10 +26,32 @@ def test_reductions_benchmark_smoke():
 
 
 def test_sync_benchmark_smoke():
+  """Each row: both synced paths give the global batch's output and
+  statistics (float32 round-off), the bytes each path sends as its
+  docstring states them (all-gather of D(3C + 1) floats, psum of 3C + 1,
+  2C backward), and the overheads the table prints are the ratios of the
+  step times it prints. It only checked step_sync_ms > 0 before."""
   from benchmarks import sync
 
   rows = sync.main(['--smoke'])
-  assert rows and all(r['step_sync_ms'] > 0 for r in rows)
+  assert rows
+  for r in rows:
+    c, d = r['channels'], r['devices']
+    assert c == r['shape'][-1] and d == 8, r
+    assert set(r['vs_global']) == {'gather', 'psum'}, r
+    assert max(r['vs_global'].values()) < 1e-5, r['vs_global']
+    assert r['gather_forward_bytes'] == d * (3 * c + 1) * 4
+    assert r['psum_forward_bytes'] == (3 * c + 1) * 4
+    assert r['backward_bytes'] == 2 * c * 4
+    ms = r['step_sync_ms'], r['step_psum_ms'], r['step_local_ms']
+    assert r['sync_overhead'] == pytest.approx(ms[0] / ms[2], rel=1e-9)
+    assert r['psum_overhead'] == pytest.approx(ms[1] / ms[2], rel=1e-9)
+    timed = [k for k in r if k.endswith(('_ms', '_us'))]
+    assert len(timed) == 7 and all(r[k] > 0 for k in timed), r
+  # The README table renders a smoke run's rows (the columns it reads exist).
+  assert sync.sync_table(
+    dict(env=dict(machine='m', jax='j', date='d', commit='c'), rows=rows)
+  ).count('\n') == 3 + len(rows)
 
 
 def test_sync_model_matches_the_hlo():
@@ -80,7 +102,12 @@ def test_torch_layer_benchmark_smoke():
   from benchmarks import torch_layer
 
   rows = torch_layer.main(['--smoke'])
-  assert all(r['best_ms'] > 0 for r in rows)
+  # Every mode, both layouts of a 4-D shape, and the best of them (what
+  # layer.py compares bnjax with).
+  assert [r['mode'] for r in rows] == list(torch_layer.MODES)
+  for r in rows:
+    ms = [r['nchw_ms'], r['channels_last_ms']]
+    assert min(ms) > 0 and r['best_ms'] == min(ms), r
 
 
 @pytest.mark.heavy
@@ -119,6 +146,40 @@ def test_sync_lowering_smoke():
       ], ops
 
 
+def test_the_row_writer_names_and_computes_the_timing_columns():
+  """benchmarks/_timing.py writes the timing and compile columns of every
+  results row (layer, model, device, inplace_abn, compile, sync_compile):
+  each side's median, the ratio of medians, the paired rounds' quartiles."""
+  from benchmarks import _timing
+
+  samples = {'flax': [1.0, 2.0, 4.0, 8.0], 'bnjax': [1.0, 3.0, 2.0, 4.0]}
+  assert _timing.ratio_columns(samples, prefix='step_') == {
+    'flax_ms': 3000.0,
+    'bnjax_ms': 2500.0,
+    'step_ratio': 2500.0 / 3000.0,
+    'step_ratio_q25': 0.5,  # of the paired ratios 1, 1.5, 0.5, 0.5
+    'step_ratio_q75': 1.125,
+  }
+  act = _timing.ratio_columns(
+    {'bnjax': [2.0], 'bnjax_act': [1.0]}, num='bnjax_act', den='bnjax'
+  )
+  assert act == {
+    'bnjax_ms': 2000.0,
+    'bnjax_act_ms': 1000.0,
+    'ratio': 0.5,
+    'ratio_q25': 0.5,
+    'ratio_q75': 0.5,
+  }
+  assert _timing.compile_columns({'flax': [2.0, 4.0], 'bnjax': [3.0, 2.0]}) == {
+    'flax_s': 3.0,
+    'bnjax_s': 2.5,
+    'ratio': 2.5 / 3.0,
+    'pair_ratios': [0.5, 1.5],
+    'flax_all_s': [2.0, 4.0],
+    'bnjax_all_s': [3.0, 2.0],
+  }
+
+
 def test_write_result_appends_a_run_and_keeps_the_earlier_ones(
   tmp_path, monkeypatch
 ):
@@ -155,9 +216,12 @@ def test_compile_benchmark_smoke():
 
   out = compile_bench.main(['--smoke'])
   (row,) = out['rows']
-  assert (
-    row['flax_s'] > 0 and row['bnjax_s'] > 0 and len(row['pair_ratios']) == 1
-  )
+  # One recorded round each: the medians are those rounds, and the ratio
+  # is the one pair's.
+  assert row['flax_all_s'] == [row['flax_s']] and row['flax_s'] > 0
+  assert row['bnjax_all_s'] == [row['bnjax_s']] and row['bnjax_s'] > 0
+  assert row['pair_ratios'] == [row['ratio']]
+  assert row['ratio'] == pytest.approx(row['bnjax_s'] / row['flax_s'])
 
 
 @pytest.mark.heavy
