@@ -1,7 +1,9 @@
-"""Recalibration (precise BN): the statistics of a fixed model over many
-batches, against the float64 population moments of each BN input. The
-bnjax.training recalibration helpers are tested in test_training.py and
-test_training_rigour.py, in this folder."""
+"""Recalibration (precise BN, ``bnjax.training.recalibrate``): the
+statistics of a fixed model over many batches, against the float64
+population moments of each BN input. Its other properties (pooling by
+count, unreached channels, errors) are tested in test_training.py and
+test_training_rigour.py, in this folder; the deprecated ``bnjax.precise``
+aliases in tests/badinput/test_precise.py."""
 
 import flax.linen as nn
 import jax
@@ -12,7 +14,7 @@ from flax import nnx
 
 import bnjax.linen
 import bnjax.nnx
-import bnjax.precise
+import bnjax.training
 from tests import reference as ref
 from tests._helpers import randn
 
@@ -45,7 +47,7 @@ def test_precise_linen_equals_f64_population_moments():
   batches = jnp.asarray(randn((6, 16, 5), loc=1.0, scale=2.0, seed=4))
   model = _TwoBN()
   v = model.init(jax.random.key(0), batches[0], True)
-  new = bnjax.precise.linen_batch_stats(model, v, batches, True)
+  new = bnjax.training.recalibrate(model, batches, True, variables=v)
   for name, (m, var) in zip(
     ('bn1', 'bn2'), _f64_population(v['params'], batches), strict=True
   ):
@@ -55,7 +57,7 @@ def test_precise_linen_equals_f64_population_moments():
     np.testing.assert_allclose(new['batch_stats'][name]['var'], var, rtol=1e-5)
   assert new['params'] is v['params']
   with pytest.raises(ValueError, match='training mode'):
-    bnjax.precise.linen_batch_stats(model, v, batches, False)
+    bnjax.training.recalibrate(model, batches, False, variables=v)
 
 
 def test_precise_nnx_equals_f64_population_moments():
@@ -70,7 +72,7 @@ def test_precise_nnx_equals_f64_population_moments():
   batches = jnp.asarray(randn((5, 8, 5), loc=-1.0, scale=3.0, seed=6))
   net = Net(nnx.Rngs(0))
   net.eval()
-  bnjax.precise.update_nnx_batch_stats(net, batches)
+  bnjax.training.recalibrate(net, batches)
   h = np.concatenate(
     [
       np.asarray(b, np.float64) @ np.asarray(net.d.kernel[...], np.float64)
