@@ -287,8 +287,9 @@ def test_nnx_recalibration_is_exact_at_a_large_mean(entry):
   bn.eval()
   if entry == 'recalibrate':
     bnjax.training.recalibrate(bn, jnp.asarray(x))
-  else:
-    bnjax.precise.update_nnx_batch_stats(bn, jnp.asarray(x))
+  else:  # the deprecated alias: the same route
+    with pytest.warns(DeprecationWarning, match='recalibrate'):
+      bnjax.precise.update_nnx_batch_stats(bn, jnp.asarray(x))
   whole = x.astype(np.float64).reshape(-1, 3)
   assert _rel(bn.var[...], whole.var(0)) < 1e-6
   assert bn.use_running_average and not hasattr(bn, 'pooled_count')
