@@ -205,7 +205,7 @@ def normalize(
     Array([[-1.],
            [ 1.]], dtype=float32)
   """
-  fn = 'normalize'
+  fn = 'bnjax.normalize'
   x = _checks.check_floating(fn, x, complex_ok=True)
   lay = _checks.layout(fn, x, axis)
   mean = _checks.check_per_channel(fn, 'mean', mean, lay)
@@ -261,7 +261,7 @@ def moments(
     >>> bnjax.moments(jnp.array([[0.0, 1.0], [2.0, 5.0]]))
     (Array([1., 3.], dtype=float32), Array([1., 4.], dtype=float32))
   """
-  fn = 'moments'
+  fn = 'bnjax.moments'
   x = _checks.check_floating(fn, x, complex_ok=True)
   lay = _checks.layout(fn, x, axis)
   mask = _checks.check_mask(fn, mask, x)
@@ -373,7 +373,7 @@ def batch_norm(
     Array([0.2, 2. ], dtype=float32)
   """
   return normalize_batch(
-    'batch_norm',
+    'bnjax.batch_norm',
     x,
     batch_stats,
     scale,
@@ -436,7 +436,7 @@ def frozen_batch_norm(
     Array([1.], dtype=float32)
   """
   y, _ = normalize_batch(
-    'frozen_batch_norm',
+    'bnjax.frozen_batch_norm',
     x,
     jax.tree.map(lax.stop_gradient, batch_stats),
     scale,

@@ -60,7 +60,7 @@ def fold(
     >>> k[0], b
     (Array([0.5, 1. ], dtype=float32), Array([-0.5, -2. ], dtype=float32))
   """
-  fn = 'fold'
+  fn = 'bnjax.fold'
   kernel = _checks.check_floating(fn, kernel, 'kernel')
   if kernel.ndim < 2:
     raise ValueError(

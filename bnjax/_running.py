@@ -299,7 +299,7 @@ def population_stats_as(
   population = rules_of(state).population
   if population is None:
     raise TypeError(
-      f'population_stats: state must be a BatchStats, CumulativeStats, '
+      f'bnjax.population_stats: state must be a BatchStats, CumulativeStats, '
       f'DebiasedStats or PooledStats, got {type(state).__name__}'
     )
   return population(state)
@@ -352,7 +352,9 @@ def _debiased_update(old: DebiasedStats, b: Batch, momentum, epsilon):
 
 def _pooled_update(old: PooledStats, b: Batch, momentum, epsilon):
   if b.count_lo is None:
-    raise TypeError('update: a PooledStats update needs count_lo')
+    raise TypeError(
+      'bnjax._running.update: a PooledStats update needs count_lo'
+    )
   return pool(old, b.mean, b.var, b.count_lo, b.valid, b.spread)
 
 

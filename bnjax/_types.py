@@ -68,7 +68,7 @@ def _is_int(d) -> bool:
 
 
 def _feature_shape(
-  feature_shape: int | Sequence[int], fn: str = 'init_batch_stats'
+  feature_shape: int | Sequence[int], fn: str = 'bnjax.init_batch_stats'
 ) -> tuple[int, ...]:
   """A tuple of int sizes. Floats and bools are refused, not truncated
   (``(2.5,)`` was shape (2,), ``True`` shape (1,))."""
@@ -117,7 +117,7 @@ def init_batch_stats(
     >>> bnjax.init_batch_stats(3)
     BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
   """
-  return _init_batch_stats(feature_shape, dtype, 'init_batch_stats')
+  return _init_batch_stats(feature_shape, dtype, 'bnjax.init_batch_stats')
 
 
 def _init_batch_stats(feature_shape, dtype, fn: str) -> BatchStats:
@@ -278,7 +278,7 @@ def init_cumulative_stats(
     >>> bnjax.init_cumulative_stats(2).count
     Array([0, 0], dtype=int32)
   """
-  s = _init_batch_stats(feature_shape, dtype, 'init_cumulative_stats')
+  s = _init_batch_stats(feature_shape, dtype, 'bnjax.init_cumulative_stats')
   return CumulativeStats(s.mean, s.var, jnp.zeros(s.mean.shape, jnp.int32))
 
 
@@ -297,7 +297,7 @@ def init_debiased_stats(
     >>> bnjax.population_stats(bnjax.init_debiased_stats(2))  # weight 0
     BatchStats(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32))
   """
-  s = _init_batch_stats(feature_shape, dtype, 'init_debiased_stats')
+  s = _init_batch_stats(feature_shape, dtype, 'bnjax.init_debiased_stats')
   z = jnp.zeros_like(s.mean)
   return DebiasedStats(z, z, z)
 
@@ -317,7 +317,7 @@ def init_pooled_stats(
     >>> bnjax.population_stats(bnjax.init_pooled_stats(2))   # nothing pooled
     BatchStats(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32))
   """
-  s = _init_batch_stats(feature_shape, dtype, 'init_pooled_stats')
+  s = _init_batch_stats(feature_shape, dtype, 'bnjax.init_pooled_stats')
   z = jnp.zeros_like(s.mean)
   return PooledStats(z.astype(jnp.promote_types(dtype, jnp.float32)), z, z, z)
 
@@ -337,5 +337,5 @@ def init_renorm_stats(
     >>> bnjax.init_renorm_stats((2, 3)).std.shape
     (2, 3)
   """
-  s = _init_batch_stats(feature_shape, dtype, 'init_renorm_stats')
+  s = _init_batch_stats(feature_shape, dtype, 'bnjax.init_renorm_stats')
   return RenormStats(s.mean, s.var)

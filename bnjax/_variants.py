@@ -103,7 +103,7 @@ def batch_renorm(
     (Array([1., 3.], dtype=float32), Array([2.], dtype=float32), Array([1.], dtype=float32))
   """
   return _core.normalize_batch(
-    'batch_renorm',
+    'bnjax.batch_renorm',
     x,
     renorm_stats,
     scale,
@@ -118,7 +118,7 @@ def batch_renorm(
     use_fast_variance=use_fast_variance,
     dtype=dtype,
     sync=sync,
-    correction=_renorm.variant('batch_renorm', r_max, d_max),
+    correction=_renorm.variant('bnjax.batch_renorm', r_max, d_max),
   )
 
 
@@ -207,7 +207,7 @@ def batch_norm_act(
     Array([[-0.1],
            [ 1. ]], dtype=float32)
   """
-  fn = 'batch_norm_act'
+  fn = 'bnjax.batch_norm_act'
   return _core.normalize_batch(
     fn,
     x,

@@ -62,7 +62,7 @@ class Sync:
   axis_name: Any = None
   groups: Any = None
   mode: str = 'gather'  # 'gather' or 'psum' (psum.resolve)
-  fn: str = 'batch_norm'  # the public function, for error messages
+  fn: str = 'bnjax.batch_norm'  # the public function, for error messages
 
 
 LOCAL = Sync()

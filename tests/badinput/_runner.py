@@ -3,7 +3,8 @@
 A case is ``(category, bad value, exception type, piece of the message)``:
 the call with the bad value swapped into a good call raises that type with
 that piece, and the message names the argument (or, for a state's field,
-the field). A 'traced' case passes its value traced under ``jax.jit`` and
+the field), and it starts with the name called (``bnjax.<module>.<name>:``,
+one form everywhere). A 'traced' case passes its value traced under ``jax.jit`` and
 ``checkify``, where a value only known at run time gets a checkify check.
 An exception type of None: the input is computable, and the call returns
 the right number; the piece is then a function that checks the result.
@@ -42,6 +43,10 @@ def run_case(good, name, arg, case):
     and any(f in msg for f in FIELDS)
   )
   assert named, (arg, msg)
+  # One prefix form: the public name the user called (issue 42). JAX's own
+  # errors (an unbound axis name) and checkify's run-time checks excepted.
+  if category != 'traced' and not isinstance(info.value, NameError):
+    assert msg.startswith(f'{name}: '), (name, msg)
 
 
 def all_cases(cases):

@@ -161,7 +161,7 @@ def test_bad_input_raises_a_clear_error(fn, arg, category, value, exc, piece):
     _call(**{arg: value})
   assert piece.lower() in str(info.value).lower(), str(info.value)
   if exc is not NameError:  # JAX's own error for an unbound axis name
-    assert str(info.value).startswith(fn.split('.')[-1]), str(info.value)
+    assert str(info.value).startswith(f'{fn}: '), str(info.value)
 
 
 @pytest.mark.parametrize('dtype, exc_piece', [(c[1], c[3]) for c in ELU_HALF])
