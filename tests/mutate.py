@@ -235,7 +235,7 @@ MUTANTS = {
     ['tests/interop/test_haiku.py'],
   ),
   'nnx NCHW error names num_features': (
-    'bnjax/nnx.py',
+    'bnjax/_nnx_base.py',
     'other = _checks.other_axis(lay, (num_features,))',
     'other = None',
     ['tests/modules/test_modules.py'],

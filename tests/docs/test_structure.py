@@ -257,8 +257,17 @@ def test_no_isinstance_chain_over_the_state_types():
 def _collapsed_import_graph():
   """{module: modules it imports} over bnjax, a package (``_moments``,
   ``training``) one node, the package's own ``__init__`` re-exports left
-  out."""
-  top = lambda m: '.'.join(m.split('.')[:2])
+  out; an adapter's private parts (``_nnx_base``, ``_linen_pool``,
+  ``_equinox_layer``, ``_equinox_torch``: ``bnjax._<adapter>_*``) are the
+  adapter's node."""
+
+  def top(m):
+    m = '.'.join(m.split('.')[:2])
+    for a in ADAPTERS:
+      if m.startswith(f'bnjax._{a.split(".")[1]}_'):
+        return a
+    return m
+
   graph: dict[str, set] = {}
   for name, path, tree in _modules('bnjax'):
     if name == 'bnjax':
