@@ -137,18 +137,6 @@ def test_every_good_call_runs():
     fn(**kw)
 
 
-@pytest.mark.parametrize('name, arg, case', all_cases(CASES))
-def test_errors_carry_the_prefix_of_the_function_called(name, arg, case):
-  """One prefix form, bnjax.<module>.<name>: (the aliases said
-  'linen_batch_stats:' and 'update_nnx_batch_stats:')."""
-  _, value, exc, _ = case
-  if exc is None:
-    return
-  fn, kw = GOOD[name]() if callable(GOOD[name]) else GOOD[name]
-  with pytest.raises(exc, match=rf'^{name}: '):
-    fn(**{**kw, arg: value})
-
-
 @pytest.mark.filterwarnings('default')
 def test_the_deprecated_aliases_warn_naming_recalibrate_and_equal_it():
   """bnjax.precise was a second public route to recalibration: its two

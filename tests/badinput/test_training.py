@@ -263,15 +263,3 @@ def test_every_good_call_runs():
   for good in GOOD.values():
     fn, kw = good() if callable(good) else good
     fn(**kw)
-
-
-@pytest.mark.parametrize('name, arg, case', all_cases(CASES))
-def test_errors_carry_the_prefix_of_the_function_called(name, arg, case):
-  """One prefix form, bnjax.<module>.<name>: (recalibrate's function path
-  said 'recalibrate:' beside 'bnjax.training.recalibrate:')."""
-  _, value, exc, _ = case
-  if exc is None:
-    return
-  fn, kw = GOOD[name]() if callable(GOOD[name]) else GOOD[name]
-  with pytest.raises(exc, match=rf'^{name}: '):
-    fn(**{**kw, arg: value})
