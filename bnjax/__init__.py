@@ -3,7 +3,8 @@
 from bnjax._act import ELU, Identity, LeakyReLU
 from bnjax._core import batch_norm, frozen_batch_norm, moments, normalize
 from bnjax._fold import fold
-from bnjax._running import apply_pooled, population_stats
+from bnjax._pooled import apply_pooled
+from bnjax._running import population_stats
 from bnjax._types import (
   BatchStats,
   CumulativeStats,

@@ -10,7 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from bnjax import _checks, _running
+from bnjax import _checks, _pooled
 from bnjax._types import BatchStats, PooledStats
 
 __all__ = ['apply_pooled']
@@ -115,7 +115,7 @@ def _apply_pooled_tree(stats, moments, when, path):
       )
     )
     _check_pool(path, old, pool, moments['momentum'])
-    new, emptied = _running.apply_pooled_as(
+    new, emptied = _pooled.apply_pooled_as(
       fn, old, pool, moments['momentum'], when=when
     )
     return {**stats, **new._asdict()}, {**moments, **emptied._asdict()}

@@ -126,14 +126,14 @@ MUTANTS = {
     ['tests/modules/test_training.py'],
   ),
   'linen apply_pooled ignores when': (
-    'bnjax/_running.py',
+    'bnjax/_pooled.py',
     'keep = lambda a, b: jnp.where(when, a, b).astype(a.dtype)',
     'keep = lambda a, b: a',
     ['tests/modules/test_training.py'],
   ),
   # Issue 44's (part A): pooling, averaging and recalibration.
   'apply_pooled takes any momentum': (
-    'bnjax/_running.py',
+    'bnjax/_pooled.py',
     '_checks.check_momentum(fn, momentum)',
     'pass',
     ['tests/core/test_accumulate.py'],

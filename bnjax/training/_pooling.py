@@ -12,7 +12,7 @@ from typing import Any
 
 from flax import nnx as _nnx
 
-from bnjax import _checks, _running
+from bnjax import _checks, _pooled
 from bnjax import nnx as _bnnx
 from bnjax._types import BatchStats
 from bnjax.training._select import NNX_LAYERS, check_model, pick_layers
@@ -128,7 +128,7 @@ def apply_pooled(model: _nnx.Module, *, when: Any = True) -> None:
   _checks.check_when(fn, when)
   for m in _pooling(fn, model):
     old = BatchStats(m.mean[...], m.var[...])
-    new, emptied = _running.apply_pooled_as(
+    new, emptied = _pooled.apply_pooled_as(
       fn, old, _bnnx.pool_of(m), m.momentum, when=when
     )
     m.mean[...], m.var[...] = new
