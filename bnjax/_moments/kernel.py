@@ -45,16 +45,17 @@ multiple of 8 below 128, and at least ``TR`` rows; elsewhere
 :func:`local.exact_partial` runs (the XLA path), with the same results to
 float32 rounding.
 
-**Backends.** TPU: Mosaic TPU (the call exports for 'tpu' on a CPU-only
+**Backends.** The call is chosen when the program is lowered, one lowering
+rule per platform (a program exported for several platforms at once
+carries each one's). TPU: Mosaic TPU (it exports for 'tpu' on a CPU-only
 machine; tests/core/test_kernel.py checks the ``tpu_custom_call``). GPU:
-Pallas's Triton backend (deprecated since JAX 0.11, and its custom call has
-no export stability guarantee): Mosaic GPU refuses this kernel as written
-(jax 0.10.2: "Incompatible FragmentedArray layouts" for the axis-0 sums of a
-(256, 128) tile, and rows of 64 channels are not a multiple of 128
-elements). CPU: interpret mode. A program lowered for several platforms at
-once (``jax.export(..., platforms=('cpu', 'tpu'))``) cannot take the kernel:
-Pallas lowers each call for every platform of the module and refuses a
-compiled call on the CPU.
+Pallas's Triton backend (deprecated since JAX 0.11; its custom call has no
+export stability guarantee, so ``jax.export`` needs
+``DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')``). Mosaic GPU
+refuses this kernel as written (jax 0.10.2: "Incompatible FragmentedArray
+layouts" for the axis-0 sums of a (256, 128) tile, and 64 channels are not
+a multiple of 128 elements). Where Triton cannot lower (JAX >= 0.12 without
+a visible GPU), the same tile partials lower as XLA ops. CPU: interpret mode.
 
 **Selecting it.** ``BNJAX_STATS_KERNEL=pallas`` (read once at import; empty,
 the default, keeps the XLA path) runs it on the accelerator path, in the
@@ -81,6 +82,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jax_core
+from jax.interpreters import batching, mlir
 
 from bnjax._moments import local
 from bnjax._types import Layout
@@ -102,6 +105,7 @@ SELECTED = _kernel == 'pallas'
 # TPU's VMEM double-buffers and Triton holds at 8 warps.
 TILE_ROWS = 256
 LANES = 128
+F32 = jnp.dtype(jnp.float32)
 
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype('float16'))
 
@@ -169,25 +173,54 @@ def partial(x2: Array, rows: int = TILE_ROWS) -> local.Partial:
 def tile_partials(x2: Array, rows: int = TILE_ROWS) -> local.Partial:
   """One :class:`local.Partial` per tile of ``rows`` rows: count ``(T,)``,
   shift, s1 and m2 ``(T, C)`` (the last tile may be short)."""
-  r, c = x2.shape
-  tiles = -(-r // rows)
-  last = r - (tiles - 1) * rows
-  block = LANES if c % LANES == 0 else c
-  out = lax.platform_dependent(
-    cpu=lambda: _call(x2, rows, block, last, 'interpret'),
-    tpu=lambda: _call(x2, rows, block, last, 'tpu'),
-    default=lambda: _call(x2, rows, block, last, 'triton'),
-  )
+  tiles = -(-x2.shape[0] // rows)
+  out = _tiles_p.bind(x2, rows=rows)
   count = np.full(tiles, rows, np.float32)
-  count[-1] = last
+  count[-1] = x2.shape[0] - (tiles - 1) * rows
   return local.Partial(jnp.asarray(count), *(o[:, 0, :] for o in out))
 
 
-def _call(x2: Array, rows: int, block: int, last: int, how: str):
+# The Pallas call is chosen per platform when the program is lowered (one
+# lowering rule each), not by lax.platform_dependent: a conditional's kept
+# branches are lowered for every platform of the module, and a Pallas call
+# with one backend's compiler parameters fails the others' lowering, so a
+# program exported for ('cuda', 'tpu') at once could not take the kernel.
+_tiles_p = jax_core.Primitive('bnjax_tile_moments')
+_tiles_p.multiple_results = True
+
+
+@_tiles_p.def_abstract_eval
+def _tiles_abstract(x2, *, rows):
+  stat = jax.core.ShapedArray((-(-x2.shape[0] // rows), 1, x2.shape[1]), F32)
+  return stat, stat, stat
+
+
+@_tiles_p.def_impl
+def _tiles_eager(x2, *, rows):
+  return jax.jit(lambda x: _tiles_p.bind(x, rows=rows))(x2)
+
+
+def _tiles_batched(args, dims, *, rows):
+  """vmap: the mapped axis joins the channels ((R, B * C): columns are
+  independent)."""
+  (x,), (d,) = args, dims
+  x = jnp.moveaxis(x, d, 1)
+  r, b, c = x.shape
+  outs = _tiles_p.bind(x.reshape(r, b * c), rows=rows)
+  outs = [jnp.moveaxis(o.reshape(o.shape[0], 1, b, c), 2, 0) for o in outs]
+  return outs, [0, 0, 0]
+
+
+batching.primitive_batchers[_tiles_p] = _tiles_batched
+
+
+def _call(x2: Array, *, rows: int, how: str):
   from jax.experimental import pallas as pl
 
   r, c = x2.shape
+  block = LANES if c % LANES == 0 else c
   grid = (-(-r // rows), c // block)
+  last = r - (grid[0] - 1) * rows
   spec = pl.BlockSpec((1, 1, block), lambda i, j: (i, 0, j))
   params: Any = None
   if how == 'triton':
@@ -198,7 +231,7 @@ def _call(x2: Array, rows: int, block: int, last: int, how: str):
     from jax.experimental.pallas import tpu as pltpu
 
     params = pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel'))
-  stat = jax.ShapeDtypeStruct((grid[0], 1, c), jnp.float32)
+  stat = jax.ShapeDtypeStruct((grid[0], 1, c), F32)
   return pl.pallas_call(
     functools.partial(_tile_kernel, rows=rows, last=last, tiles=grid[0]),
     out_shape=(stat, stat, stat),
@@ -211,38 +244,89 @@ def _call(x2: Array, rows: int, block: int, last: int, how: str):
   )(x2)
 
 
+def _gpu_lowering(ctx, x2, *, rows):
+  """Triton where Pallas lowers it; else XLA's ops for the same partials.
+  (JAX >= 0.12 lowers Triton only for a GPU it can see: a program exported
+  for CUDA on a machine without one takes the XLA tiles.)"""
+  try:
+    return mlir.lower_fun(
+      functools.partial(_call, how='triton'), multiple_results=True
+    )(ctx, x2, rows=rows)
+  except RuntimeError as e:
+    if 'No supported GPU devices' not in str(e):
+      raise
+  return mlir.lower_fun(_xla_tiles, multiple_results=False)(ctx, x2, rows=rows)
+
+
+for _platform, _how in (('cpu', 'interpret'), ('tpu', 'tpu')):
+  mlir.register_lowering(
+    _tiles_p,
+    mlir.lower_fun(functools.partial(_call, how=_how), multiple_results=True),
+    platform=_platform,
+  )
+for _platform in ('cuda', 'rocm'):
+  mlir.register_lowering(_tiles_p, _gpu_lowering, platform=_platform)
+
+
 def _tile_kernel(x_ref, k_ref, s1_ref, m2_ref, *, rows, last, tiles):
   """One tile's exact moments (the module docstring), on chip."""
   from jax.experimental import pallas as pl
 
-  x = x_ref[...].astype(jnp.float32)
-  pivot = _median_of_three(x_ref, rows)
-  n = jnp.float32(rows)
-  valid = None
-  if last != rows:  # a short last tile: its rows past the end are garbage
-    is_last = pl.program_id(0) == tiles - 1
-    pivot = jnp.where(is_last, _median_of_three(x_ref, last), pivot)
-    n = jnp.where(is_last, jnp.float32(last), n)
-    row = lax.broadcasted_iota(jnp.int32, x.shape, 0)
-    valid = row < rows - is_last.astype(jnp.int32) * (rows - last)
-    x = jnp.where(valid, x, pivot)  # x - pivot = 0 there
-  shift = pivot + jnp.sum(x - pivot, 0, keepdims=True) / n
-  d = x - shift
-  if valid is not None:
-    d = jnp.where(valid, d, 0.0)
-  s1 = jnp.sum(d, 0, keepdims=True)
-  m2 = jnp.maximum(jnp.sum(d * d, 0, keepdims=True) - s1 * s1 / n, 0.0)
+  x = x_ref[...].astype(F32)
+  p, p_last = _median_of_three(x_ref, rows), _median_of_three(x_ref, last)
+  is_last = pl.program_id(0) == tiles - 1
+  shift, s1, m2 = _tile_moments(x, 0, p, p_last, is_last, rows, last)
   k_ref[...] = shift[None]
   s1_ref[...] = s1[None]
   m2_ref[...] = m2[None]
 
 
+def _tile_moments(x, axis, pivot, pivot_last, is_last, rows, last):
+  """(K, s1, M2) of tiles of ``rows`` rows along ``axis`` of float32 x (its
+  size ``rows``), the last tile holding ``last`` (its rows past them are
+  garbage: they enter no sum). Kept dims."""
+  n: Array | float = float(rows)
+  valid = None
+  if last != rows:
+    pivot = jnp.where(is_last, pivot_last, pivot)
+    n = jnp.where(is_last, jnp.float32(last), n)
+    row = lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    valid = row < rows - is_last.astype(jnp.int32) * (rows - last)
+    x = jnp.where(valid, x, pivot)  # x - pivot = 0 there
+  shift = pivot + jnp.sum(x - pivot, axis, keepdims=True) / n
+  d = x - shift
+  if valid is not None:
+    d = jnp.where(valid, d, 0.0)
+  s1 = jnp.sum(d, axis, keepdims=True)
+  m2 = jnp.maximum(jnp.sum(d * d, axis, keepdims=True) - s1 * s1 / n, 0.0)
+  return shift, s1, m2
+
+
+def _xla_tiles(x2: Array, *, rows: int):
+  """The kernel's tile partials by XLA ops (x padded to whole tiles): what
+  a GPU program lowers to where Pallas cannot lower the kernel."""
+  r, c = x2.shape
+  tiles = -(-r // rows)
+  last = r - (tiles - 1) * rows
+  x = jnp.pad(x2.astype(F32), ((0, tiles * rows - r), (0, 0)))
+  x = x.reshape(tiles, rows, c)
+  p, p_last = (
+    _median3(x[:, :1], x[:, (k - 1) // 2][:, None], x[:, k - 1][:, None])
+    for k in (rows, last)
+  )
+  is_last = lax.broadcasted_iota(jnp.int32, (tiles, 1, 1), 0) == tiles - 1
+  return _tile_moments(x, 1, p, p_last, is_last, rows, last)
+
+
 def _median_of_three(x_ref, n: int) -> Array:
   """The median of rows 0, (n - 1) // 2 and n - 1 (static), shape (1, C),
   loaded from the tile's buffer on chip."""
-  a, b, c = (
-    x_ref[i : i + 1, :].astype(jnp.float32) for i in (0, (n - 1) // 2, n - 1)
+  return _median3(
+    *(x_ref[i : i + 1, :].astype(F32) for i in (0, (n - 1) // 2, n - 1))
   )
+
+
+def _median3(a: Array, b: Array, c: Array) -> Array:
   lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
   return jnp.maximum(lo, jnp.minimum(hi, c))
 

@@ -199,13 +199,13 @@ def test_batch_norm_train_step_with_the_kernel_selected(selected):
   got = step()(x, scale)
   kernel.SELECTED = False
   want = step()(x, scale)
-  assert 'pallas_call' not in str(jax.make_jaxpr(step())(x, scale))
+  assert 'bnjax_tile_moments' not in str(jax.make_jaxpr(step())(x, scale))
   np.testing.assert_allclose(got[1][1].var, _f64(x)[1], rtol=BAR)
   # The two paths' float32 means differ by an ulp of |mean| = 100 std.
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
   kernel.SELECTED = True
-  assert 'pallas_call' in str(jax.make_jaxpr(step())(x, scale))
+  assert 'bnjax_tile_moments' in str(jax.make_jaxpr(step())(x, scale))
   got_m = jax.jit(lambda x: bnjax.moments(x))(x)
   np.testing.assert_allclose(got_m[1], _f64(x)[1], rtol=BAR)
 
@@ -237,22 +237,63 @@ def test_train_step_with_the_kernel_exports_for_tpu_as_a_mosaic_call(
   assert len(re.findall(r'custom_call @tpu_custom_call', text)) == 1
 
 
+TRITON = jax_export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
+
+
 def test_train_step_with_the_kernel_exports_for_cuda_through_triton(
   monkeypatch,
 ):
   """Pallas's Triton lowering, the one that takes this kernel (Mosaic GPU
-  refuses its axis-0 reduction). Its custom call has no export stability
-  guarantee, so the export names it; jax >= 0.12 lowers Triton only
-  for a known GPU (no device here: a clear RuntimeError)."""
+  refuses its axis-0 sums). jax >= 0.12 lowers Triton only for a GPU it
+  can see: here the same tile partials lower as XLA ops."""
   monkeypatch.setattr(kernel, 'SELECTED', True)
-  checks = [jax_export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
+  text = _export_step('cuda', jnp.float32, disabled_checks=[TRITON])
   version = tuple(int(v) for v in jax.__version__.split('.')[:2])
-  if version >= (0, 12):
-    with pytest.raises(RuntimeError, match='No supported GPU devices'):
-      _export_step('cuda', jnp.float32, disabled_checks=checks)
-    return
-  text = _export_step('cuda', jnp.float32, disabled_checks=checks)
-  assert len(re.findall(r'custom_call @__gpu\$xla\.gpu\.triton', text)) == 1
+  calls = len(re.findall(r'custom_call @__gpu\$xla\.gpu\.triton', text))
+  assert calls == (0 if version >= (0, 12) else 1)
+
+
+def test_a_program_exported_for_several_platforms_carries_each_ones_call(
+  monkeypatch,
+):
+  """One lowering rule per platform: a Pallas call with TPU parameters in a
+  lax.platform_dependent branch failed the CUDA lowering of the same
+  module ('cpu' too: only interpret mode lowers there)."""
+  monkeypatch.setattr(kernel, 'SELECTED', True)
+  monkeypatch.setattr(dispatch, '_path', 'accelerator')
+  for platforms in (('cuda', 'rocm', 'tpu'), ('cpu', 'tpu')):
+    x = jax.ShapeDtypeStruct((8, 16, 16, 128), jnp.bfloat16)
+    stats = bnjax.init_batch_stats(128)
+    exp = jax_export.export(
+      jax.jit(lambda x, s: _step(x, s, stats)),
+      platforms=platforms,
+      disabled_checks=[TRITON],
+    )(x, jnp.ones(128))
+    text = exp.mlir_module()
+    assert len(re.findall(r'custom_call @tpu_custom_call', text)) == 1
+
+
+def test_the_gpu_fallback_gives_the_kernels_tile_partials():
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(1e3 + rng.standard_normal((600, 16)), jnp.float32)
+  got = jax.jit(lambda x: kernel._xla_tiles(x, rows=256))(x)
+  want = jax.jit(kernel.tile_partials, static_argnums=1)(x, 256)
+  for g, w in zip(got, want[1:], strict=True):
+    np.testing.assert_allclose(g[:, 0], w, rtol=1e-6, atol=1e-3)
+
+
+def test_vmap_over_the_kernel_matches_each_call():
+  rng = np.random.default_rng(5)
+  xs = jnp.asarray(
+    rng.standard_normal((3, 300, 8)) * [[[1.0]], [[10.0]], [[0.1]]]
+  )
+  xs = xs.astype(jnp.float32) + 50.0
+  lay = _lay(xs[0])
+  got = jax.jit(jax.vmap(lambda x: kernel.moments(x, lay)[1:3]))(xs)
+  for i in range(3):
+    want = _moments(xs[i], lay)[1:3]
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_allclose(g[i], w, rtol=1e-6)
 
 
 def test_a_bad_kernel_name_is_refused_at_import():
