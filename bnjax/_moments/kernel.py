@@ -100,9 +100,9 @@ if _kernel not in KERNELS:
   )
 SELECTED = _kernel == 'pallas'
 
-# The same on every platform (the branches of lax.platform_dependent must
-# agree on the number of tiles): 128 KiB of float32 at 128 lanes, which a
-# TPU's VMEM double-buffers and Triton holds at 8 warps.
+# The same on every platform (the primitive's output shape, the number of
+# tiles, is fixed before a platform is chosen): 128 KiB of float32 at 128
+# lanes, which a TPU's VMEM double-buffers and Triton holds at 8 warps.
 TILE_ROWS = 256
 LANES = 128
 F32 = jnp.dtype(jnp.float32)
