@@ -40,49 +40,101 @@ SHAPES = [*layer.SHAPES[:3], (128, 112, 112, 64)]
 RATIOS = (1e2, 1e4, 1e6)
 
 
-def layer_rows(shapes, rounds, inner):
+# HBM peak bandwidth by device name (bytes/s): the fraction of it that a
+# pass reaches says how close to the limit a shape is.
+HBM_PEAK = {'H100': 3.35e12, 'H200': 4.8e12}
+
+
+def hbm_peak() -> float | None:
+  import jax
+
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in HBM_PEAK.items() if k in kind), None)
+
+
+def with_kernel(fn, args):
+  """``fn`` compiled with the one-read Pallas statistics kernel selected
+  (as ``BNJAX_STATS_KERNEL=pallas``; bnjax/_moments/kernel.py)."""
+  import jax
+
+  from bnjax._moments import kernel
+
+  selected, kernel.SELECTED = kernel.SELECTED, True
+  try:
+    return jax.jit(fn).lower(*args).compile()
+  finally:
+    kernel.SELECTED = selected
+
+
+def layer_rows(shapes, rounds, inner, dtypes=('float32',)):
+  """flax, bnjax and bnjax with the Pallas kernel ('kernel_*'), per shape,
+  mode and dtype of x (bfloat16: x cast)."""
   import jax
 
   rows = []
   for shape in shapes:
-    for mode in ('fwd', 'step'):
-      fns, args = {}, {}
-      for impl in ('flax', 'bnjax'):
-        fn, a = layer.build(shape, mode, impl)
-        fns[impl], args[impl] = jax.jit(fn), a
-      samples = _timing.interleaved_samples(fns, args, rounds, inner)
-      rows.append(
-        dict(shape=list(shape), mode=mode, **_timing.ratio_columns(samples))
-      )
-      print(json.dumps(rows[-1]), flush=True)
+    for dtype in dtypes:
+      for mode in ('fwd', 'step'):
+        fns, args = {}, {}
+        for impl in ('flax', 'bnjax', 'kernel'):
+          fn, a = layer.build(
+            shape, mode, 'bnjax' if impl == 'kernel' else impl
+          )
+          g, b, x, stats, ct = a
+          # The cotangent in the output's dtype: flax promotes x with its
+          # float32 scale, bnjax keeps x's dtype.
+          ct = ct if impl == 'flax' else ct.astype(dtype)
+          a = (g, b, x.astype(dtype), stats, ct)
+          fns[impl], args[impl] = jax.jit(fn), a
+          if impl == 'kernel':
+            fns[impl] = with_kernel(fn, a)
+        samples = _timing.interleaved_samples(fns, args, rounds, inner)
+        rows.append(
+          {
+            'shape': list(shape),
+            'dtype': dtype,
+            'mode': mode,
+            **_timing.ratio_columns(samples),
+            # kernel_ms, kernel_ratio and its quartiles (flax_ms again)
+            **_timing.ratio_columns(samples, 'kernel', prefix='kernel_'),
+          }
+        )
+        print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
-def stats_rows(shape, rounds, inner, tiles=(16, 32)):
+def stats_rows(shape, rounds, inner, tiles=(16, 32), dtype='float32'):
   """The statistics alone (mean and variance, no normalize) at one shape,
   by each path: flax's one-pass formula (one read of x), bnjax's exact
-  partial in two reads (local.py: the path bnjax takes on accelerators)
-  and the one-read variant of ``benchmarks/_tiled.py`` (tried and dropped),
-  at each tile size with a tile's values strided or adjacent. GB/s = x's
-  bytes over the time."""
+  partial in two reads (local.py: the path bnjax takes on accelerators),
+  the one-read Pallas kernel (kernel.py, opt-in) and the one-read variant
+  of ``benchmarks/_tiled.py`` (tried and dropped), at each tile size with a
+  tile's values strided or adjacent. GB/s = x's bytes over the time, and
+  its fraction of the device's HBM peak. bfloat16 x: reduced in float32
+  (the paths' names say bf16)."""
   import jax
 
   from bnjax import _checks
-  from bnjax._moments import local
+  from bnjax._moments import kernel, local
 
-  x = jax.random.normal(jax.random.key(0), shape) + 3.0
+  x = (jax.random.normal(jax.random.key(0), shape) + 3.0).astype(dtype)
   lay = _checks.layout('device', x, -1)
   red = lay.reduction_axes
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731  # fuses into the reads
 
   def flax_formula(x):
+    x = f32(x)
     mean = jnp.mean(x, red)
     return mean, jnp.maximum(0.0, jnp.mean(x * x, red) - mean * mean)
 
   fns = {
     'flax one-pass': flax_formula,
-    'bnjax two reads': lambda x: local.finalize(local.exact_partial(x, lay)),
+    'bnjax two reads': lambda x: local.finalize(
+      local.exact_partial(f32(x), lay)
+    ),
+    'bnjax one read, Pallas kernel': lambda x: kernel.moments(x, lay)[1:3],
   }
-  for b in tiles:
+  for b in tiles if dtype == 'float32' else ():
     for strided in (True, False):
       name = f'bnjax one read, tile {b}' + ('' if strided else ' adjacent')
       fns[name] = lambda x, b=b, s=strided: local.finalize(
@@ -93,15 +145,18 @@ def stats_rows(shape, rounds, inner, tiles=(16, 32)):
     fns, {k: (x,) for k in fns}, rounds, inner
   )
   t = _timing.medians(samples)
-  rows = []
+  rows, peak = [], hbm_peak()
   for k in fns:
     q25, q75 = _timing.ratio_quartiles(samples[k], samples['flax one-pass'])
+    gbs = x.size * x.dtype.itemsize / t[k] / 1e9
     rows.append(
       dict(
         shape=list(shape),
-        path=k,
+        dtype=dtype,
+        path=k if dtype == 'float32' else f'{k}, bf16',
         ms=t[k] * 1e3,
-        gbs=x.size * 4 / t[k] / 1e9,
+        gbs=gbs,
+        hbm_fraction=None if peak is None else gbs * 1e9 / peak,
         vs_flax=t[k] / t['flax one-pass'],
         vs_flax_q25=q25,
         vs_flax_q75=q75,
@@ -265,12 +320,17 @@ def main(argv=None):
   print(json.dumps(out['env']), flush=True)
   if args.smoke:  # ResNet-20 stands in for ResNet-50: the same code path
     plan = dict(
-      layer=lambda: layer_rows([(8, 4, 4, 8)], rounds=2, inner=1),
+      layer=lambda: layer_rows(
+        [(8, 4, 4, 8)], rounds=2, inner=1, dtypes=('float32', 'bfloat16')
+      ),
       resnet50=lambda: model_row(
         _models.resnet20, batch=2, size=8, rounds=1, inner=1, classes=10
       ),
       numerics=lambda: numerics_rows(seeds=(0,)),
-      stats=lambda: stats_rows((8, 4, 4, 8), rounds=2, inner=1),
+      stats=lambda: [
+        *stats_rows((8, 4, 4, 8), rounds=2, inner=1),
+        *stats_rows((64, 4, 4, 128), rounds=2, inner=1, dtype='bfloat16'),
+      ],
       cond=lambda: cond_cost(layers=4, rounds=2, inner=1),
       inplace_abn=lambda: inplace_abn.resnet_rows(
         (2, 4), 16, 10, (1, 1, 1, 1), budget_gib=80
@@ -278,8 +338,13 @@ def main(argv=None):
     )
   else:
     plan = dict(
-      stats=lambda: stats_rows(SHAPES[-1], rounds=21, inner=10),
-      layer=lambda: layer_rows(SHAPES, rounds=21, inner=10),
+      stats=lambda: [
+        *stats_rows(SHAPES[-1], rounds=21, inner=10),
+        *stats_rows(SHAPES[-1], rounds=21, inner=10, dtype='bfloat16'),
+      ],
+      layer=lambda: layer_rows(
+        SHAPES, rounds=21, inner=10, dtypes=('float32', 'bfloat16')
+      ),
       numerics=numerics_rows,
       cond=cond_cost,
       resnet50=lambda: model_row(
@@ -321,6 +386,8 @@ def device_table(run: dict) -> str:
   ]
   for r in run['layer']:
     shape = 'x'.join(map(str, r['shape']))
+    if r.get('dtype', 'float32') != 'float32':
+      shape += f' {r["dtype"]}'
     lines.append(
       f'| layer {shape} {r["mode"]} | {r["flax_ms"]:.3f} | {r["bnjax_ms"]:.3f}'
       f' | **{r["ratio"]:.2f}** ({r["ratio_q25"]:.2f}-{r["ratio_q75"]:.2f}) |'

@@ -15,11 +15,14 @@ The choice is made when the program is lowered for a platform
 the right code for each. The environment variable ``BNJAX_STATS_PATH``
 (private, for tests) forces one path everywhere: ``accelerator`` runs the
 GPU/TPU path on the CPU, ``cpu`` the CPU path on any platform.
+``BNJAX_STATS_KERNEL=pallas`` (opt-in) takes unsynced statistics on the
+GPU/TPU path by the one-read Pallas kernel of :mod:`bnjax._moments.kernel`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._moments import collectives, gather, local, psum
+from bnjax._moments import collectives, gather, kernel, local, psum
 from bnjax._types import Layout
 
 Array = jax.Array
@@ -88,6 +91,8 @@ def batch_moments(
   m = None if mask is None else jnp.broadcast_to(mask, x.shape)
   if sync.axis_name is None:
     stats = _local_stats if _traced(xf) else _local_stats_impl
+    if kernel.SELECTED:  # the kernel reads x in its own dtype, once
+      return _auto_axes(functools.partial(stats, pallas=True), x, m, lay, fast)
     return _auto_axes(stats, xf, m, lay, fast)
   return _synced(xf, lay, m, sync)
 
@@ -96,7 +101,13 @@ def _counted(p: local.Partial):
   return (p.count, *local.finalize_lo(p))
 
 
-def _local_stats_impl(xf, m, lay: Layout, fast: bool):
+def _local_stats_impl(xf, m, lay: Layout, fast: bool, pallas: bool = False):
+  if pallas:  # BNJAX_STATS_KERNEL=pallas: xf is x, in its own dtype
+    x, xf = xf, xf.astype(local.stats_dtype(xf.dtype))
+    return on_platform(
+      lambda: local.flax_moments(xf, lay, m, fast),
+      lambda: kernel.moments(x, lay, m),
+    )
   return on_platform(
     lambda: local.flax_moments(xf, lay, m, fast),
     lambda: _counted(local.exact_partial(xf, lay, m)),
@@ -108,7 +119,9 @@ def _local_stats_impl(xf, m, lay: Layout, fast: bool):
 # model's BN layers share a handful of shapes, and the conditionals inside
 # are costly to trace and to partially evaluate under autodiff (XLA inlines
 # the calls). Eagerly they run op by op, as flax's do, for flax's numbers.
-_local_stats = jax.jit(_local_stats_impl, static_argnames=('lay', 'fast'))
+_local_stats = jax.jit(
+  _local_stats_impl, static_argnames=('lay', 'fast', 'pallas')
+)
 _exact_partial = jax.jit(local.exact_partial, static_argnames=('lay',))
 
 

@@ -235,6 +235,11 @@ def test_device_benchmark_smoke():
   assert {r['mode'] for r in out['layer']} == {'fwd', 'step'}
   paths = {r['path'] for r in out['stats']}
   assert {'flax one-pass', 'bnjax two reads'} < paths, paths
+  # The Pallas kernel's rows (interpret mode here), float32 and bfloat16.
+  assert {'bnjax one read, Pallas kernel', 'flax one-pass, bf16'} < paths
+  assert 'bnjax one read, Pallas kernel, bf16' in paths, paths
+  assert {r['dtype'] for r in out['layer']} == {'float32', 'bfloat16'}
+  assert all(r['kernel_ms'] > 0 for r in out['layer'])
   assert any(p.endswith('adjacent') for p in paths), paths
   assert max(r['err'] for r in out['numerics'] if r['impl'] != 'flax') < 1e-6
   assert out['cond']['conditionals_compiled'] == 4

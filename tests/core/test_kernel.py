@@ -1,0 +1,327 @@
+"""The one-read Pallas statistics kernel (bnjax/_moments/kernel.py), run on
+the CPU in interpret mode: its per-tile partials and its statistics against
+float64 and against the XLA path, its derivatives, where it falls back, and
+its export for TPU (and CUDA) with the kernel selected.
+
+Small shapes: interpret mode runs the grid as a loop of XLA ops."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export as jax_export
+from jax.test_util import check_grads
+
+import bnjax
+from benchmarks import numerics
+from bnjax import _checks
+from bnjax._moments import dispatch, kernel, local
+from tests import reference as ref
+
+BAR = 1e-6
+LAYOUTS = ('identical', 'means 0.1% apart', 'sorted', 'outlier first')
+
+
+# One compile per (shape, layout, tile rows): interpret mode compiles slowly.
+_moments = jax.jit(kernel.moments, static_argnames=('lay', 'rows'))
+
+
+def _lay(x, axis=-1):
+  return _checks.layout('t', jnp.asarray(x), axis)
+
+
+def _xla(x, lay, mask=None):
+  xf = jnp.asarray(x).astype(local.stats_dtype(x.dtype))
+  p = local.exact_partial(xf, lay, mask)
+  return (p.count, *local.finalize_lo(p))
+
+
+def _f64(x, axis=-1):
+  return ref.moments(np.asarray(x, np.float64), axis)[:2]
+
+
+@pytest.fixture
+def selected(monkeypatch):
+  """The kernel selected, on the accelerator path (as
+  BNJAX_STATS_KERNEL=pallas BNJAX_STATS_PATH=accelerator)."""
+  monkeypatch.setattr(kernel, 'SELECTED', True)
+  monkeypatch.setattr(dispatch, '_path', 'accelerator')
+
+
+@pytest.mark.parametrize('ratio', [0.0, 1e6])
+def test_tile_partials_match_float64_per_tile_with_a_short_last_tile(ratio):
+  rng = np.random.default_rng(0)
+  x = (ratio + rng.standard_normal((600, 16))).astype(np.float32)
+  x[0] += 1e3  # an outlier first: never the pivot
+  p = jax.jit(lambda x: kernel.tile_partials(x, 256))(x)
+  p = local.Partial(*(np.asarray(v, np.float64) for v in p))
+  np.testing.assert_array_equal(p.count, [256, 256, 88])
+  for t, lo in enumerate((0, 256, 512)):
+    tile = x[lo : lo + int(p.count[t])].astype(np.float64)
+    mean = p.shift[t] + p.s1[t] / p.count[t]
+    m2 = ((tile - tile.mean(0)) ** 2).sum(0)
+    np.testing.assert_allclose(mean, tile.mean(0), rtol=0, atol=1e-6 * 1e3)
+    np.testing.assert_allclose(p.m2[t], m2, rtol=BAR)
+    # The shift is within 2.6e-4 std of the tile's mean (the module's bound)
+    # plus its own float32 rounding.
+    half_ulp = np.spacing(np.float32(tile.mean(0))) / 2
+    assert np.all(
+      np.abs(p.shift[t] - tile.mean(0)) <= 3e-4 * tile.std(0) + half_ulp
+    )
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('shape', ['2-D', '4-D'])
+def test_kernel_variance_within_1e6_of_float64_on_the_numerics_layouts(
+  layout, shape
+):
+  """|mean|/std 0 to 1e6, sorted, an outlier first; 16 tiles of 256 rows.
+  The mean agrees with the XLA path's to float32 rounding."""
+  for ratio in (0.0, *numerics.RATIOS):
+    x, _ = numerics.make_data(ratio, layout, seed=0, shape=shape)
+    lay = _lay(x)
+    assert kernel.applies(x, lay, None, kernel.TILE_ROWS)
+    _, mean, var, lo = _moments(x, lay)
+    want_mean, want_var = _f64(x)
+    err = np.max(np.abs(var - want_var) / want_var)
+    assert err <= BAR, (ratio, err)
+    got = np.asarray(mean, np.float64) + np.asarray(lo, np.float64)
+    np.testing.assert_allclose(got, want_mean, rtol=1e-7, atol=1e-6)
+    xla_mean = _xla(x, lay)[1]
+    np.testing.assert_allclose(mean, xla_mean, rtol=2**-23, atol=1e-6)
+
+
+def test_the_merge_in_two_levels_matches_float64():
+  """1024 tiles of 8 rows: the tiles merge in two blocked levels."""
+  rng = np.random.default_rng(1)
+  x = (1e4 + rng.standard_normal((8192, 8))).astype(np.float32)
+  x = np.sort(x, axis=0)
+  _, mean, var, _ = _moments(x, _lay(x), rows=8)
+  want_mean, want_var = _f64(x)
+  np.testing.assert_allclose(var, want_var, rtol=BAR)
+  np.testing.assert_allclose(mean, want_mean, rtol=2**-23)
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_half_precision_input_is_reduced_in_float32(dtype):
+  x, _ = numerics.make_data(1e2, 'sorted', seed=0, shape='4-D')
+  x = jnp.asarray(x, dtype)
+  n, mean, var, _ = _moments(x, _lay(x))
+  assert mean.dtype == var.dtype == jnp.float32
+  want_mean, want_var = _f64(np.asarray(x, np.float32))
+  np.testing.assert_allclose(var, want_var, rtol=BAR)
+  np.testing.assert_allclose(mean, want_mean, rtol=2**-23)
+
+
+@pytest.mark.parametrize(
+  'case',
+  [
+    'mask',
+    'C not a multiple of 8',
+    'fewer rows than a tile',
+    'features leading',
+    'float64',
+  ],
+)
+def test_where_the_kernel_does_not_apply_the_xla_path_runs(case):
+  rng = np.random.default_rng(2)
+  x, axis, mask = rng.standard_normal((512, 16)) + 1e3, -1, None
+  if case == 'mask':
+    mask = jnp.asarray(rng.random(x.shape) < 0.5)
+  elif case == 'C not a multiple of 8':
+    x = x[:, :12]
+  elif case == 'fewer rows than a tile':
+    x = x[:100]
+  elif case == 'features leading':
+    x, axis = x.T, 0
+  if case != 'float64':
+    x = x.astype(np.float32)
+  with jax.enable_x64(case == 'float64'):
+    x = jnp.asarray(x)
+    lay = _lay(x, axis)
+    assert not kernel.applies(x, lay, mask, kernel.TILE_ROWS)
+    got = _moments(x, lay, mask)
+    want = jax.jit(_xla, static_argnums=1)(x, lay, mask)
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_array_equal(g, w)
+
+
+def _loss(stats):
+  def loss(x, w):
+    _, mean, var, _ = stats(x)
+    return jnp.sum(w[0] * mean) + jnp.sum(w[1] * var)
+
+  return loss
+
+
+@pytest.mark.parametrize('ratio', [0.0, 1e2])
+def test_gradients_match_the_xla_paths_and_float64(ratio):
+  """The kernel's custom_jvp against autodiff through the XLA path and the
+  float64 formulas d mean = <dx>, d var = 2 <(x - mean) dx>."""
+  rng = np.random.default_rng(3)
+  x = (ratio + rng.standard_normal((600, 8))).astype(np.float32)
+  w = rng.standard_normal((2, 8)).astype(np.float32)
+  lay = _lay(x)
+  g_kernel = jax.jit(jax.grad(_loss(lambda x: kernel.moments(x, lay))))(x, w)
+  g_xla = jax.jit(jax.grad(_loss(lambda x: _xla(x, lay))))(x, w)
+  x64 = x.astype(np.float64)
+  want = (w[0] + 2 * w[1] * (x64 - x64.mean(0))) / x.shape[0]
+  np.testing.assert_allclose(g_kernel, want, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(g_kernel, g_xla, rtol=1e-5, atol=1e-9)
+  # Forward mode (the rule's own tangent) and second order.
+  xs = x[:264] - np.float32(ratio)  # a full tile and a short one
+  lay_s = _lay(xs)
+  fn = jax.jit(lambda x: kernel.moments(x, lay_s)[1:3])
+  check_grads(fn, (xs,), 2, eps=1e-2)
+
+
+def test_batch_norm_train_step_with_the_kernel_selected(selected):
+  """bnjax.batch_norm and bnjax.moments through the engine's hook: the same
+  outputs, new statistics and gradients as the XLA path's, and float64's."""
+  x, _ = numerics.make_data(1e2, 'outlier first', seed=0, shape='4-D')
+  scale = jnp.linspace(0.5, 1.5, x.shape[-1])
+  stats = bnjax.init_batch_stats(x.shape[-1])
+
+  def step():  # a new function each time: jit's cache holds the last trace
+    def step(x, scale):
+      def loss(x, scale):
+        y, new = bnjax.batch_norm(
+          x, stats, scale, use_running_average=False, momentum=0.0
+        )
+        return jnp.sum(jnp.sin(y)), (y, new)
+
+      return jax.grad(loss, (0, 1), has_aux=True)(x, scale)
+
+    return jax.jit(step)
+
+  got = step()(x, scale)
+  kernel.SELECTED = False
+  want = step()(x, scale)
+  assert 'bnjax_tile_moments' not in str(jax.make_jaxpr(step())(x, scale))
+  np.testing.assert_allclose(got[1][1].var, _f64(x)[1], rtol=BAR)
+  # The two paths' float32 means differ by an ulp of |mean| = 100 std.
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+  kernel.SELECTED = True
+  assert 'bnjax_tile_moments' in str(jax.make_jaxpr(step())(x, scale))
+  got_m = jax.jit(lambda x: bnjax.moments(x))(x)
+  np.testing.assert_allclose(got_m[1], _f64(x)[1], rtol=BAR)
+
+
+def _step(x, scale, stats):
+  def loss(x, scale):
+    y, new = bnjax.batch_norm(x, stats, scale, use_running_average=False)
+    return jnp.sum(y * y), new
+
+  return jax.grad(loss, (0, 1), has_aux=True)(x, scale)
+
+
+def _export_step(platform, dtype, **kw):
+  x = jax.ShapeDtypeStruct((8, 16, 16, 128), dtype)
+  scale = jnp.ones(128, jnp.float32)
+  stats = bnjax.init_batch_stats(128)
+  exp = jax_export.export(
+    jax.jit(lambda x, s: _step(x, s, stats)), platforms=(platform,), **kw
+  )(x, scale)
+  return exp.mlir_module()
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_train_step_with_the_kernel_exports_for_tpu_as_a_mosaic_call(
+  monkeypatch, dtype
+):
+  monkeypatch.setattr(kernel, 'SELECTED', True)
+  text = _export_step('tpu', dtype)
+  assert len(re.findall(r'custom_call @tpu_custom_call', text)) == 1
+
+
+TRITON = jax_export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
+
+
+def test_train_step_with_the_kernel_exports_for_cuda_through_triton(
+  monkeypatch,
+):
+  """Pallas's Triton lowering, the one that takes this kernel (Mosaic GPU
+  refuses its axis-0 sums). jax >= 0.12 lowers Triton only for a GPU it
+  can see: here the same tile partials lower as XLA ops."""
+  monkeypatch.setattr(kernel, 'SELECTED', True)
+  text = _export_step('cuda', jnp.float32, disabled_checks=[TRITON])
+  calls = len(re.findall(r'custom_call @__gpu\$xla\.gpu\.triton', text))
+  assert calls == (1 if _triton_lowers_here() else 0)
+
+
+def _triton_lowers_here() -> bool:
+  """Whether this JAX lowers a Pallas Triton call for CUDA without a GPU
+  (jax 0.10: yes; 0.12: no)."""
+  x = jax.ShapeDtypeStruct((256, 128), jnp.float32)
+  fn = lambda x: kernel._call(x, rows=256, how='triton')  # noqa: E731
+  try:
+    jax_export.export(jax.jit(fn), platforms=('cuda',))(x)
+  except RuntimeError as e:
+    assert 'No supported GPU devices' in str(e)
+    return False
+  except ValueError as e:  # the export's check, after lowering
+    assert 'no compatibility guarantees' in str(e)
+  return True
+
+
+def test_a_program_exported_for_several_platforms_carries_each_ones_call(
+  monkeypatch,
+):
+  """One lowering rule per platform: a Pallas call with TPU parameters in a
+  lax.platform_dependent branch failed the CUDA lowering of the same
+  module ('cpu' too: only interpret mode lowers there)."""
+  monkeypatch.setattr(kernel, 'SELECTED', True)
+  monkeypatch.setattr(dispatch, '_path', 'accelerator')
+  for platforms in (('cuda', 'rocm', 'tpu'), ('cpu', 'tpu')):
+    x = jax.ShapeDtypeStruct((8, 16, 16, 128), jnp.bfloat16)
+    stats = bnjax.init_batch_stats(128)
+    exp = jax_export.export(
+      jax.jit(lambda x, s: _step(x, s, stats)),
+      platforms=platforms,
+      disabled_checks=[TRITON],
+    )(x, jnp.ones(128))
+    text = exp.mlir_module()
+    assert len(re.findall(r'custom_call @tpu_custom_call', text)) == 1
+
+
+def test_the_gpu_fallback_gives_the_kernels_tile_partials():
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(1e3 + rng.standard_normal((600, 16)), jnp.float32)
+  got = jax.jit(lambda x: kernel._xla_tiles(x, rows=256))(x)
+  want = jax.jit(kernel.tile_partials, static_argnums=1)(x, 256)
+  for g, w in zip(got, want[1:], strict=True):
+    np.testing.assert_allclose(g[:, 0], w, rtol=1e-6, atol=1e-3)
+
+
+def test_vmap_over_the_kernel_matches_each_call():
+  rng = np.random.default_rng(5)
+  xs = jnp.asarray(
+    rng.standard_normal((3, 300, 8)) * [[[1.0]], [[10.0]], [[0.1]]]
+  )
+  xs = xs.astype(jnp.float32) + 50.0
+  lay = _lay(xs[0])
+  got = jax.jit(jax.vmap(lambda x: kernel.moments(x, lay)[1:3]))(xs)
+  for i in range(3):
+    want = _moments(xs[i], lay)[1:3]
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_allclose(g[i], w, rtol=1e-6)
+
+
+def test_a_bad_kernel_name_is_refused_at_import():
+  import subprocess
+  import sys
+
+  env = {'BNJAX_STATS_KERNEL': 'triton', 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run(
+    [sys.executable, '-c', 'import bnjax'],
+    env={**__import__('os').environ, **env},
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode != 0
+  assert "BNJAX_STATS_KERNEL='triton' must be one of ('', 'pallas')" in (
+    proc.stderr
+  )
