@@ -1,7 +1,7 @@
 """bnjax: batch normalization for JAX as pure functions."""
 
 from bnjax._act import ELU, Identity, LeakyReLU
-from bnjax._core import batch_norm, frozen_batch_norm, moments, normalize
+from bnjax._core import batch_norm, moments, normalize
 from bnjax._fold import fold
 from bnjax._pooled import apply_pooled
 from bnjax._running import population_stats
@@ -17,7 +17,7 @@ from bnjax._types import (
   init_pooled_stats,
   init_renorm_stats,
 )
-from bnjax._variants import batch_norm_act, batch_renorm
+from bnjax._variants import batch_norm_act, batch_renorm, frozen_batch_norm
 
 __version__ = '0.2.0'
 

@@ -4,12 +4,14 @@ Each is the core's one private entry (``bnjax._core.normalize_batch``) with
 a typed value that says what differs, owned by the variant's own module:
 batch renorm's correction (``bnjax._renorm``), the activation of BN +
 activation (``bnjax._act``). The modules' ``BatchRenorm`` and
-``BatchNormAct`` pass the same values.
+``BatchNormAct`` pass the same values. Frozen BN is the core in inference
+mode with the statistics' gradient stopped.
 """
 
 from __future__ import annotations
 
 import jax
+from jax import lax
 
 from bnjax import _act, _core, _renorm
 from bnjax._types import (
@@ -227,3 +229,60 @@ def batch_norm_act(
     sync=sync,
     act=_act.spec(fn, activation, scale_floor),
   )
+
+
+def frozen_batch_norm(
+  x: Array,
+  batch_stats: RunningStats,
+  scale: Array | None = None,
+  bias: Array | None = None,
+  *,
+  axis: Axis = -1,
+  epsilon: Scalar = 1e-5,
+  dtype: DType | None = None,
+) -> tuple[Array, RunningStats]:
+  r"""Frozen BN for fine-tuning: stored statistics, trainable affine.
+
+  Normalizes with the stored (population) statistics whatever the mode, lets
+  gradients reach ``scale`` and ``bias`` (and x) but never the statistics,
+  and returns the statistics unchanged. This is the usual recipe for
+  fine-tuning a pretrained network on small batches (detectron2's
+  ``FrozenBatchNorm2d``): batch statistics of a small batch are noisy, and
+  updating the running statistics would drift them away from pretraining.
+
+  .. math:: y = \gamma\,\frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta,
+     \qquad (\mu, \sigma^2) = \text{population\_stats(batch\_stats)}
+
+  Args:
+    x: floating input.
+    batch_stats: any running-statistics state (:class:`BatchStats`,
+      :class:`CumulativeStats`, :class:`DebiasedStats`).
+    scale: optional per-channel scale (gamma); None switches it off.
+    bias: optional per-channel bias (beta); None switches it off.
+    axis: the feature axis, or a tuple of feature axes.
+    epsilon: added to the variance, > 0.
+    dtype: output dtype (default: x's dtype).
+
+  Returns:
+    ``(y, batch_stats)``, the statistics unchanged.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bnjax
+    >>> s = bnjax.BatchStats(jnp.array([1.0]), jnp.array([4.0]))
+    >>> f = lambda g: bnjax.frozen_batch_norm(jnp.array([[3.0]]), s, g,
+    ...                                       epsilon=1e-12)[0].sum()
+    >>> jax.grad(f)(jnp.array([1.0]))
+    Array([1.], dtype=float32)
+  """
+  y, _ = _core.normalize_batch(
+    'bnjax.frozen_batch_norm',
+    x,
+    jax.tree.map(lax.stop_gradient, batch_stats),
+    scale,
+    bias,
+    use_running_average=True,
+    axis=axis,
+    epsilon=epsilon,
+    dtype=dtype,
+  )
+  return y, batch_stats
