@@ -219,13 +219,13 @@ MUTANTS = {
     'bnjax/_moments/local.py',
     'ref = jnp.squeeze(k0, axis) + jnp.mean(shift_i - k0, axis)',
     'ref = jnp.squeeze(k0, axis)',
-    ['tests/core/test_sync_merge.py'],
+    ['tests/core/test_sync_program.py'],
   ),
   'unequal groups leave the count home': (
     'bnjax/_moments/gather.py',
     'send_count = p.count.ndim > 0 or axes.uniform_shards(name, groups) is None',
     'send_count = p.count.ndim > 0',
-    ['tests/core/test_sync_merge.py'],
+    ['tests/core/test_sync_program.py'],
   ),
 }
 

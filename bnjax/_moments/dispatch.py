@@ -182,3 +182,4 @@ def _complex_moments(x, lay: Layout, mask, fast, sync: Sync):
 # callers outside the engine import one module.
 psum_stacked = collectives.psum_stacked
 as_varying = collectives.as_varying
+as_varying_stacked = collectives.as_varying_stacked

@@ -9,6 +9,7 @@ groups, the counts travel and the reference is count-weighted.
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -115,3 +116,77 @@ def test_unequal_groups_send_the_count_and_weigh_empty_rows_zero():
     m, v, _ = ref.moments(x[grp].reshape(-1, C).astype(np.float64))
     np.testing.assert_allclose(new.mean[grp[0]], m, rtol=1e-6)
     np.testing.assert_allclose(new.var[grp[-1]], v, rtol=1e-5)
+
+
+def test_uniform_shards_is_none_only_for_unequal_groups():
+  sizes = jax.pmap(
+    lambda x: (
+      jnp.asarray(
+        [
+          bnjax._moments.uniform_shards('d', g) or 0
+          for g in (
+            None,
+            [[0, 1, 2, 3], [4, 5, 6, 7]],
+            [[0, 1, 2], [3, 4, 5, 6, 7]],
+          )
+        ]
+      )
+      + 0 * x
+    ),
+    axis_name='d',
+    devices=jax.devices()[:D],
+  )(np.zeros(D))
+  assert sizes[0].tolist() == [D, 4, 0]
+
+
+@pytest.mark.parametrize('mapping', ['pmap', 'shard_map'])
+def test_backward_terms_are_stacked_only_where_they_are_cast(mapping):
+  """Under shard_map the per-channel backward terms are cast to varying
+  stacked, so their transpose is one psum; under pmap nothing is cast, and
+  a stack there would only add a pad and a slice per term to the backward."""
+  got = []
+
+  def f(x):
+    v = (jnp.ones(C), jnp.zeros(C))
+    out = bnjax._moments.as_varying_stacked(v, 'd', like=x)
+    got.append(all(a is b for a, b in zip(out, v, strict=True)))
+    return x
+
+  if mapping == 'pmap':
+    jax.pmap(f, axis_name='d', devices=jax.devices()[:D])(np.zeros((D, C)))
+  else:
+    jax.shard_map(f, mesh=_mesh(), in_specs=P('d'), out_specs=P('d'))(
+      np.zeros((D, C), np.float32)
+    )
+  assert got == [mapping == 'pmap']
+
+
+def test_backward_count_follows_the_axis_size():
+  """The backward's count is a constant (the layout's times the shards'):
+  the tangent jitted at 8 shards must not serve 4 shards of the same
+  per-shard shape."""
+  rng = np.random.default_rng(11)
+  stats = bnjax.init_batch_stats(C)
+
+  def grad(xs):
+    f = lambda x: jnp.sum(
+      jnp.sin(
+        bnjax.batch_norm(x, stats, use_running_average=False, axis_name='v')[0]
+      )
+    )
+    return jax.vmap(jax.grad(f), axis_name='v')(xs)
+
+  def global_grad(x):
+    f = lambda x: jnp.sum(
+      jnp.sin(bnjax.batch_norm(x, stats, use_running_average=False)[0])
+    )
+    return jax.grad(f)(x)
+
+  for shards in (D, D // 2):
+    x = rng.standard_normal((shards, 4, C)).astype(np.float32)
+    np.testing.assert_allclose(
+      grad(x).reshape(-1, C),
+      global_grad(x.reshape(-1, C)),
+      rtol=1e-5,
+      atol=1e-6,
+    )
