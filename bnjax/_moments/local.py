@@ -377,15 +377,13 @@ def merge(parts: Partial, axis: int = 0, equal: bool = False) -> Partial:
   outlier (one of the parts' own shifts as K, as the psum path's maximum,
   leaves up to D times the between-part term to cancel). With ``equal``
   (every part has the same count, a constant: the gather without a mask),
-  it is their plain mean, taken as differences from the first part's
-  shift: no count enters, and XLA folds the count arithmetic. Two
-  reductions over the parts, each of one stacked array.
+  it is their plain mean: no count enters, and XLA folds the count
+  arithmetic. Two reductions over the parts, each of one stacked array.
   """
   count_i, shift_i, s1_i, m2_i = parts
   n_i = jnp.broadcast_to(_expand_count(count_i, shift_i, axis), shift_i.shape)
   if equal:
-    k0 = lax.slice_in_dim(shift_i, 0, 1, axis=axis)
-    ref = jnp.squeeze(k0, axis) + jnp.mean(shift_i - k0, axis)
+    ref = jnp.mean(shift_i, axis)
     n = jnp.sum(n_i, axis)
   else:
     n, weighted = jnp.sum(jnp.stack([n_i, n_i * shift_i]), axis + 1)
