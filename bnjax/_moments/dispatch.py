@@ -109,7 +109,18 @@ def _local_stats_impl(xf, m, lay: Layout, fast: bool):
 # are costly to trace and to partially evaluate under autodiff (XLA inlines
 # the calls). Eagerly they run op by op, as flax's do, for flax's numbers.
 _local_stats = jax.jit(_local_stats_impl, static_argnames=('lay', 'fast'))
-_exact_partial = jax.jit(local.exact_partial, static_argnames=('lay',))
+
+
+def _exact_partial_impl(xf, lay: Layout, m):
+  # On the CPU the two sums subtract the shift inside their own reductions
+  # (split): XLA:CPU would otherwise write d = x - shift out in full.
+  return on_platform(
+    lambda: local.exact_partial(xf, lay, m, split=True),
+    lambda: local.exact_partial(xf, lay, m),
+  )
+
+
+_exact_partial = jax.jit(_exact_partial_impl, static_argnames=('lay',))
 
 
 def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
@@ -153,7 +164,8 @@ def _synced(xf, lay, m, sync: Sync):
   # Exact partials on every platform: synced statistics are not flax's
   # anyway (flax averages per-shard means), so exactness wins here. Both
   # merges are branch-free.
-  p = (_exact_partial if _traced(xf) else local.exact_partial)(xf, lay, m)
+  partial = _exact_partial if _traced(xf) else _exact_partial_impl
+  p = partial(xf, lay, m)
   merge = psum.psum_merge if sync.mode == 'psum' else gather.gather_merge
   return _counted(merge(p, sync.axis_name, sync.groups, sync.fn))
 

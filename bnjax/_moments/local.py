@@ -180,14 +180,17 @@ def _merge_runs(shape, red) -> tuple[tuple[int, ...], list[int]]:
 # ------------------------------------------------------- exact partials ---
 
 
-def exact_partial(xf: Array, lay: Layout, mask: Array | None = None) -> Partial:
+def exact_partial(
+  xf: Array, lay: Layout, mask: Array | None = None, *, split: bool = False
+) -> Partial:
   """Exact partial moments of xf (float32 or wider), branch-free.
 
   See the module docstring for the bound. ``mask`` (broadcast to xf's
   shape) selects the values that count; masked-out values never enter the
-  arithmetic, so NaN or inf padding there is harmless.
+  arithmetic, so NaN or inf padding there is harmless. ``split``: see
+  :func:`sums_around`.
   """
-  n, shift, s1, s2 = exact_sums(xf, lay, mask)
+  n, shift, s1, s2 = exact_sums(xf, lay, mask, split=split)
   return Partial(n, shift, s1, _m2(n, s1, s2))
 
 
