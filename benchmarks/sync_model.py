@@ -1,9 +1,10 @@
 """Sync cost model: bytes and latency per BN layer from 8 to 1024 devices.
 
 Question: where do the ways of combining exact per-shard partials stop
-scaling? Each shard has an exact (count, shift, s1, M2) partial, K = 3C + 1
-floats (``s1`` carries the low-order bits of the shard's mean, which the
-exact merge needs). bnjax ships two ways to combine them:
+scaling? Each shard has an exact (count, shift, s1, M2) partial; the gather
+sends K = 3C floats of it (``s1`` carries the low-order bits of the
+shard's mean, which the exact merge needs; the count of an unmasked shard
+is a constant, and stays home). bnjax ships two ways to combine them:
 
 - under shard_map, an all-gather of the K floats per shard (with a
   replicated output), merged with Chan's formula: PyTorch SyncBatchNorm's
@@ -72,6 +73,7 @@ def hlo_check(d: int = 8, c: int = 64) -> dict:
   from jax.sharding import PartitionSpec as P
 
   import bnjax
+  from bnjax._moments import psum as _psum
 
   mesh = Mesh(np.array(jax.devices()[:d]), ('d',))
   f = jax.shard_map(
@@ -92,7 +94,7 @@ def hlo_check(d: int = 8, c: int = 64) -> dict:
   sizes = [
     (op, 4 * math.prod(int(s) for s in shape.split('x'))) for op, shape in ops
   ]
-  per_shard = 4 * (3 * c + 1)
+  per_shard = 4 * _psum.gather_payload(c, masked=False)
   return dict(
     devices=d,
     channels=c,

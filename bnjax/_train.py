@@ -188,12 +188,7 @@ def _tangent(
     )
   g = jnp.ones_like(rstd) if scale is None else scale.astype(f)
   gr = g * rstd
-  if mask is None and sync.axis_name is None:
-    # The count is the layout's: a constant XLA folds (the traced one has
-    # passed the checkpoint's barrier and costs a kernel of its own).
-    gr_n = gr / max(lay.count, 1)
-  else:
-    gr_n = gr / jnp.maximum(count, 1.0)
+  gr_n = gr / _count(cfg, mask, count)
   v1 = -gr_n * s2 - 0.5 * gr * rstd * deps
   if dscale is not None:
     v1 = v1 + dscale.astype(f)
@@ -201,7 +196,7 @@ def _tangent(
   if dbias is not None:
     v2 = v2 + dbias.astype(f)
   if sync.axis_name is not None:
-    v1, v2 = _moments.as_varying(jnp.stack([v1, v2]), sync.axis_name, like=x)
+    v1, v2 = _moments.as_varying_stacked((v1, v2), sync.axis_name, like=x)
   elif jnp.iscomplexobj(v2):
     v1 = v1.astype(v2.dtype)
   dy = b(gr) * dxf + xhat * b(v1) + b(v2)
@@ -211,6 +206,18 @@ def _tangent(
 # Jitted: traced once per (cfg, shapes) and shared by every layer with them
 # (cheaper tracing and partial evaluation under autodiff; XLA inlines it).
 _tangent_jit = jax.jit(_tangent, static_argnums=0)
+
+
+def _count(cfg: Cfg, mask, count):
+  """The global count, at least 1: without a mask the layout's times the
+  shards', a constant XLA folds (the traced one has passed the
+  checkpoint's barrier and costs a kernel of its own)."""
+  shards: int | None = 1
+  if cfg.sync.axis_name is not None:
+    shards = _moments.uniform_shards(cfg.sync.axis_name, cfg.sync.groups)
+  if mask is None and shards is not None:
+    return max(cfg.lay.count * shards, 1)
+  return jnp.maximum(count, 1.0)
 
 
 def _xhat(x, mean, rstd, lay: Layout, f):
@@ -298,6 +305,8 @@ def _bn_act_bwd(cfg: Cfg, dt, res, cts):
   if sync.axis_name is not None:
     total = _moments.psum_stacked(local, sync.axis_name, sync.groups, sync.fn)
   gr = g * rstd
+  # The traced count when synced: a custom_vjp backward under vmap has no
+  # bound axis to size (lax.axis_size raises there).
   if mask is None and sync.axis_name is None:
     gr_n = gr / max(lay.count, 1)
   else:

@@ -240,6 +240,19 @@ MUTANTS = {
     'other = None',
     ['tests/modules/test_modules.py'],
   ),
+  # Issue 39: the gather merge without the count.
+  'gather merge around the first shard shift': (
+    'bnjax/_moments/local.py',
+    'ref = jnp.mean(shift_i, axis)',
+    'ref = lax.index_in_dim(shift_i, 0, axis, keepdims=False)',
+    ['tests/core/test_sync_program.py'],
+  ),
+  'unequal groups leave the count home': (
+    'bnjax/_moments/gather.py',
+    'send_count = p.count.ndim > 0 or axes.uniform_shards(name, groups) is None',
+    'send_count = p.count.ndim > 0',
+    ['tests/core/test_sync_program.py'],
+  ),
 }
 
 

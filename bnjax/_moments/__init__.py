@@ -17,11 +17,13 @@ from bnjax._moments.axes import (
   check_bound,
   names,
   num_shards,
+  uniform_shards,
 )
 from bnjax._moments.dispatch import (
   LOCAL,
   Sync,
   as_varying,
+  as_varying_stacked,
   batch_moments,
   forced_path,
   on_platform,
@@ -44,6 +46,7 @@ __all__ = [
   'Partial',
   'Sync',
   'as_varying',
+  'as_varying_stacked',
   'batch_moments',
   'canonical_groups',
   'check_mode',
@@ -61,4 +64,5 @@ __all__ = [
   'real_dtype',
   'resolve',
   'stats_dtype',
+  'uniform_shards',
 ]

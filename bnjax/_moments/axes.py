@@ -158,6 +158,15 @@ def largest_group(axis_name: AxisName, groups) -> int:
   return math.prod(lax.axis_size(n) for n in names(axis_name))
 
 
+def uniform_shards(axis_name: AxisName, groups) -> int | None:
+  """Shards whose statistics combine, where every shard combines as many
+  (no groups, or groups of one size); None with unequal groups. Without a
+  mask, a layer's global count is then a constant: the layout's times this."""
+  if groups is not None and len({len(g) for g in groups}) > 1:
+    return None
+  return num_shards(axis_name, groups)
+
+
 def position_in_group(name, groups) -> tuple[jax.Array, int]:
   """(this shard's row among its group's, the largest group's size)."""
   idx = lax.axis_index(name)

@@ -81,24 +81,42 @@ def as_varying(
 
   Under shard_map, JAX inserts this cast implicitly wherever a replicated
   value meets a per-shard one, and transposes each cast into its own psum.
-  Casting the stacked backward terms once makes the backward ONE psum.
   Outside shard_map's type system (pmap, vmap) this is the identity. With
   ``like`` (the per-shard input), only axes over which ``like`` varies are
   cast: under ``check_vma=False`` nothing is typed varying, and JAX 0.8
   would transpose the cast into an extra psum.
   """
+  cast = _cast_axes(v, axis_name, like)
+  return _pcast(v, cast) if cast else v
+
+
+def as_varying_stacked(
+  vs: Sequence[jax.Array], axis_name: AxisName, like: jax.Array
+) -> tuple[jax.Array, ...]:
+  """:func:`as_varying` of same-shaped arrays, cast stacked so that the
+  backward is ONE psum. Where nothing is cast (pmap, vmap,
+  ``check_vma=False``) they are returned as they are: a stack and its
+  unstack there only add a pad and a slice per array to the backward."""
+  cast = _cast_axes(vs[0], axis_name, like)
+  if not cast:
+    return tuple(vs)
+  return tuple(_pcast(jnp.stack(vs), cast))
+
+
+def _cast_axes(v: jax.Array, axis_name: AxisName, like) -> tuple:
   vma = varying_axes(v)
   if vma is None:
-    return v
-  cast = tuple(
+    return ()
+  return tuple(
     n
     for n in axes.names(axis_name)
     if n in mesh_axes(v)
     and n not in vma
     and (like is None or n in (varying_axes(like) or set()))
   )
-  if not cast:
-    return v
+
+
+def _pcast(v: jax.Array, cast: tuple) -> jax.Array:
   if hasattr(lax, 'pcast'):  # lax.pvary's successor (JAX 0.10)
     return lax.pcast(v, cast, to='varying')
   return lax.pvary(v, cast)  # type: ignore[attr-defined]  # JAX < 0.10

@@ -122,7 +122,18 @@ def _local_stats_impl(xf, m, lay: Layout, fast: bool, pallas: bool = False):
 _local_stats = jax.jit(
   _local_stats_impl, static_argnames=('lay', 'fast', 'pallas')
 )
-_exact_partial = jax.jit(local.exact_partial, static_argnames=('lay',))
+
+
+def _exact_partial_impl(xf, lay: Layout, m):
+  # On the CPU the two sums subtract the shift inside their own reductions
+  # (split): XLA:CPU would otherwise write d = x - shift out in full.
+  return on_platform(
+    lambda: local.exact_partial(xf, lay, m, split=True),
+    lambda: local.exact_partial(xf, lay, m),
+  )
+
+
+_exact_partial = jax.jit(_exact_partial_impl, static_argnames=('lay',))
 
 
 def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
@@ -166,7 +177,8 @@ def _synced(xf, lay, m, sync: Sync):
   # Exact partials on every platform: synced statistics are not flax's
   # anyway (flax averages per-shard means), so exactness wins here. Both
   # merges are branch-free.
-  p = (_exact_partial if _traced(xf) else local.exact_partial)(xf, lay, m)
+  partial = _exact_partial if _traced(xf) else _exact_partial_impl
+  p = partial(xf, lay, m)
   merge = psum.psum_merge if sync.mode == 'psum' else gather.gather_merge
   return _counted(merge(p, sync.axis_name, sync.groups, sync.fn))
 
@@ -195,3 +207,4 @@ def _complex_moments(x, lay: Layout, mask, fast, sync: Sync):
 # callers outside the engine import one module.
 psum_stacked = collectives.psum_stacked
 as_varying = collectives.as_varying
+as_varying_stacked = collectives.as_varying_stacked

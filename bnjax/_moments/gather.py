@@ -1,11 +1,16 @@
 """``sync='gather'``: every shard's exact partial, all-gathered and merged.
 
 Forward statistics take ONE collective per axis name. Every shard has its
-exact partial ``(count, shift, s1, m2)``, 3C + 1 floats (4C with a mask),
-and gathers all D of them, then merges them with the corrected two-pass over
-the shards' means (:func:`bnjax._moments.local.merge`): as exact as one call
-on the concatenated batch whatever the shard means, and count-weighted, so
-masked, uneven or empty shards give the global-batch result. The gather is
+exact partial ``(count, shift, s1, m2)`` and gathers all D of them, then
+merges them with the corrected two-pass over the shards' means
+(:func:`bnjax._moments.local.merge`): as exact as one call on the
+concatenated batch whatever the shard means, and count-weighted, so masked,
+uneven or empty shards give the global-batch result. Each shard sends 3C
+floats: without a mask its count is the layout's, the same constant on
+every shard, so it stays out of the buffer and XLA folds the merge's count
+arithmetic (``merge(..., equal=True)``). With a mask the counts travel (4C
+floats), as with unequal groups (3C + 1), where a row may be empty. The
+gather is
 
 - under ``shard_map``: an all-gather whose output is replicated in
   shard_map's type system (``collectives.replicated_all_gather``), so new
@@ -41,13 +46,15 @@ def gather_merge(p: Partial, axis_name, groups, fn: str) -> Partial:
 
 def _gather_merge_one(p: Partial, name, groups, fn: str) -> Partial:
   shape = p.shift.shape
+  # Without a mask every shard has the layout's count (a constant): it
+  # travels only where rows may be empty (unequal groups).
+  send_count = p.count.ndim > 0 or axes.uniform_shards(name, groups) is None
   count = jnp.broadcast_to(p.count, shape) if p.count.ndim else p.count
   # One dtype for the buffer: the counts are exact in it (x64 mode makes the
   # statistics float64 while a count may stay float32).
   dtype = jnp.result_type(count, p.shift, p.s1, p.m2)
-  flat = jnp.concatenate(
-    [jnp.ravel(v).astype(dtype) for v in (count, p.shift, p.s1, p.m2)]
-  )
+  sent = (count,) * send_count + (p.shift, p.s1, p.m2)
+  flat = jnp.concatenate([jnp.ravel(v).astype(dtype) for v in sent])
   gather = collectives.replicated_all_gather
   if (
     groups is None
@@ -58,12 +65,16 @@ def _gather_merge_one(p: Partial, name, groups, fn: str) -> Partial:
   else:
     g = _psum_gather(flat, name, groups, fn)
   d = g.shape[0]
-  k, c = count.size, math.prod(shape)
-  n_i = g[:, :k].reshape((d,) + count.shape).astype(p.count.dtype)
+  k = count.size if send_count else 0
+  c = math.prod(shape)
+  if send_count:
+    n_i = g[:, :k].reshape((d,) + count.shape).astype(p.count.dtype)
+  else:
+    n_i = jnp.broadcast_to(p.count, (d,))
   shift_i, s1_i, m2_i = (
     g[:, k + j * c : k + (j + 1) * c].reshape((d,) + shape) for j in range(3)
   )
-  return merge(Partial(n_i, shift_i, s1_i, m2_i))
+  return merge(Partial(n_i, shift_i, s1_i, m2_i), equal=not send_count)
 
 
 def _psum_gather(flat: jax.Array, name, groups, fn: str) -> jax.Array:

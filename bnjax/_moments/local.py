@@ -180,14 +180,17 @@ def _merge_runs(shape, red) -> tuple[tuple[int, ...], list[int]]:
 # ------------------------------------------------------- exact partials ---
 
 
-def exact_partial(xf: Array, lay: Layout, mask: Array | None = None) -> Partial:
+def exact_partial(
+  xf: Array, lay: Layout, mask: Array | None = None, *, split: bool = False
+) -> Partial:
   """Exact partial moments of xf (float32 or wider), branch-free.
 
   See the module docstring for the bound. ``mask`` (broadcast to xf's
   shape) selects the values that count; masked-out values never enter the
-  arithmetic, so NaN or inf padding there is harmless.
+  arithmetic, so NaN or inf padding there is harmless. ``split``: see
+  :func:`sums_around`.
   """
-  n, shift, s1, s2 = exact_sums(xf, lay, mask)
+  n, shift, s1, s2 = exact_sums(xf, lay, mask, split=split)
   return Partial(n, shift, s1, _m2(n, s1, s2))
 
 
@@ -355,13 +358,13 @@ def finalize_sums(
 # ----------------------------------------------------------------- merge ---
 
 
-def merge(parts: Partial, axis: int = 0) -> Partial:
+def merge(parts: Partial, axis: int = 0, equal: bool = False) -> Partial:
   r"""Count-weighted exact merge of partials stacked along ``axis``.
 
   With per-part means :math:`\mu_i = K_i + s_{1,i}/n_i` and a common float32
-  reference K (the count-weighted mean of the :math:`K_i`), the deviations
-  :math:`\delta_i = (K_i - K) + s_{1,i}/n_i` are small and exact (the
-  difference of two close float32 numbers is exact), and
+  reference K, the deviations :math:`\delta_i = (K_i - K) + s_{1,i}/n_i`
+  are small and exact (the difference of two close float32 numbers is
+  exact), and
 
   .. math::
     M_2 = \sum_i M_{2,i} + \sum_i n_i \delta_i^2
@@ -370,13 +373,25 @@ def merge(parts: Partial, axis: int = 0) -> Partial:
   the corrected two-pass over the parts' means around K (exact to first
   order in K's distance from the global mean). Parts with no values weigh
   0. The result is a partial around K with :math:`s_1 = \sum_i n_i
-  \delta_i`. Two reductions over the parts, each of one stacked array.
+  \delta_i`.
+
+  K is the count-weighted mean of the :math:`K_i`, so that the
+  cancellation in the between-part term stays small whichever part is an
+  outlier (one of the parts' own shifts as K, as the psum path's maximum,
+  leaves up to D times the between-part term to cancel). With ``equal``
+  (every part has the same count, a constant: the gather without a mask),
+  it is their plain mean: no count enters, and XLA folds the count
+  arithmetic. Two reductions over the parts, each of one stacked array.
   """
   count_i, shift_i, s1_i, m2_i = parts
   n_i = jnp.broadcast_to(_expand_count(count_i, shift_i, axis), shift_i.shape)
-  n, weighted = jnp.sum(jnp.stack([n_i, n_i * shift_i]), axis + 1)
+  if equal:
+    ref = jnp.mean(shift_i, axis)
+    n = jnp.sum(n_i, axis)
+  else:
+    n, weighted = jnp.sum(jnp.stack([n_i, n_i * shift_i]), axis + 1)
+    ref = weighted / jnp.maximum(n, 1.0)
   safe_n = jnp.maximum(n, 1.0)
-  ref = weighted / safe_n
   delta = (shift_i - jnp.expand_dims(ref, axis)) + s1_i / jnp.maximum(n_i, 1.0)
   nd = n_i * delta
   s1, sq, within = jnp.sum(jnp.stack([nd, nd * delta, m2_i]), axis + 1)

@@ -68,8 +68,10 @@ def psum_payload(channels: int, masked: bool) -> tuple[int, int]:
 
 
 def gather_payload(channels: int, masked: bool) -> int:
-  """Floats per shard in the gather path: (count, shift, s1, m2)."""
-  return (channels if masked else 1) + 3 * channels
+  """Floats per shard in the gather path: (shift, s1, m2), and the counts
+  with a mask (without one the count is a constant and stays home; with
+  unequal groups one more float)."""
+  return (channels if masked else 0) + 3 * channels
 
 
 def psum_us(devices: int, channels: int, masked: bool = False) -> float:
