@@ -83,7 +83,8 @@ def from_torch(
       bnjax.equinox layer.
     KeyError: a prefix has no BatchNorm state, or a path no layer.
     ValueError: invalid values (a size other than ``input_size``, a
-      non-finite value, a negative variance, a complex value, weight and
+      non-finite value or one past the layer dtype's range, a negative
+      variance, a complex value, weight and
       bias where the layer has none or the reverse), each named; nothing
       is loaded.
 
@@ -119,6 +120,7 @@ def from_torch(
       affine=layer.weight is not None,
       size=layer.input_size,
       complex_ok=False,
+      dtypes=_dtypes(layer, state),
     )
   _values.report(fn, problems, 'state_dict')
   for prefix, (where, layer) in picked.items():
@@ -168,7 +170,8 @@ def to_torch(
       (``'layer1.0.bn1'``).
     num_batches_tracked: the count to store (bnjax does not count
       batches), or ``{prefix: count}`` (:func:`bnjax.interop.batches_tracked`
-      of the state dict the model came from; a layer it leaves out gets 0).
+      of the state dict the model came from; a layer it leaves out gets 0,
+      a prefix of no converted layer is refused).
 
   Returns:
     ``{'<prefix>.weight': ..., ...}`` as float32 NumPy arrays, and
@@ -181,7 +184,7 @@ def to_torch(
     KeyError: a path picks no layer.
     ValueError: the statistics are not valid torch state (non-finite, a
       negative variance, complex), each naming its torch key; nothing is
-      returned.
+      returned. A count for a prefix of no converted layer.
 
   Example:
     >>> import equinox as eqx, bnjax.equinox
@@ -203,6 +206,15 @@ def to_torch(
       found[prefix].update(weight=layer.weight, bias=layer.bias)
   sizes = {p: layer.input_size for p, (_, layer) in picked.items()}
   return _torch_io.write_layers(fn, found, counts, 'model and state', sizes)
+
+
+def _dtypes(layer: Layer, state: eqx.nn.State) -> dict[str, Any]:
+  """``{torch name: dtype}`` each value of the layer is loaded in."""
+  stats = state.get(layer.state_index)[0].dtype
+  out = dict.fromkeys(_torch_io.STATS, stats)
+  if layer.weight is not None:
+    out.update(dict.fromkeys(_torch_io.AFFINE, layer.weight.dtype))
+  return out
 
 
 def _affine(where, model):

@@ -269,9 +269,17 @@ CASES: dict[str, dict[str, list | str]] = {
         ValueError,
         'have 4 channels, but the layer has 3',
       ),
+      # Finite in float64, inf in the layer's float32: was loaded as inf.
+      (
+        'range',
+        _sd(running_var=np.array([1.0, 1e39, 1.0])),
+        ValueError,
+        "'bn.running_var' has values past float32's range",
+      ),
     ],
     'layers': [
       ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
+      ('type', {0: ''}, TypeError, 'torch prefixes (keys of layers) must be'),
       ('type', {'bn': 1.5}, TypeError, "the Equinox path of 'bn' must be"),
       ('range', {'bn': 'bn'}, KeyError, "no 'bn' (a path in layers)"),
     ],
@@ -293,10 +301,17 @@ CASES: dict[str, dict[str, list | str]] = {
         "'bn.running_var' is negative at channels [0, 1, 2]",
       ),
     ],
-    'layers': [('type', ['bn'], TypeError, 'layers must map torch prefixes')],
+    'layers': [
+      ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
+      # An int prefix wrote the unprefixed keys 'running_mean', ...
+      ('type', {0: ''}, TypeError, 'torch prefixes (keys of layers) must be'),
+    ],
     'num_batches_tracked': [
       ('range', -1, TypeError, 'num_batches_tracked must be an int >= 0'),
       ('type', 1.5, TypeError, 'num_batches_tracked must be an int >= 0'),
+      # Past int64: a bare OverflowError; a prefix of no layer: ignored.
+      ('range', 2**63, TypeError, 'must be an int >= 0 and < 2**63'),
+      ('range', {'bn.0': 3}, ValueError, "has counts for ['bn.0'], no layer"),
     ],
   },
 }

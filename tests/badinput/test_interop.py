@@ -223,11 +223,19 @@ CASES: dict[str, dict[str, list | str]] = {
       ),
       ('range', {'x.weight': np.ones(3)}, ValueError, 'no BatchNorm layer'),
       *_STATE_CORRUPT,
+      # Finite in float64, inf in float32: was converted to inf.
+      (
+        'range',
+        _sd(weight=np.array([1.0, -1e39, 1.0])),
+        ValueError,
+        "'bn.weight' has values past float32's range",
+      ),
     ],
     'layers': [
       ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
       ('range', {'nope': 'bn'}, KeyError, "prefixes ['nope'] in layers"),
       ('type', {'bn': 1.5}, TypeError, "the Flax path of 'bn' must be"),
+      ('type', {0: 'bn'}, TypeError, 'torch prefixes (keys of layers) must'),
     ],
     'dtype': [
       ('dtype', jnp.int32, TypeError, 'dtype=int32 must be a floating'),
@@ -337,10 +345,15 @@ CASES: dict[str, dict[str, list | str]] = {
     'layers': [
       ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
       ('range', {'bn': 'other'}, KeyError, "at the top level there is no 'o"),
+      # An int prefix wrote the unprefixed keys 'running_mean', ...
+      ('type', {0: 'bn'}, TypeError, 'torch prefixes (keys of layers) must'),
     ],
     'num_batches_tracked': [
       ('type', 1.5, TypeError, 'num_batches_tracked must be an int >= 0'),
       ('range', -1, TypeError, 'num_batches_tracked must be an int >= 0'),
+      # Past int64: a bare OverflowError; a prefix of no layer: ignored.
+      ('range', 2**63, TypeError, 'must be an int >= 0 and < 2**63'),
+      ('range', {'bn.0': 3}, ValueError, "has counts for ['bn.0'], no layer"),
     ],
   },
 }
