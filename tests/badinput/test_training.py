@@ -166,6 +166,9 @@ CASES: dict[str, dict[str, list | str]] = {
     'batches': [
       ('shape', jnp.ones(()), ValueError, 'batches must be stacked'),
       ('type', 'abc', ValueError, 'batches must be stacked'),
+      # N = 0 kept every statistic, silently (nnx), or blamed the model.
+      ('shape', BATCHES[:0], ValueError, 'batches holds 0 batches'),
+      ('shape', [BATCHES, BATCHES[:1]], ValueError, 'holds 1 or 2 batches'),
       (
         'nonfinite',
         BATCHES.at[0, 0, 0].set(NAN),
