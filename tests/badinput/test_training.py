@@ -162,6 +162,15 @@ CASES: dict[str, dict[str, list | str]] = {
   'bnjax.training.recalibrate': {
     'model': [
       ('type', 5, TypeError, 'model must be an nnx.Module, a linen Module'),
+      # A function returning its statistics alone: a bare KeyError 1, or
+      # (a BatchStats) its var taken for the tree.
+      ('type', lambda s, x: s, TypeError, 'model must return (out, new'),
+      (
+        'type',
+        lambda s, x: _net(s, x)[1]['bn'],
+        TypeError,
+        'model must return (out, new batch_stats)',
+      ),
     ],
     'batches': [
       ('shape', jnp.ones(()), ValueError, 'batches must be stacked'),
