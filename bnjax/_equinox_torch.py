@@ -194,6 +194,7 @@ def to_torch(
   """
   fn = 'bnjax.equinox.to_torch'
   check_state(fn, state)
+  _torch_io.check_concrete(fn, (model, state), 'model or state')
   picked = _pick(
     fn, model, state, _all_layers(model) if layers is None else layers
   )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from bnjax import _values
@@ -185,6 +186,18 @@ def batch_counts(
       '{p: n for p, n in counts.items() if p in prefixes}'
     )
   return counts
+
+
+def check_concrete(fn: str, tree: Any, what: str) -> None:
+  """``tree`` holds no traced array: the entries are NumPy arrays, read
+  from concrete values (under ``jax.jit``, ``vmap`` or ``grad`` NumPy's
+  conversion fails with a bare TracerArrayConversionError)."""
+  if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(tree)):
+    raise TypeError(
+      f'{fn}: {what} holds traced arrays (a call inside jax.jit, vmap or '
+      'grad); the torch state dict is NumPy arrays of concrete values: '
+      'call it outside the transformation, on its results'
+    )
 
 
 def write_layers(

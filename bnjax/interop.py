@@ -289,6 +289,7 @@ def to_torch(
       f'{_TO}: variables must be a mapping {{"params": ..., "batch_stats": '
       f'...}} of a Flax model, got {type(variables).__name__}'
     )
+  _torch_io.check_concrete(_TO, variables, 'variables')
   counts = _torch_io.batch_counts(_TO, num_batches_tracked, layers)
   found = {}
   for prefix, path in layers.items():

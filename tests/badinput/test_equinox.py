@@ -285,7 +285,16 @@ CASES: dict[str, dict[str, list | str]] = {
     ],
   },
   'bnjax.equinox.to_torch': {
-    'model': [('type', 3, TypeError, 'must pick a bnjax.equinox.BatchNorm')],
+    'model': [
+      ('type', 3, TypeError, 'must pick a bnjax.equinox.BatchNorm'),
+      # Under jit: a bare TracerArrayConversionError.
+      (
+        'traced',
+        Traced(_build(bnjax.equinox.BatchNorm)[0]),
+        TypeError,
+        'model or state holds traced arrays',
+      ),
+    ],
     'state': [
       ('type', {}, TypeError, 'state must be an eqx.nn.State'),
       (

@@ -8,6 +8,7 @@ swaps in the bad value, and checks the exception, the message piece and
 that the message names the argument.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +17,13 @@ from bnjax import interop
 from tests.badinput._runner import all_cases
 
 NAN = float('nan')
+
+
+class Traced:
+  """The argument passed traced, as a ``jax.jit`` argument."""
+
+  def __init__(self, good):
+    self.good = good
 
 
 def _sd(**over):
@@ -323,6 +331,8 @@ CASES: dict[str, dict[str, list | str]] = {
   'bnjax.interop.to_torch': {
     'variables': [
       ('type', [1], TypeError, 'variables must be a mapping'),
+      # Under jit: a bare TracerArrayConversionError.
+      ('traced', Traced(_variables()), TypeError, 'variables holds traced'),
       (
         'corrupt-state',
         _variables(mean=jnp.array([0.0, 0.0, NAN])),
@@ -368,7 +378,10 @@ def test_every_good_call_runs(name):
 def test_bad_input_raises_naming_the_argument(name, arg, case):
   _, value, exc, piece = case
   with pytest.raises(exc) as info:
-    _call(name, **{arg: value})
+    if isinstance(value, Traced):
+      jax.jit(lambda v: _call(name, **{arg: v}))(value.good)
+    else:
+      _call(name, **{arg: value})
   msg = str(info.value)
   assert piece in msg, (piece, msg)
   assert arg in msg or NAMED.get((name, arg), arg) in msg, (arg, msg)
