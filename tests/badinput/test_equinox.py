@@ -57,6 +57,12 @@ def _state(cls, stats=None):
   return state if stats is None else state.set(bn.state_index, stats)
 
 
+# The state of another model (a Sequential around the layer).
+OTHER_STATE = eqx.nn.make_with_state(eqx.nn.Sequential)(
+  [bnjax.equinox.BatchNorm(3, 0)]
+)[1]
+
+
 def _call(cls):
   def call(**over):
     bn, state = _build(cls)
@@ -219,7 +225,11 @@ CASES: dict[str, dict[str, list | str]] = {
     'model': [
       ('type', 3, TypeError, 'must pick a bnjax.equinox.BatchNorm'),
     ],
-    'state': [('type', {}, TypeError, 'state must be an eqx.nn.State')],
+    'state': [
+      ('type', {}, TypeError, 'state must be an eqx.nn.State'),
+      # Another model's state: a bare KeyError from Equinox.
+      ('range', OTHER_STATE, ValueError, 'state has no entry for the layer'),
+    ],
     'state_dict': [
       ('type', 3, TypeError, 'source must be a mapping'),
       # interop.from_torch's checks (issue 42): a KeyError as there, and
@@ -297,6 +307,7 @@ CASES: dict[str, dict[str, list | str]] = {
     ],
     'state': [
       ('type', {}, TypeError, 'state must be an eqx.nn.State'),
+      ('range', OTHER_STATE, ValueError, 'state has no entry for the layer'),
       (
         'corrupt-state',
         bnjax.BatchStats(jnp.array([0.0, NAN, 0.0]), jnp.ones(3)),
