@@ -178,7 +178,7 @@ def function_stats(fn: str, f: Callable, batch_stats, batches, args, kwargs):
     if jax.tree.structure(new) != tree:
       raise TypeError(
         f'{fn}: model must return (out, new batch_stats), the tree it was '
-        f'given; it returned {type(out).__name__} '
+        f'given ({tree!s:.200}); it returned {type(out).__name__} '
         f'{jax.tree.structure(out)!s:.200}'
       )
     return new, None
