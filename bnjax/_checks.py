@@ -333,6 +333,14 @@ def check_stacked(fn: str, batches: Any) -> None:
       f'{fn}: batches must be stacked along a leading axis of '
       'N batches, e.g. x.reshape(N, batch, ...)'
     )
+  sizes = sorted({jnp.shape(leaf)[0] for leaf in leaves})
+  if len(sizes) > 1 or sizes[0] == 0:
+    # 0 batches would leave every statistic as it was, silently.
+    raise ValueError(
+      f'{fn}: batches holds {" or ".join(map(str, sizes))} batches (the '
+      'leading axis of its leaves); pass N >= 1 batches stacked along the '
+      'leading axis of every leaf'
+    )
 
 
 def _iter(v: Any):

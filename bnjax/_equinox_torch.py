@@ -83,7 +83,8 @@ def from_torch(
       bnjax.equinox layer.
     KeyError: a prefix has no BatchNorm state, or a path no layer.
     ValueError: invalid values (a size other than ``input_size``, a
-      non-finite value, a negative variance, a complex value, weight and
+      non-finite value or one past the layer dtype's range, a negative
+      variance, a complex value, weight and
       bias where the layer has none or the reverse), each named; nothing
       is loaded.
 
@@ -119,6 +120,7 @@ def from_torch(
       affine=layer.weight is not None,
       size=layer.input_size,
       complex_ok=False,
+      dtypes=_dtypes(layer, state),
     )
   _values.report(fn, problems, 'state_dict')
   for prefix, (where, layer) in picked.items():
@@ -165,10 +167,11 @@ def to_torch(
     state: its ``eqx.nn.State``.
     layers: ``{torch prefix: function or path}``, as :func:`from_torch`'s;
       None: every bnjax.equinox layer of the model, its prefix its path
-      (``'layer1.0.bn1'``).
+      (``'layer1.0.bn1'``); a model with none is refused.
     num_batches_tracked: the count to store (bnjax does not count
       batches), or ``{prefix: count}`` (:func:`bnjax.interop.batches_tracked`
-      of the state dict the model came from; a layer it leaves out gets 0).
+      of the state dict the model came from; a layer it leaves out gets 0,
+      a prefix of no converted layer is refused).
 
   Returns:
     ``{'<prefix>.weight': ..., ...}`` as float32 NumPy arrays, and
@@ -181,7 +184,7 @@ def to_torch(
     KeyError: a path picks no layer.
     ValueError: the statistics are not valid torch state (non-finite, a
       negative variance, complex), each naming its torch key; nothing is
-      returned.
+      returned. A count for a prefix of no converted layer.
 
   Example:
     >>> import equinox as eqx, bnjax.equinox
@@ -191,8 +194,9 @@ def to_torch(
   """
   fn = 'bnjax.equinox.to_torch'
   check_state(fn, state)
+  _torch_io.check_concrete(fn, (model, state), 'model or state')
   picked = _pick(
-    fn, model, state, _all_layers(model) if layers is None else layers
+    fn, model, state, _all_layers(fn, model) if layers is None else layers
   )
   counts = _torch_io.batch_counts(fn, num_batches_tracked, picked)
   found = {}
@@ -203,6 +207,15 @@ def to_torch(
       found[prefix].update(weight=layer.weight, bias=layer.bias)
   sizes = {p: layer.input_size for p, (_, layer) in picked.items()}
   return _torch_io.write_layers(fn, found, counts, 'model and state', sizes)
+
+
+def _dtypes(layer: Layer, state: eqx.nn.State) -> dict[str, Any]:
+  """``{torch name: dtype}`` each value of the layer is loaded in."""
+  stats = state.get(layer.state_index)[0].dtype
+  out = dict.fromkeys(_torch_io.STATS, stats)
+  if layer.weight is not None:
+    out.update(dict.fromkeys(_torch_io.AFFINE, layer.weight.dtype))
+  return out
 
 
 def _affine(where, model):
@@ -223,15 +236,24 @@ def _pick(fn, model, state, layers) -> dict[str, tuple[Callable, Layer]]:
       where = _path(fn, prefix, where)
     layer = where(model)
     if not isinstance(layer, Layer):
+      kind = type(layer)
       raise TypeError(
         f'{fn}: layers[{prefix!r}] must pick a bnjax.equinox.BatchNorm or '
         'BatchRenorm (a function of the model, e.g. lambda m: m.bn1, or a '
-        f'path, e.g. "bn1"); it gives a {type(layer).__name__}'
+        f'path, e.g. "bn1"); it gives a {kind.__module__}.{kind.__qualname__}'
       )
-    if _running.rules_of(state.get(layer.state_index)).from_population is None:
+    try:
+      stats = state.get(layer.state_index)
+    except KeyError:
+      raise ValueError(
+        f'{fn}: state has no entry for the layer of layers[{prefix!r}] (the '
+        'state of another model?); pass the state eqx.nn.make_with_state '
+        'made with this model'
+      ) from None
+    if _running.rules_of(stats).from_population is None:
       raise TypeError(
         f'{fn}: the state of layers[{prefix!r}] is a '
-        f'{type(state.get(layer.state_index)).__name__}; a bnjax.equinox '
+        f'{type(stats).__name__}; a bnjax.equinox '
         'layer keeps a BatchStats, DebiasedStats or RenormStats'
       )
     picked[prefix] = (where, layer)
@@ -259,11 +281,18 @@ def _at(fn: str, model: Any, parts: tuple) -> Any:
   return node
 
 
-def _all_layers(model: Any) -> dict[str, tuple]:
+def _all_layers(fn: str, model: Any) -> dict[str, tuple]:
   """``{dotted path: path}`` of every bnjax.equinox layer in the model."""
   found = jax.tree_util.tree_flatten_with_path(
     model, is_leaf=lambda n: isinstance(n, Layer)
   )[0]
+  if not any(isinstance(leaf, Layer) for _, leaf in found):
+    # An eqx.nn.BatchNorm model would give {}: nothing written, no error.
+    raise ValueError(
+      f'{fn}: model holds no bnjax.equinox BatchNorm or BatchRenorm layer '
+      'for layers=None to convert; build the model with them '
+      '(bnjax.equinox.BatchNorm for eqx.nn.BatchNorm), or name them in layers'
+    )
   return {
     '.'.join(map(str, parts)): parts
     for parts in (

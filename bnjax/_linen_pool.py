@@ -9,11 +9,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from bnjax import _checks, _pooled
 from bnjax._types import BatchStats, PooledStats
 
 __all__ = ['apply_pooled']
+
+# A layer's entry in the batch_moments collection: its PooledStats fields
+# and the momentum the update takes.
+_POOL_KEYS = (*PooledStats._fields, 'momentum')
 
 
 def apply_pooled(
@@ -70,7 +75,14 @@ def apply_pooled(
         f'got {type(tree).__name__}'
       )
   _checks.check_when(fn, when)
-  return _apply_pooled_tree(batch_stats, pooled, when, ())
+  stats, pool = _apply_pooled_tree(batch_stats, pooled, when, ())
+  # A FrozenDict comes back a FrozenDict: a jitted step's carry keeps its
+  # tree structure.
+  return _like(batch_stats, stats), _like(pooled, pool)
+
+
+def _like(tree, out):
+  return FrozenDict(out) if isinstance(tree, FrozenDict) else out
 
 
 def _renamed(fn, pooled, batch_moments):
@@ -96,29 +108,26 @@ def _renamed(fn, pooled, batch_moments):
 
 def _apply_pooled_tree(stats, moments, when, path):
   fn = 'bnjax.linen.apply_pooled'
-  if 'm2' in moments and not isinstance(moments['m2'], dict):
-    if not isinstance(stats, dict) or 'var' not in stats:
+  where = '/'.join(path) or 'the top'
+  if not isinstance(moments, Mapping):
+    raise TypeError(
+      f'{fn}: pooled at {where} is of type {type(moments).__name__}, not a '
+      "mapping of layers or a layer's pool ("
+      f'{", ".join(_POOL_KEYS)}); pass the batch_moments collection'
+    )
+  if 'm2' in moments and not isinstance(moments['m2'], Mapping):
+    if not isinstance(stats, Mapping) or not {'mean', 'var'} <= set(stats):
       raise ValueError(
-        f'{fn}: pooled has a pool at {"/".join(path) or "the top"} but '
+        f'{fn}: pooled has a pool at {where} but '
         'batch_stats has no BatchNorm statistics (mean, var) there; pass '
         'the batch_stats of the same model'
       )
-    pool = PooledStats(*(moments[f] for f in PooledStats._fields))
-    # Stored in at least the pool's float32, as a plain training step
-    # stores them (a float16 param_dtype's variance past 65504 is inf).
-    old = BatchStats(
-      *(
-        jnp.asarray(stats[k]).astype(
-          jnp.promote_types(jnp.result_type(stats[k]), pool.m2.dtype)
-        )
-        for k in BatchStats._fields
-      )
+    return _apply_layer(stats, moments, when, path)
+  if not isinstance(stats, Mapping):
+    raise ValueError(
+      f'{fn}: pooled has layers under {where} but batch_stats there is of '
+      f'type {type(stats).__name__}; pass the batch_stats of the same model'
     )
-    _check_pool(path, old, pool, moments['momentum'])
-    new, emptied = _pooled.apply_pooled_as(
-      fn, old, pool, moments['momentum'], when=when
-    )
-    return {**stats, **new._asdict()}, {**moments, **emptied._asdict()}
   out_stats, out_moments = dict(stats), dict(moments)
   for k, m in moments.items():
     if k not in stats:
@@ -130,6 +139,35 @@ def _apply_pooled_tree(stats, moments, when, path):
       stats[k], m, when, path + (k,)
     )
   return out_stats, out_moments
+
+
+def _apply_layer(stats, moments, when, path):
+  """One layer's update: its statistics and its pool (``moments``)."""
+  fn = 'bnjax.linen.apply_pooled'
+  where = '/'.join(path) or 'the top'
+  missing = [k for k in _POOL_KEYS if k not in moments]
+  if missing:
+    raise ValueError(
+      f'{fn}: the pool in pooled at {where} lacks {missing} (a pool has '
+      f'{", ".join(_POOL_KEYS)}); pass the batch_moments collection a '
+      'bnjax.linen layer wrote, unedited'
+    )
+  pool = PooledStats(*(moments[f] for f in PooledStats._fields))
+  # Stored in at least the pool's float32, as a plain training step
+  # stores them (a float16 param_dtype's variance past 65504 is inf).
+  old = BatchStats(
+    *(
+      jnp.asarray(stats[k]).astype(
+        jnp.promote_types(jnp.result_type(stats[k]), pool.m2.dtype)
+      )
+      for k in BatchStats._fields
+    )
+  )
+  _check_pool(path, old, pool, moments['momentum'])
+  new, emptied = _pooled.apply_pooled_as(
+    fn, old, pool, moments['momentum'], when=when
+  )
+  return {**stats, **new._asdict()}, {**moments, **emptied._asdict()}
 
 
 def _check_pool(path, old, pool, momentum):
@@ -149,4 +187,4 @@ def _check_pool(path, old, pool, momentum):
   where = '/'.join(path) or 'the top'
   _checks.check_hyper(f'{fn}: pooled at {where}', momentum, 1e-5)
   for name, state in (('batch_stats', old), ('pooled', pool)):
-    _checks.check_running_values(f'{fn}: {name} at {where}', state)
+    _checks.check_running_values(f'{fn}: {name} at {where}', state, name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from bnjax import _values
@@ -56,8 +57,20 @@ def every_layer(fn: str, sd: Mapping[str, Any]) -> dict[str, str]:
   return layers
 
 
+def check_prefix_types(fn: str, prefixes: Collection[Any]) -> None:
+  """The keys of ``layers`` are strings: an int 0 would write (or read)
+  the keys of a torch module at the top, ``'running_mean'``."""
+  bad = [p for p in prefixes if not isinstance(p, str)]
+  if bad:
+    raise TypeError(
+      f'{fn}: the torch prefixes (keys of layers) must be strings, got '
+      f'{bad[:5]!r}; pass e.g. {{{str(bad[0])!r}: ...}} (empty: the top)'
+    )
+
+
 def check_prefixes(fn: str, sd: Mapping[str, Any], prefixes) -> None:
   """Every prefix in ``layers`` has BatchNorm state (a KeyError if not)."""
+  check_prefix_types(fn, prefixes)
   missing = [p for p in prefixes if layer_keys(p)['running_mean'] not in sd]
   if missing:
     raise KeyError(
@@ -74,6 +87,7 @@ def layer_problems(
   affine: bool | None = None,
   size: int | None = None,
   complex_ok: bool = True,
+  dtypes: Mapping[str, Any] | None = None,
 ) -> list[str]:
   """What is wrong with one torch BatchNorm layer's state (empty if valid):
   the torch keys here, the values by the one value check.
@@ -85,6 +99,8 @@ def layer_problems(
       either); the state dict must then have them, or not have them.
     size: the target layer's number of channels, if known.
     complex_ok: whether the running mean may be complex.
+    dtypes: ``{torch name: dtype}`` the values are converted to, where
+      known (a finite value past its range is refused: it would be inf).
   """
   keys = _present(sd, prefix)
   problems = []
@@ -107,6 +123,9 @@ def layer_problems(
     variances=(keys['running_var'],),
     complex_ok=(keys['running_mean'],) if complex_ok else (),
     size=size,
+    dtypes=None
+    if dtypes is None
+    else {keys[n]: d for n, d in dtypes.items() if n in keys},
   )
 
 
@@ -144,18 +163,41 @@ def batch_counts(
   fn: str, num_batches_tracked: Any, prefixes: Collection[str]
 ) -> Mapping[str, int]:
   """``num_batches_tracked`` (an int, or ``{prefix: int}``) by prefix."""
+  check_prefix_types(fn, prefixes)
   counts: Mapping[str, Any] = (
     num_batches_tracked
     if isinstance(num_batches_tracked, Mapping)
     else dict.fromkeys(prefixes, num_batches_tracked)
   )
   for prefix, n in counts.items():
-    if not is_int(n, at_least=0):
+    # torch stores it as int64.
+    if not is_int(n, at_least=0) or n >= 2**63:
       raise TypeError(
-        f'{fn}: num_batches_tracked must be an int >= 0 (or a mapping '
-        f'of them by prefix), got {n!r} for {prefix!r}'
+        f'{fn}: num_batches_tracked must be an int >= 0 and < 2**63 (torch '
+        f'stores an int64), or a mapping of them by prefix, got {n!r} for '
+        f'{prefix!r}'
       )
+  unknown = sorted(map(str, set(counts) - set(prefixes)))
+  if unknown:
+    raise ValueError(
+      f'{fn}: num_batches_tracked has counts for {unknown[:5]}, no layer '
+      f'converted here (the prefixes are {sorted(prefixes)[:5]}); a typo '
+      'would write 0. Pass the counts of these layers only, e.g. '
+      '{p: n for p, n in counts.items() if p in prefixes}'
+    )
   return counts
+
+
+def check_concrete(fn: str, tree: Any, what: str) -> None:
+  """``tree`` holds no traced array: the entries are NumPy arrays, read
+  from concrete values (under ``jax.jit``, ``vmap`` or ``grad`` NumPy's
+  conversion fails with a bare TracerArrayConversionError)."""
+  if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(tree)):
+    raise TypeError(
+      f'{fn}: {what} holds traced arrays (a call inside jax.jit, vmap or '
+      'grad); the torch state dict is NumPy arrays of concrete values: '
+      'call it outside the transformation, on its results'
+    )
 
 
 def write_layers(
@@ -180,7 +222,13 @@ def write_layers(
     keys = layer_keys(prefix)
     entries = {keys[n]: v for n, v in vectors.items()}
     size = None if sizes is None else sizes[prefix]
-    found = layer_problems(entries, prefix, size=size, complex_ok=False)
+    found = layer_problems(
+      entries,
+      prefix,
+      size=size,
+      complex_ok=False,
+      dtypes=dict.fromkeys(vectors, np.float32),
+    )
     problems += found
     if not found:
       out.update(

@@ -22,6 +22,7 @@ def layer_problems(
   positive: Collection[str] = (),
   complex_ok: Collection[str] = (),
   size: int | None = None,
+  dtypes: Mapping[str, Any] | None = None,
 ) -> list[str]:
   """What is wrong with one layer's vectors (empty if they are valid).
 
@@ -31,6 +32,8 @@ def layer_problems(
     positive: the keys that must be > 0 (a standard deviation).
     complex_ok: the keys that may be complex (a mean).
     size: the number of channels they must have, if known.
+    dtypes: ``{key: dtype}`` the vectors are converted to, where known: a
+      finite value past its range would become inf there.
 
   Returns:
     One line per problem, each naming its key.
@@ -76,7 +79,24 @@ def layer_problems(
         f'{k!r} is <= 0 at channels {_at(a <= 0)}; a standard deviation '
         'must be > 0'
       )
+    elif dtypes is not None and k in dtypes:
+      problems += _overflow(k, a, np.dtype(dtypes[k]))
   return problems
+
+
+def _overflow(k: str, a: np.ndarray, dtype: np.dtype) -> list[str]:
+  """A finite value that the conversion to ``dtype`` would make inf."""
+  if dtype.kind != 'f' or a.dtype.kind == 'c':  # a complex mean stays wide
+    return []
+  top = float(np.finfo(dtype).max)
+  big = np.abs(a) > top
+  if not big.any():
+    return []
+  return [
+    f"{k!r} has values past {dtype.name}'s range (|v| <= {top:.4g}) at "
+    f'channels {_at(big)}: {a[big][:5].tolist()}; they would become inf. '
+    'Convert to a wider dtype, or rescale the layer'
+  ]
 
 
 def report(fn: str, problems: list[str], what: str) -> None:

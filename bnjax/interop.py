@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -114,8 +115,8 @@ def from_torch(
   Every layer is validated before anything is built, and all problems are
   reported together, each naming the torch key: the four vectors must be
   1-D with one length, ``weight`` and ``bias`` present together (or both
-  absent: ``affine=False``), values finite, ``running_var >= 0``, and no two
-  torch layers may map to one Flax path.
+  absent: ``affine=False``), values finite and within ``dtype``'s range,
+  ``running_var >= 0``, and no two torch layers may map to one Flax path.
 
   Args:
     state_dict: a whole model's state dict (see :func:`load_state_dict` for
@@ -136,7 +137,7 @@ def from_torch(
     (``affine=False``) gives no params entry.
 
   Raises:
-    TypeError: ``layers`` is not a mapping.
+    TypeError: ``layers`` is not a mapping, or a prefix not a string.
     KeyError: a prefix in ``layers`` has no BatchNorm state.
     ValueError: invalid state (see above), or no BatchNorm layer at all.
 
@@ -167,6 +168,7 @@ def from_torch(
       'for every BatchNorm layer'
     )
   _torch_io.check_prefixes(_FROM, sd, layers)
+  stored = jax.dtypes.canonicalize_dtype(dtype)  # float32 without x64
   problems: list[str] = []
   targets: dict[tuple[str | int, ...], str] = {}
   for prefix, path in layers.items():
@@ -177,7 +179,9 @@ def from_torch(
         f'{"/".join(map(str, tree))!r}; the second would overwrite the first'
       )
     targets[tree] = prefix
-    problems += _torch_io.layer_problems(sd, prefix)
+    problems += _torch_io.layer_problems(
+      sd, prefix, dtypes=dict.fromkeys(_torch_io.TORCH_KEYS[:4], stored)
+    )
   _values.report(_FROM, problems, 'state_dict')
   out: dict[str, dict] = {'params': {}, 'batch_stats': {}}
   for prefix, path in layers.items():
@@ -246,7 +250,7 @@ def to_torch(
     num_batches_tracked: the value to store (Flax does not count batches),
       or ``{prefix: count}`` per layer, such as :func:`bnjax.interop.batches_tracked` of
       the torch state dict the variables came from (a layer it leaves out
-      gets 0).
+      gets 0; a prefix not in ``layers`` is refused, as a typo would be).
 
   Returns:
     ``{'<prefix>.weight': ..., ...}`` as float32 NumPy arrays, and
@@ -256,12 +260,13 @@ def to_torch(
     arrays it came from.
 
   Raises:
-    TypeError: ``layers`` is not a mapping, or a path is not a string, int
-      or tuple of them.
+    TypeError: ``layers`` is not a mapping, a prefix not a string, or a
+      path not a string, int or tuple of them; a count not an int >= 0.
     KeyError: a path is not in the variables (the message names the level).
     ValueError: the statistics are not valid torch state (a non-finite
       value, a negative variance, a complex mean), each problem naming its
-      torch key; nothing is returned.
+      torch key; nothing is returned. A count for a prefix not in
+      ``layers``.
 
   Example:
     >>> import jax, bnjax.linen, jax.numpy as jnp
@@ -284,6 +289,7 @@ def to_torch(
       f'{_TO}: variables must be a mapping {{"params": ..., "batch_stats": '
       f'...}} of a Flax model, got {type(variables).__name__}'
     )
+  _torch_io.check_concrete(_TO, variables, 'variables')
   counts = _torch_io.batch_counts(_TO, num_batches_tracked, layers)
   found = {}
   for prefix, path in layers.items():

@@ -172,7 +172,16 @@ def function_stats(fn: str, f: Callable, batch_stats, batches, args, kwargs):
   )
 
   def step(pool, batch):
-    return f(pool, batch, *args, **kwargs)[1], None
+    tree = jax.tree.structure(pool)  # before f: it may retire an eqx State
+    out = f(pool, batch, *args, **kwargs)
+    new = out[1] if type(out) is tuple and len(out) == 2 else None
+    if jax.tree.structure(new) != tree:
+      raise TypeError(
+        f'{fn}: model must return (out, new batch_stats), the tree it was '
+        f'given ({tree!s:.200}); it returned {type(out).__name__} '
+        f'{jax.tree.structure(out)!s:.200}'
+      )
+    return new, None
 
   pool, _ = jax.jit(lambda p, b: jax.lax.scan(step, p, b))(empty, batches)
   pools = [p for p in jax.tree.leaves(pool, is_leaf=_is_pool) if _is_pool(p)]

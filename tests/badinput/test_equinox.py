@@ -57,6 +57,12 @@ def _state(cls, stats=None):
   return state if stats is None else state.set(bn.state_index, stats)
 
 
+# The state of another model (a Sequential around the layer).
+OTHER_STATE = eqx.nn.make_with_state(eqx.nn.Sequential)(
+  [bnjax.equinox.BatchNorm(3, 0)]
+)[1]
+
+
 def _call(cls):
   def call(**over):
     bn, state = _build(cls)
@@ -219,7 +225,11 @@ CASES: dict[str, dict[str, list | str]] = {
     'model': [
       ('type', 3, TypeError, 'must pick a bnjax.equinox.BatchNorm'),
     ],
-    'state': [('type', {}, TypeError, 'state must be an eqx.nn.State')],
+    'state': [
+      ('type', {}, TypeError, 'state must be an eqx.nn.State'),
+      # Another model's state: a bare KeyError from Equinox.
+      ('range', OTHER_STATE, ValueError, 'state has no entry for the layer'),
+    ],
     'state_dict': [
       ('type', 3, TypeError, 'source must be a mapping'),
       # interop.from_torch's checks (issue 42): a KeyError as there, and
@@ -269,17 +279,35 @@ CASES: dict[str, dict[str, list | str]] = {
         ValueError,
         'have 4 channels, but the layer has 3',
       ),
+      # Finite in float64, inf in the layer's float32: was loaded as inf.
+      (
+        'range',
+        _sd(running_var=np.array([1.0, 1e39, 1.0])),
+        ValueError,
+        "'bn.running_var' has values past float32's range",
+      ),
     ],
     'layers': [
       ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
+      ('type', {0: ''}, TypeError, 'torch prefixes (keys of layers) must be'),
       ('type', {'bn': 1.5}, TypeError, "the Equinox path of 'bn' must be"),
       ('range', {'bn': 'bn'}, KeyError, "no 'bn' (a path in layers)"),
     ],
   },
   'bnjax.equinox.to_torch': {
-    'model': [('type', 3, TypeError, 'must pick a bnjax.equinox.BatchNorm')],
+    'model': [
+      ('type', 3, TypeError, 'must pick a bnjax.equinox.BatchNorm'),
+      # Under jit: a bare TracerArrayConversionError.
+      (
+        'traced',
+        Traced(_build(bnjax.equinox.BatchNorm)[0]),
+        TypeError,
+        'model or state holds traced arrays',
+      ),
+    ],
     'state': [
       ('type', {}, TypeError, 'state must be an eqx.nn.State'),
+      ('range', OTHER_STATE, ValueError, 'state has no entry for the layer'),
       (
         'corrupt-state',
         bnjax.BatchStats(jnp.array([0.0, NAN, 0.0]), jnp.ones(3)),
@@ -293,10 +321,17 @@ CASES: dict[str, dict[str, list | str]] = {
         "'bn.running_var' is negative at channels [0, 1, 2]",
       ),
     ],
-    'layers': [('type', ['bn'], TypeError, 'layers must map torch prefixes')],
+    'layers': [
+      ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
+      # An int prefix wrote the unprefixed keys 'running_mean', ...
+      ('type', {0: ''}, TypeError, 'torch prefixes (keys of layers) must be'),
+    ],
     'num_batches_tracked': [
       ('range', -1, TypeError, 'num_batches_tracked must be an int >= 0'),
       ('type', 1.5, TypeError, 'num_batches_tracked must be an int >= 0'),
+      # Past int64: a bare OverflowError; a prefix of no layer: ignored.
+      ('range', 2**63, TypeError, 'must be an int >= 0 and < 2**63'),
+      ('range', {'bn.0': 3}, ValueError, "has counts for ['bn.0'], no layer"),
     ],
   },
 }

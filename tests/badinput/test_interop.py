@@ -8,6 +8,7 @@ swaps in the bad value, and checks the exception, the message piece and
 that the message names the argument.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +17,13 @@ from bnjax import interop
 from tests.badinput._runner import all_cases
 
 NAN = float('nan')
+
+
+class Traced:
+  """The argument passed traced, as a ``jax.jit`` argument."""
+
+  def __init__(self, good):
+    self.good = good
 
 
 def _sd(**over):
@@ -223,11 +231,19 @@ CASES: dict[str, dict[str, list | str]] = {
       ),
       ('range', {'x.weight': np.ones(3)}, ValueError, 'no BatchNorm layer'),
       *_STATE_CORRUPT,
+      # Finite in float64, inf in float32: was converted to inf.
+      (
+        'range',
+        _sd(weight=np.array([1.0, -1e39, 1.0])),
+        ValueError,
+        "'bn.weight' has values past float32's range",
+      ),
     ],
     'layers': [
       ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
       ('range', {'nope': 'bn'}, KeyError, "prefixes ['nope'] in layers"),
       ('type', {'bn': 1.5}, TypeError, "the Flax path of 'bn' must be"),
+      ('type', {0: 'bn'}, TypeError, 'torch prefixes (keys of layers) must'),
     ],
     'dtype': [
       ('dtype', jnp.int32, TypeError, 'dtype=int32 must be a floating'),
@@ -315,6 +331,8 @@ CASES: dict[str, dict[str, list | str]] = {
   'bnjax.interop.to_torch': {
     'variables': [
       ('type', [1], TypeError, 'variables must be a mapping'),
+      # Under jit: a bare TracerArrayConversionError.
+      ('traced', Traced(_variables()), TypeError, 'variables holds traced'),
       (
         'corrupt-state',
         _variables(mean=jnp.array([0.0, 0.0, NAN])),
@@ -337,10 +355,15 @@ CASES: dict[str, dict[str, list | str]] = {
     'layers': [
       ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
       ('range', {'bn': 'other'}, KeyError, "at the top level there is no 'o"),
+      # An int prefix wrote the unprefixed keys 'running_mean', ...
+      ('type', {0: 'bn'}, TypeError, 'torch prefixes (keys of layers) must'),
     ],
     'num_batches_tracked': [
       ('type', 1.5, TypeError, 'num_batches_tracked must be an int >= 0'),
       ('range', -1, TypeError, 'num_batches_tracked must be an int >= 0'),
+      # Past int64: a bare OverflowError; a prefix of no layer: ignored.
+      ('range', 2**63, TypeError, 'must be an int >= 0 and < 2**63'),
+      ('range', {'bn.0': 3}, ValueError, "has counts for ['bn.0'], no layer"),
     ],
   },
 }
@@ -355,7 +378,10 @@ def test_every_good_call_runs(name):
 def test_bad_input_raises_naming_the_argument(name, arg, case):
   _, value, exc, piece = case
   with pytest.raises(exc) as info:
-    _call(name, **{arg: value})
+    if isinstance(value, Traced):
+      jax.jit(lambda v: _call(name, **{arg: v}))(value.good)
+    else:
+      _call(name, **{arg: value})
   msg = str(info.value)
   assert piece in msg, (piece, msg)
   assert arg in msg or NAMED.get((name, arg), arg) in msg, (arg, msg)

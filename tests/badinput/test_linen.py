@@ -248,6 +248,20 @@ CASES: dict[str, dict[str, list | str]] = {
         ValueError,
         'momentum=1.5 is outside [0, 1]',
       ),
+      # Edited or foreign trees: each was a bare KeyError or TypeError.
+      (
+        'corrupt-state',
+        {k: v for k, v in MOMENTS.items() if k != 'momentum'},
+        ValueError,
+        "the pool in pooled at the top lacks ['momentum']",
+      ),
+      ('type', {'mean': 1}, TypeError, 'pooled at mean is of type int, not a'),
+      (
+        'shape',
+        {'mean': {'bn': MOMENTS}},
+        ValueError,
+        'pooled has layers under mean but batch_stats there is of type',
+      ),
     ],
     'when': [
       ('type', 0.5, TypeError, 'when must be a bool or a 0-d bool array'),

@@ -162,10 +162,22 @@ CASES: dict[str, dict[str, list | str]] = {
   'bnjax.training.recalibrate': {
     'model': [
       ('type', 5, TypeError, 'model must be an nnx.Module, a linen Module'),
+      # A function returning its statistics alone: a bare KeyError 1, or
+      # (a BatchStats) its var taken for the tree.
+      ('type', lambda s, x: s, TypeError, 'model must return (out, new'),
+      (
+        'type',
+        lambda s, x: _net(s, x)[1]['bn'],
+        TypeError,
+        'model must return (out, new batch_stats)',
+      ),
     ],
     'batches': [
       ('shape', jnp.ones(()), ValueError, 'batches must be stacked'),
       ('type', 'abc', ValueError, 'batches must be stacked'),
+      # N = 0 kept every statistic, silently (nnx), or blamed the model.
+      ('shape', BATCHES[:0], ValueError, 'batches holds 0 batches'),
+      ('shape', [BATCHES, BATCHES[:1]], ValueError, 'holds 1 or 2 batches'),
       (
         'nonfinite',
         BATCHES.at[0, 0, 0].set(NAN),

@@ -309,6 +309,14 @@ def test_equinox_to_torch_writes_the_batch_counts_as_interop():
     bnjax.equinox.to_torch(bn, state, ME, num_batches_tracked=-1)
 
 
+def test_equinox_to_torch_of_a_model_without_bnjax_layers_is_refused():
+  """layers=None on a model of eqx.nn.BatchNorm (or none at all) returned
+  {}: nothing written and no error."""
+  bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(C, 'b')
+  with pytest.raises(ValueError, match='model holds no bnjax.equinox'):
+    bnjax.equinox.to_torch(bn, state)
+
+
 def test_equinox_torch_arrays_are_owned_copies_both_ways():
   # from_torch: jnp.asarray of an aligned NumPy array may alias it on CPU,
   # so changing the source after loading changed the running variance.

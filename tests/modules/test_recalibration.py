@@ -83,3 +83,19 @@ def test_precise_nnx_equals_f64_population_moments():
   np.testing.assert_allclose(net.bn.mean[...], h.mean(0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(net.bn.var[...], h.var(0), rtol=1e-5)
   assert net.bn.momentum == 0.9 and net.bn.use_running_average  # restored
+
+
+def test_recalibrate_refuses_zero_batches_in_every_entry():
+  """N = 0 stacked batches: the nnx entry kept every statistic silently,
+  the function and linen entries blamed the model's mode."""
+  empty = jnp.zeros((0, 8, 3))
+  bn = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  lbn = bnjax.linen.BatchNorm(use_running_average=False)
+  net = lambda s, x: (x, s)
+  for model, kw in [
+    (bn, {}),
+    (lbn, {'variables': lbn.init(jax.random.key(0), jnp.zeros((8, 3)))}),
+    (net, {'variables': {'bn': bnjax.init_batch_stats(3)}}),
+  ]:
+    with pytest.raises(ValueError, match='batches holds 0 batches'):
+      bnjax.training.recalibrate(model, empty, **kw)

@@ -6,6 +6,7 @@ with sync on 8 CPU devices where it applies."""
 
 import functools
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,28 @@ def test_linen_single_layer_accumulation_equals_one_call_on_the_whole_batch():
     assert (
       _rel(stats[k], np.asarray(whole['batch_stats'][k], np.float64)) < 1e-6
     )
+
+
+def test_linen_apply_pooled_takes_frozen_dicts_and_gives_them_back():
+  """flax.core.freeze'd collections (a Mapping, not a dict) apply as dicts
+  do and come back FrozenDicts, so a jitted carry keeps its structure (a
+  FrozenDict batch_stats was refused as 'no BatchNorm statistics')."""
+  bn = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.8)
+  xs = _xs()
+  v = bn.init(jax.random.key(0), xs[0])
+  moments = {}
+  for x in xs:
+    _, upd = bn.apply(
+      {**v, MOMENTS: moments}, x, mutable=['batch_stats', MOMENTS]
+    )
+    moments = upd[MOMENTS]
+  want = bnjax.linen.apply_pooled(v['batch_stats'], moments)
+  got = bnjax.linen.apply_pooled(
+    flax.core.freeze(v['batch_stats']), flax.core.freeze(moments)
+  )
+  for g, w in zip(got, want, strict=True):
+    assert isinstance(g, flax.core.FrozenDict)
+    jax.tree.map(np.testing.assert_array_equal, dict(g), w)
 
 
 def test_linen_accumulation_under_optax_multisteps_in_one_jitted_step():
