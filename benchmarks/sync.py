@@ -2,12 +2,13 @@
 
 Question: what does syncing cost per layer, by each of bnjax's two sync
 paths? Times a shard_map'd training step (forward + backward w.r.t. x) with
-local statistics, with ``sync='gather'`` (one all-gather of K = 3C + 1
-floats per shard), with ``sync='psum'`` (a pmax of C floats and one psum
-of 3C + 1; the ``psum_fallback`` column is the same step with the running
-mean 100 std away, where the running-mean psum of before 0.2.0 fell back
-to the gather: it now costs the same), and the bare collectives
-(all-gather and psum-gather of K floats, psum of 3C + 1), interleaved,
+local statistics, with ``sync='gather'`` (one all-gather of K = 3C
+floats per shard), with ``sync='psum'`` (a pmax of C floats, a psum of
+C + 1 and one of 2C; the ``psum_fallback`` column is the same step with
+the running mean 100 std away, where the running-mean psum of before 0.2.0
+fell back to the gather: it now costs the same), and the bare collectives
+(all-gather and psum-gather of K floats, one psum of the psum path's 4C + 1),
+interleaved,
 medians. Each row also records how far each synced path's output and new
 statistics sit from one unsharded call on the global batch
 (``vs_global``: max relative error; a sync that times the wrong thing
@@ -38,6 +39,7 @@ def main(argv=None):
   from jax.sharding import PartitionSpec as P
 
   import bnjax
+  from bnjax._moments import psum as _psum
 
   mesh = Mesh(np.array(jax.devices()[:8]), ('d',))
   shapes = (
@@ -74,8 +76,9 @@ def main(argv=None):
         jax.shard_map(f, mesh=mesh, in_specs=P('d'), out_specs=P('d'))
       )
 
-    k = 3 * c + 1
-    k_psum = 3 * c + 1
+    # The floats each path sends a shard, as the library counts them.
+    k = _psum.gather_payload(c, False)
+    k_psum = sum(_psum.psum_payload(c, False))
     part = jax.device_put(jnp.ones((8, k)), NamedSharding(mesh, P('d')))
     small = jax.device_put(jnp.ones((8, k_psum)), NamedSharding(mesh, P('d')))
 
@@ -85,7 +88,7 @@ def main(argv=None):
       )
       return lax.psum(rows_, 'd')[None]
 
-    def psum_small(v):  # sync='psum''s sums: 3C + 1 floats
+    def psum_small(v):  # sync='psum''s three all-reduces' floats at once
       return lax.psum(v, 'd')
 
     def all_gather(v):

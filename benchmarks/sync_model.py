@@ -12,9 +12,10 @@ is a constant, and stays home). bnjax ships two ways to combine them:
 - with ``axis_index_groups``, under pmap and vmap: a psum of a (D, K) buffer
   in which each shard fills its own row ("psum-gather").
 
-and ``sync='psum'``: two all-reduces of constant size, a pmax of C floats
-(the shared reference, the largest shard shift) and a psum of 3C + 1 (the
-sums around it).
+and ``sync='psum'``: three all-reduces of constant size, a pmax of C floats
+(the shared reference, the largest shard shift), a psum of C + 1 (the
+count and the first moments around it) and one of 2C (the sums around the
+mean that gives).
 ``sync='auto'`` takes the psum where this model, on its faster link, prices
 the gather above it (``bnjax._moments.psum.auto_uses_psum``; each row
 records the choice). An alpha-beta model: a collective costs
@@ -108,7 +109,7 @@ def hlo_check(d: int = 8, c: int = 64) -> dict:
 def table(rows, link):
   lines = [
     '| C | D | psum-gather (ring / tree) µs | all-gather (ring / tree) µs '
-    '| psum: pmax + psum (ring / tree) µs |',
+    '| psum: pmax + 2 psums (ring / tree) µs |',
     '|---|---|---|---|---|',
   ]
   for r in rows:

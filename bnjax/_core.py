@@ -348,9 +348,10 @@ def batch_norm(
     sync: how the shards' exact partials combine over ``axis_name``,
       branch-free and exact either way: ``'gather'`` (one all-gather of
       every shard's partial, bytes growing with the shard count),
-      ``'psum'`` (a pmax of C floats for a shared reference, then one psum
-      of sums around it: constant size) or ``'auto'`` (by a cost model, at
-      trace time). See the sync guide.
+      ``'psum'`` (a pmax of C floats for a shared reference, then two
+      psums of sums, around it and around the mean that gives: constant
+      size) or ``'auto'`` (by a cost model, at trace time). See the sync
+      guide.
 
   Returns:
     ``(y, new_batch_stats)``.

@@ -118,17 +118,19 @@ def _entry_collectives(hlo):
   return ops, entry
 
 
-def test_psum_forward_is_a_pmax_of_c_and_one_psum_of_3c_plus_1_floats():
-  """Counted in the compiled HLO: two all-reduces, C floats (the shared
-  reference, a max) and 3C + 1 (the sums), no all-gather, no conditional."""
+def test_psum_forward_is_a_pmax_of_c_and_psums_of_c_plus_1_and_2c_floats():
+  """Counted in the compiled HLO: three all-reduces, C floats (the shared
+  reference, a max), C + 1 (the count and the first moments around it) and
+  2C (the sums around the mean that gives), no all-gather, no
+  conditional."""
   x, g, b, _, stats, _ = _case(2.0, 2.1)
   mesh = _mesh()
   fwd = jax.jit(lambda x: _step(mesh, stats, 'psum', False)(x, g, b)[0])
   hlo = fwd.lower(_shard(x, mesh)).compile().as_text()
   ops, entry = _entry_collectives(hlo)
   sizes = sorted(int(re.match(r'f32\[(\d+)\]', s).group(1)) for s, _ in entry)
-  assert [kind for _, kind in entry] == ['all-reduce'] * 2, ops
-  assert sizes == [C, 3 * C + 1], ops
+  assert [kind for _, kind in entry] == ['all-reduce'] * 3, ops
+  assert sizes == [C, C + 1, 2 * C], ops
   assert 'maximum' in hlo
   assert not re.search(r'\bconditional\(', hlo)
   assert all(not v for k, v in ops.items() if not k.startswith('ENTRY')), ops
@@ -299,7 +301,7 @@ def test_auto_follows_the_cost_model():
     c: next((2**k for k in range(1, 14) if _psum.auto_uses_psum(2**k, c)), None)
     for c in (64, 256, 512, 1024, 2048)
   }
-  assert first == {64: None, 256: None, 512: 8192, 1024: 2048, 2048: 1024}
+  assert first == {64: None, 256: None, 512: 8192, 1024: 4096, 2048: 2048}
   # 'auto' at 8 devices lowers the gather alone: no psum, and no collective
   # inside a conditional
   x, g, b, _, stats, _ = _case(2.0, 2.1)

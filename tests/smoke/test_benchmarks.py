@@ -28,8 +28,8 @@ def test_reductions_benchmark_smoke():
 def test_sync_benchmark_smoke():
   """Each row: both synced paths give the global batch's output and
   statistics (float32 round-off), the bytes each path sends as its
-  docstring states them (all-gather of D(3C + 1) floats, psum of 3C + 1,
-  2C backward), and the overheads the table prints are the ratios of the
+  docstring states them (all-gather of 3DC floats; psums of C, C + 1 and
+  2C; 2C backward), and the overheads the table prints are the ratios of the
   step times it prints. It only checked step_sync_ms > 0 before."""
   from benchmarks import sync
 
@@ -40,8 +40,8 @@ def test_sync_benchmark_smoke():
     assert c == r['shape'][-1] and d == 8, r
     assert set(r['vs_global']) == {'gather', 'psum'}, r
     assert max(r['vs_global'].values()) < 1e-5, r['vs_global']
-    assert r['gather_forward_bytes'] == d * (3 * c + 1) * 4
-    assert r['psum_forward_bytes'] == (3 * c + 1) * 4
+    assert r['gather_forward_bytes'] == d * 3 * c * 4
+    assert r['psum_forward_bytes'] == (4 * c + 1) * 4
     assert r['backward_bytes'] == 2 * c * 4
     ms = r['step_sync_ms'], r['step_psum_ms'], r['step_local_ms']
     assert r['sync_overhead'] == pytest.approx(ms[0] / ms[2], rel=1e-9)
@@ -121,9 +121,10 @@ def test_fold_benchmark_smoke():
 
 def test_sync_lowering_smoke():
   """At 8 devices: the gather path lowers one all-gather of 3C floats
-  forward (an unmasked count is a constant, not sent); the psum path two
-  all-reduces, C floats (the shared reference) and 3C + 1 (the sums),
-  neither inside a conditional; both one all-reduce of 2C backward."""
+  forward (an unmasked count is a constant, not sent); the psum path three
+  all-reduces, C floats (the shared reference), C + 1 (the count and first
+  moments around it) and 2C (the sums around the mean that gives), none
+  inside a conditional; both one all-reduce of 2C backward."""
   from benchmarks import sync_lowering
 
   rows = sync_lowering.main(['--smoke'])
@@ -141,7 +142,8 @@ def test_sync_lowering_smoke():
     else:
       assert ops == [
         ('all_reduce', c, False),
-        ('all_reduce', 3 * c + 1, False),
+        ('all_reduce', c + 1, False),
+        ('all_reduce', 2 * c, False),
         ('all_reduce', 2 * c, False),
       ], ops
 
