@@ -107,10 +107,17 @@ MUTANTS = {
     '0 * p.mean_lo.astype(f)',
     ['tests/core/test_accumulate.py'],
   ),
-  'psum path drops the mean low bits': (
+  'psum sums around the largest shift, not the mean': (
+    'bnjax/_moments/psum.py',
+    'shift = lax.stop_gradient(ref + first[0] / safe_n)',
+    'shift = ref',
+    ['tests/core/test_sync_program.py'],
+  ),
+  'synced path drops the mean low bits': (
     'bnjax/_moments/dispatch.py',
-    'lambda: (n, mean, m2 / jnp.maximum(n, 1.0), lo),',
-    'lambda: (n, mean, m2 / jnp.maximum(n, 1.0), 0 * lo),',
+    'return _counted(merge(p, sync.axis_name, sync.groups, sync.fn))',
+    'return (lambda r: (*r[:3], 0 * r[3]))('
+    '_counted(merge(p, sync.axis_name, sync.groups, sync.fn)))',
     ['tests/core/test_accumulate.py'],
   ),
   'pool ignores the micro-batch count': (
