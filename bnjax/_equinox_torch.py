@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -136,8 +136,8 @@ def from_torch(
     mean, var = (
       jnp.asarray(v[k], old.mean.dtype) for k in ('running_mean', 'running_var')
     )
-    load = _running.rules_of(old).from_population
-    assert load is not None  # _pick refused the others
+    # Not None: _pick refused the states that cannot load a population.
+    load = cast(Callable, _running.rules_of(old).from_population)
     new = load(mean, var, layer.eps)
     state = state.set(layer.state_index, new)
   return model, state
