@@ -144,3 +144,19 @@ def test_package_metadata_is_complete_for_an_index():
   assert project['dynamic'] == ['version']
   docs = project['optional-dependencies']['docs']
   assert 'bnjax[equinox]' in docs, 'the API reference documents bnjax.equinox'
+
+
+def test_the_wheel_lists_every_package_of_bnjax():
+  """Regression: bnjax/training/ became a package and the wheel, built from
+  an explicit package list, left it out (the floor job, which tests the
+  installed wheel, failed to import bnjax.training)."""
+  listed = set(
+    tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['setuptools'][
+      'packages'
+    ]
+  )
+  found = {
+    '.'.join(p.parent.relative_to(ROOT).parts)
+    for p in (ROOT / 'bnjax').rglob('__init__.py')
+  }
+  assert listed == found, (sorted(found - listed), sorted(listed - found))
