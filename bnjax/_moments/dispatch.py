@@ -15,8 +15,9 @@ The choice is made when the program is lowered for a platform
 the right code for each. The environment variable ``BNJAX_STATS_PATH``
 (private, for tests) forces one path everywhere: ``accelerator`` runs the
 GPU/TPU path on the CPU, ``cpu`` the CPU path on any platform.
-``BNJAX_STATS_KERNEL=pallas`` (opt-in) takes unsynced statistics on the
-GPU/TPU path by the one-read Pallas kernel of :mod:`bnjax._moments.kernel`.
+``BNJAX_STATS_KERNEL=pallas`` (opt-in) takes statistics on the GPU/TPU
+path by the one-read Pallas kernel of :mod:`bnjax._moments.kernel`:
+unsynced, and each shard's partial before a synced merge.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def batch_moments(
     if kernel.SELECTED:  # the kernel reads x in its own dtype, once
       return _auto_axes(functools.partial(stats, pallas=True), x, m, lay, fast)
     return _auto_axes(stats, xf, m, lay, fast)
-  return _synced(xf, lay, m, sync)
+  return _synced(x, xf, lay, m, sync)
 
 
 def _counted(p: local.Partial):
@@ -173,12 +174,20 @@ def _traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-def _synced(xf, lay, m, sync: Sync):
+def _synced(x, xf, lay, m, sync: Sync):
   # Exact partials on every platform: synced statistics are not flax's
   # anyway (flax averages per-shard means), so exactness wins here. Both
-  # merges are branch-free.
-  partial = _exact_partial if _traced(xf) else _exact_partial_impl
-  p = partial(xf, lay, m)
+  # merges are branch-free. With BNJAX_STATS_KERNEL=pallas the GPU/TPU
+  # path takes each shard's partial by the kernel (one read of x, in its
+  # own dtype).
+  if kernel.SELECTED:
+    p = on_platform(
+      lambda: local.exact_partial(xf, lay, m, split=True),
+      lambda: kernel.synced_partial(x, lay, m),
+    )
+  else:
+    partial = _exact_partial if _traced(xf) else _exact_partial_impl
+    p = partial(xf, lay, m)
   merge = psum.psum_merge if sync.mode == 'psum' else gather.gather_merge
   return _counted(merge(p, sync.axis_name, sync.groups, sync.fn))
 

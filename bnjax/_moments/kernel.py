@@ -61,7 +61,11 @@ a visible GPU), the same tile partials lower as XLA ops. CPU: interpret mode.
 the default, keeps the XLA path) runs it on the accelerator path, in the
 ``lax.platform_dependent`` default branch; with ``BNJAX_STATS_PATH=
 accelerator`` it runs on the CPU too, in Pallas's interpret mode. It stays
-opt-in until a device run shows it faster (issue 40).
+opt-in until a device run shows it faster (issue 40). Synced statistics
+take each shard's partial from it (:func:`synced_partial`) before the
+merge across shards; inside ``shard_map`` the tile moments are typed
+varying as the shard's x, and on the CPU they lower as XLA ops there
+(Pallas's interpreter fails shard_map's type check on the kernel body).
 
 **Derivatives.** A Pallas call has no autodiff rule; :func:`moments` has a
 ``custom_jvp`` whose tangent is the XLA path's (linear in dx, so JAX
@@ -69,6 +73,9 @@ transposes it for reverse mode): :math:`d\mu = \langle dx \rangle`,
 :math:`d\sigma^2 = 2 \langle (x - \mu)\, dx \rangle`, computed as
 :math:`2(\langle (x - K) dx \rangle - \mu_{lo} \langle dx \rangle)` around
 K, the float32 mean, with :math:`\mu_{lo} = \mu - K` (``mean_lo``).
+:func:`synced_partial`'s ``custom_jvp`` holds the shift K constant (a
+reference): :math:`ds_1 = \sum dx` and :math:`dM_2 = 2(\sum (x - K)\, dx -
+s_1/n \sum dx)`.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
 from jax.extend import core as jax_core
 from jax.interpreters import batching, mlir
 
@@ -141,6 +149,41 @@ def moments(
   return count, mean.reshape(feat), var.reshape(feat), lo.reshape(feat)
 
 
+def synced_partial(
+  x: Array, lay: Layout, mask: Array | None = None, *, rows: int = TILE_ROWS
+) -> local.Partial:
+  """One shard's exact :class:`local.Partial` for a synced merge, by the
+  kernel where it applies (one read of x) and by
+  :func:`local.exact_partial` elsewhere. x in its own dtype."""
+  if not applies(x, lay, mask, rows):
+    return local.exact_partial(x.astype(local.stats_dtype(x.dtype)), lay, mask)
+  c = math.prod(lay.feature_shape)
+  shift, s1, m2 = _partial_2d(x.reshape(lay.count, c), rows)
+  feat = lay.feature_shape
+  count = jnp.asarray(lay.count, jnp.float32)
+  return local.Partial(count, *(v.reshape(feat) for v in (shift, s1, m2)))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _partial_2d(x2: Array, rows: int) -> tuple[Array, Array, Array]:
+  p = partial(x2, rows)
+  return p.shift, p.s1, p.m2
+
+
+@_partial_2d.defjvp
+def _partial_2d_jvp(rows, primals, tangents):
+  # The shift is a reference, held constant: then s1 = sum(x - K) and
+  # M2 = sum((x - K)**2) - s1**2 / n have the tangents below, and the
+  # merged mean K + S1 / N and variance M2 / N get theirs through the merge.
+  (x2,), (dx,) = primals, tangents
+  shift, s1, m2 = _partial_2d(x2, rows)
+  k = lax.stop_gradient(shift)
+  xf, dxf = x2.astype(jnp.float32), dx.astype(jnp.float32)
+  ds1 = jnp.sum(dxf, 0)
+  dm2 = 2.0 * (jnp.sum((xf - k) * dxf, 0) - s1 / x2.shape[0] * ds1)
+  return (shift, s1, m2), (jnp.zeros_like(shift), ds1, dm2)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _moments_2d(x2: Array, rows: int) -> tuple[Array, Array, Array]:
   return local.finalize_lo(partial(x2, rows))
@@ -191,8 +234,27 @@ _tiles_p.multiple_results = True
 
 @_tiles_p.def_abstract_eval
 def _tiles_abstract(x2, *, rows):
-  stat = jax.core.ShapedArray((-(-x2.shape[0] // rows), 1, x2.shape[1]), F32)
+  shape = (-(-x2.shape[0] // rows), 1, x2.shape[1])
+  # update keeps x2's mesh and varying axes (shard_map's check_vma: the
+  # per-shard moments vary as the shard's x does), unsharded within it.
+  stat = x2.update(shape=shape, dtype=F32, weak_type=False)
+  sharding = getattr(x2, 'sharding', None)
+  if sharding is not None:
+    stat = stat.update(sharding=sharding.update(spec=PartitionSpec()))
   return stat, stat, stat
+
+
+def _stat_struct(x2, shape) -> jax.ShapeDtypeStruct:
+  """The kernel's float32 output of ``shape``, varying over x2's mesh axes
+  (Pallas needs that inside shard_map with check_vma)."""
+  aval = jax.typeof(x2)
+  mat = getattr(aval, 'manual_axis_type', None)
+  if mat is not None:  # JAX >= 0.10
+    return jax.ShapeDtypeStruct(shape, F32, manual_axis_type=mat)
+  vma = getattr(aval, 'vma', None)
+  if vma is not None:  # JAX 0.8 and 0.9
+    return jax.ShapeDtypeStruct(shape, F32, vma=vma)
+  return jax.ShapeDtypeStruct(shape, F32)  # pragma: no cover
 
 
 @_tiles_p.def_impl
@@ -231,7 +293,7 @@ def _call(x2: Array, *, rows: int, how: str):
     from jax.experimental.pallas import tpu as pltpu
 
     params = pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel'))
-  stat = jax.ShapeDtypeStruct((grid[0], 1, c), F32)
+  stat = _stat_struct(x2, (grid[0], 1, c))
   return pl.pallas_call(
     functools.partial(_tile_kernel, rows=rows, last=last, tiles=grid[0]),
     out_shape=(stat, stat, stat),
@@ -258,12 +320,31 @@ def _gpu_lowering(ctx, x2, *, rows):
   return mlir.lower_fun(_xla_tiles, multiple_results=False)(ctx, x2, rows=rows)
 
 
-for _platform, _how in (('cpu', 'interpret'), ('tpu', 'tpu')):
-  mlir.register_lowering(
-    _tiles_p,
-    mlir.lower_fun(functools.partial(_call, how=_how), multiple_results=True),
-    platform=_platform,
-  )
+def _cpu_lowering(ctx, x2, *, rows):
+  """Interpret mode; inside shard_map (a shard's x typed varying) the same
+  tiles as XLA ops, since Pallas's interpreter fails shard_map's check_vma
+  on the kernel body's constants (jax 0.8 to 0.12)."""
+  if _is_varying(ctx.avals_in[0]):
+    fun = mlir.lower_fun(_xla_tiles, multiple_results=True)
+  else:
+    fun = mlir.lower_fun(
+      functools.partial(_call, how='interpret'), multiple_results=True
+    )
+  return fun(ctx, x2, rows=rows)
+
+
+def _is_varying(aval) -> bool:
+  mat = getattr(aval, 'manual_axis_type', None)
+  vma = mat.varying if mat is not None else getattr(aval, 'vma', None)
+  return bool(vma)
+
+
+mlir.register_lowering(_tiles_p, _cpu_lowering, platform='cpu')
+mlir.register_lowering(
+  _tiles_p,
+  mlir.lower_fun(functools.partial(_call, how='tpu'), multiple_results=True),
+  platform='tpu',
+)
 for _platform in ('cuda', 'rocm'):
   mlir.register_lowering(_tiles_p, _gpu_lowering, platform=_platform)
 

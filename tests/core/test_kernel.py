@@ -18,6 +18,7 @@ import bnjax
 from benchmarks import numerics
 from bnjax import _checks
 from bnjax._moments import dispatch, kernel, local
+from tests import _hlo
 from tests import reference as ref
 
 BAR = 1e-6
@@ -325,3 +326,115 @@ def test_a_bad_kernel_name_is_refused_at_import():
   assert "BNJAX_STATS_KERNEL='triton' must be one of ('', 'pallas')" in (
     proc.stderr
   )
+
+
+# ----------------------------------------------------------- synced path ---
+
+D = 8
+
+
+def _synced_step(x, scale, sync='gather'):
+  """A train step of synced BN under shard_map (check_vma on) over D shards:
+  the outputs, the new statistics and the gradients."""
+  mesh = jax.sharding.Mesh(jax.devices()[:D], ('d',))
+  spec = jax.sharding.PartitionSpec
+  stats = bnjax.init_batch_stats(x.shape[-1])
+
+  def per_shard(x, scale):
+    def loss(x, scale):
+      y, new = bnjax.batch_norm(
+        x, stats, scale, use_running_average=False, momentum=0.0,
+        axis_name='d', sync=sync,
+      )
+      return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, new)
+
+    (gx, gs), (y, new) = jax.grad(loss, (0, 1), has_aux=True)(x, scale)
+    return y, new, gx, jax.lax.psum(gs, 'd')
+
+  return jax.jit(
+    jax.shard_map(
+      per_shard,
+      mesh=mesh,
+      in_specs=(spec('d'), spec()),
+      out_specs=(spec('d'), spec(), spec('d'), spec()),
+    )
+  )(x, scale)
+
+
+@pytest.mark.parametrize('sync', ['gather', 'psum'])
+@pytest.mark.parametrize('layout', ['means 0.1% apart', 'outlier shard'])
+def test_synced_shards_take_the_kernel_and_match_the_global_batch(
+  selected, sync, layout
+):
+  """Each shard's partial by the kernel (one read), merged across shards:
+  the global batch's float64 statistics within the bound, and the same
+  outputs and gradients as the XLA path's partials. 'outlier shard': one
+  shard 3000 std from the rest, at |mean|/std 1e4."""
+  rng = np.random.default_rng(1)
+  x = 1e4 + rng.standard_normal((D * 2, 16, 16, 128))
+  if layout == 'outlier shard':
+    x[:2] += 3000.0
+  else:
+    x *= 1 + 1e-3 * rng.standard_normal(128)
+  x = jnp.asarray(x, jnp.float32)
+  scale = jnp.linspace(0.5, 1.5, 128)
+  jaxpr = str(jax.make_jaxpr(lambda x, s: _synced_step(x, s, sync))(x, scale))
+  assert 'bnjax_tile_moments' in jaxpr
+  got = _synced_step(x, scale, sync)
+  want_mean, want_var = _f64(np.asarray(x).reshape(-1, 128))
+  np.testing.assert_allclose(got[1].var, want_var, rtol=BAR)
+  np.testing.assert_allclose(got[1].mean, want_mean, rtol=1e-7)
+  kernel.SELECTED = False
+  want = _synced_step(x, scale, sync)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)
+
+
+def test_synced_kernel_takes_bfloat16_in_its_own_dtype(selected):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(100 + rng.standard_normal((D * 2, 16, 16, 128)), jnp.bfloat16)
+  got = _synced_step(x, jnp.ones(128))
+  want = _f64(np.asarray(x.astype(jnp.float32)).reshape(-1, 128))
+  np.testing.assert_allclose(got[1].var, want[1], rtol=BAR)
+
+
+def test_synced_kernel_partial_has_the_xla_partials_derivatives():
+  """Forward and reverse mode through the kernel's partial (its custom_jvp)
+  against local.exact_partial's own derivatives, and second order."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(5 + rng.standard_normal((512, 128)), jnp.float32)
+  t = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  lay = _lay(x)
+
+  def stats(partial):
+    def mean_var(x):
+      p = partial(x)
+      return p.shift + p.s1 / p.count, p.m2 / p.count
+
+    return mean_var
+
+  by_kernel = stats(lambda x: kernel.synced_partial(x, lay))
+  by_xla = stats(lambda x: local.exact_partial(x, lay))
+  fwd = [jax.jvp(f, (x,), (t,))[1] for f in (by_kernel, by_xla)]
+  rev = [jax.vjp(f, x)[1]((t[0], t[1])) for f in (by_kernel, by_xla)]
+  for got, want in (fwd, rev):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  check_grads(
+    lambda x: by_kernel(x)[1], (x,), order=2, modes=('fwd', 'rev'),
+    atol=5e-2, rtol=5e-2,
+  )
+
+
+def test_synced_train_step_with_the_kernel_exports_for_tpu_per_shard(
+  monkeypatch,
+):
+  """Under shard_map every shard's partial is one Mosaic call, merged by
+  the all-gather; no data-dependent conditional."""
+  monkeypatch.setattr(kernel, 'SELECTED', True)
+  x = jax.ShapeDtypeStruct((D * 2, 16, 16, 128), jnp.bfloat16)
+  scale = jax.ShapeDtypeStruct((128,), jnp.float32)
+  text = _hlo.export(_synced_step, x, scale, platforms=('tpu',))
+  assert len(re.findall(r'custom_call @tpu_custom_call', text)) == 1
+  assert 'all_gather' in text
+  assert _hlo.conditionals(text)['data'] == 0
