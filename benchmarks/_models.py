@@ -12,13 +12,17 @@ from __future__ import annotations
 import functools
 
 
-def resnet20(norm_cls, widths=(16, 32, 64), blocks=3, axis_name=None):
+def resnet20(
+  norm_cls, widths=(16, 32, 64), blocks=3, axis_name=None, dtype=None
+):
   """The CIFAR ResNet-20 of He et al. 2016: a stem, then one stage of
   ``blocks`` basic blocks per entry of ``widths`` (the first block of each
-  later stage strides 2 and projects its shortcut)."""
+  later stage strides 2 and projects its shortcut). ``dtype``: of the
+  activations (the layers' computation), parameters float32."""
   import flax.linen as nn
 
-  norm_cls = functools.partial(norm_cls, axis_name=axis_name)
+  norm_cls = functools.partial(norm_cls, axis_name=axis_name, dtype=dtype)
+  nn = _with_dtype(nn, dtype)
 
   class Block(nn.Module):
     width: int
@@ -56,14 +60,17 @@ def resnet50(
   act=None,
   norm_act_cls=None,
   stages=(3, 4, 6, 3),
+  dtype=None,
 ):
   """ResNet-50; ``act`` (default ReLU) after each BN that has one and after
   each residual add. ``norm_act_cls``: a BN class that applies the
   activation itself (``bnjax.linen.BatchNormAct``), used for every BN + act
   pair; the BNs without an activation stay ``norm_cls``. ``stages``: blocks
-  per stage (smoke runs take one each)."""
+  per stage (smoke runs take one each). ``dtype``: of the activations (the
+  layers' computation; bfloat16 as GPU users train), parameters float32."""
   import flax.linen as nn
 
+  nn = _with_dtype(nn, dtype)
   act = nn.relu if act is None else act
   conv = functools.partial(nn.Conv, use_bias=False)
 
@@ -96,6 +103,7 @@ def resnet50(
         momentum=0.9,
         epsilon=1e-5,
         axis_name=axis_name,
+        dtype=dtype,
       )
       norm = functools.partial(norm_cls, **kw)
       norm_act = (
@@ -111,6 +119,18 @@ def resnet50(
       return nn.Dense(num_classes)(x.mean((1, 2)))
 
   return ResNet50()
+
+
+def _with_dtype(nn, dtype):
+  """flax.linen with Conv and Dense computing in ``dtype`` (None: as is)."""
+  if dtype is None:
+    return nn
+  import types
+
+  names = {k: getattr(nn, k) for k in dir(nn) if not k.startswith('__')}
+  names['Conv'] = functools.partial(nn.Conv, dtype=dtype)
+  names['Dense'] = functools.partial(nn.Dense, dtype=dtype)
+  return types.SimpleNamespace(**names)
 
 
 def resnet18(norm_cls, axis_name=None, num_classes=1000):
@@ -144,6 +164,7 @@ def resnet18(norm_cls, axis_name=None, num_classes=1000):
         momentum=0.9,
         epsilon=1e-5,
         axis_name=axis_name,
+        dtype=dtype,
       )
       x = conv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)])(x)
       x = nn.max_pool(nn.relu(norm()(x)), (3, 3), (2, 2), padding='SAME')

@@ -203,17 +203,27 @@ def cond_cost(layers=50, size=256, rounds=21, inner=20):
   return row
 
 
-def model_row(build, batch, size, rounds, inner, classes=1000):
-  """A train step of ``build(norm_cls)`` with each BatchNorm, interleaved."""
+def model_row(build, batch, size, rounds, inner, classes=1000, dtype='float32'):
+  """A train step of ``build(norm_cls)`` with each BatchNorm, interleaved:
+  flax, bnjax, and bnjax with the Pallas kernel ('kernel_step_*').
+  ``dtype``: the activations' (bfloat16: the layers compute in it,
+  parameters float32)."""
   import flax.linen as nn
   import jax
+  import jax.numpy as jnp
   import optax
 
   import bnjax.linen
 
+  act = None if dtype == 'float32' else jnp.dtype(dtype)
   fns, fargs, out, steps = {}, {}, {}, {}
-  for impl, cls in (('flax', nn.BatchNorm), ('bnjax', bnjax.linen.BatchNorm)):
-    model = build(cls)
+  impls = (
+    ('flax', nn.BatchNorm),
+    ('bnjax', bnjax.linen.BatchNorm),
+    ('kernel', bnjax.linen.BatchNorm),
+  )
+  for impl, cls in impls:
+    model = build(cls, dtype=act)
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     y = jax.random.randint(jax.random.key(1), (batch,), 0, classes)
     v = jax.jit(lambda x, m=model: m.init(jax.random.key(2), x, False))(x)
@@ -222,6 +232,9 @@ def model_row(build, batch, size, rounds, inner, classes=1000):
     step, _ = _models.train_step(model, v, tx)
     args = (v['params'], v['batch_stats'], opt, x, y)
     steps[impl] = step
+    if impl == 'kernel':
+      fns[impl], fargs[impl] = with_kernel(step, args), args
+      continue
     compiled = jax.jit(step).lower(*args).compile()
     mem = compiled.memory_analysis()
     text = compiled.as_text()
@@ -250,7 +263,12 @@ def model_row(build, batch, size, rounds, inner, classes=1000):
   row = dict(
     batch=batch,
     size=size,
-    **_timing.ratio_columns(samples, prefix='step_'),
+    dtype=dtype,
+    **{
+      **_timing.ratio_columns(samples, prefix='step_'),
+      # kernel_ms, kernel_step_ratio and its quartiles (flax_ms again)
+      **_timing.ratio_columns(samples, 'kernel', prefix='kernel_step_'),
+    },
     compile_ratio=out['bnjax']['compile_s'] / out['flax']['compile_s'],
     flax=out['flax'],
     bnjax=out['bnjax'],
@@ -326,6 +344,10 @@ def main(argv=None):
       resnet50=lambda: model_row(
         _models.resnet20, batch=2, size=8, rounds=1, inner=1, classes=10
       ),
+      resnet50_bf16=lambda: model_row(
+        _models.resnet20, batch=2, size=8, rounds=1, inner=1, classes=10,
+        dtype='bfloat16',
+      ),
       numerics=lambda: numerics_rows(seeds=(0,)),
       stats=lambda: [
         *stats_rows((8, 4, 4, 8), rounds=2, inner=1),
@@ -349,6 +371,10 @@ def main(argv=None):
       cond=cond_cost,
       resnet50=lambda: model_row(
         _models.resnet50, batch=64, size=224, rounds=9, inner=5
+      ),
+      resnet50_bf16=lambda: model_row(
+        _models.resnet50, batch=64, size=224, rounds=9, inner=5,
+        dtype='bfloat16',
       ),
       # BN + leaky ReLU with each BN, and batch_norm_act: compiled peak at
       # two batches, and the largest batch that fits 80 GB (linear).
@@ -393,11 +419,23 @@ def device_table(run: dict) -> str:
       f' | **{r["ratio"]:.2f}** ({r["ratio_q25"]:.2f}-{r["ratio_q75"]:.2f}) |'
     )
   m = run['resnet50']
-  lines.append(
-    f'| ResNet-50 step, batch {m["batch"]} of {m["size"]}x{m["size"]} | '
-    f'{m["flax_ms"]:.2f} | {m["bnjax_ms"]:.2f} | **{m["step_ratio"]:.2f}** '
-    f'({m["step_ratio_q25"]:.2f}-{m["step_ratio_q75"]:.2f}) |'
-  )
+  for r in (m, run.get('resnet50_bf16')):
+    if not r or 'flax_ms' not in r:  # an older run, or a part that failed
+      continue
+    what = f'ResNet-50 step, batch {r["batch"]} of {r["size"]}x{r["size"]}'
+    if r.get('dtype', 'float32') != 'float32':
+      what += f' {r["dtype"]}'
+    lines.append(
+      f'| {what} | {r["flax_ms"]:.2f} | {r["bnjax_ms"]:.2f} | '
+      f'**{r["step_ratio"]:.2f}** ({r["step_ratio_q25"]:.2f}-'
+      f'{r["step_ratio_q75"]:.2f}) |'
+    )
+    if 'kernel_ms' in r:
+      lines.append(
+        f'| {what}, Pallas kernel | {r["flax_ms"]:.2f} | {r["kernel_ms"]:.2f}'
+        f' | **{r["kernel_step_ratio"]:.2f}** ({r["kernel_step_ratio_q25"]:.2f}'
+        f'-{r["kernel_step_ratio_q75"]:.2f}) |'
+      )
   worst = max(
     r['err'] for r in run['numerics'] if r['impl'].startswith('bnjax')
   )

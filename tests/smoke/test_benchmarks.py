@@ -246,6 +246,13 @@ def test_device_benchmark_smoke():
   assert max(r['err'] for r in out['numerics'] if r['impl'] != 'flax') < 1e-6
   assert out['cond']['conditionals_compiled'] == 4
   assert out['resnet50']['flax']['conditionals'] == 0
+  # The ResNet step in float32 and bfloat16, each with the kernel too; the
+  # table shows both dtypes and the kernel's rows.
+  assert out['resnet50_bf16']['dtype'] == 'bfloat16'
+  for r in (out['resnet50'], out['resnet50_bf16']):
+    assert r['bnjax_ms'] > 0 and r['kernel_ms'] > 0, r
+  table = device.device_table(out)
+  assert 'bfloat16 | ' in table and table.count('Pallas kernel |') == 2, table
 
 
 @pytest.mark.parametrize('strided', [True, False])
