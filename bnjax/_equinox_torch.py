@@ -82,11 +82,10 @@ def from_torch(
     TypeError: ``layers`` is not a mapping of functions or paths picking a
       bnjax.equinox layer.
     KeyError: a prefix has no BatchNorm state, or a path no layer.
-    ValueError: invalid values (a size other than ``input_size``, a
-      non-finite value or one past the layer dtype's range, a negative
-      variance, a complex value, weight and
-      bias where the layer has none or the reverse), each named; nothing
-      is loaded.
+    ValueError: an empty ``layers``; invalid values (a size other than
+      ``input_size``, a non-finite value or one past the layer dtype's
+      range, a negative variance, a complex value, weight and bias where
+      the layer has none or the reverse), each named; nothing is loaded.
 
   Example:
     >>> import numpy as np, equinox as eqx, bnjax.equinox
@@ -184,7 +183,8 @@ def to_torch(
     KeyError: a path picks no layer.
     ValueError: the statistics are not valid torch state (non-finite, a
       negative variance, complex), each naming its torch key; nothing is
-      returned. A count for a prefix of no converted layer.
+      returned. A count for a prefix of no converted layer; an empty
+      ``layers``.
 
   Example:
     >>> import equinox as eqx, bnjax.equinox

@@ -242,9 +242,9 @@ def to_haiku(
   Raises:
     TypeError: an argument is not a mapping, or a layer is not one of the
       forms above.
-    ValueError: a layer Haiku does not have, a size that differs from
-      Haiku's, a ``'stats'`` without ``decay_rate``, or an invalid value
-      (non-finite, a negative variance); nothing is converted.
+    ValueError: an empty ``layers``, a layer Haiku does not have, a size
+      that differs from Haiku's, a ``'stats'`` without ``decay_rate``, or an
+      invalid value (non-finite, a negative variance); nothing is converted.
 
   Example:
     >>> import numpy as np, jax.numpy as jnp
@@ -263,6 +263,11 @@ def to_haiku(
   known = _layers(fn, params, state)
   decay = _decay(fn, decay_rate)
   _mapping(fn, 'layers', layers, "pass {haiku name: {'mean', 'var', ...}}")
+  if not layers:
+    raise ValueError(
+      f'{fn}: layers is empty, so nothing would be converted; pass '
+      f"{{haiku name: {{'mean', 'var', ...}}}} for the layers {known}"
+    )
   layers = {name: _as_layer(fn, name, layer) for name, layer in layers.items()}
   problems = []
   for name, layer in layers.items():

@@ -59,7 +59,13 @@ def every_layer(fn: str, sd: Mapping[str, Any]) -> dict[str, str]:
 
 def check_prefix_types(fn: str, prefixes: Collection[Any]) -> None:
   """The keys of ``layers`` are strings: an int 0 would write (or read)
-  the keys of a torch module at the top, ``'running_mean'``."""
+  the keys of a torch module at the top, ``'running_mean'``. Empty
+  ``layers`` would convert nothing, silently: refused."""
+  if not prefixes:
+    raise ValueError(
+      f'{fn}: layers is empty, so nothing would be converted; pass '
+      'layers=None for every BatchNorm layer, or name the layers to convert'
+    )
   bad = [p for p in prefixes if not isinstance(p, str)]
   if bad:
     raise TypeError(

@@ -42,7 +42,7 @@ def layer_problems(
   arrays = {}
   for k, v in vectors.items():
     a = np.asarray(v)
-    if a.dtype.kind not in 'biufc':
+    if a.dtype.kind not in 'iufc':  # a bool is a mask or a flag, not state
       problems.append(
         f'{k!r} is not a numeric array (got {type(v).__name__} of dtype '
         f'{a.dtype})'

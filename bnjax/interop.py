@@ -139,7 +139,8 @@ def from_torch(
   Raises:
     TypeError: ``layers`` is not a mapping, or a prefix not a string.
     KeyError: a prefix in ``layers`` has no BatchNorm state.
-    ValueError: invalid state (see above), or no BatchNorm layer at all.
+    ValueError: invalid state (see above), no BatchNorm layer at all, or
+      an empty ``layers``.
 
   Example:
     >>> import numpy as np
@@ -266,7 +267,7 @@ def to_torch(
     ValueError: the statistics are not valid torch state (a non-finite
       value, a negative variance, a complex mean), each problem naming its
       torch key; nothing is returned. A count for a prefix not in
-      ``layers``.
+      ``layers``; an empty ``layers``.
 
   Example:
     >>> import jax, bnjax.linen, jax.numpy as jnp

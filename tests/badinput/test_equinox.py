@@ -272,6 +272,13 @@ CASES: dict[str, dict[str, list | str]] = {
         ValueError,
         '1-D vectors of one length',
       ),
+      # A bool vector (a mask or a flag) loaded as 0.0 and 1.0.
+      (
+        'corrupt-state',
+        _sd(running_var=np.array([True, False, True])),
+        ValueError,
+        "'bn.running_var' is not a numeric array",
+      ),
       (
         'shape',
         _sd(**{k: np.ones(4) for k in ('weight', 'bias')})
@@ -292,6 +299,8 @@ CASES: dict[str, dict[str, list | str]] = {
       ('type', {0: ''}, TypeError, 'torch prefixes (keys of layers) must be'),
       ('type', {'bn': 1.5}, TypeError, "the Equinox path of 'bn' must be"),
       ('range', {'bn': 'bn'}, KeyError, "no 'bn' (a path in layers)"),
+      # Converted nothing, silently.
+      ('range', {}, ValueError, 'layers is empty, so nothing would be'),
     ],
   },
   'bnjax.equinox.to_torch': {
@@ -325,6 +334,8 @@ CASES: dict[str, dict[str, list | str]] = {
       ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
       # An int prefix wrote the unprefixed keys 'running_mean', ...
       ('type', {0: ''}, TypeError, 'torch prefixes (keys of layers) must be'),
+      # Converted nothing, silently.
+      ('range', {}, ValueError, 'layers is empty, so nothing would be'),
     ],
     'num_batches_tracked': [
       ('range', -1, TypeError, 'num_batches_tracked must be an int >= 0'),

@@ -83,6 +83,12 @@ _STATE_CORRUPT = [
     _sd(running_var=np.ones(4)),
     ValueError,
     '1-D vectors of one length',
+  ),  # A bool vector (a mask or a flag) loaded as 0.0 and 1.0.
+  (
+    'corrupt-state',
+    _sd(running_var=np.array([True, False, True])),
+    ValueError,
+    "'bn.running_var' is not a numeric array",
   ),
 ]
 
@@ -244,6 +250,8 @@ CASES: dict[str, dict[str, list | str]] = {
       ('range', {'nope': 'bn'}, KeyError, "prefixes ['nope'] in layers"),
       ('type', {'bn': 1.5}, TypeError, "the Flax path of 'bn' must be"),
       ('type', {0: 'bn'}, TypeError, 'torch prefixes (keys of layers) must'),
+      # Converted nothing, silently.
+      ('range', {}, ValueError, 'layers is empty, so nothing would be'),
     ],
     'dtype': [
       ('dtype', jnp.int32, TypeError, 'dtype=int32 must be a floating'),
@@ -293,6 +301,8 @@ CASES: dict[str, dict[str, list | str]] = {
     'layers': [
       ('type', [1], TypeError, 'layers must be a mapping'),
       ('type', {'bn': (1, 2)}, TypeError, "layers['bn'] must be a mapping"),
+      # Converted nothing, silently.
+      ('range', {}, ValueError, 'layers is empty, so nothing would be'),
       (
         'range',
         {'conv': _HK_LAYER['bn']},
@@ -357,6 +367,8 @@ CASES: dict[str, dict[str, list | str]] = {
       ('range', {'bn': 'other'}, KeyError, "at the top level there is no 'o"),
       # An int prefix wrote the unprefixed keys 'running_mean', ...
       ('type', {0: 'bn'}, TypeError, 'torch prefixes (keys of layers) must'),
+      # Converted nothing, silently.
+      ('range', {}, ValueError, 'layers is empty, so nothing would be'),
     ],
     'num_batches_tracked': [
       ('type', 1.5, TypeError, 'num_batches_tracked must be an int >= 0'),
