@@ -87,7 +87,23 @@ def _decay(fn, decay_rate):
 
 
 def _vec(v):
-  return np.asarray(v, np.float32).reshape(-1)
+  # In its own dtype: the value check refuses a bool (a mask or a flag) or a
+  # complex value, which a cast to float32 here would hide (as 0.0 and 1.0,
+  # or the real part). bfloat16 (NumPy kind 'V') widens to float32 exactly.
+  a = np.asarray(v).reshape(-1)
+  if a.dtype.kind == 'V' and jnp.issubdtype(a.dtype, jnp.floating):
+    return a.astype(np.float32)
+  return a
+
+
+def _problems(vectors):
+  """The one value check of a layer's vectors, each read as float32."""
+  return _values.layer_problems(
+    vectors,
+    variances=[k for k in vectors if k.endswith(('var', 'weight'))]
+    + [k for k in vectors if _VAR in k],
+    dtypes=dict.fromkeys(vectors, np.float32),
+  )
 
 
 def from_haiku(
@@ -149,15 +165,13 @@ def from_haiku(
       vectors[f'{name}{_MEAN}/hidden'] = mean_ema['hidden']
       vectors[f'{name}{_VAR}/hidden'] = var_ema['hidden']
     vectors = {k: _vec(v) for k, v in vectors.items()}
-    problems += _values.layer_problems(
-      vectors, variances=[k for k in vectors if _VAR in k]
-    )
+    problems += _problems(vectors)
     counter = np.asarray(mean_ema['counter'])
     if counter.size != 1 or counter.dtype.kind not in 'iu' or counter < 0:
       problems.append(f'{name}{_MEAN}/counter must be an int >= 0')
     if problems:
       continue
-    vec = {k: jnp.asarray(a) for k, a in vectors.items()}
+    vec = {k: jnp.asarray(a, jnp.float32) for k, a in vectors.items()}
     layer: dict[str, Any] = {
       'mean': vec[f'{name}{_MEAN}/average'],
       'var': vec[f'{name}{_VAR}/average'],
@@ -290,9 +304,7 @@ def to_haiku(
           for k, v in layer['stats']._asdict().items()
         }
       )
-    problems += _values.layer_problems(
-      vectors, variances=[k for k in vectors if k.endswith(('var', 'weight'))]
-    )
+    problems += _problems(vectors)
   _values.report(fn, problems, 'layers')
   params = {k: dict(v) for k, v in params.items()}
   state = {k: dict(v) for k, v in state.items()}

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax import interop
+from bnjax import BatchStats, interop
 from tests.badinput._runner import all_cases
 
 NAN = float('nan')
@@ -193,8 +193,36 @@ CASES: dict[str, dict[str, list | str]] = {
         ValueError,
         "'bn/scale' has non-finite values at channels [1]",
       ),
+      # A bool scale was cast to float32 before the check: 1.0 and 0.0.
+      (
+        'corrupt-state',
+        {'bn': {'scale': np.array([[True, False, True]])}},
+        ValueError,
+        "'bn/scale' is not a numeric array",
+      ),
     ],
     'state': [
+      # A bool vector (a mask or a flag) was loaded as 0.0 and 1.0.
+      (
+        'corrupt-state',
+        _hk(mean=np.array([[True, False, True]]))[1],
+        ValueError,
+        "'bn/~/mean_ema/average' is not a numeric array",
+      ),
+      # A complex mean lost its imaginary part in the cast to float32.
+      (
+        'corrupt-state',
+        _hk(mean=np.array([[1j, 0.0, 0.0]]))[1],
+        ValueError,
+        "'bn/~/mean_ema/average' is complex",
+      ),
+      # Past float32's range: inf once converted.
+      (
+        'range',
+        _hk(var=np.array([[1e39, 1.0, 1.0]]))[1],
+        ValueError,
+        "'bn/~/var_ema/average'",
+      ),
       ('type', 'state', TypeError, 'state must be a mapping'),
       (
         'corrupt-state',
@@ -320,6 +348,19 @@ CASES: dict[str, dict[str, list | str]] = {
         {'bn': {'mean': np.zeros(3), 'var': -np.ones(3)}},
         ValueError,
         "'bn.var' is negative at channels [0, 1, 2]",
+      ),
+      # A bool vector was cast to float32 before the check: 0.0 and 1.0.
+      (
+        'corrupt-state',
+        {'bn': {'mean': np.zeros(3), 'var': np.array([True, False, True])}},
+        ValueError,
+        "'bn.var' is not a numeric array",
+      ),
+      (
+        'corrupt-state',
+        {'bn': BatchStats(np.zeros(3, bool), np.ones(3))},
+        ValueError,
+        "'bn.mean' is not a numeric array",
       ),
       (
         'shape',
