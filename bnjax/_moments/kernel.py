@@ -89,9 +89,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec
 from jax.extend import core as jax_core
 from jax.interpreters import batching, mlir
+from jax.sharding import PartitionSpec
 
 from bnjax._moments import local
 from bnjax._types import Layout
@@ -253,7 +253,7 @@ def _stat_struct(x2, shape) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, F32, manual_axis_type=mat)
   vma = getattr(aval, 'vma', None)
   if vma is not None:  # JAX 0.8 and 0.9
-    return jax.ShapeDtypeStruct(shape, F32, vma=vma)
+    return jax.ShapeDtypeStruct(shape, F32, vma=vma)  # type: ignore[call-arg]
   return jax.ShapeDtypeStruct(shape, F32)  # pragma: no cover
 
 
