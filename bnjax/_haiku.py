@@ -371,6 +371,13 @@ def _counter(fn, name, weight, decay) -> int:
 
 def _shaped(fn, value, like, what):
   like = np.asarray(like)
+  if not jnp.issubdtype(like.dtype, jnp.floating):
+    # Written in like's dtype: a bool or int would truncate the value.
+    raise TypeError(
+      f'{fn}: the Haiku array that {what} replaces is {like.dtype}, not a '
+      f'float, so {what} would be written truncated; pass the params and '
+      'state of hk.transform_with_state (float arrays)'
+    )
   value = np.asarray(value, np.float32)
   if value.size != like.size:
     raise ValueError(

@@ -373,6 +373,13 @@ CASES: dict[str, dict[str, list | str]] = {
     'state': [
       ('type', None, TypeError, 'state must be a mapping'),
       ('corrupt-state', {}, ValueError, 'state has no hk.BatchNorm'),
+      # Written in the old average's dtype: 1.0 as True, silently.
+      (
+        'corrupt-state',
+        _hk(var=np.ones((1, 3), bool))[1],
+        TypeError,
+        'the Haiku array that bn.var replaces is bool, not a float',
+      ),
     ],
     'decay_rate': [
       ('range', -0.1, ValueError, 'decay_rate=-0.1 must be in [0, 1)'),

@@ -217,3 +217,20 @@ def test_haiku_conversions_refuse_nan_means_and_negative_variances(
   with pytest.raises(ValueError, match='bnjax.interop.to_haiku: invalid') as e:
     interop.to_haiku({'bn': layer}, params, state)
   assert f"'bn.{ema}'" in str(e.value)
+
+
+def test_to_haiku_refuses_to_write_into_an_int_or_bool_haiku_array():
+  # It wrote each value in the replaced array's dtype: a scale of 0.5 into
+  # an int32 scale as 0, a variance of 2.5 into a bool average as True.
+  _, params, state = _haiku()
+  layer = {
+    'mean': np.zeros(C),
+    'var': np.full(C, 2.5),
+    'scale': np.full(C, 0.5),
+  }
+  ints = {**params, 'bn': {**params['bn'], 'scale': np.ones((1, C), np.int32)}}
+  with pytest.raises(TypeError, match='bn.scale replaces is int32, not a'):
+    interop.to_haiku({'bn': layer}, ints, state)
+  var = {**state['bn/~/var_ema'], 'average': np.ones((1, C), bool)}
+  with pytest.raises(TypeError, match='bn.var replaces is bool, not a float'):
+    interop.to_haiku({'bn': layer}, params, {**state, 'bn/~/var_ema': var})
