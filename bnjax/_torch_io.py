@@ -57,14 +57,18 @@ def every_layer(fn: str, sd: Mapping[str, Any]) -> dict[str, str]:
   return layers
 
 
-def check_prefix_types(fn: str, prefixes: Collection[Any]) -> None:
+def check_prefix_types(
+  fn: str, prefixes: Collection[Any], *, none_ok: bool = True
+) -> None:
   """The keys of ``layers`` are strings: an int 0 would write (or read)
   the keys of a torch module at the top, ``'running_mean'``. Empty
-  ``layers`` would convert nothing, silently: refused."""
+  ``layers`` would convert nothing, silently: refused. ``none_ok``: whether
+  ``fn`` takes ``layers=None`` (every layer), which the message offers."""
   if not prefixes:
+    every = 'pass layers=None for every BatchNorm layer, or ' if none_ok else ''
     raise ValueError(
-      f'{fn}: layers is empty, so nothing would be converted; pass '
-      'layers=None for every BatchNorm layer, or name the layers to convert'
+      f'{fn}: layers is empty, so nothing would be converted; {every}name '
+      "the layers to convert, e.g. {'bn1': 'bn1'}"
     )
   bad = [p for p in prefixes if not isinstance(p, str)]
   if bad:
@@ -166,10 +170,15 @@ def read_layer(sd: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
 
 
 def batch_counts(
-  fn: str, num_batches_tracked: Any, prefixes: Collection[str]
+  fn: str,
+  num_batches_tracked: Any,
+  prefixes: Collection[str],
+  *,
+  none_ok: bool = True,
 ) -> Mapping[str, int]:
-  """``num_batches_tracked`` (an int, or ``{prefix: int}``) by prefix."""
-  check_prefix_types(fn, prefixes)
+  """``num_batches_tracked`` (an int, or ``{prefix: int}``) by prefix;
+  ``none_ok`` as for :func:`check_prefix_types`."""
+  check_prefix_types(fn, prefixes, none_ok=none_ok)
   counts: Mapping[str, Any] = (
     num_batches_tracked
     if isinstance(num_batches_tracked, Mapping)

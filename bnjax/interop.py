@@ -291,7 +291,11 @@ def to_torch(
       f'...}} of a Flax model, got {type(variables).__name__}'
     )
   _torch_io.check_concrete(_TO, variables, 'variables')
-  counts = _torch_io.batch_counts(_TO, num_batches_tracked, layers)
+  # to_torch has no layers=None (Flax variables do not say which
+  # collections are BatchNorm): its message does not offer it.
+  counts = _torch_io.batch_counts(
+    _TO, num_batches_tracked, layers, none_ok=False
+  )
   found = {}
   for prefix, path in layers.items():
     tree = _torch_io.split_path(path, prefix, _TO, 'Flax')

@@ -415,8 +415,14 @@ CASES: dict[str, dict[str, list | str]] = {
       ('range', {'bn': 'other'}, KeyError, "at the top level there is no 'o"),
       # An int prefix wrote the unprefixed keys 'running_mean', ...
       ('type', {0: 'bn'}, TypeError, 'torch prefixes (keys of layers) must'),
-      # Converted nothing, silently.
-      ('range', {}, ValueError, 'layers is empty, so nothing would be'),
+      # Converted nothing, silently; the message offered layers=None, which
+      # to_torch refuses.
+      (
+        'range',
+        {},
+        ValueError,
+        "be converted; name the layers to convert, e.g. {'bn1'",
+      ),
     ],
     'num_batches_tracked': [
       ('type', 1.5, TypeError, 'num_batches_tracked must be an int >= 0'),
