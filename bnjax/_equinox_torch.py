@@ -234,7 +234,9 @@ def _pick(fn, model, state, layers) -> dict[str, tuple[Callable, Layer]]:
   for prefix, where in layers.items():
     if not callable(where):
       where = _path(fn, prefix, where)
-    layer = where(model)
+      layer = where(model)
+    else:
+      layer = _call_picker(fn, prefix, where, model)
     if not isinstance(layer, Layer):
       kind = type(layer)
       raise TypeError(
@@ -258,6 +260,18 @@ def _pick(fn, model, state, layers) -> dict[str, tuple[Callable, Layer]]:
       )
     picked[prefix] = (where, layer)
   return picked
+
+
+def _call_picker(fn: str, prefix: str, where: Callable, model: Any) -> Any:
+  """``where(model)``; a lookup it fails (``lambda m: m.bn2`` on a model
+  with no bn2) is a KeyError naming the prefix, as a path's is."""
+  try:
+    return where(model)
+  except (AttributeError, IndexError, KeyError) as e:
+    raise KeyError(
+      f'{fn}: the function of layers[{prefix!r}] picks nothing in the model: '
+      f'{type(e).__name__}: {e}; pick a bnjax.equinox layer of this model'
+    ) from e
 
 
 def _path(fn: str, prefix: str, path: Any) -> Callable:

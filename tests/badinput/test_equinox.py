@@ -299,6 +299,13 @@ CASES: dict[str, dict[str, list | str]] = {
       ('type', {0: ''}, TypeError, 'torch prefixes (keys of layers) must be'),
       ('type', {'bn': 1.5}, TypeError, "the Equinox path of 'bn' must be"),
       ('range', {'bn': 'bn'}, KeyError, "no 'bn' (a path in layers)"),
+      # A bare AttributeError, naming no argument.
+      (
+        'range',
+        {'bn': lambda m: m.bn2},
+        KeyError,
+        "the function of layers['bn'] picks nothing in the model",
+      ),
       # Converted nothing, silently.
       ('range', {}, ValueError, 'layers is empty, so nothing would be'),
     ],
@@ -334,6 +341,13 @@ CASES: dict[str, dict[str, list | str]] = {
       ('type', ['bn'], TypeError, 'layers must map torch prefixes'),
       # An int prefix wrote the unprefixed keys 'running_mean', ...
       ('type', {0: ''}, TypeError, 'torch prefixes (keys of layers) must be'),
+      # A bare AttributeError, naming no argument.
+      (
+        'range',
+        {'bn': lambda m: m.bn2},
+        KeyError,
+        "the function of layers['bn'] picks nothing in the model",
+      ),
       # Converted nothing, silently.
       ('range', {}, ValueError, 'layers is empty, so nothing would be'),
     ],
