@@ -322,6 +322,14 @@ def to_haiku(
 def _ema(fn, name, key, layer, old, decay):
   """Haiku's EMA state {counter, hidden, average} for one statistic."""
   int_dtype = np.asarray(old['counter']).dtype
+  if int_dtype.kind not in 'iu' or np.iinfo(int_dtype).max < _CONVERGED:
+    # A bool counter was written as True (1), a uint8 one overflowed.
+    raise TypeError(
+      f"{fn}: the Haiku state's {name}/~/{key}_ema/counter is {int_dtype}; "
+      f'it must be an int of at least 32 bits (Haiku keeps an int32 '
+      f'counter, {_CONVERGED} for a converged EMA): pass the state of '
+      'hk.transform_with_state'
+    )
   value = _shaped(fn, layer[key], old['average'], f'{name}.{key}')
   if 'stats' not in layer:
     return {

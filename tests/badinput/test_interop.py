@@ -380,6 +380,20 @@ CASES: dict[str, dict[str, list | str]] = {
         TypeError,
         'the Haiku array that bn.var replaces is bool, not a float',
       ),
+      # A bool counter was written as True (1): Haiku's next update then
+      # debiases by 1 - decay**2; a uint8 one overflowed (a bare error).
+      (
+        'corrupt-state',
+        {k: {**v, 'counter': np.bool_(True)} for k, v in _hk()[1].items()},
+        TypeError,
+        "state's bn/~/mean_ema/counter is bool; it must be an int of at",
+      ),
+      (
+        'corrupt-state',
+        {k: {**v, 'counter': np.uint8(2)} for k, v in _hk()[1].items()},
+        TypeError,
+        "state's bn/~/mean_ema/counter is uint8; it must be an int of at",
+      ),
     ],
     'decay_rate': [
       ('range', -0.1, ValueError, 'decay_rate=-0.1 must be in [0, 1)'),
