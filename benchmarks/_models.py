@@ -164,7 +164,6 @@ def resnet18(norm_cls, axis_name=None, num_classes=1000):
         momentum=0.9,
         epsilon=1e-5,
         axis_name=axis_name,
-        dtype=dtype,
       )
       x = conv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)])(x)
       x = nn.max_pool(nn.relu(norm()(x)), (3, 3), (2, 2), padding='SAME')

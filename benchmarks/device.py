@@ -345,7 +345,12 @@ def main(argv=None):
         _models.resnet20, batch=2, size=8, rounds=1, inner=1, classes=10
       ),
       resnet50_bf16=lambda: model_row(
-        _models.resnet20, batch=2, size=8, rounds=1, inner=1, classes=10,
+        _models.resnet20,
+        batch=2,
+        size=8,
+        rounds=1,
+        inner=1,
+        classes=10,
         dtype='bfloat16',
       ),
       numerics=lambda: numerics_rows(seeds=(0,)),
@@ -373,7 +378,11 @@ def main(argv=None):
         _models.resnet50, batch=64, size=224, rounds=9, inner=5
       ),
       resnet50_bf16=lambda: model_row(
-        _models.resnet50, batch=64, size=224, rounds=9, inner=5,
+        _models.resnet50,
+        batch=64,
+        size=224,
+        rounds=9,
+        inner=5,
         dtype='bfloat16',
       ),
       # BN + leaky ReLU with each BN, and batch_norm_act: compiled peak at

@@ -343,8 +343,13 @@ def _synced_step(x, scale, sync='gather'):
   def per_shard(x, scale):
     def loss(x, scale):
       y, new = bnjax.batch_norm(
-        x, stats, scale, use_running_average=False, momentum=0.0,
-        axis_name='d', sync=sync,
+        x,
+        stats,
+        scale,
+        use_running_average=False,
+        momentum=0.0,
+        axis_name='d',
+        sync=sync,
       )
       return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, new)
 
@@ -421,8 +426,12 @@ def test_synced_kernel_partial_has_the_xla_partials_derivatives():
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
   check_grads(
-    lambda x: by_kernel(x)[1], (x,), order=2, modes=('fwd', 'rev'),
-    atol=5e-2, rtol=5e-2,
+    lambda x: by_kernel(x)[1],
+    (x,),
+    order=2,
+    modes=('fwd', 'rev'),
+    atol=5e-2,
+    rtol=5e-2,
   )
 
 
