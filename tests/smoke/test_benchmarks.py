@@ -310,3 +310,24 @@ def test_sync_compile_smoke():
     assert r['collectives']['bnjax']['all-gather'] == 3, r['collectives']
     assert r['collectives']['bnjax']['conditional'] == 0, r['collectives']
     assert r['flax_s'] > 0 and r['bnjax_s'] > 0 and r['step_ratio'] > 0
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet20', 'resnet50'])
+def test_every_model_of_the_zoo_builds(name):
+  """Each model the benchmarks time builds with each BN class (shapes only:
+  the full-size runs are the only other callers of resnet18 and resnet50,
+  and a NameError there once waited for the next benchmark run)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  import bnjax.linen
+  from benchmarks import _models
+
+  build = getattr(_models, name)
+  for cls in (nn.BatchNorm, bnjax.linen.BatchNorm):
+    kw = {'dtype': jnp.bfloat16} if name != 'resnet18' else {}
+    model = build(cls, **kw)
+    x = jnp.ones((2, 32, 32, 3))
+    v = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), x, False))
+    assert v['batch_stats'], name
