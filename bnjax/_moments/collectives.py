@@ -124,7 +124,11 @@ def _pcast(v: jax.Array, cast: tuple) -> jax.Array:
 
 def varying_axes(v: jax.Array) -> set | None:
   """The mesh axes v varies over in shard_map's type system, or None."""
-  aval = jax.typeof(v)
+  return aval_varying_axes(jax.typeof(v))
+
+
+def aval_varying_axes(aval) -> set | None:
+  """:func:`varying_axes` of an abstract value (a lowering rule's)."""
   mat = getattr(aval, 'manual_axis_type', None)  # JAX >= 0.10
   vma = mat.varying if mat is not None else getattr(aval, 'vma', None)
   return None if vma is None else set(vma)

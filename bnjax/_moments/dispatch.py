@@ -125,16 +125,23 @@ _local_stats = jax.jit(
 )
 
 
-def _exact_partial_impl(xf, lay: Layout, m):
-  # On the CPU the two sums subtract the shift inside their own reductions
-  # (split): XLA:CPU would otherwise write d = x - shift out in full.
+def _exact_partial_impl(x, lay: Layout, m, pallas: bool = False):
+  # x in its own dtype with pallas (the kernel reads it so), else already
+  # in the statistics' dtype (the cast is then a no-op). On the CPU the two
+  # sums subtract the shift inside their own reductions (split): XLA:CPU
+  # would otherwise write d = x - shift out in full.
+  xf = x.astype(local.stats_dtype(x.dtype))
+  accelerator = (
+    (lambda: kernel.layer_partial(x, lay, m))
+    if pallas
+    else (lambda: local.exact_partial(xf, lay, m))
+  )
   return on_platform(
-    lambda: local.exact_partial(xf, lay, m, split=True),
-    lambda: local.exact_partial(xf, lay, m),
+    lambda: local.exact_partial(xf, lay, m, split=True), accelerator
   )
 
 
-_exact_partial = jax.jit(_exact_partial_impl, static_argnames=('lay',))
+_exact_partial = jax.jit(_exact_partial_impl, static_argnames=('lay', 'pallas'))
 
 
 def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
@@ -180,13 +187,10 @@ def _synced(x, xf, lay, m, sync: Sync):
   # merges are branch-free. With BNJAX_STATS_KERNEL=pallas the GPU/TPU
   # path takes each shard's partial by the kernel (one read of x, in its
   # own dtype).
+  partial = _exact_partial if _traced(xf) else _exact_partial_impl
   if kernel.SELECTED:
-    p = on_platform(
-      lambda: local.exact_partial(xf, lay, m, split=True),
-      lambda: kernel.synced_partial(x, lay, m),
-    )
+    p = partial(x, lay, m, pallas=True)
   else:
-    partial = _exact_partial if _traced(xf) else _exact_partial_impl
     p = partial(xf, lay, m)
   merge = psum.psum_merge if sync.mode == 'psum' else gather.gather_merge
   return _counted(merge(p, sync.axis_name, sync.groups, sync.fn))

@@ -62,20 +62,18 @@ the default, keeps the XLA path) runs it on the accelerator path, in the
 ``lax.platform_dependent`` default branch; with ``BNJAX_STATS_PATH=
 accelerator`` it runs on the CPU too, in Pallas's interpret mode. It stays
 opt-in until a device run shows it faster (issue 40). Synced statistics
-take each shard's partial from it (:func:`synced_partial`) before the
+take each shard's partial from it (:func:`layer_partial`) before the
 merge across shards; inside ``shard_map`` the tile moments are typed
 varying as the shard's x, and on the CPU they lower as XLA ops there
 (Pallas's interpreter fails shard_map's type check on the kernel body).
 
-**Derivatives.** A Pallas call has no autodiff rule; :func:`moments` has a
-``custom_jvp`` whose tangent is the XLA path's (linear in dx, so JAX
-transposes it for reverse mode): :math:`d\mu = \langle dx \rangle`,
-:math:`d\sigma^2 = 2 \langle (x - \mu)\, dx \rangle`, computed as
-:math:`2(\langle (x - K) dx \rangle - \mu_{lo} \langle dx \rangle)` around
-K, the float32 mean, with :math:`\mu_{lo} = \mu - K` (``mean_lo``).
-:func:`synced_partial`'s ``custom_jvp`` holds the shift K constant (a
-reference): :math:`ds_1 = \sum dx` and :math:`dM_2 = 2(\sum (x - K)\, dx -
-s_1/n \sum dx)`.
+**Derivatives.** A Pallas call has no autodiff rule; :func:`layer_partial`
+has a ``custom_jvp`` that holds the shift K constant (a reference), so
+:math:`ds_1 = \sum dx` and :math:`dM_2 = 2(\sum (x - K)\, dx - s_1/n
+\sum dx)`: linear in dx (JAX transposes it for reverse mode), and the mean
+:math:`K + s_1/n` and variance :math:`M_2/n` get the XLA path's tangents,
+:math:`d\mu = \langle dx \rangle` and :math:`d\sigma^2 = 2 \langle (x -
+\mu)\, dx \rangle`.
 """
 
 from __future__ import annotations
@@ -93,7 +91,7 @@ from jax.extend import core as jax_core
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec
 
-from bnjax._moments import local
+from bnjax._moments import collectives, local
 from bnjax._types import Layout
 
 Array = jax.Array
@@ -135,30 +133,21 @@ def moments(
   x: Array, lay: Layout, mask: Array | None = None, *, rows: int = TILE_ROWS
 ) -> tuple[Array, Array, Array, Array]:
   """``(count, mean, biased var, mean_lo)``, as the engine's accelerator
-  path returns them, by the kernel where it applies (the module docstring)
-  and by :func:`local.exact_partial` elsewhere. x in its own dtype."""
-  if not applies(x, lay, mask, rows):
-    xf = x.astype(local.stats_dtype(x.dtype))
-    p = local.exact_partial(xf, lay, mask)
-    return (p.count, *local.finalize_lo(p))
-  c = math.prod(lay.feature_shape)
-  x2 = x.reshape(lay.count, c)  # features trailing: a bitcast
-  mean, var, lo = _moments_2d(x2, rows)
-  feat = lay.feature_shape
-  count = jnp.asarray(lay.count, jnp.float32)
-  return count, mean.reshape(feat), var.reshape(feat), lo.reshape(feat)
+  path returns them, from :func:`layer_partial`. x in its own dtype."""
+  p = layer_partial(x, lay, mask, rows=rows)
+  return (p.count, *local.finalize_lo(p))
 
 
-def synced_partial(
+def layer_partial(
   x: Array, lay: Layout, mask: Array | None = None, *, rows: int = TILE_ROWS
 ) -> local.Partial:
-  """One shard's exact :class:`local.Partial` for a synced merge, by the
-  kernel where it applies (one read of x) and by
-  :func:`local.exact_partial` elsewhere. x in its own dtype."""
+  """x's exact :class:`local.Partial` (a shard's, before a synced merge),
+  by the kernel where it applies (one read of x, the module docstring) and
+  by :func:`local.exact_partial` elsewhere. x in its own dtype."""
   if not applies(x, lay, mask, rows):
     return local.exact_partial(x.astype(local.stats_dtype(x.dtype)), lay, mask)
   c = math.prod(lay.feature_shape)
-  shift, s1, m2 = _partial_2d(x.reshape(lay.count, c), rows)
+  shift, s1, m2 = _partial_2d(x.reshape(lay.count, c), rows)  # a bitcast
   feat = lay.feature_shape
   count = jnp.asarray(lay.count, jnp.float32)
   return local.Partial(count, *(v.reshape(feat) for v in (shift, s1, m2)))
@@ -172,9 +161,11 @@ def _partial_2d(x2: Array, rows: int) -> tuple[Array, Array, Array]:
 
 @_partial_2d.defjvp
 def _partial_2d_jvp(rows, primals, tangents):
-  # The shift is a reference, held constant: then s1 = sum(x - K) and
-  # M2 = sum((x - K)**2) - s1**2 / n have the tangents below, and the
-  # merged mean K + S1 / N and variance M2 / N get theirs through the merge.
+  # Calls itself for the primal, so that the tangent is differentiable
+  # again (second order) with no Pallas call under autodiff. The shift is a
+  # reference, held constant: s1 = sum(x - K) and M2 = sum((x - K)**2) -
+  # s1**2 / n have the tangents below, and the mean K + s1 / n and the
+  # variance M2 / n get theirs through local.finalize_lo (or the merge).
   (x2,), (dx,) = primals, tangents
   shift, s1, m2 = _partial_2d(x2, rows)
   k = lax.stop_gradient(shift)
@@ -182,27 +173,6 @@ def _partial_2d_jvp(rows, primals, tangents):
   ds1 = jnp.sum(dxf, 0)
   dm2 = 2.0 * (jnp.sum((xf - k) * dxf, 0) - s1 / x2.shape[0] * ds1)
   return (shift, s1, m2), (jnp.zeros_like(shift), ds1, dm2)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _moments_2d(x2: Array, rows: int) -> tuple[Array, Array, Array]:
-  return local.finalize_lo(partial(x2, rows))
-
-
-@_moments_2d.defjvp
-def _moments_2d_jvp(rows, primals, tangents):
-  # Calls itself for the primal, so that the tangent is differentiable
-  # again (second order) with no Pallas call under autodiff. The tangent is
-  # the corrected two-pass around a constant K = mean: (x - K) carries
-  # float32's rounding of the mean, and lo = mu - K takes it back out.
-  (x2,), (dx,) = primals, tangents
-  mean, var, lo = _moments_2d(x2, rows)
-  k = lax.stop_gradient(mean)
-  n = x2.shape[0]
-  xf, dxf = x2.astype(jnp.float32), dx.astype(jnp.float32)
-  dmean = jnp.sum(dxf, 0) / n
-  dvar = 2.0 * (jnp.sum((xf - k) * dxf, 0) / n - ((mean - k) + lo) * dmean)
-  return (mean, var, lo), (dmean, dvar, jnp.zeros_like(lo))
 
 
 def partial(x2: Array, rows: int = TILE_ROWS) -> local.Partial:
@@ -324,19 +294,13 @@ def _cpu_lowering(ctx, x2, *, rows):
   """Interpret mode; inside shard_map (a shard's x typed varying) the same
   tiles as XLA ops, since Pallas's interpreter fails shard_map's check_vma
   on the kernel body's constants (jax 0.8 to 0.12)."""
-  if _is_varying(ctx.avals_in[0]):
+  if collectives.aval_varying_axes(ctx.avals_in[0]):
     fun = mlir.lower_fun(_xla_tiles, multiple_results=True)
   else:
     fun = mlir.lower_fun(
       functools.partial(_call, how='interpret'), multiple_results=True
     )
   return fun(ctx, x2, rows=rows)
-
-
-def _is_varying(aval) -> bool:
-  mat = getattr(aval, 'manual_axis_type', None)
-  vma = mat.varying if mat is not None else getattr(aval, 'vma', None)
-  return bool(vma)
 
 
 mlir.register_lowering(_tiles_p, _cpu_lowering, platform='cpu')
