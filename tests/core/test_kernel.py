@@ -418,7 +418,7 @@ def test_synced_kernel_partial_has_the_xla_partials_derivatives():
 
     return mean_var
 
-  by_kernel = stats(lambda x: kernel.synced_partial(x, lay))
+  by_kernel = stats(lambda x: kernel.layer_partial(x, lay))
   by_xla = stats(lambda x: local.exact_partial(x, lay))
   fwd = [jax.jvp(f, (x,), (t,))[1] for f in (by_kernel, by_xla)]
   rev = [jax.vjp(f, x)[1]((t[0], t[1])) for f in (by_kernel, by_xla)]

@@ -99,16 +99,22 @@ def test_linen_accumulation_is_one_update_from_every_micro_batch():
   )
 
 
-def test_linen_single_layer_accumulation_equals_one_call_on_the_whole_batch():
-  bn = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.8)
-  xs = _xs(loc=300.0)
-  v = bn.init(jax.random.key(0), xs[0])
+def _pool_moments(bn, v, xs):
+  """The pooled moments of a linen BN over the micro-batches xs."""
   moments = {}
   for x in xs:
     _, upd = bn.apply(
       {**v, MOMENTS: moments}, x, mutable=['batch_stats', MOMENTS]
     )
     moments = upd[MOMENTS]
+  return moments
+
+
+def test_linen_single_layer_accumulation_equals_one_call_on_the_whole_batch():
+  bn = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.8)
+  xs = _xs(loc=300.0)
+  v = bn.init(jax.random.key(0), xs[0])
+  moments = _pool_moments(bn, v, xs)
   stats, _ = bnjax.linen.apply_pooled(v['batch_stats'], moments)
   _, whole = bn.apply(v, xs.reshape(-1, F), mutable=['batch_stats'])
   for k in ('mean', 'var'):
@@ -124,12 +130,7 @@ def test_linen_apply_pooled_takes_frozen_dicts_and_gives_them_back():
   bn = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.8)
   xs = _xs()
   v = bn.init(jax.random.key(0), xs[0])
-  moments = {}
-  for x in xs:
-    _, upd = bn.apply(
-      {**v, MOMENTS: moments}, x, mutable=['batch_stats', MOMENTS]
-    )
-    moments = upd[MOMENTS]
+  moments = _pool_moments(bn, v, xs)
   want = bnjax.linen.apply_pooled(v['batch_stats'], moments)
   got = bnjax.linen.apply_pooled(
     flax.core.freeze(v['batch_stats']), flax.core.freeze(moments)
