@@ -52,9 +52,21 @@ MUTANTS = {
   # Issue 12's bugs.
   'merge drops each shard mean low bits': (
     'bnjax/_moments/local.py',
-    '+ s1_i / jnp.maximum(n_i, 1.0)',
-    '+ 0 * s1_i',
+    '(sa / jnp.maximum(na, 1.0) - sb / jnp.maximum(nb, 1.0))',
+    '0.0',
     ['tests/core/test_exactness.py'],
+  ),
+  'merge drops the between-shard term': (
+    'bnjax/_moments/local.py',
+    'ma + mb + w * dmu * dmu',
+    'ma + mb',
+    ['tests/core/test_sync.py'],
+  ),
+  'merge derivative drops the between-shard term': (
+    'bnjax/_moments/local.py',
+    'dm2 + 2.0 * dev * nd',
+    'dm2',
+    ['tests/core/test_exactness.py', 'tests/core/test_sync.py'],
   ),
   'uncorrected two-pass': (
     'bnjax/_moments/local.py',

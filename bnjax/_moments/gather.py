@@ -2,13 +2,13 @@
 
 Forward statistics take ONE collective per axis name. Every shard has its
 exact partial ``(count, shift, s1, m2)`` and gathers all D of them, then
-merges them with the corrected two-pass over the shards' means
+merges them with Chan's pairwise update in one reduction
 (:func:`bnjax._moments.local.merge`): as exact as one call on the
 concatenated batch whatever the shard means, and count-weighted, so masked,
 uneven or empty shards give the global-batch result. Each shard sends 3C
 floats: without a mask its count is the layout's, the same constant on
 every shard, so it stays out of the buffer and XLA folds the merge's count
-arithmetic (``merge(..., equal=True)``). With a mask the counts travel (4C
+arithmetic. With a mask the counts travel (4C
 floats), as with unequal groups (3C + 1), where a row may be empty. The
 gather is
 
@@ -74,7 +74,7 @@ def _gather_merge_one(p: Partial, name, groups, fn: str) -> Partial:
   shift_i, s1_i, m2_i = (
     g[:, k + j * c : k + (j + 1) * c].reshape((d,) + shape) for j in range(3)
   )
-  return merge(Partial(n_i, shift_i, s1_i, m2_i), equal=not send_count)
+  return merge(Partial(n_i, shift_i, s1_i, m2_i))
 
 
 def _psum_gather(flat: jax.Array, name, groups, fn: str) -> jax.Array:
