@@ -100,7 +100,9 @@ def sync_row(mapping, build, per_device, size, repeats, step_rounds):
   step = _timing.medians(steps)
   columns = _timing.compile_columns(times)
   columns['ratio_of_medians'] = columns.pop('ratio')
-  step_pairs = [b / f for b, f in zip(steps['bnjax'], steps['flax'])]
+  step_pairs = [
+    b / f for b, f in zip(steps['bnjax'], steps['flax'], strict=True)
+  ]
   row = dict(
     mapping=mapping,
     devices=D,

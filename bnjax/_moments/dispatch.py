@@ -95,7 +95,10 @@ def batch_moments(
     if kernel.SELECTED:  # the kernel reads x in its own dtype, once
       return _auto_axes(functools.partial(stats, pallas=True), x, m, lay, fast)
     return _auto_axes(stats, xf, m, lay, fast)
-  return _synced(x, xf, lay, m, sync)
+  synced = functools.partial(_synced, sync=sync)
+  if kernel.SELECTED:  # the kernel reads x in its own dtype, once
+    return _auto_axes(functools.partial(synced, pallas=True), x, m, lay, fast)
+  return _auto_axes(synced, xf, m, lay, fast)
 
 
 def _counted(p: local.Partial):
@@ -170,9 +173,18 @@ def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
     if isinstance(mesh, jax.sharding.Mesh)
     else jax.sharding.use_abstract_mesh(jax.typeof(xf).sharding.mesh)
   )
+  # Only the Explicit axes: inside a shard_map over some of the mesh's axes
+  # (partial-manual), its Manual axes stay Manual for the sync's collective.
+  abstract = jax.typeof(xf).sharding.mesh
+  explicit = tuple(
+    a
+    for a, t in zip(abstract.axis_names, abstract.axis_types, strict=True)
+    if t == jax.sharding.AxisType.Explicit
+  )
   with context:
     return jax.sharding.auto_axes(
       lambda xf, m: stats(xf, m, lay, fast),
+      axes=explicit,
       out_sharding=(count, feat, feat, feat),
     )(xf, m)
 
@@ -181,17 +193,15 @@ def _traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-def _synced(x, xf, lay, m, sync: Sync):
+def _synced(xf, m, lay, fast, *, sync: Sync, pallas: bool = False):
   # Exact partials on every platform: synced statistics are not flax's
-  # anyway (flax averages per-shard means), so exactness wins here. Both
-  # merges are branch-free. With BNJAX_STATS_KERNEL=pallas the GPU/TPU
-  # path takes each shard's partial by the kernel (one read of x, in its
-  # own dtype).
+  # anyway (flax averages per-shard means), so exactness wins here (fast
+  # does not apply). Both merges are branch-free. With pallas
+  # (BNJAX_STATS_KERNEL=pallas) xf is x in its own dtype, and the GPU/TPU
+  # path takes each shard's partial by the kernel (one read of x).
+  del fast
   partial = _exact_partial if _traced(xf) else _exact_partial_impl
-  if kernel.SELECTED:
-    p = partial(x, lay, m, pallas=True)
-  else:
-    p = partial(xf, lay, m)
+  p = partial(xf, lay, m, pallas=pallas)
   merge = psum.psum_merge if sync.mode == 'psum' else gather.gather_merge
   return _counted(merge(p, sync.axis_name, sync.groups, sync.fn))
 

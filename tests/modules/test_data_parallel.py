@@ -9,9 +9,10 @@ statistics and the gradients of x, scale and bias.
 The patterns: ``jit`` on ``NamedSharding`` inputs with no context mesh (JAX's
 "distributed arrays" tutorial and flax's examples), on Explicit and on Auto
 axes; the same under ``jax.set_mesh``; a 2-D ``('data', 'model')`` mesh with
-the channels over 'model'; ``jax.shard_map`` and ``pmap`` with
-``axis_name``; masked and uneven shards; nnx parameters and statistics
-with sharding annotations under ``nnx.jit``.
+the channels over 'model', and a ``shard_map`` over 'data' alone on it;
+``jax.shard_map`` and ``pmap`` with ``axis_name``; masked and uneven
+shards; nnx parameters and statistics with sharding annotations under
+``nnx.jit``.
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def _problem(seed, rows=D * 8, c=4, loc=50.0):
 # ------------------------------------------------------ the four APIs ---
 
 
-def bn_apply(api, axis_name=None):
+def bn_apply(api, axis_name=None, sync='auto'):
   """``f(x, g, b, stats, mask) -> (y, (mean, var))`` through one API, x of
   shape (batch, channels), training mode, momentum 0.9."""
-  kw = dict(momentum=MOMENTUM, axis_name=axis_name)
+  kw = dict(momentum=MOMENTUM, axis_name=axis_name, sync=sync)
 
   def fn(x, g, b, stats, mask=None):
     y, new = bnjax.batch_norm(
@@ -261,6 +262,36 @@ def test_shard_map_with_axis_name(api, path):
   xs, ws = (jax.device_put(v, NamedSharding(mesh, P('d'))) for v in (x, w))
   out = jax.jit(_grad_step(f, ws, x.size))(xs, g, b, stats)
   _check(out, x, g, b, w, stats)
+
+
+@pytest.mark.parametrize('api', APIS)
+@pytest.mark.parametrize('sync', ['gather', 'psum'])
+def test_shard_map_over_data_with_channels_over_model(api, sync, path):
+  """Regression: a shard_map over 'data' only (partial-manual) on an
+  Explicit ('data', 'model') mesh, the channels over 'model' (a
+  tensor-parallel model's BN, synced over 'data'), raised ValueError from
+  the gather's all-gather (JAX types its output with 'model' on the new
+  axis) and ShardingTypeError from the psum's; flax's BatchNorm runs. The
+  statistics now come from inside ``auto_axes`` over the Explicit axes
+  and stay sharded by channel."""
+  x, g, b, w, stats = _problem(seed=49, c=4)
+  mesh = _mesh('Explicit', (4, 2), ('data', 'model'))
+  f = jax.shard_map(
+    bn_apply(api, axis_name='data', sync=sync),
+    mesh=mesh,
+    in_specs=(P('data'), P(), P(), P()),
+    out_specs=(P('data'), (P(), P())),
+    axis_names={'data'},
+  )
+  with _use(mesh):
+    xs, ws = (
+      jax.device_put(v, NamedSharding(mesh, P('data', 'model'))) for v in (x, w)
+    )
+    gs, bs, ss = jax.device_put((g, b, stats), NamedSharding(mesh, P('model')))
+    out = jax.jit(_grad_step(f, ws, x.size))(xs, gs, bs, ss)
+  _check(out, x, g, b, w, stats)
+  _, (y, (mean, var)) = out
+  assert mean.sharding.spec == P('model'), mean.sharding
 
 
 @pytest.mark.parametrize('api', APIS)
