@@ -17,13 +17,15 @@ the right code for each. The environment variable ``BNJAX_STATS_PATH``
 GPU/TPU path on the CPU, ``cpu`` the CPU path on any platform.
 ``BNJAX_STATS_KERNEL=pallas`` (opt-in) takes statistics on the GPU/TPU
 path by the one-read Pallas kernel of :mod:`bnjax._moments.kernel`:
-unsynced, and each shard's partial before a synced merge.
+unsynced, each shard's partial before a synced merge, and each device's
+shard under a jit over a batch sharded on Explicit axes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -93,6 +95,9 @@ def batch_moments(
   if sync.axis_name is None:
     stats = _local_stats if _traced(xf) else _local_stats_impl
     if kernel.SELECTED:  # the kernel reads x in its own dtype, once
+      shards = _kernel_over_shards(x, m, lay)
+      if shards is not None:
+        return on_platform(lambda: _auto_axes(stats, xf, m, lay, fast), shards)
       return _auto_axes(functools.partial(stats, pallas=True), x, m, lay, fast)
     return _auto_axes(stats, xf, m, lay, fast)
   synced = functools.partial(_synced, sync=sync)
@@ -187,6 +192,56 @@ def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
       axes=explicit,
       out_sharding=(count, feat, feat, feat),
     )(xf, m)
+
+
+def _kernel_over_shards(x, m, lay: Layout) -> Callable[[], Any] | None:
+  """The kernel under a jit over x sharded on a reduction axis (no
+  ``axis_name``), where x's type carries its sharding (Explicit axes).
+
+  The kernel is a custom call, which the SPMD partitioner cannot split: left
+  to it, every device would gather the whole x. Here a ``shard_map`` over
+  x's mesh axes runs the kernel on each device's shard (one read of it) and
+  merges the partials with the synced gather (exact, one collective per
+  mesh axis of the batch); the statistics leave sharded as x's feature
+  axes. None (the caller's route) without a mask-free, Explicitly sharded
+  batch: a masked x does not take the kernel, and under Auto axes the
+  sharding is unknown at trace time.
+  """
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  spec = tuple(getattr(sharding, 'spec', None) or ())
+  if m is not None or not spec:
+    return None
+  spec += (None,) * (x.ndim - len(spec))
+  names = lambda s: () if s is None else (s,) if isinstance(s, str) else s
+  batch = tuple(n for a in lay.reduction_axes for n in names(spec[a]))
+  if not batch:
+    return None
+  mesh = sharding.mesh
+  shape = tuple(
+    d // math.prod(mesh.shape[n] for n in names(spec[a]))
+    for a, d in enumerate(x.shape)
+  )
+  count = math.prod(shape[a] for a in lay.reduction_axes)
+  shard_lay = dataclasses.replace(
+    lay,
+    count=count,
+    shape=shape,
+    feature_shape=tuple(shape[a] for a in lay.feature_axes),
+  )
+  part = jax.sharding.PartitionSpec
+  feat = part(*(spec[a] for a in lay.feature_axes))
+
+  def per_shard(x):
+    p = _exact_partial(x, shard_lay, None, pallas=True)
+    return _counted(gather.gather_merge(p, batch, None, 'bnjax.batch_norm'))
+
+  return lambda: jax.shard_map(
+    per_shard,
+    mesh=mesh,
+    in_specs=part(*spec),
+    out_specs=(part(), feat, feat, feat),
+    axis_names={n for s in spec for n in names(s)},
+  )(x)
 
 
 def _traced(x) -> bool:

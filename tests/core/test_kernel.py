@@ -447,3 +447,91 @@ def test_synced_train_step_with_the_kernel_exports_for_tpu_per_shard(
   assert len(re.findall(r'custom_call @tpu_custom_call', text)) == 1
   assert 'all_gather' in text
   assert _hlo.conditionals(text)['data'] == 0
+
+
+# ------------------------------------------------ sharded jit, no name ---
+
+
+def _sharded_step(x, scale, spec):
+  """A train step of unsynced BN under jit over x sharded by ``spec`` on an
+  Explicit ('d', 'm') mesh: the outputs, the new statistics and the
+  gradients of x and the scale."""
+  stats = bnjax.init_batch_stats(x.shape[-1])
+
+  def loss(x, scale):
+    y, new = bnjax.batch_norm(
+      x, stats, scale, use_running_average=False, momentum=0.0
+    )
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, new)
+
+  return jax.grad(loss, (0, 1), has_aux=True)(x, scale)
+
+
+def _explicit_mesh():
+  return jax.make_mesh(
+    (4, 2), ('d', 'm'), axis_types=(jax.sharding.AxisType.Explicit,) * 2
+  )
+
+
+@pytest.mark.parametrize(
+  'spec', [('d', 'm'), ('d', None, None, 'm')], ids=['batch', 'batch+channels']
+)
+def test_sharded_jit_takes_the_kernel_per_shard(selected, spec):
+  """Regression: under a jit over a batch sharded on Explicit axes (no
+  axis_name), the kernel ran on the whole x (the SPMD partitioner cannot
+  split a custom call: on TPU the export failed, "Mosaic kernels cannot be
+  automatically partitioned"). A shard_map now runs it on each shard and
+  the synced gather merges the partials: the float64 global batch within
+  the bound, the XLA path's outputs and gradients, and statistics sharded
+  as the channels."""
+  rng = np.random.default_rng(4)
+  x = 1e4 + rng.standard_normal((D * 4, 8, 8, 128))  # 256 rows a shard
+  x[:8] += 3000.0  # an outlier shard
+  x = jnp.asarray(x, jnp.float32)
+  scale = jnp.linspace(0.5, 1.5, 128)
+  mesh = _explicit_mesh()
+  P = jax.sharding.PartitionSpec
+  named = jax.sharding.NamedSharding
+  xs = jax.device_put(x, named(mesh, P(*spec)))
+  feat = P(spec[3] if len(spec) > 3 else None)
+  ss = jax.device_put(scale, named(mesh, feat))
+  step = jax.jit(lambda x, s: _sharded_step(x, s, spec))
+  assert 'bnjax_tile_moments' in str(jax.make_jaxpr(step)(xs, ss))
+  (gx, gs), (y, new) = step(xs, ss)
+  want_mean, want_var = _f64(np.asarray(x).reshape(-1, 128))
+  np.testing.assert_allclose(new.var, want_var, rtol=BAR)
+  np.testing.assert_allclose(new.mean, want_mean, rtol=1e-7)
+  assert new.mean.sharding.spec == feat, new.mean.sharding
+  kernel.SELECTED = False
+  want = jax.jit(lambda x, s: _sharded_step(x, s, spec))(xs, ss)
+  got = ((gx, gs), (y, new))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)
+
+
+def test_sharded_jit_with_the_kernel_exports_for_tpu_per_shard(monkeypatch):
+  """The Mosaic call reads one device's shard (4 x 8 x 8 rows of 128
+  channels), and the partials travel in one all-gather of 3C floats per
+  mesh axis of the batch; no data-dependent conditional."""
+  monkeypatch.setattr(kernel, 'SELECTED', True)
+  mesh = _explicit_mesh()
+  P = jax.sharding.PartitionSpec
+  x = jax.ShapeDtypeStruct(
+    (D * 4, 8, 8, 128),
+    jnp.bfloat16,
+    sharding=jax.sharding.NamedSharding(mesh, P(('d', 'm'))),
+  )
+  scale = jax.ShapeDtypeStruct((128,), jnp.float32)
+  text = _hlo.export(
+    lambda x, s: _sharded_step(x, s, (('d', 'm'),)),
+    x,
+    scale,
+    platforms=('tpu',),
+  )
+  calls = [
+    line for line in text.splitlines() if 'custom_call @tpu_custom_call' in line
+  ]
+  assert len(calls) == 1 and 'tensor<256x128xbf16>' in calls[0], calls
+  gathers = re.findall(r'all_gather.*-> tensor<(\d+)x(\d+)xf32>', text)
+  assert sorted(gathers) == [('2', '384'), ('4', '384')], gathers
+  assert _hlo.conditionals(text)['data'] == 0

@@ -18,6 +18,7 @@ shards; nnx parameters and statistics with sharding annotations under
 from __future__ import annotations
 
 import contextlib
+import re
 
 import equinox as eqx
 import jax
@@ -243,7 +244,10 @@ def test_channel_sharded_2d_mesh_keeps_statistics_by_channel(api, path):
   _, (y, (mean, var)) = out
   assert y.sharding.spec == P('data', 'model'), y.sharding
   hlo = step.lower(xs, gs, bs, ss).compile().as_text()
-  assert 'all-gather' not in hlo
+  # No features gathered: an all-gather, if any, carries the shards'
+  # partial statistics (the kernel's route: 3 floats a channel a shard).
+  for shape in re.findall(r'= f32\[([\d,]*)\][^ ]* all-gather\(', hlo):
+    assert np.prod([int(d) for d in shape.split(',')]) <= D * 3 * x.shape[1]
 
 
 # ------------------------------------------------- shard_map and pmap ---
