@@ -209,7 +209,7 @@ def _kernel_over_shards(x, m, lay: Layout) -> Callable[[], Any] | None:
   """
   sharding = getattr(jax.typeof(x), 'sharding', None)
   spec = tuple(getattr(sharding, 'spec', None) or ())
-  if m is not None or not spec:
+  if m is not None or not spec or sharding is None:
     return None
   spec += (None,) * (x.ndim - len(spec))
   names = lambda s: () if s is None else (s,) if isinstance(s, str) else s
