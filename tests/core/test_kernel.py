@@ -238,7 +238,7 @@ def test_train_step_with_the_kernel_exports_for_tpu_as_a_mosaic_call(
   assert len(re.findall(r'custom_call @tpu_custom_call', text)) == 1
 
 
-TRITON = jax_export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
+TRITON = _hlo.TRITON
 
 
 def test_train_step_with_the_kernel_exports_for_cuda_through_triton(

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import bnjax.linen
 import bnjax.nnx
+from bnjax._moments import dispatch
 from tests._hlo import conditionals
 from tests._hlo import export as _export
 
@@ -131,7 +132,8 @@ def test_accelerator_step_has_no_data_dependent_conditional(platform, synced):
   assert counts['data'] == 0, counts
   assert counts['platform'] <= 6, counts
   cpu = conditionals(_export(step, v, X, platforms=('cpu',)))
-  assert cpu['data'] == (0 if synced else 1), cpu
+  forced = dispatch.forced_path() == 'accelerator'  # the CI's kernel runs
+  assert cpu['data'] == (0 if synced or forced else 1), cpu
 
 
 @pytest.mark.parametrize('devices', [8, 1024])
