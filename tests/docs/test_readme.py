@@ -249,9 +249,32 @@ def test_no_unrecorded_figure_in_readme_prose():
   f = _experiment_figures()
   checked = {f'{v:.2f}' for v in (lo, hi, lo2, hi2, *f['ema'], *f['precise'])}
   checked |= {f'{worst:.1e}'.replace('e-0', 'e-'), f'{f["uneven"]:.1f}'}
+  checked |= set(_sync_compile_figures())
   for path, allowed in NOT_MEASURED.items():
     stray = set(prose_figures(path)) - set(allowed) - checked
     assert not stray, (path, sorted(stray))
+
+
+def _sync_compile_figures() -> list[str]:
+  """The latest synced compile run's ratios (compile, then step; pmap,
+  then shard_map), as the README's Speed row states them."""
+  from benchmarks import _timing
+
+  rows = {r['mapping']: r for r in _timing.latest('sync_compile')['rows']}
+  return [
+    f'{rows[m][k]:.2f}'
+    for k in ('ratio', 'step_ratio')
+    for m in ('pmap', 'shard_map')
+  ]
+
+
+def test_readme_states_the_latest_synced_compile_run():
+  c_pmap, c_smap, s_pmap, s_smap = _sync_compile_figures()
+  want = (
+    f'a synced ResNet-18 on 8 CPU devices in {c_pmap}x (pmap) and {c_smap}x '
+    f"(shard_map) of flax's, its step in {s_pmap}x and {s_smap}x"
+  )
+  assert want in README.read_text()
 
 
 def _pin(path, name, python):
