@@ -94,16 +94,14 @@ def batch_moments(
   m = None if mask is None else jnp.broadcast_to(mask, x.shape)
   if sync.axis_name is None:
     stats = _local_stats if _traced(xf) else _local_stats_impl
-    if kernel.SELECTED:  # the kernel reads x in its own dtype, once
-      shards = _kernel_over_shards(x, m, lay)
-      if shards is not None:
-        return on_platform(lambda: _auto_axes(stats, xf, m, lay, fast), shards)
-      return _auto_axes(functools.partial(stats, pallas=True), x, m, lay, fast)
-    return _auto_axes(stats, xf, m, lay, fast)
-  synced = functools.partial(_synced, sync=sync)
+  else:
+    stats = functools.partial(_synced, sync=sync)
   if kernel.SELECTED:  # the kernel reads x in its own dtype, once
-    return _auto_axes(functools.partial(synced, pallas=True), x, m, lay, fast)
-  return _auto_axes(synced, xf, m, lay, fast)
+    shards = _kernel_over_shards(x, m, lay, sync)
+    if shards is not None:
+      return on_platform(lambda: _auto_axes(stats, xf, m, lay, fast), shards)
+    return _auto_axes(functools.partial(stats, pallas=True), x, m, lay, fast)
+  return _auto_axes(stats, xf, m, lay, fast)
 
 
 def _counted(p: local.Partial):
@@ -194,29 +192,36 @@ def _auto_axes(stats, xf, m, lay: Layout, fast: bool):
     )(xf, m)
 
 
-def _kernel_over_shards(x, m, lay: Layout) -> Callable[[], Any] | None:
-  """The kernel under a jit over x sharded on a reduction axis (no
-  ``axis_name``), where x's type carries its sharding (Explicit axes).
+def _kernel_over_shards(
+  x, m, lay: Layout, sync: Sync
+) -> Callable[[], Any] | None:
+  """The kernel where x's type shards it over Explicit mesh axes: a jit
+  over a sharded batch with no ``axis_name``, or channels over a model axis
+  (also inside a ``shard_map`` over the data axis alone, synced over it).
 
   The kernel is a custom call, which the SPMD partitioner cannot split: left
-  to it, every device would gather the whole x. Here a ``shard_map`` over
-  x's mesh axes runs the kernel on each device's shard (one read of it) and
-  merges the partials with the synced gather (exact, one collective per
-  mesh axis of the batch); the statistics leave sharded as x's feature
-  axes. None (the caller's route) without a mask-free, Explicitly sharded
-  batch: a masked x does not take the kernel, and under Auto axes the
-  sharding is unknown at trace time.
+  to it, every device would gather the whole x (on TPU the export fails).
+  Here a ``shard_map`` over x's Explicit axes runs the kernel on each
+  device's shard (one read of it); the partials merge over the axes that
+  shard the batch with the synced gather (exact, one collective per mesh
+  axis), then over ``sync``'s axes as a synced call merges them, and the
+  statistics leave sharded as x's feature axes. None (the caller's route)
+  for a masked x, which does not take the kernel, and where x's type names
+  no mesh axis: unsharded, fully inside a ``shard_map``, or on Auto axes,
+  whose sharding is unknown at trace time.
   """
   sharding = getattr(jax.typeof(x), 'sharding', None)
   spec = tuple(getattr(sharding, 'spec', None) or ())
-  if m is not None or not spec or sharding is None:
+  names = lambda s: () if s is None else (s,) if isinstance(s, str) else s
+  manual = {n for s in spec for n in names(s)}
+  if m is not None or not manual or sharding is None:
     return None
   spec += (None,) * (x.ndim - len(spec))
-  names = lambda s: () if s is None else (s,) if isinstance(s, str) else s
   batch = tuple(n for a in lay.reduction_axes for n in names(spec[a]))
-  if not batch:
-    return None
-  mesh = sharding.mesh
+  # Inside a shard_map the context mesh has its Manual axes; x's own
+  # sharding may still name the mesh as it was outside.
+  context = jax.sharding.get_abstract_mesh()
+  mesh = context if manual <= set(context.axis_names) else sharding.mesh
   shape = tuple(
     d // math.prod(mesh.shape[n] for n in names(spec[a]))
     for a, d in enumerate(x.shape)
@@ -233,14 +238,28 @@ def _kernel_over_shards(x, m, lay: Layout) -> Callable[[], Any] | None:
 
   def per_shard(x):
     p = _exact_partial(x, shard_lay, None, pallas=True)
-    return _counted(gather.gather_merge(p, batch, None, 'bnjax.batch_norm'))
+    if batch:
+      p = gather.gather_merge(p, batch, None, sync.fn)
+    if sync.axis_name is not None:
+      merge = psum.psum_merge if sync.mode == 'psum' else gather.gather_merge
+      p = merge(p, sync.axis_name, sync.groups, sync.fn)
+    count, *stats = _counted(p)
+    # The psum carries the count in one buffer with the channels' sums, so
+    # it comes back typed as varying over the channels' axes, though it is
+    # the same everywhere: a maximum over them makes that explicit.
+    vary = sorted(
+      (collectives.aval_varying_axes(jax.typeof(count)) or set()) & manual
+    )
+    if vary:
+      count = lax.pmax(count, tuple(vary))
+    return (count, *stats)
 
   return lambda: jax.shard_map(
     per_shard,
     mesh=mesh,
-    in_specs=part(*spec),
+    in_specs=(part(*spec),),
     out_specs=(part(), feat, feat, feat),
-    axis_names={n for s in spec for n in names(s)},
+    axis_names=manual,
   )(x)
 
 

@@ -535,3 +535,109 @@ def test_sharded_jit_with_the_kernel_exports_for_tpu_per_shard(monkeypatch):
   gathers = re.findall(r'all_gather.*-> tensor<(\d+)x(\d+)xf32>', text)
   assert sorted(gathers) == [('2', '384'), ('4', '384')], gathers
   assert _hlo.conditionals(text)['data'] == 0
+
+
+def _data_only_step(x, scale, sync='gather'):
+  """A train step synced over 'data' in a shard_map over 'data' alone, on
+  the Explicit ('d', 'm') mesh with the channels over 'm': the outputs, the
+  new statistics and the gradients (the scale's summed over 'd'). Called
+  under ``jax.set_mesh`` of that mesh."""
+  mesh = _explicit_mesh()
+  P = jax.sharding.PartitionSpec
+  # NumPy state: an array made under jax.set_mesh would carry the mesh
+  # outside the shard_map into it.
+  c = x.shape[-1]
+  stats = bnjax.BatchStats(np.zeros(c, np.float32), np.ones(c, np.float32))
+
+  def per_shard(x, scale):
+    def loss(x, scale):
+      y, new = bnjax.batch_norm(
+        x,
+        stats,
+        scale,
+        use_running_average=False,
+        momentum=0.0,
+        axis_name='d',
+        sync=sync,
+      )
+      return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, new)
+
+    (gx, gs), (y, new) = jax.grad(loss, (0, 1), has_aux=True)(x, scale)
+    return y, new, gx, jax.lax.psum(gs, 'd')
+
+  step = jax.shard_map(
+    per_shard,
+    mesh=mesh,
+    in_specs=(P('d'), P()),
+    out_specs=(P('d'), P(), P('d'), P()),
+    axis_names={'d'},
+  )
+  return jax.jit(step)(x, scale)
+
+
+@pytest.mark.parametrize('sync', ['gather', 'psum'])
+def test_shard_map_over_data_with_channels_over_model_takes_the_kernel(
+  selected, sync
+):
+  """Regression: synced over 'data' in a shard_map over 'data' alone, the
+  channels over an Explicit 'm' axis, the kernel was left to the
+  partitioner inside auto_axes (the TPU export failed as above). It now
+  runs on each device's shard: the float64 global batch within the bound,
+  the XLA path's outputs and gradients."""
+  rng = np.random.default_rng(5)
+  x = 1e4 + rng.standard_normal((D * 2, 8, 8, 128))
+  x[:2] += 3000.0
+  x = jnp.asarray(x, jnp.float32)
+  mesh = _explicit_mesh()
+  P = jax.sharding.PartitionSpec
+  xs = jax.device_put(
+    x, jax.sharding.NamedSharding(mesh, P('d', None, None, 'm'))
+  )
+  scale = jax.device_put(
+    jnp.linspace(0.5, 1.5, 128), jax.sharding.NamedSharding(mesh, P('m'))
+  )
+  with jax.set_mesh(mesh):
+    jaxpr = str(
+      jax.make_jaxpr(lambda x, s: _data_only_step(x, s, sync))(xs, scale)
+    )
+    got = _data_only_step(xs, scale, sync)
+  assert 'bnjax_tile_moments' in jaxpr
+  want_mean, want_var = _f64(np.asarray(x).reshape(-1, 128))
+  np.testing.assert_allclose(got[1].var, want_var, rtol=BAR)
+  np.testing.assert_allclose(got[1].mean, want_mean, rtol=1e-7)
+  kernel.SELECTED = False
+  with jax.set_mesh(mesh):
+    want = _data_only_step(xs, scale, sync)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.xfail(
+  jax.__version_info__ < (0, 9),
+  reason='JAX 0.8 lowers the Mosaic call of a shard_map nested in a '
+  'partial-manual one for the partitioner (docs/guides/performance.md)',
+  raises=NotImplementedError,
+  strict=True,
+)
+def test_shard_map_over_data_with_the_kernel_exports_for_tpu_per_shard(
+  monkeypatch,
+):
+  monkeypatch.setattr(kernel, 'SELECTED', True)
+  mesh = _explicit_mesh()
+  P = jax.sharding.PartitionSpec
+  x = jax.ShapeDtypeStruct(
+    (D * 2, 8, 8, 256),
+    jnp.float32,
+    sharding=jax.sharding.NamedSharding(mesh, P('d', None, None, 'm')),
+  )
+  scale = jax.ShapeDtypeStruct((256,), jnp.float32)
+  with jax.set_mesh(mesh):
+    text = _hlo.export(
+      lambda x, s: _data_only_step(x, s), x, scale, platforms=('tpu',)
+    )
+  calls = [
+    line for line in text.splitlines() if 'custom_call @tpu_custom_call' in line
+  ]
+  # 16 / 4 x 8 x 8 rows, 256 / 2 channels: one device's shard
+  assert len(calls) == 1 and 'tensor<256x128xf32>' in calls[0], calls
+  assert _hlo.conditionals(text)['data'] == 0
