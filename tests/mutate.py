@@ -32,9 +32,9 @@ MUTANTS = {
     ['tests/core/test_oracle.py'],
   ),
   'unweighted sync mean': (
-    'bnjax/_moments/local.py',
-    'nd = n_i * delta',
-    'nd = jnp.mean(n_i, axis, keepdims=True) * delta',
+    'bnjax/_moments/combine.py',
+    'sa + (sb + nb * (kb - ka))',
+    'sa + (sb + (kb - ka))',
     ['tests/core/test_sync.py', 'tests/core/test_exactness.py'],
   ),
   'mask dropped in the backward': (
@@ -51,19 +51,19 @@ MUTANTS = {
   ),
   # Issue 12's bugs.
   'merge drops each shard mean low bits': (
-    'bnjax/_moments/local.py',
+    'bnjax/_moments/combine.py',
     '(sa / jnp.maximum(na, 1.0) - sb / jnp.maximum(nb, 1.0))',
     '0.0',
     ['tests/core/test_exactness.py'],
   ),
   'merge drops the between-shard term': (
-    'bnjax/_moments/local.py',
+    'bnjax/_moments/combine.py',
     'ma + mb + w * dmu * dmu',
     'ma + mb',
     ['tests/core/test_sync.py'],
   ),
   'merge derivative drops the between-shard term': (
-    'bnjax/_moments/local.py',
+    'bnjax/_moments/combine.py',
     'dm2 + 2.0 * dev * nd',
     'dm2',
     ['tests/core/test_exactness.py', 'tests/core/test_sync.py'],
@@ -127,9 +127,9 @@ MUTANTS = {
   ),
   'synced path drops the mean low bits': (
     'bnjax/_moments/dispatch.py',
-    'return _counted(merge(p, sync.axis_name, sync.groups, sync.fn))',
+    'return _counted(_sync_merge(partial(xf, lay, m, pallas=pallas), sync))',
     'return (lambda r: (*r[:3], 0 * r[3]))('
-    '_counted(merge(p, sync.axis_name, sync.groups, sync.fn)))',
+    '_counted(_sync_merge(partial(xf, lay, m, pallas=pallas), sync)))',
     ['tests/core/test_accumulate.py'],
   ),
   'pool ignores the micro-batch count': (
@@ -260,11 +260,13 @@ MUTANTS = {
     ['tests/modules/test_modules.py'],
   ),
   # Issue 39: the gather merge without the count.
-  'gather merge around the first shard shift': (
-    'bnjax/_moments/local.py',
-    'ref = jnp.mean(shift_i, axis)',
-    'ref = lax.index_in_dim(shift_i, 0, axis, keepdims=False)',
-    ['tests/core/test_sync_program.py'],
+  # The merge has no reference shift since Chan's update (this session's
+  # merge): an empty part's s1 is what could leak in instead.
+  'merge lets an empty part s1 in': (
+    'bnjax/_moments/combine.py',
+    's1_i = jnp.where(n_i > 0, s1_i, 0.0)',
+    's1_i = s1_i + 0.0',
+    ['tests/core/test_exactness.py'],
   ),
   'unequal groups leave the count home': (
     'bnjax/_moments/gather.py',

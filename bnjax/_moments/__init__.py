@@ -2,7 +2,9 @@
 
 - ``local``: exact per-channel partial moments of one shard (blocked sums
   and a shift near the mean, so the error bound holds for any summation
-  order), the CPU fast path, and the exact merge of partials;
+  order) and the CPU fast path;
+- ``combine``: the exact merge of stacked partials (Chan's update, one
+  reduction);
 - ``gather`` and ``psum``: the two ways statistics combine over mapped axes;
 - ``axes``: names, sizes and groups of mapped axes (validation, no
   communication);
@@ -19,6 +21,7 @@ from bnjax._moments.axes import (
   num_shards,
   uniform_shards,
 )
+from bnjax._moments.combine import merge
 from bnjax._moments.dispatch import (
   LOCAL,
   Sync,
@@ -34,7 +37,6 @@ from bnjax._moments.local import (
   exact_partial,
   finalize,
   finalize_lo,
-  merge,
   real_dtype,
   stats_dtype,
 )

@@ -18,7 +18,8 @@ GPU/TPU path on the CPU, ``cpu`` the CPU path on any platform.
 ``BNJAX_STATS_KERNEL=pallas`` (opt-in) takes statistics on the GPU/TPU
 path by the one-read Pallas kernel of :mod:`bnjax._moments.kernel`:
 unsynced, each shard's partial before a synced merge, and each device's
-shard under a jit over a batch sharded on Explicit axes.
+shard wherever x's type shards it over Explicit mesh axes (a jit over a
+sharded batch; channels over a model axis).
 """
 
 from __future__ import annotations
@@ -241,8 +242,7 @@ def _kernel_over_shards(
     if batch:
       p = gather.gather_merge(p, batch, None, sync.fn)
     if sync.axis_name is not None:
-      merge = psum.psum_merge if sync.mode == 'psum' else gather.gather_merge
-      p = merge(p, sync.axis_name, sync.groups, sync.fn)
+      p = _sync_merge(p, sync)
     count, *stats = _counted(p)
     # The psum carries the count in one buffer with the channels' sums, so
     # it comes back typed as varying over the channels' axes, though it is
@@ -275,9 +275,13 @@ def _synced(xf, m, lay, fast, *, sync: Sync, pallas: bool = False):
   # path takes each shard's partial by the kernel (one read of x).
   del fast
   partial = _exact_partial if _traced(xf) else _exact_partial_impl
-  p = partial(xf, lay, m, pallas=pallas)
+  return _counted(_sync_merge(partial(xf, lay, m, pallas=pallas), sync))
+
+
+def _sync_merge(p: local.Partial, sync: Sync) -> local.Partial:
+  """The shards' partials merged over ``sync``'s axes, by its mode."""
   merge = psum.psum_merge if sync.mode == 'psum' else gather.gather_merge
-  return _counted(merge(p, sync.axis_name, sync.groups, sync.fn))
+  return merge(p, sync.axis_name, sync.groups, sync.fn)
 
 
 def _complex_moments(x, lay: Layout, mask, fast, sync: Sync):

@@ -3,7 +3,7 @@
 Forward statistics take ONE collective per axis name. Every shard has its
 exact partial ``(count, shift, s1, m2)`` and gathers all D of them, then
 merges them with Chan's pairwise update in one reduction
-(:func:`bnjax._moments.local.merge`): as exact as one call on the
+(:func:`bnjax._moments.combine.merge`): as exact as one call on the
 concatenated batch whatever the shard means, and count-weighted, so masked,
 uneven or empty shards give the global-batch result. Each shard sends 3C
 floats: without a mask its count is the layout's, the same constant on
@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax._moments import axes, collectives
-from bnjax._moments.local import Partial, merge
+from bnjax._moments.combine import merge
+from bnjax._moments.local import Partial
 
 
 def gather_merge(p: Partial, axis_name, groups, fn: str) -> Partial:

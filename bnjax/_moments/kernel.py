@@ -16,7 +16,7 @@ takes its exact moments there, so x leaves HBM once:
    :math:`M_2 = \sum d^2 - s_1^2 / n_t` (the corrected two-pass). Out: one
    :class:`local.Partial` per tile, ``(count, K, s1, M2)`` of shape
    ``(tiles, C)``.
-2. *The merge, in XLA.* :func:`local.merge` (exact: the tiles' means enter
+2. *The merge, in XLA.* :func:`combine.merge` (exact: the tiles' means enter
    as deviations from a common reference), in levels of at most
    ``local.BLOCK`` tiles, the same blocking as :func:`local.blocked_sums`.
 
@@ -91,7 +91,7 @@ from jax.extend import core as jax_core
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec
 
-from bnjax._moments import collectives, local
+from bnjax._moments import collectives, combine, local
 from bnjax._types import Layout
 
 Array = jax.Array
@@ -377,7 +377,7 @@ def _median3(a: Array, b: Array, c: Array) -> Array:
 
 
 def _blocked_merge(parts: local.Partial) -> local.Partial:
-  """:func:`local.merge` of T stacked partials in levels of at most
+  """:func:`combine.merge` of T stacked partials in levels of at most
   ``local.BLOCK`` (balanced, as :func:`local.blocked_sums`'s): groups of
   b partials (the last padded with empty ones, which weigh 0) merge into
   one each, until one is left."""
@@ -389,5 +389,5 @@ def _blocked_merge(parts: local.Partial) -> local.Partial:
     g = -(-t // b)
     pad = ((0, g * b - t), (0, 0))
     p = local.Partial(*(jnp.pad(v, pad).reshape(g, b, -1) for v in p))
-    p = local.merge(p, axis=1)
+    p = combine.merge(p, axis=1)
   return local.Partial(*(v[0] for v in p))

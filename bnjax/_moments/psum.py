@@ -21,9 +21,10 @@ Every shard takes its exact partial ``(n_i, K_i, s_{1,i}, M_{2,i})``
   S_1 = \sum n_i \epsilon_i, \quad
   M_2 = \sum_i M_{2,i} + \sum_i n_i \epsilon_i^2 - S_1^2 / N,
 
-the corrected two-pass over the shard means around K: the same merge as
-the gather path's (``local.merge``), with the sums over shards taken by
-all-reduces instead of after an all-gather. K is within a rounding of the
+the corrected two-pass over the shard means around K, with the sums over
+shards taken by all-reduces (the gather path merges the gathered partials
+with Chan's update instead, ``combine.merge``: a sum of all-reduced terms
+cannot take a pairwise combiner). K is within a rounding of the
 global mean, so the between-shard term has nothing left to cancel; one
 pass around R alone left up to D times it (an outlier shard 3000 std away:
 2.6e-6 relative variance error at 8 shards, 3.3e-5 at 64; this way 1.6e-7
