@@ -333,12 +333,17 @@ def test_a_bad_kernel_name_is_refused_at_import():
 D = 8
 
 
-def _synced_step(x, scale, sync='gather'):
-  """A train step of synced BN under shard_map (check_vma on) over D shards:
-  the outputs, the new statistics and the gradients."""
-  mesh = jax.sharding.Mesh(jax.devices()[:D], ('d',))
+def _synced_step(x, scale, sync='gather', mesh=None, axis_names=None):
+  """A train step of synced BN under shard_map (check_vma on) over the 'd'
+  axis of ``mesh`` (D CPU devices by default; ``axis_names`` makes it a
+  shard_map over some of its axes): the outputs, the new statistics and
+  the gradients (the scale's summed over 'd')."""
+  mesh = mesh or jax.sharding.Mesh(jax.devices()[:D], ('d',))
   spec = jax.sharding.PartitionSpec
-  stats = bnjax.init_batch_stats(x.shape[-1])
+  # NumPy state: an array made under jax.set_mesh would carry the mesh
+  # outside the shard_map into it.
+  c = x.shape[-1]
+  stats = bnjax.BatchStats(np.zeros(c, np.float32), np.ones(c, np.float32))
 
   def per_shard(x, scale):
     def loss(x, scale):
@@ -356,12 +361,14 @@ def _synced_step(x, scale, sync='gather'):
     (gx, gs), (y, new) = jax.grad(loss, (0, 1), has_aux=True)(x, scale)
     return y, new, gx, jax.lax.psum(gs, 'd')
 
+  kw = {} if axis_names is None else {'axis_names': axis_names}
   return jax.jit(
     jax.shard_map(
       per_shard,
       mesh=mesh,
       in_specs=(spec('d'), spec()),
       out_specs=(spec('d'), spec(), spec('d'), spec()),
+      **kw,
     )
   )(x, scale)
 
@@ -538,41 +545,10 @@ def test_sharded_jit_with_the_kernel_exports_for_tpu_per_shard(monkeypatch):
 
 
 def _data_only_step(x, scale, sync='gather'):
-  """A train step synced over 'data' in a shard_map over 'data' alone, on
-  the Explicit ('d', 'm') mesh with the channels over 'm': the outputs, the
-  new statistics and the gradients (the scale's summed over 'd'). Called
-  under ``jax.set_mesh`` of that mesh."""
-  mesh = _explicit_mesh()
-  P = jax.sharding.PartitionSpec
-  # NumPy state: an array made under jax.set_mesh would carry the mesh
-  # outside the shard_map into it.
-  c = x.shape[-1]
-  stats = bnjax.BatchStats(np.zeros(c, np.float32), np.ones(c, np.float32))
-
-  def per_shard(x, scale):
-    def loss(x, scale):
-      y, new = bnjax.batch_norm(
-        x,
-        stats,
-        scale,
-        use_running_average=False,
-        momentum=0.0,
-        axis_name='d',
-        sync=sync,
-      )
-      return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, new)
-
-    (gx, gs), (y, new) = jax.grad(loss, (0, 1), has_aux=True)(x, scale)
-    return y, new, gx, jax.lax.psum(gs, 'd')
-
-  step = jax.shard_map(
-    per_shard,
-    mesh=mesh,
-    in_specs=(P('d'), P()),
-    out_specs=(P('d'), P(), P('d'), P()),
-    axis_names={'d'},
-  )
-  return jax.jit(step)(x, scale)
+  """:func:`_synced_step` in a shard_map over 'd' alone on the Explicit
+  ('d', 'm') mesh, the channels over 'm'. Called under ``jax.set_mesh`` of
+  that mesh."""
+  return _synced_step(x, scale, sync, _explicit_mesh(), axis_names={'d'})
 
 
 @pytest.mark.parametrize('sync', ['gather', 'psum'])
