@@ -211,9 +211,9 @@ def main(argv=None):
     if smoke
     else stack_rows(shape)
   )
-  # The smoke run: one bottleneck block a stage, seconds to compile.
+  # The smoke run: one stage of one bottleneck block, seconds to compile.
   batches, size, classes, stages = (
-    ((1, 2), 16, 10, (1, 1, 1, 1))
+    ((1, 2), 16, 10, (1,))
     if smoke
     else ((2, 4), 64, 1000, (3, 4, 6, 3))
   )
