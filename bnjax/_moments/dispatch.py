@@ -19,7 +19,8 @@ GPU/TPU path on the CPU, ``cpu`` the CPU path on any platform.
 path by the one-read Pallas kernel of :mod:`bnjax._moments.kernel`:
 unsynced, each shard's partial before a synced merge, and each device's
 shard wherever x's type shards it over Explicit mesh axes (a jit over a
-sharded batch; channels over a model axis).
+sharded batch; channels over a model axis); not under a context mesh with
+Auto axes, which the partitioner places (:func:`_auto_partitioned`).
 """
 
 from __future__ import annotations
@@ -101,8 +102,25 @@ def batch_moments(
     shards = _kernel_over_shards(x, m, lay, sync)
     if shards is not None:
       return on_platform(lambda: _auto_axes(stats, xf, m, lay, fast), shards)
-    return _auto_axes(functools.partial(stats, pallas=True), x, m, lay, fast)
+    if not _auto_partitioned():
+      return _auto_axes(functools.partial(stats, pallas=True), x, m, lay, fast)
   return _auto_axes(stats, xf, m, lay, fast)
+
+
+def _auto_partitioned() -> bool:
+  """Whether the context mesh has an Auto axis of size > 1 (``jax.set_mesh``
+  of a mesh with Auto axes, outside a ``shard_map`` over them): the SPMD
+  partitioner then places x, and it cannot split the kernel's custom call
+  (on TPU the lowering fails, "Mosaic kernels cannot be automatically
+  partitioned"; on GPU every device would read all of x), so the XLA path
+  runs there. A jit over Auto-sharded inputs with no context mesh cannot
+  be told apart at trace time: docs/guides/performance.md."""
+  mesh = jax.sharding.get_abstract_mesh()
+  auto = jax.sharding.AxisType.Auto
+  return any(
+    t == auto and mesh.shape[a] > 1
+    for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+  )
 
 
 def _counted(p: local.Partial):

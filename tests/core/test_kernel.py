@@ -544,6 +544,41 @@ def test_sharded_jit_with_the_kernel_exports_for_tpu_per_shard(monkeypatch):
   assert _hlo.conditionals(text)['data'] == 0
 
 
+def test_an_auto_mesh_in_context_takes_the_xla_path(monkeypatch):
+  """Regression: under ``jax.set_mesh`` of a mesh with Auto axes the SPMD
+  partitioner places x, and the kernel's custom call was left to it: the
+  TPU export failed ("Mosaic kernels cannot be automatically
+  partitioned"). The XLA path runs there: no Mosaic call, no data
+  conditional. Inside a ``shard_map`` over that mesh's axes (Manual there:
+  each body sees its own shard) the kernel still runs."""
+  monkeypatch.setattr(kernel, 'SELECTED', True)
+  mesh = jax.make_mesh(
+    (4, 2), ('d', 'm'), axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
+  P = jax.sharding.PartitionSpec
+  x = jax.ShapeDtypeStruct(
+    (D * 4, 8, 8, 128),
+    jnp.bfloat16,
+    sharding=jax.sharding.NamedSharding(mesh, P(('d', 'm'))),
+  )
+  scale = jax.ShapeDtypeStruct((128,), jnp.float32)
+  mosaic = 'custom_call @tpu_custom_call'
+  with jax.set_mesh(mesh):
+    text = _hlo.export(
+      lambda x, s: _sharded_step(x, s, None), x, scale, platforms=('tpu',)
+    )
+    assert mosaic not in text
+    assert _hlo.conditionals(text)['data'] == 0
+    x = jax.ShapeDtypeStruct((D * 2, 8, 8, 128), jnp.float32)
+    text = _hlo.export(
+      lambda x, s: _synced_step(x, s, 'gather', mesh),
+      x,
+      scale,
+      platforms=('tpu',),
+    )
+    assert text.count(mosaic) == 1, text.count(mosaic)
+
+
 def _data_only_step(x, scale, sync='gather'):
   """:func:`_synced_step` in a shard_map over 'd' alone on the Explicit
   ('d', 'm') mesh, the channels over 'm'. Called under ``jax.set_mesh`` of
