@@ -213,9 +213,7 @@ def main(argv=None):
   )
   # The smoke run: one stage of one bottleneck block, seconds to compile.
   batches, size, classes, stages = (
-    ((1, 2), 16, 10, (1,))
-    if smoke
-    else ((2, 4), 64, 1000, (3, 4, 6, 3))
+    ((1, 2), 16, 10, (1,)) if smoke else ((2, 4), 64, 1000, (3, 4, 6, 3))
   )
   out['resnet50'], compiled = resnet_rows(batches, size, classes, stages)
   fns = {k: compiled[k][0] for k in ('bnjax', 'bnjax_act')}
