@@ -516,12 +516,10 @@ def test_sharded_jit_takes_the_kernel_per_shard(selected, spec):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)
 
 
-def test_sharded_jit_with_the_kernel_exports_for_tpu_per_shard(monkeypatch):
-  """The Mosaic call reads one device's shard (4 x 8 x 8 rows of 128
-  channels), and the partials travel in one all-gather of 3C floats per
-  mesh axis of the batch; no data-dependent conditional."""
-  monkeypatch.setattr(kernel, 'SELECTED', True)
-  mesh = _explicit_mesh()
+def _exported_sharded_step(mesh) -> str:
+  """:func:`_sharded_step` exported for TPU (StableHLO text), over a
+  bfloat16 batch of 4 x 8 x 8 rows of 128 channels a device, sharded over
+  ``mesh``'s ('d', 'm')."""
   P = jax.sharding.PartitionSpec
   x = jax.ShapeDtypeStruct(
     (D * 4, 8, 8, 128),
@@ -529,12 +527,20 @@ def test_sharded_jit_with_the_kernel_exports_for_tpu_per_shard(monkeypatch):
     sharding=jax.sharding.NamedSharding(mesh, P(('d', 'm'))),
   )
   scale = jax.ShapeDtypeStruct((128,), jnp.float32)
-  text = _hlo.export(
+  return _hlo.export(
     lambda x, s: _sharded_step(x, s, (('d', 'm'),)),
     x,
     scale,
     platforms=('tpu',),
   )
+
+
+def test_sharded_jit_with_the_kernel_exports_for_tpu_per_shard(monkeypatch):
+  """The Mosaic call reads one device's shard (4 x 8 x 8 rows of 128
+  channels), and the partials travel in one all-gather of 3C floats per
+  mesh axis of the batch; no data-dependent conditional."""
+  monkeypatch.setattr(kernel, 'SELECTED', True)
+  text = _exported_sharded_step(_explicit_mesh())
   calls = [
     line for line in text.splitlines() if 'custom_call @tpu_custom_call' in line
   ]
@@ -555,25 +561,15 @@ def test_an_auto_mesh_in_context_takes_the_xla_path(monkeypatch):
   mesh = jax.make_mesh(
     (4, 2), ('d', 'm'), axis_types=(jax.sharding.AxisType.Auto,) * 2
   )
-  P = jax.sharding.PartitionSpec
-  x = jax.ShapeDtypeStruct(
-    (D * 4, 8, 8, 128),
-    jnp.bfloat16,
-    sharding=jax.sharding.NamedSharding(mesh, P(('d', 'm'))),
-  )
-  scale = jax.ShapeDtypeStruct((128,), jnp.float32)
   mosaic = 'custom_call @tpu_custom_call'
   with jax.set_mesh(mesh):
-    text = _hlo.export(
-      lambda x, s: _sharded_step(x, s, None), x, scale, platforms=('tpu',)
-    )
+    text = _exported_sharded_step(mesh)
     assert mosaic not in text
     assert _hlo.conditionals(text)['data'] == 0
-    x = jax.ShapeDtypeStruct((D * 2, 8, 8, 128), jnp.float32)
     text = _hlo.export(
       lambda x, s: _synced_step(x, s, 'gather', mesh),
-      x,
-      scale,
+      jax.ShapeDtypeStruct((D * 2, 8, 8, 128), jnp.float32),
+      jax.ShapeDtypeStruct((128,), jnp.float32),
       platforms=('tpu',),
     )
     assert text.count(mosaic) == 1, text.count(mosaic)
