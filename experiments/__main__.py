@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pathlib
 import time
 
 import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
+# Two XLA:CPU threads a device: with one a device, jax 0.8.1 and 0.10.2 can
+# deadlock in experiment 5's all-reduces on a busy machine (tests/conftest.py).
+os.environ.setdefault('PJRT_NPROC', '16')
 
 EXPERIMENTS = {
   'with_without': 'e1_with_without',

@@ -6,7 +6,18 @@ import os
 import jax
 import pytest
 
-jax.config.update('jax_num_cpu_devices', 8)
+DEVICES = 8
+jax.config.update('jax_num_cpu_devices', DEVICES)
+# XLA:CPU runs a program's per-device parts on a pool of max(cores, devices)
+# threads. With 8 devices on 2 busy cores (xdist's two workers), jax 0.8.1
+# and 0.10.2 now and then deadlock in an all-reduce: some participants never
+# get a thread, the rest wait 40 s, then XLA aborts the process (CI's README
+# job lost a worker so, in test_sharded_jit_eagerly). Measured with eager
+# sums on an 8-way sharded array beside two busy processes: a pool of 8, 9,
+# 10 or 12 threads hung within 500 steps, one of 16 ran 6000 steps (twice),
+# jax 0.12 none hung. XLA sizes the pool from PJRT_NPROC when set; the
+# subprocesses tests start (experiments, guides, benchmarks) inherit it.
+os.environ.setdefault('PJRT_NPROC', str(2 * DEVICES))
 
 from hypothesis import settings  # noqa: E402
 

@@ -1,5 +1,7 @@
 """Synchronized BN: k shards with axis_name equal one call on the global batch."""
 
+import os
+import pathlib
 import re
 
 import jax
@@ -29,6 +31,20 @@ def test_the_suite_runs_on_eight_devices():
   import, and --doctest-modules imports it during collection, so the whole
   suite ran on 2 devices and the pmap tests failed late in full runs."""
   assert jax.device_count() == D
+
+
+def test_the_suite_gives_xla_cpu_two_threads_per_device():
+  """Regression: with a pool of max(cores, devices) threads, jax 0.8.1 and
+  0.10.2 deadlocked now and then in an 8-way all-reduce on 2 busy cores,
+  and XLA aborted the worker after 40 s (tests/conftest.py). XLA sizes its
+  CPU pools from PJRT_NPROC; its compute pool shows the size taken."""
+  assert int(os.environ['PJRT_NPROC']) >= 2 * D
+  jax.block_until_ready(jnp.sum(_shard(jnp.ones(D), _mesh())))
+  tasks = pathlib.Path('/proc/self/task')
+  if not tasks.is_dir():  # pragma: no cover - not Linux
+    return
+  names = [(t / 'comm').read_text().strip() for t in tasks.iterdir()]
+  assert names.count('tf_XLAEigen') >= 2 * D, sorted(set(names))
 
 
 def test_shard_map_equals_global_batch_outputs_stats_and_grads():
