@@ -459,10 +459,10 @@ def test_synced_train_step_with_the_kernel_exports_for_tpu_per_shard(
 # ------------------------------------------------ sharded jit, no name ---
 
 
-def _sharded_step(x, scale, spec):
-  """A train step of unsynced BN under jit over x sharded by ``spec`` on an
-  Explicit ('d', 'm') mesh: the outputs, the new statistics and the
-  gradients of x and the scale."""
+def _sharded_step(x, scale):
+  """A train step of unsynced BN, to jit over x sharded on an Explicit
+  ('d', 'm') mesh (x's type carries the sharding): the outputs, the new
+  statistics and the gradients of x and the scale."""
   stats = bnjax.init_batch_stats(x.shape[-1])
 
   def loss(x, scale):
@@ -502,7 +502,7 @@ def test_sharded_jit_takes_the_kernel_per_shard(selected, spec):
   xs = jax.device_put(x, named(mesh, P(*spec)))
   feat = P(spec[3] if len(spec) > 3 else None)
   ss = jax.device_put(scale, named(mesh, feat))
-  step = jax.jit(lambda x, s: _sharded_step(x, s, spec))
+  step = jax.jit(_sharded_step)
   assert 'bnjax_tile_moments' in str(jax.make_jaxpr(step)(xs, ss))
   (gx, gs), (y, new) = step(xs, ss)
   want_mean, want_var = _f64(np.asarray(x).reshape(-1, 128))
@@ -510,7 +510,9 @@ def test_sharded_jit_takes_the_kernel_per_shard(selected, spec):
   np.testing.assert_allclose(new.mean, want_mean, rtol=1e-7)
   assert new.mean.sharding.spec == feat, new.mean.sharding
   kernel.SELECTED = False
-  want = jax.jit(lambda x, s: _sharded_step(x, s, spec))(xs, ss)
+  # A new function: jit's trace cache keys on it, and SELECTED is read
+  # when tracing.
+  want = jax.jit(lambda x, s: _sharded_step(x, s))(xs, ss)
   got = ((gx, gs), (y, new))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)
@@ -528,7 +530,7 @@ def _exported_sharded_step(mesh) -> str:
   )
   scale = jax.ShapeDtypeStruct((128,), jnp.float32)
   return _hlo.export(
-    lambda x, s: _sharded_step(x, s, (('d', 'm'),)),
+    _sharded_step,
     x,
     scale,
     platforms=('tpu',),
