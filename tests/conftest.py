@@ -13,10 +13,12 @@ jax.config.update('jax_num_cpu_devices', DEVICES)
 # and 0.10.2 now and then deadlock in an all-reduce: some participants never
 # get a thread, the rest wait 40 s, then XLA aborts the process (CI's README
 # job lost a worker so, in test_sharded_jit_eagerly). Measured with eager
-# sums on an 8-way sharded array beside two busy processes: a pool of 8, 9,
-# 10 or 12 threads hung within 500 steps, one of 16 ran 6000 steps (twice),
-# jax 0.12 none hung. XLA sizes the pool from PJRT_NPROC when set; the
-# subprocesses tests start (experiments, guides, benchmarks) inherit it.
+# sums on an 8-way sharded array beside two busy processes (jax 0.10.2): a
+# pool of 8 threads hung within 500 steps (4 runs of 4), of 9, 10 or 12
+# within 2000; one of 16 ran 3000 steps (2 runs), and 6000 beside four busy
+# processes; jax 0.12 did not hang. XLA sizes the pool from PJRT_NPROC when
+# set; the subprocesses tests start (experiments, guides, benchmarks)
+# inherit it.
 os.environ.setdefault('PJRT_NPROC', str(2 * DEVICES))
 
 from hypothesis import settings  # noqa: E402
